@@ -1,0 +1,3 @@
+from devd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,282 @@
+"""The `devd` command: argparse → client → render. Maps errors to exit codes.
+
+Imports stay light (no pydantic, docker or psycopg): `devd status` runs on every prompt.
+Exit codes: 0 ok, 1 error reply, 2 usage, 3 daemon unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from devd import __version__, dotenv
+from devd.client import Client
+from devd.errors import DaemonUnreachable, DevdError, UsageError
+from devd.paths import Paths
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable",
+            "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
+            "/Applications/Chromium.app/Contents/MacOS/Chromium")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="devd", description="One isolated environment per git worktree: ports, caches, "
+        "browser profile and .env, kept by a user daemon.")
+    parser.add_argument("--version", action="version", version=f"devd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, json_flag: bool = False) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        if json_flag:
+            cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        return cmd
+
+    command("daemon", "run the daemon in the foreground (logs to stderr)")
+    cmd = command("provision", "register a worktree and ensure all its resources", True)
+    cmd.add_argument("path", nargs="?", default=".")
+    cmd.add_argument("--background", action="store_true", help="return at once; work goes on")
+    cmd = command("release", "tear down what devd made for a worktree", True)
+    cmd.add_argument("path", nargs="?", default=".")
+    cmd.add_argument("--yes", action="store_true", help="also release data-bearing resources")
+    cmd = command("gc", "release worktrees that have been gone longer than the grace", True)
+    cmd.add_argument("--dry-run", action="store_true", help="only list what would be released")
+    cmd.add_argument("--grace", help="e.g. 24h (default), 30m, 0 for now")
+    cmd = command("status", "show registered worktrees and their resources", True)
+    cmd.add_argument("path", nargs="?")
+    cmd = command("env", "print a worktree's environment")
+    cmd.add_argument("path", nargs="?", default=".")
+    cmd.add_argument("--format", choices=("sh", "dotenv", "json"), default="sh")
+    cmd = command("run", "run a command with the worktree's environment")
+    cmd.add_argument("--path", default=".")
+    cmd.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    command("ports", "list leased ports and who holds them", True)
+    cmd = command("kill-port", "stop the process holding a port, if it is this worktree's", True)
+    cmd.add_argument("port", type=int)
+    cmd.add_argument("--path", default=".")
+    cmd = command("browser", "open Chromium/Chrome with the worktree's own profile")
+    cmd.add_argument("url", nargs="?")
+    cmd.add_argument("--path", default=".")
+    cmd = command("init", "write a commented starter devd.toml")
+    cmd.add_argument("path", nargs="?", default=".")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    paths = Paths.resolve()
+    if args.command == "daemon":
+        from devd.daemon import main as daemon_main
+
+        return daemon_main(paths)
+    client = Client(paths, autostart=os.environ.get("DEVD_NO_AUTOSTART", "") in ("", "0"))
+    try:
+        return COMMANDS[args.command](client, args)
+    except DaemonUnreachable as exc:
+        return _fail(exc, EXIT_UNREACHABLE)
+    except UsageError as exc:
+        return _fail(exc, EXIT_USAGE)
+    except DevdError as exc:
+        return _fail(exc, EXIT_ERROR)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(exc: DevdError, code: int) -> int:
+    print(f"devd: error: {safe(exc.message)}", file=sys.stderr)
+    if exc.hint:
+        print(f"hint: {safe(exc.hint)}", file=sys.stderr)
+    return code
+
+
+def _progress(event: dict[str, Any]) -> None:
+    print(f"  {safe(str(event.get('phase', '')))}: {safe(str(event.get('message', '')))}",
+          file=sys.stderr, flush=True)
+
+
+def _abspath(path: str) -> str:
+    return os.path.abspath(path)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+# -- commands ------------------------------------------------------------------
+
+
+def cmd_provision(client: Client, args: argparse.Namespace) -> int:
+    result = client.call("provision", {"path": _abspath(args.path),
+                                       "background": args.background}, _progress)
+    if args.json:
+        _print_json(result)
+    else:
+        print(render_worktree(result))
+    return EXIT_OK
+
+
+def cmd_release(client: Client, args: argparse.Namespace) -> int:
+    result = client.call("release", {"path": _abspath(args.path), "yes": args.yes}, _progress)
+    print(json.dumps(result) if args.json else f"released {safe(result['path'])}")
+    return EXIT_OK
+
+
+def cmd_gc(client: Client, args: argparse.Namespace) -> int:
+    result = client.call("gc", {"grace": args.grace, "dry_run": args.dry_run}, _progress)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    verb = "would release" if result["dry_run"] else "released"
+    for entry in result["worktrees"]:
+        problem = entry.get("error")
+        line = f"failed to release {entry['path']}: {problem['message']}" if problem \
+            else f"{verb} {entry['path']}"
+        print(safe(line))
+    if not result["worktrees"]:
+        print("nothing to collect")
+    return EXIT_ERROR if any("error" in e for e in result["worktrees"]) else EXIT_OK
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    params = {"path": _abspath(args.path)} if args.path else {}
+    result = client.call("status", params)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    daemon = result["daemon"]
+    worktrees = result["worktrees"]
+    print(f"devd {daemon['version']} · daemon pid {daemon['pid']} · "
+          f"{len(worktrees)} worktree{'s' * (len(worktrees) != 1)}")
+    for wt in worktrees:
+        print()
+        print(render_worktree(wt))
+    return EXIT_OK
+
+
+def cmd_env(client: Client, args: argparse.Namespace) -> int:
+    env = client.call("env", {"path": _abspath(args.path)})["env"]
+    if args.format == "json":
+        _print_json(env)
+    elif args.format == "dotenv":
+        print("\n".join(dotenv.render(env)))
+    else:
+        print("\n".join(f"export {key}={shlex.quote(value)}" for key, value in env.items()))
+    return EXIT_OK
+
+
+def cmd_run(client: Client, args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise UsageError("no command given", "usage: devd run [--path P] -- CMD [ARG...]")
+    path = _abspath(args.path)
+    env = client.call("env", {"path": path})["env"]
+    # exec keeps our pid, so the process the daemon records is the command itself.
+    client.call("run_started", {"path": path, "pid": os.getpid()})
+    try:
+        os.execvpe(argv[0], argv, {**os.environ, **env})
+    except OSError as exc:
+        print(f"devd: error: cannot run {safe(argv[0])}: {exc.strerror}", file=sys.stderr)
+        return 127
+    return EXIT_OK  # not reached
+
+
+def cmd_ports(client: Client, args: argparse.Namespace) -> int:
+    rows = client.call("ports")
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    if not rows:
+        print("no ports leased")
+    for row in rows:
+        holder = f"pid {row['pid']} {row['command']}" if row["listening"] else "free"
+        owner = row["owner_worktree"]
+        if row["listening"] and owner != row["worktree"]:
+            holder += f" (of {owner})" if owner else " (outside any worktree)"
+        print(safe(f"{row['port']:>5}  {row['name']:<10} {holder:<32} {row['worktree']}"))
+    return EXIT_OK
+
+
+def cmd_kill_port(client: Client, args: argparse.Namespace) -> int:
+    result = client.call("kill_port", {"port": args.port, "path": _abspath(args.path)},
+                         _progress)
+    if args.json:
+        _print_json(result)
+    else:
+        print(safe(f"port {result['port']}: pid {result['pid']} `{result['command']}` "
+                   f"{result['outcome']}"))
+    return EXIT_OK
+
+
+def cmd_browser(client: Client, args: argparse.Namespace) -> int:
+    env = client.call("env", {"path": _abspath(args.path)})["env"]
+    browser = find_browser()
+    url = args.url or (f"http://localhost:{env['PORT']}/" if "PORT" in env else "about:blank")
+    command = [*browser, f"--user-data-dir={env['DEVD_BROWSER_PROFILE']}", "--no-first-run",
+               "--no-default-browser-check", url]
+    subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True)
+    print(safe(f"opened {url} in {browser[0]} with profile {env['DEVD_BROWSER_PROFILE']}"))
+    return EXIT_OK
+
+
+def find_browser() -> list[str]:
+    """DEVD_BROWSER (a command line) wins; else the first Chromium or Chrome found."""
+    configured = os.environ.get("DEVD_BROWSER")
+    if configured:
+        return shlex.split(configured)
+    for candidate in BROWSERS:
+        found = shutil.which(candidate) or (candidate if os.access(candidate, os.X_OK) else None)
+        if found:
+            return [found]
+    raise DevdError("no Chromium or Chrome found", "install one, or set DEVD_BROWSER to a "
+                    "browser command that accepts --user-data-dir", code="no_browser")
+
+
+def cmd_init(client: Client, args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    target = Path(args.path) / "devd.toml"
+    if target.exists():
+        raise UsageError(f"{target} already exists", "edit it, or remove it to start over")
+    target.write_text(files("devd.templates").joinpath("devd.toml").read_text())
+    print(f"wrote {target}")
+    return EXIT_OK
+
+
+COMMANDS = {
+    "provision": cmd_provision, "release": cmd_release, "gc": cmd_gc, "status": cmd_status,
+    "env": cmd_env, "run": cmd_run, "ports": cmd_ports, "kill-port": cmd_kill_port,
+    "browser": cmd_browser, "init": cmd_init,
+}
+
+
+# -- rendering -------------------------------------------------------------------
+
+
+def render_worktree(wt: dict[str, Any]) -> str:
+    ports = " ".join(f"{name}={port}" for name, port in wt.get("ports", {}).items())
+    lines = [f"{wt['id']}  {wt['state']}  {wt.get('branch') or '(detached HEAD)'}",
+             f"  path     {wt['path']}"]
+    for label, value in (("ports", ports), ("cache", wt.get("cache_dir")),
+                         ("profile", wt.get("browser_profile")), ("env", wt.get("env_file"))):
+        if value:
+            lines.append(f"  {label:<8} {value}")
+    if wt.get("error"):
+        lines.append(f"  error    {wt['error']}")
+    for res in wt.get("resources", []):
+        if res["state"] != "ready" or res.get("detail"):
+            lines.append(f"  ! {res['kind']}: {res['state']} {res.get('detail') or ''}".rstrip())
+    return safe("\n".join(lines))
+
+
+def safe(text: str) -> str:
+    """Terminal-safe: control characters (escape codes in a hostile branch name) shown escaped."""
+    return "".join(ch if ch == "\n" or ch.isprintable() else repr(ch)[1:-1] for ch in text)

@@ -1,0 +1,123 @@
+"""Talk to the daemon: connect, send one request, pass progress events on, return the result.
+
+Starts a daemon in the background when none answers, unless DEVD_NO_AUTOSTART=1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from devd import protocol
+from devd.errors import DaemonUnreachable, DevdError, ProtocolError
+from devd.paths import Paths, ensure_private_dir
+
+ProgressHandler = Callable[[dict[str, Any]], None]
+AUTOSTART_TIMEOUT = 15.0
+_UNREACHABLE = (FileNotFoundError, ConnectionRefusedError, NotADirectoryError)
+
+
+class Client:
+    def __init__(self, paths: Paths, autostart: bool = True) -> None:
+        self.paths = paths
+        self.autostart = autostart
+
+    def call(self, method: str, params: dict[str, Any] | None = None,
+             on_progress: ProgressHandler | None = None) -> Any:
+        """Send one request; raise the daemon's error as the matching DevdError."""
+        sock = self._connect()
+        with sock:
+            sock.sendall(protocol.encode(protocol.request(method, params)))
+            reader = protocol.LineReader(sock, protocol.MAX_REPLY_BYTES)
+            while True:
+                message = protocol.decode(reader.readline())
+                if message.get("event") == "progress":
+                    if on_progress:
+                        on_progress(message)
+                    continue
+                if message.get("ok") is True:
+                    return message.get("result")
+                if message.get("ok") is False and isinstance(message.get("error"), dict):
+                    raise DevdError.from_dict(message["error"])
+                raise ProtocolError(f"unexpected reply from the daemon: {message!r:.200}")
+
+    def _connect(self) -> socket.socket:
+        try:
+            return connect(self.paths)
+        except _UNREACHABLE as exc:
+            if not self.autostart:
+                raise self._unreachable(exc) from exc
+        start_daemon(self.paths)
+        return connect(self.paths)
+
+    def _unreachable(self, exc: OSError) -> DaemonUnreachable:
+        return DaemonUnreachable(
+            f"no devd daemon answers on {self.paths.socket} ({exc.strerror or exc})",
+            "start one with `devd daemon` (or `devd service install`), "
+            "or unset DEVD_NO_AUTOSTART to let the CLI start it",
+        )
+
+
+def connect(paths: Paths) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(paths.socket))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def start_daemon(paths: Paths) -> None:
+    """Start `devd daemon` detached (own session, log in the state dir); wait until it answers."""
+    ensure_private_dir(paths.state_dir)
+    with open(paths.daemon_log, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "devd", "daemon"], stdin=subprocess.DEVNULL, stdout=log,
+            stderr=log, start_new_session=True, close_fds=True,
+        )
+    deadline = time.monotonic() + AUTOSTART_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            connect(paths).close()
+            return
+        except _UNREACHABLE:
+            pass
+        if proc.poll() is not None and not _lock_held_by_other(paths):
+            raise DaemonUnreachable(
+                f"the devd daemon exited at start (code {proc.returncode}): {_tail(paths)}",
+                f"see {paths.daemon_log}",
+            )
+        time.sleep(0.02)
+    raise DaemonUnreachable(f"the devd daemon did not answer within {AUTOSTART_TIMEOUT:.0f} s",
+                            f"see {paths.daemon_log}")
+
+
+def _lock_held_by_other(paths: Paths) -> bool:
+    """Our daemon may have lost a start race to another one that is still binding."""
+    import fcntl
+
+    try:
+        fd = os.open(paths.lock_file, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _tail(paths: Paths, lines: int = 5) -> str:
+    try:
+        text = paths.daemon_log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(text[-lines:])

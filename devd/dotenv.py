@@ -1,0 +1,20 @@
+"""Dotenv formatting shared by the CLI (`devd env --format dotenv`) and the .env provisioner."""
+
+from __future__ import annotations
+
+import re
+
+_BARE = re.compile(r"^[A-Za-z0-9_./:@,+=-]*$")
+
+
+def quote(value: str) -> str:
+    """A value that dotenv parsers (python-dotenv, Node's dotenv, compose) read back as is."""
+    if _BARE.match(value):
+        return value
+    escaped = (value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+               .replace("`", "\\`").replace("\n", "\\n"))
+    return f'"{escaped}"'
+
+
+def render(env: dict[str, str]) -> list[str]:
+    return [f"{key}={quote(value)}" for key, value in env.items()]

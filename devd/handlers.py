@@ -1,0 +1,338 @@
+"""One function per request; the only place that orchestrates provisioners."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from devd import __version__, git, naming, processes
+from devd.errors import DevdError, NotRegistered, ProvisionFailed, UsageError
+from devd.paths import Paths
+from devd.provisioners import Context, Progress, Provisioner, default_provisioners
+from devd.registry import Registry, Resource, Worktree
+from devd.settings import RepoConfig, Settings, load_repo_config, parse_duration
+
+log = logging.getLogger("devd")
+
+
+def _quiet(phase: str, message: str, **extra: Any) -> None:
+    log.debug("%s: %s", phase, message)
+
+
+class Service:
+    """The daemon's state and its request handlers."""
+
+    def __init__(self, settings: Settings, paths: Paths, registry: Registry,
+                 provisioners: list[Provisioner] | None = None) -> None:
+        self.settings = settings
+        self.paths = paths
+        self.registry = registry
+        self.provisioners = provisioners or default_provisioners()
+        self._by_kind = {p.kind: p for p in self.provisioners}
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._background: list[threading.Thread] = []
+        # Set by the daemon: wakes the reconcile loop so a new repo gets its watch at once.
+        self.on_register: Callable[[], None] = lambda: None
+
+    def handler(self, method: str) -> Callable[..., Any] | None:
+        return getattr(self, f"do_{method}", None)
+
+    # -- requests ------------------------------------------------------------
+
+    def do_ping(self, progress: Progress) -> dict[str, Any]:
+        return {"pid": os.getpid(), "version": __version__}
+
+    def do_status(self, progress: Progress, path: str | None = None) -> dict[str, Any]:
+        self.notice_missing()
+        chosen = [self.find(path)] if path else self.registry.worktrees()
+        resources = self.registry.all_resources()
+        return {
+            "daemon": {"pid": os.getpid(), "version": __version__,
+                       "socket": str(self.paths.socket)},
+            "worktrees": [self.describe(wt, resources.get(wt.id, [])) for wt in chosen],
+        }
+
+    def do_provision(self, progress: Progress, path: str, background: bool = False
+                     ) -> dict[str, Any]:
+        info = git.resolve(Path(path))
+        wt = self.registry.register(
+            naming.worktree_id(info.main_path, info.path), info.path, info.branch,
+            info.common_dir, info.main_path, naming.repo_name(info.main_path),
+        )
+        self.on_register()
+        if background:
+            self._in_background(wt.id)
+            return self.describe(wt, self.registry.resources(wt.id))
+        self.provision(wt.id, progress)
+        return self._describe_id(wt.id)
+
+    def do_release(self, progress: Progress, path: str, yes: bool = False) -> dict[str, Any]:
+        wt = self.find(path)
+        self.release(wt, progress, yes=yes)
+        return {"released": wt.id, "path": str(wt.path)}
+
+    def do_gc(self, progress: Progress, grace: str | None = None, dry_run: bool = False
+              ) -> dict[str, Any]:
+        try:
+            seconds = parse_duration(grace or self.settings.gc_grace)
+        except ValueError as exc:
+            raise UsageError(str(exc), "e.g. --grace 24h, --grace 30m, --grace 0") from exc
+        self.reconcile()
+        self.notice_missing()
+        cutoff = time.time() - seconds
+        due = [wt for wt in self.registry.worktrees()
+               if wt.state == "gone" and (wt.gone_at or 0) <= cutoff]
+        results = []
+        for wt in due:
+            entry: dict[str, Any] = {"id": wt.id, "path": str(wt.path), "released": False}
+            if not dry_run:
+                try:
+                    self.release(wt, progress, yes=True)
+                    entry["released"] = True
+                except DevdError as exc:
+                    entry["error"] = exc.to_dict()
+            results.append(entry)
+        processes.prune_runs(self.registry)
+        return {"dry_run": dry_run, "grace_seconds": seconds, "worktrees": results}
+
+    def do_env(self, progress: Progress, path: str) -> dict[str, Any]:
+        wt = self.find(path)
+        if wt.state == "gone":
+            raise NotRegistered(f"worktree {wt.path} is gone",
+                                "recreate it and run `devd provision`")
+        return {"worktree": str(wt.path), "env": self.environment(wt)}
+
+    def do_ports(self, progress: Progress) -> list[dict[str, Any]]:
+        by_id = {wt.id: wt for wt in self.registry.worktrees()}
+        held = processes.listeners()
+        rows = []
+        for port, name, wt_id in self.registry.leases():
+            holder = held.get(port)
+            owner = processes.owner_of(holder, list(by_id.values()), self.registry) \
+                if holder else None
+            rows.append({
+                "port": port, "name": name, "worktree": str(by_id[wt_id].path),
+                "worktree_id": wt_id, "listening": holder is not None,
+                "pid": holder.pid if holder else None,
+                "command": holder.command if holder else None,
+                "cwd": holder.cwd if holder else None,
+                "owner_worktree": str(owner.path) if owner else None,
+            })
+        return rows
+
+    def do_kill_port(self, progress: Progress, port: int, path: str) -> dict[str, Any]:
+        asked = self.find(path)
+        holder = processes.listeners().get(int(port))
+        if holder is None:
+            raise DevdError(f"nothing listens on port {port}", "", code="not_listening")
+        owner = processes.owner_of(holder, self.registry.worktrees(), self.registry)
+        processes.check_killable(int(port), holder, owner, asked)
+        progress("kill", f"stopping pid {holder.pid} `{holder.command}`")
+        outcome = processes.terminate(holder, self.settings.kill_timeout)
+        return {"port": port, "pid": holder.pid, "command": holder.command, "outcome": outcome}
+
+    def do_run_started(self, progress: Progress, path: str, pid: int) -> dict[str, Any]:
+        wt = self.find(path)
+        processes.record_run(self.registry, int(pid), wt.id)
+        return {"worktree": str(wt.path), "pid": pid}
+
+    # -- orchestration ---------------------------------------------------------
+
+    def provision(self, wt_id: str, progress: Progress) -> None:
+        """Ensure every resource of a worktree, one provision per worktree at a time."""
+        with self._lock(wt_id):
+            wt = self.registry.worktree(wt_id)
+            assert wt is not None
+            self.registry.set_state(wt_id, "provisioning")
+            try:
+                ctx = self.context(wt)
+            except DevdError as exc:
+                self.registry.set_state(wt_id, "failed", exc.message)
+                raise
+            failures = [f for p in self.provisioners if (f := self._ensure(p, ctx, progress))]
+            self.registry.set_state(wt_id, "failed" if failures else "ready",
+                                    "; ".join(f.message for f in failures) or None)
+        if failures:
+            raise ProvisionFailed(
+                f"{wt.path}: " + "; ".join(f"{f.code}: {f.message}" for f in failures),
+                " ".join(f.hint for f in failures if f.hint) or "see `devd status`",
+            )
+
+    def _ensure(self, provisioner: Provisioner, ctx: Context, progress: Progress
+                ) -> DevdError | None:
+        kind, wt_id = provisioner.kind, ctx.worktree.id
+        self.registry.set_resource(wt_id, kind, "pending")
+        progress(kind, "ensuring")
+        try:
+            detail = provisioner.ensure(ctx, progress)
+        except DevdError as exc:
+            failure = exc
+        except OSError as exc:
+            log.exception("%s of %s failed", kind, wt_id)
+            failure = DevdError(f"{kind}: {exc}", "check free disk space and permissions",
+                                code="os_error")
+        else:
+            self.registry.set_resource(wt_id, kind, "ready", detail)
+            ctx.env.update(provisioner.env(ctx, detail))
+            progress(kind, "ready")
+            return None
+        self.registry.set_resource(wt_id, kind, "failed",
+                                   {"error": failure.message, "hint": failure.hint})
+        progress(kind, f"failed: {failure.message}")
+        return failure
+
+    def release(self, wt: Worktree, progress: Progress, *, yes: bool) -> None:
+        recorded = self.registry.resources(wt.id)
+        data = [r.kind for r in recorded if self._holds_data(r.kind)]
+        if data and not yes:
+            raise UsageError(f"{wt.path} has data-bearing resources: {', '.join(data)}",
+                             "pass --yes to release them (devd keeps a dump where it can)")
+        with self._lock(wt.id):
+            ctx = self.context(wt, strict=False)
+            failures = []
+            for resource in reversed(recorded):
+                provisioner = self._by_kind.get(resource.kind)
+                progress(resource.kind, "releasing")
+                try:
+                    if provisioner:
+                        provisioner.teardown(ctx, resource.detail)
+                    self.registry.drop_resource(wt.id, resource.kind)
+                except (DevdError, OSError) as exc:
+                    failures.append(f"{resource.kind}: {exc}")
+            if failures:
+                self.registry.set_state(wt.id, "failed", "; ".join(failures))
+                raise DevdError(f"release of {wt.path} incomplete: " + "; ".join(failures),
+                                "fix the cause and run `devd release` again",
+                                code="release_failed")
+            self.registry.forget(wt.id)
+
+    def _holds_data(self, kind: str) -> bool:
+        provisioner = self._by_kind.get(kind)
+        return bool(provisioner and provisioner.holds_data)
+
+    def context(self, wt: Worktree, strict: bool = True) -> Context:
+        ctx = Context(wt, self._config(wt, strict), self.settings, self.paths, self.registry)
+        ctx.env.update({"DEVD_WORKTREE": str(wt.path), "DEVD_WORKTREE_ID": wt.id})
+        return ctx
+
+    def _config(self, wt: Worktree, strict: bool) -> RepoConfig:
+        """The worktree's own devd.toml (it may differ per branch), else the main one's."""
+        root = wt.path if wt.path.is_dir() else wt.repo_main_path
+        try:
+            return load_repo_config(root)
+        except DevdError:
+            if strict:
+                raise
+            return RepoConfig()
+
+    def environment(self, wt: Worktree) -> dict[str, str]:
+        ctx = self.context(wt, strict=False)
+        for resource in self.registry.resources(wt.id):
+            provisioner = self._by_kind.get(resource.kind)
+            if provisioner and resource.state == "ready":
+                ctx.env.update(provisioner.env(ctx, resource.detail))
+        return ctx.env
+
+    # -- discovery -------------------------------------------------------------
+
+    def notice_missing(self) -> None:
+        """A stat per worktree: a deleted directory means gone, whoever deleted it."""
+        for wt in self.registry.worktrees():
+            if wt.state != "gone" and not wt.path.is_dir():
+                log.info("worktree %s is gone (directory missing)", wt.path)
+                self.registry.set_state(wt.id, "gone")
+
+    def reconcile(self) -> None:
+        """Compare each known repo with `git worktree list`; what git no longer lists is gone."""
+        by_repo: dict[Path, list[Worktree]] = {}
+        for wt in self.registry.worktrees():
+            if wt.state != "gone":
+                by_repo.setdefault(wt.repo_common_dir, []).append(wt)
+        for common_dir, worktrees in by_repo.items():
+            listed = self._listed(common_dir)
+            for wt in worktrees:
+                if listed is not None and wt.path not in listed and not self._busy(wt.id):
+                    log.info("worktree %s is gone (git no longer lists it)", wt.path)
+                    self.registry.set_state(wt.id, "gone")
+
+    def _listed(self, common_dir: Path) -> set[Path] | None:
+        if not common_dir.is_dir():
+            return set()
+        try:
+            return {w.path.resolve() for w in git.list_worktrees(common_dir) if not w.prunable}
+        except (DevdError, OSError) as exc:
+            log.warning("cannot list worktrees of %s: %s", common_dir, exc)
+            return None
+
+    # -- helpers -----------------------------------------------------------------
+
+    def find(self, path: str | None) -> Worktree:
+        """The registered worktree containing `path` (deepest wins: worktrees can nest)."""
+        target = Path(path or ".").absolute()
+        candidates = self.registry.worktrees()
+        for probe in (target, target.resolve()):
+            match = processes.deepest_containing(str(probe), candidates)
+            if match:
+                return match
+        info = git.resolve(target)
+        raise NotRegistered(f"worktree {info.path} is not registered with devd",
+                            f"run `devd provision {info.path}` first")
+
+    def describe(self, wt: Worktree, resources: list[Resource]) -> dict[str, Any]:
+        ctx: Context | None = None
+        details = {r.kind: r.detail for r in resources}
+        shown = []
+        for resource in resources:
+            state, note = resource.state, resource.detail.get("error", "")
+            provisioner = self._by_kind.get(resource.kind)
+            if provisioner and state == "ready" and wt.state != "gone":
+                ctx = ctx or self.context(wt, strict=False)
+                health = provisioner.check(ctx, resource.detail)
+                note = health.message
+                state = state if health.ok else "failed"
+            shown.append({"kind": resource.kind, "state": state, "detail": note})
+        dirs, envfile = details.get("dirs", {}), details.get("envfile", {})
+        return {
+            "id": wt.id, "path": str(wt.path), "repo": str(wt.repo_main_path),
+            "branch": wt.branch, "state": wt.state, "error": wt.error, "gone_at": wt.gone_at,
+            "ports": details.get("ports", {}).get("ports", {}),
+            "cache_dir": dirs.get("cache_dir"), "browser_profile": dirs.get("browser_profile"),
+            "env_file": envfile.get("file"), "resources": shown,
+        }
+
+    def _describe_id(self, wt_id: str) -> dict[str, Any]:
+        wt = self.registry.worktree(wt_id)
+        assert wt is not None
+        return self.describe(wt, self.registry.resources(wt_id))
+
+    @contextmanager
+    def _lock(self, wt_id: str) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._locks.setdefault(wt_id, threading.Lock())
+        with lock:
+            yield
+
+    def _busy(self, wt_id: str) -> bool:
+        lock = self._locks.get(wt_id)
+        return bool(lock and lock.locked())
+
+    def _in_background(self, wt_id: str) -> None:
+        def run() -> None:
+            try:
+                self.provision(wt_id, _quiet)
+            except DevdError as exc:
+                log.warning("background provision of %s failed: %s", wt_id, exc.message)
+        thread = threading.Thread(target=run, name=f"provision-{wt_id}", daemon=True)
+        thread.start()
+        self._background = [t for t in self._background if t.is_alive()] + [thread]
+
+    def join_background(self, timeout: float) -> None:
+        for thread in self._background:
+            thread.join(timeout)

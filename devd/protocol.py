@@ -1,0 +1,79 @@
+"""The wire protocol: newline-delimited JSON over a Unix socket, one request per connection.
+
+Client → daemon:  {"v": 1, "method": "status", "params": {...}}
+Daemon → client:  zero or more {"event": "progress", ...} lines, then exactly one
+                  {"ok": true, "result": ...} or
+                  {"ok": false, "error": {"code", "message", "hint"}}.
+See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+from devd.errors import ProtocolError
+
+VERSION = 1
+# A request is a method name and a few paths; a reply is at most the whole status.
+MAX_REQUEST_BYTES = 1 << 20
+MAX_REPLY_BYTES = 64 << 20
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"malformed JSON line: {exc}", "send one JSON object per line") from exc
+    if not isinstance(message, dict):
+        raise ProtocolError("a message must be a JSON object", "send one JSON object per line")
+    return message
+
+
+def request(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"v": VERSION, "method": method, "params": params or {}}
+
+
+def parse_request(message: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Validate a request's shape and return (method, params)."""
+    if message.get("v") != VERSION:
+        raise ProtocolError(
+            f"unsupported protocol version {message.get('v')!r} (this daemon speaks {VERSION})",
+            "upgrade the client or restart the daemon with the same devd version",
+        )
+    method, params = message.get("method"), message.get("params", {})
+    if not isinstance(method, str) or not isinstance(params, dict):
+        raise ProtocolError("a request needs a string 'method' and an object 'params'")
+    return method, params
+
+
+class LineReader:
+    """Reads newline-terminated lines from a socket, refusing any longer than a cap."""
+
+    def __init__(self, sock: socket.socket, limit: int) -> None:
+        self._sock = sock
+        self._limit = limit
+        self._buffer = bytearray()
+
+    def readline(self) -> bytes:
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 1]
+                return line
+            if len(self._buffer) > self._limit:
+                raise ProtocolError(
+                    f"message longer than {self._limit} bytes", "requests must be one short line"
+                )
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                if self._buffer:
+                    raise ProtocolError("connection closed in the middle of a message")
+                raise ProtocolError("connection closed before a message arrived")
+            self._buffer += chunk

@@ -1,0 +1,65 @@
+"""The provisioner contract every resource kind implements.
+
+- ensure: create if absent, adopt if ours, return the detail to record. Running it twice
+  equals running it once, and it finishes what a crashed run half-made, because every
+  name is derived from the worktree rather than stored randomness.
+- check: read-only and fast; says whether the resource is still as recorded.
+- teardown: remove what devd made; already absent counts as success.
+- env: the variables the worktree's processes should see.
+Anything that exists under one of our names without devd's marker is an ownership
+conflict: refuse and touch nothing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from devd.paths import Paths
+from devd.registry import Registry, Worktree
+from devd.settings import RepoConfig, Settings
+
+
+class Progress(Protocol):
+    def __call__(self, phase: str, message: str, **extra: Any) -> None: ...
+
+
+@dataclass
+class Context:
+    """Everything a provisioner may look at for one worktree."""
+
+    worktree: Worktree
+    config: RepoConfig
+    settings: Settings
+    paths: Paths
+    registry: Registry
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    message: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Provisioner(ABC):
+    kind: ClassVar[str]
+    # Resources holding user data (databases) are only released with explicit consent.
+    holds_data: ClassVar[bool] = False
+
+    @abstractmethod
+    def ensure(self, ctx: Context, progress: Progress) -> dict[str, Any]:
+        """Create or adopt the resource; return the detail to record."""
+
+    @abstractmethod
+    def check(self, ctx: Context, detail: dict[str, Any]) -> Health:
+        """Read-only health check of a recorded resource."""
+
+    @abstractmethod
+    def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
+        """Remove what devd made; absent counts as success."""
+
+    def env(self, ctx: Context, detail: dict[str, Any]) -> dict[str, str]:
+        return {}

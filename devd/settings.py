@@ -1,0 +1,207 @@
+"""Global settings (env DEVD_* over config.toml) and the per-repo devd.toml model.
+
+Only the daemon imports this module: it pulls in pydantic, which the CLI must not.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from devd.errors import ConfigError
+from devd.paths import Paths
+
+REPO_CONFIG = "devd.toml"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PORT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+
+
+class Settings(BaseSettings):
+    """Machine-wide settings: environment variables DEVD_* win over config.toml."""
+
+    model_config = SettingsConfigDict(env_prefix="DEVD_", extra="forbid")
+
+    port_range: str = "20000-29999"
+    reconcile_interval: float = Field(10.0, gt=0)
+    gc_grace: str = "24h"
+    browser: str = ""
+    kill_timeout: float = Field(5.0, gt=0)
+
+    @field_validator("port_range")
+    @classmethod
+    def _valid_range(cls, value: str) -> str:
+        parse_port_range(value)
+        return value
+
+    @property
+    def ports(self) -> range:
+        return parse_port_range(self.port_range)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Init values come from config.toml, so the environment must beat them.
+        return (env_settings, init_settings)
+
+
+def load_settings(paths: Paths) -> Settings:
+    """Read config.toml (if any) and the environment into one Settings object."""
+    values: dict[str, Any] = {}
+    if paths.config_file.is_file():
+        values = _read_toml(paths.config_file)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise _config_error(paths.config_file, exc, _text_of(paths.config_file)) from exc
+
+
+def parse_port_range(value: str) -> range:
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
+    if not match:
+        raise ValueError(f"port range {value!r} is not of the form LOW-HIGH, e.g. 20000-29999")
+    low, high = int(match[1]), int(match[2])
+    if not 1024 <= low <= high <= 65535:
+        raise ValueError(f"port range {value!r} must lie within 1024-65535 with LOW <= HIGH")
+    return range(low, high + 1)
+
+
+def parse_duration(value: str) -> float:
+    """'24h', '30m', '90s', '2d' or a bare number of seconds → seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
+    if not match:
+        raise ValueError(f"duration {value!r} is not a number with an optional s/m/h/d unit")
+    scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    return float(match[1]) * scale
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PortsConfig(_Section):
+    names: list[str] = ["web"]
+
+    @field_validator("names")
+    @classmethod
+    def _valid_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _PORT_NAME.match(name):
+                raise ValueError(
+                    f"port name {name!r} must be lowercase letters, digits and _, "
+                    "starting with a letter"
+                )
+        if len(set(names)) != len(names):
+            raise ValueError("port names must be unique")
+        return names
+
+
+class CacheConfig(_Section):
+    env: list[str] = []
+
+    @field_validator("env")
+    @classmethod
+    def _valid_vars(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+        return names
+
+
+class EnvConfig(_Section):
+    copy_files: list[str] = Field(default=[".env", ".env.local"], alias="copy")
+    file: str = ".env"
+
+    @field_validator("copy_files")
+    @classmethod
+    def _relative(cls, files: list[str]) -> list[str]:
+        for name in files:
+            _check_relative(name)
+        return files
+
+    @field_validator("file")
+    @classmethod
+    def _relative_file(cls, name: str) -> str:
+        return _check_relative(name)
+
+
+class RepoConfig(_Section):
+    """The per-repo devd.toml; every section is optional."""
+
+    ports: PortsConfig = PortsConfig()
+    cache: CacheConfig = CacheConfig()
+    env: EnvConfig = EnvConfig()
+
+
+def _check_relative(name: str) -> str:
+    path = Path(name)
+    if path.is_absolute() or ".." in path.parts or not name:
+        raise ValueError(f"{name!r} must be a path relative to the worktree, without '..'")
+    return name
+
+
+def load_repo_config(root: Path) -> RepoConfig:
+    """Read <root>/devd.toml; a repo without one gets the defaults."""
+    path = root / REPO_CONFIG
+    if not path.is_file():
+        return RepoConfig()
+    values = _read_toml(path)
+    try:
+        return RepoConfig.model_validate(values)
+    except ValidationError as exc:
+        raise _config_error(path, exc, _text_of(path)) from exc
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(_text_of(path))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}", "fix the TOML syntax at that line") from exc
+
+
+def _text_of(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}", "make it a readable UTF-8 file") from exc
+
+
+def _config_error(path: Path, exc: ValidationError, text: str) -> ConfigError:
+    problems = []
+    for err in exc.errors():
+        keys = [str(part) for part in err["loc"] if not isinstance(part, int)]
+        line = _line_of(text, keys)
+        where = f"{path}:{line}" if line else str(path)
+        problems.append(f"{where}: {'.'.join(keys) or '(top level)'}: {err['msg']}")
+    return ConfigError("; ".join(problems), f"see the devd.toml reference in the README ({path})")
+
+
+def _line_of(text: str, keys: list[str]) -> int | None:
+    """Best-effort line number of a key, e.g. ['ports', 'names'] → the names = line."""
+    if not keys:
+        return None
+    section, key = (keys[0], keys[-1]) if len(keys) > 1 else ("", keys[0])
+    current = ""
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = re.match(r"^\[\s*([^\]]+?)\s*\]", line)
+        if header:
+            current = header[1]
+            if not section and current == key:
+                return number
+            continue
+        if current == section and re.match(rf"^{re.escape(key)}\s*=", line):
+            return number
+    return None
