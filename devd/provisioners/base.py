@@ -36,6 +36,11 @@ class Context:
     registry: Registry
     env: dict[str, str] = field(default_factory=dict)
 
+    def recorded(self, kind: str) -> dict[str, Any]:
+        """What the registry holds for a resource of this worktree (empty if nothing)."""
+        found = [r.detail for r in self.registry.resources(self.worktree.id) if r.kind == kind]
+        return found[0] if found else {}
+
 
 @dataclass(frozen=True)
 class Health:

@@ -29,7 +29,8 @@ class EnvFileProvisioner(Provisioner):
 
     def ensure(self, ctx: Context, progress: Progress) -> dict[str, Any]:
         wt, main = ctx.worktree.path, ctx.worktree.repo_main_path
-        copies: dict[str, Any] = {}
+        # Keep the records of earlier copies: drift is measured against the first copy.
+        copies: dict[str, Any] = dict(ctx.recorded(self.kind).get("copies", {}))
         if wt != main:
             for rel in files_to_copy(ctx):
                 record = copy_if_missing(main / rel, wt / rel)

@@ -1,0 +1,161 @@
+"""Fixtures: real git repos and worktrees, a real daemon process on a real socket under DEVD_HOME."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devd.paths import Paths
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_git(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True,
+                          text=True, env=env).stdout
+
+
+@dataclass
+class Repo:
+    """A real git repository with helpers to add worktrees next to it."""
+
+    main: Path
+
+    def worktree(self, name: str, branch: str | None = None) -> Path:
+        path = self.main.parent / name
+        args = ["worktree", "add", "-q"]
+        args += ["-b", branch, str(path)] if branch else ["--detach", str(path)]
+        run_git(self.main, *args)
+        return path.resolve()
+
+    def commit(self, files: dict[str, str], message: str = "change") -> None:
+        for rel, text in files.items():
+            (self.main / rel).parent.mkdir(parents=True, exist_ok=True)
+            (self.main / rel).write_text(text)
+        run_git(self.main, "add", "-A")
+        run_git(self.main, "commit", "-q", "-m", message)
+
+
+@pytest.fixture
+def make_repo(tmp_path: Path):
+    def make(name: str = "shop", devd_toml: str | None = '[ports]\nnames = ["web", "api"]\n'
+             ) -> Repo:
+        main = tmp_path / "src" / name
+        main.mkdir(parents=True)
+        run_git(main, "init", "-q", "-b", "main")
+        repo = Repo(main.resolve())
+        files = {"README.md": "hello\n", ".gitignore": ".env\n.env.local\n"}
+        if devd_toml is not None:
+            files["devd.toml"] = devd_toml
+        repo.commit(files, "init")
+        return repo
+    return make
+
+
+@pytest.fixture
+def repo(make_repo) -> Repo:
+    return make_repo()
+
+
+@dataclass
+class Devd:
+    """A devd instance isolated under its own DEVD_HOME."""
+
+    home: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> Paths:
+        return Paths.resolve(self.env)
+
+    def run(self, *args: str, cwd: Path | None = None, check: bool = True,
+            env: dict[str, str] | None = None, timeout: float = 60,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "devd", *args], cwd=cwd,
+                                env={**self.env, **(env or {})}, capture_output=True, text=True,
+                                timeout=timeout, input=input)
+        if check and result.returncode != 0:
+            raise AssertionError(f"devd {' '.join(args)} exited {result.returncode}:\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def json(self, *args: str, cwd: Path | None = None) -> Any:
+        return json.loads(self.run(*args, "--json", cwd=cwd).stdout)
+
+    def status(self) -> dict[str, Any]:
+        return self.json("status")
+
+    def worktree(self, path: Path) -> dict[str, Any]:
+        matches = [w for w in self.status()["worktrees"] if w["path"] == str(path)]
+        assert matches, f"{path} not in status"
+        return matches[0]
+
+    def start(self) -> None:
+        log = open(self.home / "daemon-test.log", "ab")  # noqa: SIM115 - lives with the process
+        self.proc = subprocess.Popen([sys.executable, "-m", "devd", "daemon"], env=self.env,
+                                     stdout=log, stderr=log)
+        wait_for(lambda: _answers(self.paths.socket), what="daemon socket")
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=15)
+        self.proc = None
+        return code
+
+    def log(self) -> str:
+        path = self.home / "daemon-test.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _answers(path: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(path))
+        return True
+    except OSError:
+        return False
+
+
+def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll until true; a deadline keeps a broken daemon from hanging the suite."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def devd_home(tmp_path: Path) -> Devd:
+    home = tmp_path / "devd-home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVD_")}
+    env.update({"DEVD_HOME": str(home), "DEVD_NO_AUTOSTART": "1",
+                "DEVD_RECONCILE_INTERVAL": "1", "PYTHONPATH": str(ROOT)})
+    return Devd(home, env)
+
+
+@pytest.fixture
+def devd(devd_home: Devd) -> Iterator[Devd]:
+    devd_home.start()
+    yield devd_home
+    if devd_home.proc is not None:
+        assert devd_home.stop() == 0, devd_home.log()
+        assert not devd_home.paths.socket.exists(), "socket left behind after SIGTERM"
