@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,17 +94,29 @@ def terminate(holder: Holder, timeout: float) -> str:
     try:
         proc = psutil.Process(holder.pid)
         proc.terminate()
-        try:
-            proc.wait(timeout)
+        if _exited(proc, timeout):
             return "terminated"
-        except psutil.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
-            return "killed"
+        proc.kill()
+        _exited(proc, timeout)
+        return "killed"
     except psutil.NoSuchProcess:
         return "already exited"
     except psutil.AccessDenied as exc:
         raise NotOwner(f"not permitted to signal pid {holder.pid}", "") from exc
+
+
+def _exited(proc: psutil.Process, timeout: float) -> bool:
+    """Wait for a process that is not our child: a zombie counts as exited, since its
+    parent may take its time to reap it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def check_killable(port: int, holder: Holder, owner: Worktree | None, asked: Worktree) -> None:
