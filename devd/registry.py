@@ -263,12 +263,11 @@ class Registry:
         with self._lock:
             return {row[0] for row in self._db.execute("SELECT port FROM port_leases")}
 
-    def release_leases(self, wt_id: str, keep: set[str] | None = None) -> None:
-        """Free a worktree's ports, except the names in `keep`."""
-        keep = keep or set()
+    def release_leases(self, wt_id: str, names: set[str] | None = None) -> None:
+        """Free a worktree's ports: those named, or all of them."""
         with self.transaction() as db:
             for port, name, _ in self.leases(wt_id):
-                if name not in keep:
+                if names is None or name in names:
                     db.execute("DELETE FROM port_leases WHERE port = ?", (port,))
 
     # -- processes started by `devd run` --------------------------------------

@@ -22,8 +22,11 @@ class PortsProvisioner(Provisioner):
     def ensure(self, ctx: Context, progress: Progress) -> dict[str, Any]:
         names = ctx.config.ports.names
         wt_id = ctx.worktree.id
-        ctx.registry.release_leases(wt_id, keep=set(names))
         held = {name: port for port, name, _ in ctx.registry.leases(wt_id)}
+        # Names dropped from devd.toml give their port back; "_"-prefixed leases belong to
+        # other provisioners (e.g. a Postgres container's port) and are theirs to release.
+        ctx.registry.release_leases(wt_id, {n for n in held if n not in names and n[0] != "_"})
+        held = {name: port for name, port in held.items() if name in names}
         missing = [name for name in names if name not in held]
         if missing:
             progress("ports", f"leasing {len(missing)} port(s)")
@@ -44,7 +47,7 @@ class PortsProvisioner(Provisioner):
                 got[name] = self._lease_one(ctx, port_range, names.index(name), len(names), name)
         except PortsExhausted:
             # Nothing half-leased: give back what this call took.
-            ctx.registry.release_leases(ctx.worktree.id, keep=set(names) - set(got))
+            ctx.registry.release_leases(ctx.worktree.id, set(got))
             raise
         return got
 
@@ -67,7 +70,8 @@ class PortsProvisioner(Provisioner):
         return Health(not lost, f"lease lost for {', '.join(sorted(lost))}" if lost else "")
 
     def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
-        ctx.registry.release_leases(ctx.worktree.id)
+        ctx.registry.release_leases(ctx.worktree.id, set(ctx.config.ports.names)
+                                    | set(detail.get("ports", {})))
 
     def env(self, ctx: Context, detail: dict[str, Any]) -> dict[str, str]:
         ports: dict[str, int] = detail.get("ports", {})
@@ -108,3 +112,12 @@ def is_free(port: int) -> bool:
                 continue
             return False
     return True
+
+
+def lease_internal(ctx: Context, name: str) -> int:
+    """A port for another provisioner (e.g. '_postgres'), leased once and then kept stable."""
+    assert name.startswith("_"), "internal lease names start with '_'"
+    for port, leased, _ in ctx.registry.leases(ctx.worktree.id):
+        if leased == name:
+            return port
+    return PortsProvisioner()._lease_one(ctx, ctx.settings.ports, 0, 1, name)
