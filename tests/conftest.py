@@ -1,4 +1,4 @@
-"""Fixtures: real git repos and worktrees, a real daemon process on a real socket under DEVD_HOME."""
+"""Fixtures: real git repos and worktrees, a real daemon on a real socket under DEVD_HOME."""
 
 from __future__ import annotations
 
