@@ -9,11 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 from devd import __version__, dotenv
@@ -168,6 +164,8 @@ def cmd_env(client: Client, args: argparse.Namespace) -> int:
     elif args.format == "dotenv":
         print("\n".join(dotenv.render(env)))
     else:
+        import shlex
+
         print("\n".join(f"export {key}={shlex.quote(value)}" for key, value in env.items()))
     return EXIT_OK
 
@@ -216,6 +214,8 @@ def cmd_kill_port(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_browser(client: Client, args: argparse.Namespace) -> int:
+    import subprocess
+
     env = client.call("env", {"path": _abspath(args.path)})["env"]
     browser = find_browser()
     url = args.url or (f"http://localhost:{env['PORT']}/" if "PORT" in env else "about:blank")
@@ -229,6 +229,9 @@ def cmd_browser(client: Client, args: argparse.Namespace) -> int:
 
 def find_browser() -> list[str]:
     """DEVD_BROWSER (a command line) wins; else the first Chromium or Chrome found."""
+    import shlex
+    import shutil
+
     configured = os.environ.get("DEVD_BROWSER")
     if configured:
         return shlex.split(configured)
@@ -242,6 +245,7 @@ def find_browser() -> list[str]:
 
 def cmd_init(client: Client, args: argparse.Namespace) -> int:
     from importlib.resources import files
+    from pathlib import Path
 
     target = Path(args.path) / "devd.toml"
     if target.exists():

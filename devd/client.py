@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -75,6 +74,8 @@ def connect(paths: Paths) -> socket.socket:
 
 def start_daemon(paths: Paths) -> None:
     """Start `devd daemon` detached (own session, log in the state dir); wait until it answers."""
+    import subprocess  # only needed here; keeps every other CLI call lighter
+
     ensure_private_dir(paths.state_dir)
     with open(paths.daemon_log, "ab") as log:
         proc = subprocess.Popen(

@@ -38,25 +38,34 @@ def resolve(path: Path) -> WorktreeInfo:
         raise NotAWorktree(f"{path} does not exist", "pass the path of a git worktree")
     if not path.is_dir():
         path = path.parent
-    out = _git(path, "rev-parse", "--is-bare-repository", "--path-format=absolute",
-               "--git-common-dir", "--absolute-git-dir")
-    bare, common_dir, git_dir = out.split("\n")[:3]
-    if bare == "true":
+    # One git process for everything; --show-toplevel fails last in a bare repo.
+    code, out, err = _run(path, "rev-parse", "--is-bare-repository", "--path-format=absolute",
+                          "--git-common-dir", "--absolute-git-dir", "--show-toplevel")
+    lines = out.split("\n")
+    if lines[0] == "true":
         raise NotAWorktree(
             f"{path} is a bare repository, which has no working tree",
             "run devd in one of its worktrees (git worktree add ...)",
         )
-    top = _git(path, "rev-parse", "--show-toplevel")
-    common = Path(common_dir).resolve()
+    if code != 0 or len(lines) < 4:
+        raise NotAWorktree(f"{path} is not inside a git worktree ({err})",
+                           "run devd inside a git checkout, or pass its path")
+    common = Path(lines[1]).resolve()
+    top = Path(lines[3]).resolve()
+    return WorktreeInfo(top, common, _main_worktree(common, top), _branch_of(Path(lines[2])))
+
+
+def _main_worktree(common: Path, fallback: Path) -> Path:
+    """The main worktree: the parent of a `.git` dir, else the first non-bare listed one."""
+    if common.name == ".git" and common.parent.is_dir():
+        return common.parent
     listed = list_worktrees(common)
-    main = next((w.path for w in listed if not w.bare), Path(top).resolve())
-    return WorktreeInfo(Path(top).resolve(), common, main, _branch_of(Path(git_dir)))
+    return next((w.path.resolve() for w in listed if not w.bare), fallback)
 
 
 def list_worktrees(common_dir: Path) -> list[ListedWorktree]:
     """The worktrees git knows for a repo, main first (NUL-separated, so any path is safe)."""
-    out = _git(common_dir, "--git-dir", str(common_dir), "worktree", "list", "--porcelain", "-z",
-               strip=False)
+    out = _git(common_dir, "--git-dir", str(common_dir), "worktree", "list", "--porcelain", "-z")
     entries: list[ListedWorktree] = []
     current: dict[str, str] = {}
     for field in out.split("\0"):
@@ -93,16 +102,7 @@ def _branch_of(git_dir: Path) -> str | None:
     return None
 
 
-def is_ignored(worktree: Path, relpath: str) -> bool:
-    """True if git ignores the path in that worktree."""
-    result = subprocess.run(
-        ["git", "-C", str(worktree), "check-ignore", "-q", "--", relpath],
-        capture_output=True, timeout=GIT_TIMEOUT, check=False,
-    )
-    return result.returncode == 0
-
-
-def _git(cwd: Path, *args: str, strip: bool = True) -> str:
+def _run(cwd: Path, *args: str) -> tuple[int, str, str]:
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
     try:
         result = subprocess.run(
@@ -113,9 +113,13 @@ def _git(cwd: Path, *args: str, strip: bool = True) -> str:
         raise DevdError("git is not installed", "install git and try again", code="no_git") from exc
     except subprocess.TimeoutExpired as exc:
         raise DevdError(f"git {args[0]} in {cwd} timed out", "check the repository") from exc
-    stderr = result.stderr.decode(errors="replace").strip()
-    if result.returncode != 0:
-        raise NotAWorktree(f"{cwd} is not inside a git worktree ({stderr})",
+    out = result.stdout.decode(errors="surrogateescape")
+    return result.returncode, out.strip(), result.stderr.decode(errors="replace").strip()
+
+
+def _git(cwd: Path, *args: str) -> str:
+    code, out, err = _run(cwd, *args)
+    if code != 0:
+        raise NotAWorktree(f"{cwd} is not inside a git worktree ({err})",
                            "run devd inside a git checkout, or pass its path")
-    text = result.stdout.decode(errors="surrogateescape")
-    return text.strip() if strip else text
+    return out

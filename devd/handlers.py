@@ -16,7 +16,13 @@ from devd.errors import DevdError, NotRegistered, ProvisionFailed, UsageError
 from devd.paths import Paths
 from devd.provisioners import Context, Progress, Provisioner, default_provisioners
 from devd.registry import Registry, Resource, Worktree
-from devd.settings import RepoConfig, Settings, load_repo_config, parse_duration
+from devd.settings import (
+    REPO_CONFIG,
+    RepoConfig,
+    Settings,
+    load_repo_config,
+    parse_duration,
+)
 
 log = logging.getLogger("devd")
 
@@ -38,6 +44,7 @@ class Service:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._background: list[threading.Thread] = []
+        self._configs: dict[tuple[Any, ...], RepoConfig] = {}
         # Set by the daemon: wakes the reconcile loop so a new repo gets its watch at once.
         self.on_register: Callable[[], None] = lambda: None
 
@@ -50,8 +57,8 @@ class Service:
         return {"pid": os.getpid(), "version": __version__}
 
     def do_status(self, progress: Progress, path: str | None = None) -> dict[str, Any]:
-        self.notice_missing()
-        chosen = [self.find(path)] if path else self.registry.worktrees()
+        worktrees = self.notice_missing()
+        chosen = [self.find(path)] if path else worktrees
         resources = self.registry.all_resources()
         return {
             "daemon": {"pid": os.getpid(), "version": __version__,
@@ -226,11 +233,25 @@ class Service:
         """The worktree's own devd.toml (it may differ per branch), else the main one's."""
         root = wt.path if wt.path.is_dir() else wt.repo_main_path
         try:
-            return load_repo_config(root)
+            return self._cached_config(root)
         except DevdError:
             if strict:
                 raise
             return RepoConfig()
+
+    def _cached_config(self, root: Path) -> RepoConfig:
+        """Parsed once per file version: status reads every worktree's config."""
+        try:
+            stat = (root / REPO_CONFIG).stat()
+            key: tuple[Any, ...] = (root, stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            key = (root, None)
+        config = self._configs.get(key)
+        if config is None:
+            config = load_repo_config(root)
+            self._configs = {k: v for k, v in self._configs.items() if k[0] != root}
+            self._configs[key] = config
+        return config
 
     def environment(self, wt: Worktree) -> dict[str, str]:
         ctx = self.context(wt, strict=False)
@@ -242,12 +263,15 @@ class Service:
 
     # -- discovery -------------------------------------------------------------
 
-    def notice_missing(self) -> None:
-        """A stat per worktree: a deleted directory means gone, whoever deleted it."""
-        for wt in self.registry.worktrees():
-            if wt.state != "gone" and not wt.path.is_dir():
-                log.info("worktree %s is gone (directory missing)", wt.path)
-                self.registry.set_state(wt.id, "gone")
+    def notice_missing(self) -> list[Worktree]:
+        """A stat per worktree: a deleted directory means gone, whoever deleted it.
+        Returns the worktrees as they are now."""
+        worktrees = self.registry.worktrees()
+        missing = [wt for wt in worktrees if wt.state != "gone" and not os.path.isdir(wt.path)]
+        for wt in missing:
+            log.info("worktree %s is gone (directory missing)", wt.path)
+            self.registry.set_state(wt.id, "gone")
+        return self.registry.worktrees() if missing else worktrees
 
     def reconcile(self) -> None:
         """Compare each known repo with `git worktree list`; what git no longer lists is gone."""

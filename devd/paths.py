@@ -5,21 +5,22 @@ Kept free of pydantic so the CLI can find the socket without the daemon's import
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+# tempfile and hashlib are imported where needed: this module is on every CLI call's path.
 APP = "devd"
 # sun_path is 108 bytes on Linux and 104 on macOS, including the NUL.
 MAX_SOCKET_PATH = 100
 
 
-@dataclass(frozen=True)
-class Paths:
-    """The directories devd uses, resolved once at an entry point and passed down."""
+class Paths(NamedTuple):
+    """The directories devd uses, resolved once at an entry point and passed down.
+
+    A NamedTuple rather than a dataclass: dataclasses imports inspect, a cost every
+    `devd status` would pay."""
 
     config_dir: Path
     state_dir: Path
@@ -85,16 +86,24 @@ def _runtime_base(env: dict[str, str] | os._Environ[str]) -> Path:
         return Path(xdg)
     if sys.platform == "darwin":
         # launchd gives each user a private temp dir; the socket belongs there.
-        return Path(os.environ.get("TMPDIR", tempfile.gettempdir()))
-    return Path(tempfile.gettempdir()) / f"devd-{os.getuid()}"
+        return Path(os.environ.get("TMPDIR", "/tmp"))
+    return Path(_tempdir()) / f"devd-{os.getuid()}"
 
 
 def _short_enough(runtime_dir: Path, *, key: str) -> Path:
     """Fall back to a short per-user temp path when the socket path would not fit in sun_path."""
     if len(os.fsencode(runtime_dir / "devd.sock")) <= MAX_SOCKET_PATH:
         return runtime_dir
+    import hashlib
+
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"devd-{os.getuid()}-{digest}"
+    return Path(_tempdir()) / f"devd-{os.getuid()}-{digest}"
+
+
+def _tempdir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
 
 
 def ensure_private_dir(path: Path) -> None:
