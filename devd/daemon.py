@@ -15,7 +15,7 @@ import threading
 import traceback
 from typing import Any
 
-from devd import protocol
+from devd import protocol, sdnotify
 from devd.errors import DevdError, ProtocolError
 from devd.handlers import Service
 from devd.paths import Paths, ensure_private_dir
@@ -43,21 +43,27 @@ class Daemon:
         self._lock_fd: int | None = None
         self._listener: socket.socket | None = None
         self._socket_ino: int | None = None
+        # Taken at once: only this process may notify systemd, never a child it spawns.
+        self._notifier = sdnotify.Notifier.from_environ()
 
     def run(self) -> None:
         self._take_lock()
         registry = Registry(self.paths.registry)
+        if interrupted := registry.mark_interrupted():
+            log.warning("%d provision(s) were interrupted by the last stop", interrupted)
         service = Service(self.settings, self.paths, registry)
         watcher = RepoWatcher(service, self.settings.reconcile_interval)
         service.on_register = watcher.nudge
         try:
-            self._listener = self._bind()
+            self._listener = self._adopt() or self._bind()
             self._install_signals()
             watcher.start()
             log.info("devd daemon pid %d listening on %s", os.getpid(), self.paths.socket)
+            self._notifier.notify("READY=1", f"STATUS=serving on {self.paths.socket}")
             self._serve(service)
         finally:
             log.info("devd daemon stopping")
+            self._notifier.notify("STOPPING=1", "STATUS=stopping")
             watcher.stop()
             self._unbind()
             service.join_background(timeout=5.0)
@@ -87,6 +93,25 @@ class Daemon:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+
+    def _adopt(self) -> socket.socket | None:
+        """The socket systemd bound for us (socket activation): it stays systemd's to unlink."""
+        passed = sdnotify.listen_fds()
+        if not passed:
+            return None
+        sock, extra = passed[0], passed[1:]
+        for unused in extra:
+            unused.close()
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise DevdError(f"systemd passed a {sock.family.name}/{sock.type.name} socket",
+                            "devd.socket must have ListenStream= with a path", code="config")
+        name = sock.getsockname()
+        if name != str(self.paths.socket):
+            log.warning("systemd passed socket %s, but clients look for %s", name,
+                        self.paths.socket)
+        sock.setblocking(False)
+        log.info("using the socket passed by systemd (%s)", name)
+        return sock
 
     def _bind(self) -> socket.socket:
         ensure_private_dir(self.paths.runtime_dir)
@@ -134,7 +159,8 @@ class Daemon:
     def _unbind(self) -> None:
         if self._listener is not None:
             self._listener.close()
-        # Remove the socket only if it is still ours (a successor may have replaced it).
+        # Remove the socket only if it is still ours (a successor may have replaced it);
+        # one systemd passed is never ours (_socket_ino stays None): systemd keeps listening.
         with contextlib.suppress(OSError):
             if self.paths.socket.stat().st_ino == self._socket_ino:
                 self.paths.socket.unlink()

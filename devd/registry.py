@@ -161,6 +161,18 @@ class Registry:
                 (state, error, time.time(), state, time.time(), wt_id),
             )
 
+    def mark_interrupted(self) -> int:
+        """At daemon start: work that was in flight when the last daemon died is failed, so
+        status tells the truth; the next provision finishes it (ensure adopts what exists)."""
+        with self.transaction() as db:
+            db.execute("UPDATE resources SET state = 'failed', detail = json_set(detail, "
+                       "'$.error', 'interrupted: the daemon stopped mid-way') "
+                       "WHERE state = 'pending'")
+            return db.execute(
+                "UPDATE worktrees SET state = 'failed', error = 'interrupted: the daemon "
+                "stopped mid-way; run `devd provision` again' WHERE state = 'provisioning'"
+            ).rowcount
+
     def worktree(self, wt_id: str) -> Worktree | None:
         rows = self._worktrees("WHERE w.id = ?", (wt_id,))
         return rows[0] if rows else None

@@ -417,3 +417,22 @@ def test_malformed_global_config(devd_home: Devd) -> None:
     assert env_override.returncode == 1
 
 
+
+
+def test_a_provision_cut_short_by_a_dead_daemon_is_reported_and_finished(devd: Devd,
+                                                                        repo: Repo) -> None:
+    tree = repo.worktree("shop-a", "a")
+    devd.run("provision", str(tree))
+    devd.proc.kill()  # SIGKILL: no cleanup at all
+    devd.proc.wait()
+    devd.proc = None
+    with sqlite3.connect(devd.paths.registry) as db:  # what a kill mid-provision leaves
+        db.execute("UPDATE worktrees SET state = 'provisioning'")
+        db.execute("UPDATE resources SET state = 'pending' WHERE kind = 'envfile'")
+    devd.start()  # the stale socket is replaced, the lock was freed by the kernel
+    entry = devd.worktree(tree)
+    assert entry["state"] == "failed" and "interrupted" in entry["error"]
+    envfile = [r for r in entry["resources"] if r["kind"] == "envfile"][0]
+    assert envfile["state"] == "failed" and "interrupted" in envfile["detail"]
+    devd.run("provision", str(tree))
+    assert devd.worktree(tree)["state"] == "ready"
