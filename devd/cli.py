@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 error reply, 2 usage, 3 daemon unreachable.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ from devd import __version__, dotenv
 from devd.client import Client
 from devd.errors import DaemonUnreachable, DevdError, UsageError
 from devd.paths import Paths
+from devd.progressbar import ProgressPrinter
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable",
@@ -40,12 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = command("provision", "register a worktree and ensure all its resources", True)
     cmd.add_argument("path", nargs="?", default=".")
     cmd.add_argument("--background", action="store_true", help="return at once; work goes on")
+    cmd.add_argument("--fix-deps", action="store_true",
+                     help="replace a symlinked node_modules/.venv with the worktree's own tree")
     cmd = command("release", "tear down what devd made for a worktree", True)
     cmd.add_argument("path", nargs="?", default=".")
     cmd.add_argument("--yes", action="store_true", help="also release data-bearing resources")
+    cmd.add_argument("--no-backup", action="store_true", help="drop databases without a dump")
+    cmd.add_argument("--force", action="store_true", help="end sessions holding the database")
     cmd = command("gc", "release worktrees that have been gone longer than the grace", True)
     cmd.add_argument("--dry-run", action="store_true", help="only list what would be released")
     cmd.add_argument("--grace", help="e.g. 24h (default), 30m, 0 for now")
+    cmd.add_argument("--no-backup", action="store_true", help="drop databases without a dump")
+    cmd = command("restore", "load a worktree's last Postgres dump (or --dump FILE) back", True)
+    cmd.add_argument("path", nargs="?", default=".")
+    cmd.add_argument("--dump", help="a dump file (default: the worktree's newest)")
     cmd = command("status", "show registered worktrees and their resources", True)
     cmd.add_argument("path", nargs="?")
     cmd = command("env", "print a worktree's environment")
@@ -54,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = command("run", "run a command with the worktree's environment")
     cmd.add_argument("--path", default=".")
     cmd.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    command("watchers", "inotify watch budget: limits, use, top consumers per worktree", True)
+    cmd = command("doctor", "diagnose watcher pressure and print the exact fix", True)
+    cmd.add_argument("--fix", action="store_true",
+                     help="apply the sysctl fix (only when run as root)")
     command("ports", "list leased ports and who holds them", True)
     cmd = command("kill-port", "stop the process holding a port, if it is this worktree's", True)
     cmd.add_argument("port", type=int)
@@ -63,7 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--path", default=".")
     cmd = command("init", "write a commented starter devd.toml")
     cmd.add_argument("path", nargs="?", default=".")
+    cmd = command("wait", "block until a worktree's (background) provisioning ends", True)
+    cmd.add_argument("path", nargs="?", default=".")
+    cmd.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+    cmd = command("service", "install, remove or inspect devd's user service")
+    cmd.add_argument("action", choices=("install", "uninstall", "status"))
+    _hook_parser(command("hook", "install hooks; entry points called by git and Claude Code"))
     return parser
+
+
+def _hook_parser(cmd: argparse.ArgumentParser) -> None:
+    sub = cmd.add_subparsers(dest="hook", required=True, metavar="HOOK")
+    install = sub.add_parser("install", help="add devd to a repo's git and/or Claude Code hooks")
+    install.add_argument("--git", action="store_true", help="post-checkout hook (all worktrees)")
+    install.add_argument("--claude", action="store_true", help=".claude/settings.json hooks")
+    install.add_argument("path", nargs="?", default=".")
+    sub.add_parser("claude-create", help="Claude Code WorktreeCreate (JSON on stdin)")
+    sub.add_parser("claude-remove", help="Claude Code WorktreeRemove (JSON on stdin)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +124,11 @@ def _fail(exc: DevdError, code: int) -> int:
 
 
 def _progress(event: dict[str, Any]) -> None:
-    print(f"  {safe(str(event.get('phase', '')))}: {safe(str(event.get('message', '')))}",
-          file=sys.stderr, flush=True)
+    _PROGRESS(event)
+
+
+_PROGRESS = ProgressPrinter(lambda text: safe(text))
+atexit.register(_PROGRESS.close)
 
 
 def _abspath(path: str) -> str:
@@ -111,7 +144,8 @@ def _print_json(data: Any) -> None:
 
 def cmd_provision(client: Client, args: argparse.Namespace) -> int:
     result = client.call("provision", {"path": _abspath(args.path),
-                                       "background": args.background}, _progress)
+                                       "background": args.background,
+                                       "fix_deps": args.fix_deps}, _progress)
     if args.json:
         _print_json(result)
     else:
@@ -120,13 +154,27 @@ def cmd_provision(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_release(client: Client, args: argparse.Namespace) -> int:
-    result = client.call("release", {"path": _abspath(args.path), "yes": args.yes}, _progress)
+    params = {"path": _abspath(args.path), "yes": args.yes}
+    params |= {k: True for k in ("no_backup", "force") if getattr(args, k)}
+    result = client.call("release", params, _progress)
     print(json.dumps(result) if args.json else f"released {safe(result['path'])}")
+    if not args.json:
+        for dump in result.get("dumps", []):
+            print(f"  dump kept: {safe(dump)}")
+    return EXIT_OK
+
+
+def cmd_restore(client: Client, args: argparse.Namespace) -> int:
+    params = {"path": _abspath(args.path)} | ({"dump": _abspath(args.dump)} if args.dump else {})
+    result = client.call("restore", params, _progress)
+    print(json.dumps(result) if args.json else f"restored {safe(result['restored'])}")
     return EXIT_OK
 
 
 def cmd_gc(client: Client, args: argparse.Namespace) -> int:
-    result = client.call("gc", {"grace": args.grace, "dry_run": args.dry_run}, _progress)
+    params = {"grace": args.grace, "dry_run": args.dry_run}
+    result = client.call("gc", params | ({"no_backup": True} if args.no_backup else {}),
+                         _progress)
     if args.json:
         _print_json(result)
         return EXIT_OK
@@ -136,6 +184,11 @@ def cmd_gc(client: Client, args: argparse.Namespace) -> int:
         line = f"failed to release {entry['path']}: {problem['message']}" if problem \
             else f"{verb} {entry['path']}"
         print(safe(line))
+        for dump in entry.get("dumps", []):
+            print(safe(f"  dump kept: {dump}"))
+    for orphan in result.get("orphans", []):
+        print(safe(f"orphan {orphan['kind']} {orphan['name']} (worktree {orphan['worktree_id']}, "
+                   f"{orphan['where']}): not in the registry; remove it by hand if unwanted"))
     if not result["worktrees"]:
         print("nothing to collect")
     return EXIT_ERROR if any("error" in e for e in result["worktrees"]) else EXIT_OK
@@ -176,14 +229,28 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         raise UsageError("no command given", "usage: devd run [--path P] -- CMD [ARG...]")
     path = _abspath(args.path)
     env = client.call("env", {"path": path})["env"]
-    # exec keeps our pid, so the process the daemon records is the command itself.
-    client.call("run_started", {"path": path, "pid": os.getpid()})
-    try:
-        os.execvpe(argv[0], argv, {**os.environ, **env})
-    except OSError as exc:
-        print(f"devd: error: cannot run {safe(argv[0])}: {exc.strerror}", file=sys.stderr)
-        return 127
-    return EXIT_OK  # not reached
+    from devd.watchers.run import run
+
+    # Preflight warning on the watch budget, then exec with the output scanned for breaks.
+    return run(client, path, argv, {**os.environ, **env})
+
+
+def cmd_watchers(client: Client, args: argparse.Namespace) -> int:
+    from devd.watchers import render
+
+    result = client.call("watchers")
+    print(json.dumps(result, indent=2) if args.json else render.watchers(result))
+    return EXIT_OK
+
+
+def cmd_doctor(client: Client, args: argparse.Namespace) -> int:
+    from devd.watchers import doctor, render
+
+    result = client.call("doctor")
+    if args.fix:
+        result["applied"] = doctor.apply_fix(result)
+    print(json.dumps(result, indent=2) if args.json else render.doctor(result))
+    return EXIT_OK
 
 
 def cmd_ports(client: Client, args: argparse.Namespace) -> int:
@@ -255,10 +322,60 @@ def cmd_init(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_wait(client: Client, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from devd import hooks
+
+    path = hooks.toplevel(Path(_abspath(args.path)))
+    wt = hooks.wait_until(client, path, args.timeout)
+    if args.json:
+        _print_json(wt)
+    else:
+        print(render_worktree(wt))
+    return EXIT_OK if wt["state"] == "ready" else EXIT_ERROR
+
+
+def cmd_service(client: Client, args: argparse.Namespace) -> int:
+    from devd import service
+
+    action = {"install": service.install, "uninstall": service.uninstall,
+              "status": service.status}[args.action]
+    return action(dict(os.environ), lambda line: print(safe(line)))
+
+
+def cmd_hook(client: Client, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from devd import hooks
+
+    def say(line: str) -> None:  # stdout belongs to the hook contract: talk on stderr
+        print(safe(line), file=sys.stderr, flush=True)
+
+    if args.hook == "claude-create":
+        print(hooks.claude_create(sys.stdin, dict(os.environ), client, say), flush=True)
+    elif args.hook == "claude-remove":
+        try:
+            hooks.claude_remove(sys.stdin, client, say)
+        except Exception as exc:  # noqa: BLE001 - a failing WorktreeRemove wedges the session
+            say(f"devd: claude-remove: {exc!r}")
+    else:
+        if not (args.git or args.claude):
+            raise UsageError("say which hooks to install", "devd hook install --git --claude")
+        path = Path(_abspath(args.path))
+        for wanted, install in ((args.git, hooks.install_git_hook),
+                                (args.claude, hooks.install_claude_hooks)):
+            if wanted:
+                install(path, lambda line: print(safe(line)))
+    return EXIT_OK
+
+
 COMMANDS = {
     "provision": cmd_provision, "release": cmd_release, "gc": cmd_gc, "status": cmd_status,
+    "restore": cmd_restore,
     "env": cmd_env, "run": cmd_run, "ports": cmd_ports, "kill-port": cmd_kill_port,
-    "browser": cmd_browser, "init": cmd_init,
+    "browser": cmd_browser, "init": cmd_init, "wait": cmd_wait, "service": cmd_service,
+    "hook": cmd_hook, "watchers": cmd_watchers, "doctor": cmd_doctor,
 }
 
 
@@ -273,12 +390,29 @@ def render_worktree(wt: dict[str, Any]) -> str:
                          ("profile", wt.get("browser_profile")), ("env", wt.get("env_file"))):
         if value:
             lines.append(f"  {label:<8} {value}")
+    if wt.get("gone_at"):
+        import time
+
+        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(wt["gone_at"]))
+        lines.append(f"  gone     since {since}; its resources are held until `devd gc`")
+    if wt.get("deps"):
+        lines.append(f"  deps     {render_deps(wt['deps'])}")
     if wt.get("error"):
         lines.append(f"  error    {wt['error']}")
     for res in wt.get("resources", []):
         if res["state"] != "ready" or res.get("detail"):
             lines.append(f"  ! {res['kind']}: {res['state']} {res.get('detail') or ''}".rstrip())
     return safe("\n".join(lines))
+
+
+def render_deps(deps: dict[str, Any]) -> str:
+    """'node: npm ready (reflink, 1.2 s) · python: uv stale' from status' deps object."""
+    shown = []
+    for key, d in deps.items():
+        how = ", ".join(p for p in (d.get("strategy"), d.get("seconds") is not None
+                                    and f"{d['seconds']:.1f} s") if p)
+        shown.append(f"{key}: {d.get('tool')} {d.get('state')}" + (f" ({how})" if how else ""))
+    return " · ".join(shown)
 
 
 def safe(text: str) -> str:

@@ -22,6 +22,7 @@ from devd.paths import Paths, ensure_private_dir
 from devd.registry import Registry
 from devd.settings import Settings, load_settings
 from devd.watch import RepoWatcher
+from devd.watchers.monitor import WatcherMonitor
 
 log = logging.getLogger("devd")
 # A client gets this long to send its request line; a silent one must not hold a thread.
@@ -54,10 +55,13 @@ class Daemon:
         service = Service(self.settings, self.paths, registry)
         watcher = RepoWatcher(service, self.settings.reconcile_interval)
         service.on_register = watcher.nudge
+        budget = WatcherMonitor(registry, self.settings)
+        service.watchers = budget
         try:
             self._listener = self._adopt() or self._bind()
             self._install_signals()
             watcher.start()
+            budget.start()
             log.info("devd daemon pid %d listening on %s", os.getpid(), self.paths.socket)
             self._notifier.notify("READY=1", f"STATUS=serving on {self.paths.socket}")
             self._serve(service)
@@ -65,6 +69,7 @@ class Daemon:
             log.info("devd daemon stopping")
             self._notifier.notify("STOPPING=1", "STATUS=stopping")
             watcher.stop()
+            budget.stop()
             self._unbind()
             service.join_background(timeout=5.0)
             registry.close()

@@ -14,7 +14,7 @@ from typing import Any
 from devd import __version__, git, naming, processes
 from devd.errors import DevdError, NotRegistered, ProvisionFailed, UsageError
 from devd.paths import Paths
-from devd.provisioners import Context, Progress, Provisioner, default_provisioners
+from devd.provisioners import Context, Progress, Provisioner, default_provisioners, deps, postgres
 from devd.registry import Registry, Resource, Worktree
 from devd.settings import (
     REPO_CONFIG,
@@ -23,6 +23,7 @@ from devd.settings import (
     load_repo_config,
     parse_duration,
 )
+from devd.watchers import api as watchers_api
 
 log = logging.getLogger("devd")
 
@@ -47,6 +48,8 @@ class Service:
         self._configs: dict[tuple[Any, ...], RepoConfig] = {}
         # Set by the daemon: wakes the reconcile loop so a new repo gets its watch at once.
         self.on_register: Callable[[], None] = lambda: None
+        # Set by the daemon: the watcher-budget monitor (devd/watchers/monitor.py).
+        self.watchers: Any = None
 
     def handler(self, method: str) -> Callable[..., Any] | None:
         return getattr(self, f"do_{method}", None)
@@ -60,33 +63,48 @@ class Service:
         worktrees = self.notice_missing()
         chosen = [self.find(path)] if path else worktrees
         resources = self.registry.all_resources()
-        return {
+        return watchers_api.add_to_status(self, {
             "daemon": {"pid": os.getpid(), "version": __version__,
                        "socket": str(self.paths.socket)},
             "worktrees": [self.describe(wt, resources.get(wt.id, [])) for wt in chosen],
-        }
+            "orphans": self.orphans(),
+        })
 
-    def do_provision(self, progress: Progress, path: str, background: bool = False
-                     ) -> dict[str, Any]:
+    def do_provision(self, progress: Progress, path: str, background: bool = False,
+                     fix_deps: bool = False) -> dict[str, Any]:
         info = git.resolve(Path(path))
         wt = self.registry.register(
             naming.worktree_id(info.main_path, info.path), info.path, info.branch,
             info.common_dir, info.main_path, naming.repo_name(info.main_path),
         )
         self.on_register()
+        options = {"fix_deps": bool(fix_deps)}
         if background:
-            self._in_background(wt.id)
+            self._in_background(wt.id, options)
             return self.describe(wt, self.registry.resources(wt.id))
-        self.provision(wt.id, progress)
+        self.provision(wt.id, progress, options)
         return self._describe_id(wt.id)
 
-    def do_release(self, progress: Progress, path: str, yes: bool = False) -> dict[str, Any]:
+    def do_release(self, progress: Progress, path: str, yes: bool = False,
+                   no_backup: bool = False, force: bool = False) -> dict[str, Any]:
         wt = self.find(path)
-        self.release(wt, progress, yes=yes)
-        return {"released": wt.id, "path": str(wt.path)}
+        outputs = self.release(wt, progress, yes=yes, backup=not no_backup, force=force)
+        return {"released": wt.id, "path": str(wt.path)} | outputs
 
-    def do_gc(self, progress: Progress, grace: str | None = None, dry_run: bool = False
-              ) -> dict[str, Any]:
+    def do_restore(self, progress: Progress, path: str, dump: str | None = None
+                   ) -> dict[str, Any]:
+        wt = self.find(path)
+        with self._lock(wt.id):
+            ctx = self.context(wt, strict=False)
+            progress("postgres", "restoring")
+            return postgres.restore(ctx, ctx.recorded("postgres"), dump)
+
+    def orphans(self) -> list[dict[str, str]]:
+        """Objects carrying devd's marker that no registered worktree owns."""
+        return postgres.orphans(self.paths, {wt.id for wt in self.registry.worktrees()})
+
+    def do_gc(self, progress: Progress, grace: str | None = None, dry_run: bool = False,
+              no_backup: bool = False) -> dict[str, Any]:
         try:
             seconds = parse_duration(grace or self.settings.gc_grace)
         except ValueError as exc:
@@ -101,13 +119,14 @@ class Service:
             entry: dict[str, Any] = {"id": wt.id, "path": str(wt.path), "released": False}
             if not dry_run:
                 try:
-                    self.release(wt, progress, yes=True)
+                    entry |= self.release(wt, progress, yes=True, backup=not no_backup)
                     entry["released"] = True
                 except DevdError as exc:
                     entry["error"] = exc.to_dict()
             results.append(entry)
         processes.prune_runs(self.registry)
-        return {"dry_run": dry_run, "grace_seconds": seconds, "worktrees": results}
+        return {"dry_run": dry_run, "grace_seconds": seconds, "worktrees": results,
+                "orphans": self.orphans()}
 
     def do_env(self, progress: Progress, path: str) -> dict[str, Any]:
         wt = self.find(path)
@@ -148,11 +167,28 @@ class Service:
     def do_run_started(self, progress: Progress, path: str, pid: int) -> dict[str, Any]:
         wt = self.find(path)
         processes.record_run(self.registry, int(pid), wt.id)
+        watchers_api.run_started(self, path)
         return {"worktree": str(wt.path), "pid": pid}
+
+    def do_run_event(self, progress: Progress, path: str, pid: int, signature: str,
+                     budget: str, line: str, argv: list[str] | None = None) -> dict[str, Any]:
+        return watchers_api.run_event(self, path, pid, signature, budget, line, argv or [])
+
+    def do_watchers(self, progress: Progress) -> dict[str, Any]:
+        return watchers_api.report(self)
+
+    def do_watchers_preflight(self, progress: Progress, path: str,
+                              max_watches: int | None = None, userns: str | None = None
+                              ) -> dict[str, Any]:
+        return watchers_api.preflight(self, path, max_watches, userns)
+
+    def do_doctor(self, progress: Progress) -> dict[str, Any]:
+        return watchers_api.doctor(self)
 
     # -- orchestration ---------------------------------------------------------
 
-    def provision(self, wt_id: str, progress: Progress) -> None:
+    def provision(self, wt_id: str, progress: Progress,
+                  options: dict[str, Any] | None = None) -> None:
         """Ensure every resource of a worktree, one provision per worktree at a time."""
         with self._lock(wt_id):
             wt = self.registry.worktree(wt_id)
@@ -163,7 +199,9 @@ class Service:
             except DevdError as exc:
                 self.registry.set_state(wt_id, "failed", exc.message)
                 raise
-            failures = [f for p in self.provisioners if (f := self._ensure(p, ctx, progress))]
+            ctx.options.update(options or {})
+            failures = [f for p in self.provisioners
+                        if p.applies(ctx) and (f := self._ensure(p, ctx, progress))]
             self.registry.set_state(wt_id, "failed" if failures else "ready",
                                     "; ".join(f.message for f in failures) or None)
         if failures:
@@ -195,7 +233,9 @@ class Service:
         progress(kind, f"failed: {failure.message}")
         return failure
 
-    def release(self, wt: Worktree, progress: Progress, *, yes: bool) -> None:
+    def release(self, wt: Worktree, progress: Progress, *, yes: bool, backup: bool = True,
+                force: bool = False) -> dict[str, Any]:
+        """Tear down every resource; returns what teardowns report (e.g. dump paths)."""
         recorded = self.registry.resources(wt.id)
         data = [r.kind for r in recorded if self._holds_data(r.kind)]
         if data and not yes:
@@ -203,7 +243,8 @@ class Service:
                              "pass --yes to release them (devd keeps a dump where it can)")
         with self._lock(wt.id):
             ctx = self.context(wt, strict=False)
-            failures = []
+            ctx.backup, ctx.force = backup, force
+            failures, hints = [], []
             for resource in reversed(recorded):
                 provisioner = self._by_kind.get(resource.kind)
                 progress(resource.kind, "releasing")
@@ -213,12 +254,15 @@ class Service:
                     self.registry.drop_resource(wt.id, resource.kind)
                 except (DevdError, OSError) as exc:
                     failures.append(f"{resource.kind}: {exc}")
+                    hints.append(getattr(exc, "hint", ""))
             if failures:
                 self.registry.set_state(wt.id, "failed", "; ".join(failures))
                 raise DevdError(f"release of {wt.path} incomplete: " + "; ".join(failures),
-                                "fix the cause and run `devd release` again",
+                                " ".join(h for h in hints if h)
+                                or "fix the cause and run `devd release` again",
                                 code="release_failed")
             self.registry.forget(wt.id)
+        return ctx.outputs
 
     def _holds_data(self, kind: str) -> bool:
         provisioner = self._by_kind.get(kind)
@@ -312,13 +356,13 @@ class Service:
     def describe(self, wt: Worktree, resources: list[Resource]) -> dict[str, Any]:
         ctx: Context | None = None
         details = {r.kind: r.detail for r in resources}
-        shown = []
+        shown, checked = [], {}
         for resource in resources:
             state, note = resource.state, resource.detail.get("error", "")
             provisioner = self._by_kind.get(resource.kind)
             if provisioner and state == "ready" and wt.state != "gone":
                 ctx = ctx or self.context(wt, strict=False)
-                health = provisioner.check(ctx, resource.detail)
+                health = checked[resource.kind] = provisioner.check(ctx, resource.detail)
                 note = health.message
                 state = state if health.ok else "failed"
             shown.append({"kind": resource.kind, "state": state, "detail": note})
@@ -329,7 +373,8 @@ class Service:
             "ports": details.get("ports", {}).get("ports", {}),
             "cache_dir": dirs.get("cache_dir"), "browser_profile": dirs.get("browser_profile"),
             "env_file": envfile.get("file"), "resources": shown,
-        }
+            "deps": deps.status(self.paths.state_dir, wt.id, wt.path),
+        } | postgres.status_entry(details, checked)
 
     def _describe_id(self, wt_id: str) -> dict[str, Any]:
         wt = self.registry.worktree(wt_id)
@@ -347,10 +392,10 @@ class Service:
         lock = self._locks.get(wt_id)
         return bool(lock and lock.locked())
 
-    def _in_background(self, wt_id: str) -> None:
+    def _in_background(self, wt_id: str, options: dict[str, Any] | None = None) -> None:
         def run() -> None:
             try:
-                self.provision(wt_id, _quiet)
+                self.provision(wt_id, _quiet, options)
             except DevdError as exc:
                 log.warning("background provision of %s failed: %s", wt_id, exc.message)
         thread = threading.Thread(target=run, name=f"provision-{wt_id}", daemon=True)

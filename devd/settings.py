@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -31,6 +31,21 @@ class Settings(BaseSettings):
     gc_grace: str = "24h"
     browser: str = ""
     kill_timeout: float = Field(5.0, gt=0)
+    # Admin connection for [postgres] schema/database modes; wins over devd.toml's url.
+    postgres_url: str = ""
+    # How many worktrees install dependencies at once; 0 means the number of cores.
+    deps_jobs: int = Field(0, ge=0)
+    # Watcher budget (devd/watchers): fractions of the limit per level, pass cadence in s.
+    watchers_watches_warn: float = Field(0.75, gt=0, le=1)
+    watchers_watches_critical: float = Field(0.90, gt=0, le=1)
+    watchers_instances_warn: float = Field(0.80, gt=0, le=1)
+    watchers_instances_critical: float = Field(0.95, gt=0, le=1)
+    watchers_fds_warn: float = Field(0.80, gt=0, le=1)
+    watchers_cheap_interval: float = Field(5.0, gt=0)
+    watchers_full_interval: float = Field(45.0, gt=0)
+    watchers_notify: bool = True
+    watchers_partial_ratio: float = Field(0.5, ge=0, le=1)
+    watchers_settle: float = Field(20.0, ge=0)  # a watcher's start-up walk before `partial`
 
     @field_validator("port_range")
     @classmethod
@@ -135,12 +150,63 @@ class EnvConfig(_Section):
         return _check_relative(name)
 
 
+class PostgresConfig(_Section):
+    """[postgres]: one schema, database or container per worktree (none by default)."""
+
+    mode: Literal["none", "schema", "database", "container"] = "none"
+    url: str = ""  # admin connection; DEVD_POSTGRES_URL wins; empty means libpq defaults
+    template: str = ""  # database mode: clone this database
+    template_terminate: bool = False  # end other sessions on the template (opt-in only)
+    image: str = "postgres:16-alpine"  # container mode
+
+
+class DepsConfig(_Section):
+    """[deps]: node_modules and .venv per worktree, detected from lockfiles by default."""
+
+    node: Literal["auto", "npm", "pnpm", "yarn", "bun", "none"] = "auto"
+    python: Literal["auto", "uv", "pip", "none"] = "auto"
+    dirs: list[str] = ["."]  # package roots, relative to the worktree (monorepos: several)
+    timeout: str = "15m"  # per install command; a hung package manager is stopped
+
+    @field_validator("dirs")
+    @classmethod
+    def _relative_dirs(cls, dirs: list[str]) -> list[str]:
+        return [name if name == "." else _check_relative(name) for name in dirs]
+
+    @field_validator("timeout")
+    @classmethod
+    def _valid_timeout(cls, value: str) -> str:
+        if parse_duration(value) <= 0:
+            raise ValueError("timeout must be positive, e.g. 15m")
+        return value
+
+    @property
+    def timeout_seconds(self) -> float:
+        return parse_duration(self.timeout)
+
+
+class ClaudeConfig(_Section):
+    """[claude]: where `devd hook claude-create` puts worktrees; what claude-remove releases."""
+
+    worktree_dir: str = ".claude/worktrees"  # relative to the repo root, or absolute
+    release_data: bool = False  # claude-remove also releases data-bearing resources
+
+
+class WatchersConfig(_Section):
+    on_pressure: str = ""  # shell command run in the main worktree when a level is crossed
+    estimate: Literal["files", "dirs"] = "files"  # chokidar-style, or directory watchers
+
+
 class RepoConfig(_Section):
     """The per-repo devd.toml; every section is optional."""
 
     ports: PortsConfig = PortsConfig()
     cache: CacheConfig = CacheConfig()
     env: EnvConfig = EnvConfig()
+    postgres: PostgresConfig = PostgresConfig()
+    deps: DepsConfig = DepsConfig()
+    claude: ClaudeConfig = ClaudeConfig()
+    watchers: WatchersConfig = WatchersConfig()
 
 
 def _check_relative(name: str) -> str:

@@ -35,6 +35,13 @@ class Context:
     paths: Paths
     registry: Registry
     env: dict[str, str] = field(default_factory=dict)
+    # Release options: keep a dump before dropping data; end sessions that hold it.
+    backup: bool = True
+    force: bool = False
+    # What a teardown wants the caller to report, e.g. {"dumps": [path, ...]}.
+    outputs: dict[str, Any] = field(default_factory=dict)
+    # Request options for ensure, e.g. {"fix_deps": True} from `devd provision --fix-deps`.
+    options: dict[str, Any] = field(default_factory=dict)
 
     def recorded(self, kind: str) -> dict[str, Any]:
         """What the registry holds for a resource of this worktree (empty if nothing)."""
@@ -68,3 +75,7 @@ class Provisioner(ABC):
 
     def env(self, ctx: Context, detail: dict[str, Any]) -> dict[str, str]:
         return {}
+
+    def applies(self, ctx: Context) -> bool:
+        """Whether provisioning runs this at all (e.g. not for a repo without [postgres])."""
+        return True

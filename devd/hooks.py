@@ -1,0 +1,357 @@
+"""Hook entry points: git's post-checkout, Claude Code's WorktreeCreate/WorktreeRemove.
+
+Contracts (each one a trap when broken):
+- git post-checkout: must never fail or hold up git. devd runs detached with every fd on
+  /dev/null, only for a new worktree's first checkout (previous HEAD all zeros).
+- WorktreeCreate *replaces* Claude Code's own creation: stdout carries exactly one line, the
+  new worktree's absolute path; anything else goes to stderr; non-zero fails the spawn, so
+  input is validated before any side effect and a failed create leaves nothing behind.
+- WorktreeRemove must always exit 0 (a failed one leaves an undeletable session).
+Light imports only: these run from hooks, where every millisecond is someone's wait.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from devd.client import Client
+from devd.errors import DevdError, NotAWorktree, NotRegistered, OwnershipConflict, UsageError
+
+Say = Callable[[str], None]
+BEGIN = "# >>> devd: provision new worktrees (devd hook install --git); edit outside it >>>"
+END = "# <<< devd <<<"
+_BLOCK = re.compile(rf"^{re.escape(BEGIN)}\n.*?^{re.escape(END)}\n?", re.M | re.S)
+# A new worktree's first checkout has an all-zero previous HEAD (40 or 64 zeros). The git
+# variables are dropped: they would point a daemon this starts at the wrong repository.
+GIT_BLOCK = f"""{BEGIN}
+case "$1" in *[!0]*|'') ;; *)
+  if command -v devd >/dev/null 2>&1; then
+    (unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_PREFIX
+     nohup devd provision --background . </dev/null >/dev/null 2>&1 &) || :
+  fi ;;
+esac
+{END}
+"""
+SHELLS = ("sh", "bash", "dash", "zsh", "ksh")
+CLAUDE_COMMANDS = {"WorktreeCreate": "devd hook claude-create",
+                   "WorktreeRemove": "devd hook claude-remove"}
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+MAX_INPUT = 1 << 20
+POLL = 0.2
+GIT_ENV_DROP = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX")
+
+
+def git(cwd: Path, *args: str, check: bool = True, stdout: int | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    """Run git in cwd, ignoring any GIT_DIR a calling hook exported."""
+    env = {k: v for k, v in os.environ.items() if k not in GIT_ENV_DROP}
+    result = subprocess.run(["git", "-C", str(cwd), *args], env=env, text=True, timeout=120,
+                            stdout=stdout if stdout is not None else subprocess.PIPE,
+                            stderr=subprocess.PIPE, check=False)
+    if check and result.returncode != 0:
+        raise NotAWorktree(f"git {args[0]} in {cwd} failed: {result.stderr.strip()}",
+                           "run it inside a git repository")
+    return result
+
+
+def toplevel(path: Path) -> Path:
+    if not path.is_dir():
+        raise NotAWorktree(f"{path} is not a directory", "pass a path inside a git repository")
+    return Path(git(path, "rev-parse", "--show-toplevel").stdout.strip()).resolve()
+
+
+# -- git -------------------------------------------------------------------------
+
+
+def install_git_hook(path: Path, say: Say) -> Path:
+    """Add devd's block to the repo's post-checkout hook (core.hooksPath honoured)."""
+    hooks = Path(git(path, "rev-parse", "--path-format=absolute", "--git-path", "hooks")
+                 .stdout.strip())
+    target = hooks / "post-checkout"
+    if target.is_symlink():
+        raise OwnershipConflict(f"{target} is a symlink; devd will not write through it",
+                                _manual_hint())
+    if not target.exists():
+        hooks.mkdir(parents=True, exist_ok=True)
+        _write_keeping_mode(target, "#!/bin/sh\n" + GIT_BLOCK, 0o755)
+        say(f"wrote {target}")
+        return target
+    text = target.read_text(encoding="utf-8", errors="surrogateescape")
+    new = _with_block(target, text)
+    if new == text:
+        say(f"{target} already runs devd")
+    else:
+        _write_keeping_mode(target, new, target.stat().st_mode & 0o7777)
+        say(f"added devd to your existing {target} (your lines are unchanged)")
+    return target
+
+
+def _with_block(target: Path, text: str) -> str:
+    """The hook with devd's block, right after the shebang, so an `exit` of yours cannot skip it."""
+    if _BLOCK.search(text):
+        return _BLOCK.sub(lambda _: GIT_BLOCK, text, count=1)
+    if not os.access(target, os.X_OK):
+        raise OwnershipConflict(f"{target} exists but is not executable, so git ignores it",
+                                "make it executable or remove it, then run this again")
+    first, newline, rest = text.partition("\n")
+    if not first.startswith("#!"):
+        return GIT_BLOCK + text  # no shebang: git runs it with sh
+    words = first[2:].split()
+    interpreter = Path(words[1] if words and Path(words[0]).name == "env" and len(words) > 1
+                       else (words or [""])[0]).name
+    if interpreter not in SHELLS:
+        raise OwnershipConflict(f"{target} is a {interpreter or 'non-shell'} script; devd only "
+                                "adds itself to shell hooks", _manual_hint())
+    return first + newline + GIT_BLOCK + rest
+
+
+def _manual_hint() -> str:
+    return ("call devd from your hook yourself: when its first argument is all zeros, run "
+            "`devd provision --background .` detached, with output to /dev/null")
+
+
+def _write_keeping_mode(target: Path, text: str, mode: int) -> None:
+    tmp = target.with_name(f".{target.name}.devd-tmp")
+    tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
+    os.chmod(tmp, mode)
+    os.replace(tmp, target)
+
+
+# -- Claude Code: settings -----------------------------------------------------------
+
+
+def install_claude_hooks(path: Path, say: Say) -> Path:
+    """Merge WorktreeCreate/WorktreeRemove into <repo>/.claude/settings.json."""
+    target = toplevel(path) / ".claude" / "settings.json"
+    settings = _json_object(target)
+    hooks = settings.setdefault("hooks", {})
+    if not isinstance(hooks, dict):
+        raise UsageError(f"{target}: \"hooks\" is not an object", "fix the file, then retry")
+    added = [event for event, command in CLAUDE_COMMANDS.items()
+             if _add_command(target, hooks, event, command)]
+    if not added:
+        say(f"{target} already calls devd")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write_keeping_mode(target, json.dumps(settings, indent=2, ensure_ascii=False) + "\n",
+                        target.stat().st_mode & 0o777 if target.exists() else 0o644)
+    say(f"added {', '.join(added)} to {target} (other settings unchanged)")
+    return target
+
+
+def _json_object(target: Path) -> dict[str, Any]:
+    if not target.exists():
+        return {}
+    try:
+        data = json.loads(target.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"{target} is not valid JSON ({exc}); devd will not rewrite it",
+                         "fix the file, then run this again") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"{target} is not a JSON object", "fix the file, then run this again")
+    return data
+
+
+def _add_command(target: Path, hooks: dict[str, Any], event: str, command: str) -> bool:
+    groups = hooks.setdefault(event, [])
+    if not isinstance(groups, list):
+        raise UsageError(f"{target}: hooks.{event} is not a list", "fix the file, then retry")
+    present = [hook.get("command") for group in groups if isinstance(group, dict)
+               for hook in group.get("hooks", []) if isinstance(hook, dict)]
+    if command in present:
+        return False
+    if event == "WorktreeCreate" and present:
+        # Two create hooks would make two worktrees for one agent: the user must choose.
+        raise OwnershipConflict(f"{target} already has a WorktreeCreate hook ({present[0]!r})",
+                                f"remove it, or call `{command}` from it")
+    groups.append({"hooks": [{"type": "command", "command": command}]})
+    return True
+
+
+# -- Claude Code: create / remove ------------------------------------------------------
+
+
+def read_hook_input(stream: IO[str]) -> dict[str, Any]:
+    """The hook's JSON object from stdin, or a UsageError saying what is wrong with it."""
+    raw = stream.read(MAX_INPUT + 1)
+    if len(raw) > MAX_INPUT:
+        raise UsageError("hook input is larger than 1 MiB", "Claude Code sends a small object")
+    if not raw.strip():
+        raise UsageError("hook input is empty", "expected a JSON object on stdin")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise UsageError(f"hook input is not JSON ({exc})", "expected a JSON object") from exc
+    if not isinstance(data, dict):
+        raise UsageError("hook input is not a JSON object", 'expected {"name": ...}')
+    return data
+
+
+def worktree_name(data: dict[str, Any]) -> str:
+    """`name` (older Claude Code: `worktree_name`), checked to be one safe path segment."""
+    name = data.get("name", data.get("worktree_name"))
+    if not isinstance(name, str) or not name:
+        raise UsageError("hook input has no \"name\"", 'expected {"name": "my-feature", ...}')
+    if not NAME.fullmatch(name) or ".." in name or name.endswith((".", ".lock")):
+        raise UsageError(f"worktree name {name[:120]!r} is not allowed",
+                         "use 1-100 letters, digits, '.', '_' or '-' (no '/', '..' or spaces), "
+                         "starting with a letter or digit")
+    return name
+
+
+def claude_config(repo: Path) -> dict[str, Any]:
+    """The [claude] section of the repo's devd.toml (the daemon validates the whole file)."""
+    try:
+        with open(repo / "devd.toml", "rb") as handle:
+            section = tomllib.load(handle).get("claude", {})
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise DevdError(f"{repo / 'devd.toml'}: {exc}", "fix the file", code="config") from exc
+    return section if isinstance(section, dict) else {}
+
+
+def claude_create(stream: IO[str], environ: dict[str, str], client: Client, say: Say) -> Path:
+    """WorktreeCreate: make the worktree, start provisioning; return its absolute path."""
+    name = worktree_name(read_hook_input(stream))
+    repo = toplevel(Path(environ.get("CLAUDE_PROJECT_DIR") or os.getcwd()).absolute())
+    place = Path(str(claude_config(repo).get("worktree_dir", ".claude/worktrees")))
+    path = Path(os.path.normpath(repo / place.expanduser() / name))
+    branch = f"worktree-{name}"
+    if path.exists() or path.is_symlink():
+        raise UsageError(f"{path} already exists", "choose another name, or remove it")
+    if git(repo, "check-ref-format", "--branch", branch, check=False).returncode != 0:
+        raise UsageError(f"{branch!r} is not a valid branch name", "choose another name")
+    if git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}",
+           check=False).returncode == 0:
+        raise UsageError(f"branch {branch} already exists", "choose another name, or delete it")
+    _add_worktree(repo, path, branch)
+    say(f"created worktree {path} on branch {branch}")
+    _start_provisioning(client, path, say)
+    return path
+
+
+def _add_worktree(repo: Path, path: Path, branch: str) -> None:
+    """`git worktree add`; on failure remove the parent dirs this made (git cleans its own)."""
+    made = [p for p in reversed(path.parents) if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = git(repo, "worktree", "add", str(path), "-b", branch, check=False, stdout=2)
+    if result.returncode != 0:
+        for directory in reversed(made):
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+        raise DevdError(f"git worktree add {path} failed: {result.stderr.strip()}",
+                        "see git's message above", code="git_failed")
+
+
+def _start_provisioning(client: Client, path: Path, say: Say) -> None:
+    """Register and provision in the background; wait only for the copied files (.env,
+    .worktreeinclude), which the agent may read at once. A daemon problem never fails the
+    create: the worktree exists, and `devd provision` can finish the job."""
+    try:
+        client.call("provision", {"path": str(path), "background": True})
+        wait_until(client, path, 30.0, _files_copied)
+    except DevdError as exc:
+        say(f"warning: {path} is not provisioned yet: {exc.message}")
+        say(f"hint: run `devd provision {path}`")
+        return
+    say(f"provisioning {path} in the background (`devd wait {path}` blocks until ready)")
+
+
+def _files_copied(wt: dict[str, Any]) -> bool:
+    envfile = [r for r in wt.get("resources", []) if r.get("kind") == "envfile"]
+    return wt["state"] != "provisioning" or any(r["state"] != "pending" for r in envfile)
+
+
+def claude_remove(stream: IO[str], client: Client, say: Say) -> None:
+    """WorktreeRemove: release the worktree's resources (data kept unless configured),
+    remove it. Never raises: every problem is said on stderr and the hook exits 0."""
+    try:
+        path = _removal_target(read_hook_input(stream))
+    except DevdError as exc:
+        say(f"devd: {exc.message}")
+        return
+    _release(client, path, say)
+    _remove_worktree(path, say)
+
+
+def _removal_target(data: dict[str, Any]) -> Path:
+    raw = data.get("worktree_path")
+    if not isinstance(raw, str) or not os.path.isabs(raw):
+        raise UsageError("hook input has no absolute \"worktree_path\"")
+    return Path(raw)
+
+
+def _release(client: Client, path: Path, say: Say) -> None:
+    config_root = path if path.is_dir() else path.parent
+    try:
+        yes = bool(claude_config(config_root).get("release_data", False))
+        client.call("release", {"path": str(path), "yes": yes})
+        say(f"released devd's resources for {path}")
+    except NotRegistered:
+        say(f"{path} was not registered with devd; nothing to release")
+    except UsageError as exc:  # data-bearing resources and release_data off: keep them
+        say(f"kept {path}'s resources: {exc.message}; `devd gc` frees them after the grace")
+    except DevdError as exc:
+        say(f"devd could not release {path}: {exc.message}")
+
+
+def _remove_worktree(path: Path, say: Say) -> None:
+    if not path.is_dir():
+        say(f"{path} is already gone")
+        return
+    try:
+        common = git(path, "rev-parse", "--path-format=absolute", "--git-common-dir")
+    except DevdError as exc:
+        say(f"left {path} in place: {exc.message}")
+        return
+    # Run from the common dir: git refuses to remove the worktree it runs in, and it never
+    # removes the main worktree, so a wrong path cannot take the repository with it.
+    result = git(Path(common.stdout.strip()), "worktree", "remove", "--force", str(path),
+                 check=False)
+    say(f"removed worktree {path}" if result.returncode == 0
+        else f"git could not remove {path}: {result.stderr.strip()}")
+
+
+# -- waiting ---------------------------------------------------------------------------
+
+
+def finished(wt: dict[str, Any]) -> bool:
+    return bool(wt["state"] != "provisioning")
+
+
+def wait_until(client: Client, path: Path, timeout: float,
+               done: Callable[[dict[str, Any]], bool] = finished,
+               register_grace: float = 10.0) -> dict[str, Any]:
+    """Poll the worktree at `path` until `done`; a hook may still be registering it."""
+    start = time.monotonic()
+    while True:
+        wt = _registered(client, path)
+        if wt is not None and done(wt):
+            return wt
+        waited = time.monotonic() - start
+        if wt is None and waited > min(register_grace, timeout):
+            raise NotRegistered(f"{path} is not registered with devd",
+                                f"run `devd provision {path}`, or install the git hook")
+        if waited > timeout:
+            raise DevdError(f"{path} is still {wt['state'] if wt else 'unregistered'} after "
+                            f"{timeout:g} s", "see `devd status`", code="timeout")
+        time.sleep(POLL)
+
+
+def _registered(client: Client, path: Path) -> dict[str, Any] | None:
+    """The worktree registered at exactly `path` (not a registered worktree around it)."""
+    try:
+        found = client.call("status", {"path": str(path)})["worktrees"]
+    except NotRegistered:
+        return None
+    exact = [wt for wt in found if Path(wt["path"]) == path.resolve()]
+    return exact[0] if exact else None

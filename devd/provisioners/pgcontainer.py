@@ -1,0 +1,310 @@
+"""Container mode: one Postgres container per worktree through the Docker SDK.
+
+A named volume holds the data, labels mark devd's ownership and the worktree id, the port is
+a leased devd port published on 127.0.0.1 only. The docker package is imported lazily so a
+daemon whose repos never use container mode does not pay for it.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from devd import pgdump, pgnames, pgserver
+from devd.errors import DevdError, OwnershipConflict
+from devd.provisioners.base import Context, Health, Progress
+from devd.provisioners.ports import lease_internal
+
+if TYPE_CHECKING:
+    from docker import DockerClient
+    from docker.models.containers import Container
+
+PORT_LEASE = "_postgres"
+DATA_DIR = "/var/lib/postgresql/data"
+READY_TIMEOUT = 90.0
+SUPERUSER = DBNAME = "postgres"
+
+
+def client() -> DockerClient:
+    """A pinged client (DOCKER_HOST honoured), or an error saying how to get one."""
+    import docker
+
+    try:
+        found = docker.from_env(timeout=60)
+        found.ping()
+    except docker.errors.DockerException as exc:
+        raise DevdError(f"Docker is not reachable: {exc}",
+                        "start the Docker engine (or set DOCKER_HOST), or use [postgres] mode "
+                        "\"schema\" or \"database\" with a running server",
+                        code="docker_unavailable") from exc
+    return found
+
+
+def labels(wt_id: str) -> dict[str, str]:
+    return {pgnames.LABEL_OWNER: wt_id, pgnames.LABEL_KIND: "postgres"}
+
+
+def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
+    import docker
+
+    dk, wt_id = client(), ctx.worktree.id
+    name, port = pgnames.docker_name(wt_id), lease_internal(ctx, PORT_LEASE)
+    pgserver.remember(ctx.paths, pgserver.DOCKER)
+    try:
+        # Both names claimed before anything is made: a conflict leaves nothing behind.
+        container = _owned(dk.containers, name, wt_id)
+        if _owned(dk.volumes, name, wt_id) is None:
+            if ctx.recorded("postgres").get("volume"):
+                progress("postgres", f"volume {name} was deleted: starting with an empty one")
+            dk.volumes.create(name, labels=labels(wt_id))
+        if container is not None and _published_port(container) != port:
+            progress("postgres", f"container {name} publishes another port: recreating it "
+                     "(the data stays in its volume)")
+            container.remove(force=True)
+            container = None
+        password = _password(container) or ctx.recorded("postgres").get("password") \
+            or pgnames.new_password()
+        if container is None:
+            container = _create(dk, ctx, name, port, password, progress)
+        elif container.status != "running":
+            progress("postgres", f"starting stopped container {name}")
+            container.start()
+    except docker.errors.APIError as exc:
+        raise _api_error(exc, name, port) from exc
+    _wait_ready(container, port, password, progress)
+    return {"mode": "container", "name": name, "host": "127.0.0.1", "port": port,
+            "user": SUPERUSER, "database": DBNAME, "password": password,
+            "image": ctx.config.postgres.image, "container": name, "volume": name}
+
+
+def _owned(collection: Any, name: str, wt_id: str) -> Any:
+    """The container or volume named `name` if it carries our label; None if absent."""
+    import docker
+
+    try:
+        found = collection.get(name)
+    except docker.errors.NotFound:
+        return None
+    owner = (found.attrs.get("Config", {}).get("Labels") if hasattr(found, "status")
+             else found.attrs.get("Labels")) or {}
+    if owner.get(pgnames.LABEL_OWNER) != wt_id:
+        raise OwnershipConflict(
+            f"Docker {type(found).__name__.lower()} {name!r} exists but is not labelled as "
+            f"devd's for worktree {wt_id}",
+            "devd never touches what it did not make: remove or rename it yourself")
+    return found
+
+
+def _published_port(container: Container) -> int | None:
+    bindings = container.attrs.get("HostConfig", {}).get("PortBindings") or {}
+    for binding in bindings.get("5432/tcp") or []:
+        return int(binding.get("HostPort") or 0) or None
+    return None
+
+
+def _password(container: Container | None) -> str | None:
+    if container is None:
+        return None
+    for item in container.attrs.get("Config", {}).get("Env") or []:
+        if item.startswith("POSTGRES_PASSWORD="):
+            return str(item.split("=", 1)[1])
+    return None
+
+
+def _create(dk: DockerClient, ctx: Context, name: str, port: int, password: str,
+            progress: Progress) -> Container:
+    image = ctx.config.postgres.image
+    _ensure_image(dk, image, progress)
+    progress("postgres", f"starting container {name} from {image} on 127.0.0.1:{port}")
+    return dk.containers.run(
+        image, name=name, detach=True, labels=labels(ctx.worktree.id),
+        environment={"POSTGRES_PASSWORD": password, "POSTGRES_USER": SUPERUSER,
+                     "POSTGRES_DB": DBNAME},
+        ports={"5432/tcp": ("127.0.0.1", port)},
+        volumes={name: {"bind": DATA_DIR, "mode": "rw"}},
+        # Listen on the container's interface whatever the image's postgresql.conf says.
+        command=["postgres", "-c", "listen_addresses=*"],
+    )
+
+
+def _ensure_image(dk: DockerClient, image: str, progress: Progress) -> None:
+    import docker
+
+    try:
+        dk.images.get(image)
+        return
+    except docker.errors.ImageNotFound:
+        progress("postgres", f"pulling {image}")
+    repo, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
+    last = 0.0
+    try:
+        for event in dk.api.pull(repo, tag=tag, stream=True, decode=True):
+            if "error" in event:
+                raise DevdError(f"cannot pull {image}: {event['error']}", _PULL_HINT,
+                                code="docker_image")
+            if time.monotonic() - last > 1:
+                last = time.monotonic()
+                progress("postgres", f"pull {image}: {event.get('status', '')} "
+                         f"{event.get('progress', '')}".rstrip())
+    except docker.errors.APIError as exc:
+        raise DevdError(f"image {image} is not here and cannot be pulled: {exc.explanation}",
+                        _PULL_HINT, code="docker_image") from exc
+
+
+_PULL_HINT = "check the name and your registry access, or set [postgres] image to a local image"
+
+
+def _api_error(exc: Any, name: str, port: int) -> DevdError:
+    text = str(getattr(exc, "explanation", None) or exc)
+    if "address already in use" in text or "port is already allocated" in text:
+        return DevdError(f"container {name}: port 127.0.0.1:{port} was taken by another process",
+                         f"see `devd ports`; stop the holder of {port}, then provision again",
+                         code="docker_error")
+    return DevdError(f"Docker refused for container {name}: {text}",
+                     "see `docker logs " + name + "`", code="docker_error")
+
+
+def _wait_ready(container: Container, port: int, password: str, progress: Progress) -> None:
+    """Ready means a real query answers over the published port, not just an open port."""
+    deadline, synced = time.monotonic() + READY_TIMEOUT, False
+    progress("postgres", "waiting for the server to answer")
+    while time.monotonic() < deadline:
+        container.reload()
+        if container.status in ("exited", "dead"):
+            raise _failed(container, f"container {container.name} exited")
+        try:
+            with psycopg.connect(host="127.0.0.1", port=port, user=SUPERUSER, password=password,
+                                 dbname=DBNAME, connect_timeout=3) as conn:
+                conn.execute("SELECT 1")
+            return
+        except psycopg.OperationalError as exc:
+            if "password authentication failed" in str(exc) and not synced:
+                # A container recreated over an existing volume keeps the old password.
+                _exec(container, ["psql", "-U", SUPERUSER, "-d", DBNAME, "-c",
+                                  f"ALTER ROLE {SUPERUSER} PASSWORD '{password}'"])
+                synced = True
+        time.sleep(0.05)
+    raise _failed(container, f"container {container.name} not ready after {READY_TIMEOUT:.0f} s")
+
+
+def _failed(container: Container, message: str) -> DevdError:
+    logs = container.logs(tail=15).decode(errors="replace").strip()
+    return DevdError(f"{message}; last log lines:\n{logs}",
+                     f"see `docker logs {container.name}`", code="docker_error")
+
+
+def _exec(container: Container, argv: list[str]) -> str:
+    code, output = container.exec_run(argv, user="postgres")
+    text = output.decode(errors="replace") if output else ""
+    if code != 0:
+        raise DevdError(f"{' '.join(argv[:1])} in {container.name} failed: {text.strip()}",
+                        f"see `docker logs {container.name}`", code="docker_error")
+    return text
+
+
+def check(ctx: Context, detail: dict[str, Any]) -> Health:
+    state = container_state(detail.get("container", ""))
+    if state == "running":
+        return Health(True, "", {"state": state})
+    return Health(False, f"container {detail.get('container')} is {state} "
+                  "(`devd provision` starts or recreates it)", {"state": state})
+
+
+def container_state(name: str) -> str:
+    """running, stopped, missing, or unknown when Docker does not answer."""
+    import docker
+    import requests
+
+    try:
+        found = docker.from_env(timeout=5).containers.get(name)
+    except docker.errors.NotFound:
+        return "missing"
+    except (docker.errors.DockerException, requests.RequestException):
+        return "unknown"
+    return "running" if found.status == "running" else "stopped"
+
+
+def teardown(ctx: Context, detail: dict[str, Any]) -> None:
+    import docker
+
+    dk, wt_id, name = client(), ctx.worktree.id, detail["container"]
+    container, volume = _owned(dk.containers, name, wt_id), _owned(dk.volumes, name, wt_id)
+    if ctx.backup and volume is not None:
+        _backup(ctx, dk, container, detail)
+    try:
+        if container is not None:
+            container.remove(force=True, v=True)
+        if volume is not None:
+            volume.remove()
+    except docker.errors.APIError as exc:
+        raise _api_error(exc, name, int(detail.get("port", 0))) from exc
+    ctx.registry.release_leases(wt_id, {PORT_LEASE})
+    pgdump.prune(ctx.paths)
+
+
+def _backup(ctx: Context, dk: DockerClient, container: Container | None,
+            detail: dict[str, Any]) -> None:
+    """pg_dump inside the container (its own client matches its server's version)."""
+    if container is None:
+        # The volume outlived its container: bring the data up once more to dump it.
+        container = _create(dk, ctx, detail["container"], int(detail["port"]),
+                            detail["password"], lambda *a, **k: None)
+    elif container.status != "running":
+        container.start()
+    _wait_ready(container, int(detail["port"]), detail["password"], lambda *a, **k: None)
+    target = pgdump.new_dump_path(ctx.paths, ctx.worktree.id)
+    exec_id = dk.api.exec_create(container.id, ["pg_dump", "-Fc", "-U", SUPERUSER, DBNAME],
+                                 user="postgres")["Id"]
+    errors = []
+    with open(target, "wb") as out:
+        for stdout, stderr in dk.api.exec_start(exec_id, stream=True, demux=True):
+            if stdout:
+                out.write(stdout)
+            if stderr:
+                errors.append(stderr.decode(errors="replace"))
+    if dk.api.exec_inspect(exec_id)["ExitCode"] != 0:
+        target.unlink(missing_ok=True)
+        raise DevdError(f"pg_dump in {container.name} failed: {''.join(errors).strip()}; "
+                        "nothing was dropped", "fix the cause, or pass --no-backup",
+                        code="backup_failed")
+    ctx.outputs.setdefault("dumps", []).append(str(pgdump.verify(target)))
+
+
+def restore(ctx: Context, detail: dict[str, Any], dump: Path) -> None:
+    """Copy the dump into the container and pg_restore it there."""
+    container = _owned(client().containers, detail["container"], ctx.worktree.id)
+    if container is None or container.status != "running":
+        raise DevdError(f"container {detail['container']} is not running",
+                        "run `devd provision` first", code="docker_error")
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        info = tarfile.TarInfo("devd-restore.dump")
+        info.size, info.mode = dump.stat().st_size, 0o644
+        with open(dump, "rb") as source:
+            tar.addfile(info, source)
+    container.put_archive("/tmp", archive.getvalue())
+    _exec(container, ["pg_restore", "-U", SUPERUSER, "-d", DBNAME, "--clean", "--if-exists",
+                      "--no-owner", "--exit-on-error", "/tmp/devd-restore.dump"])
+
+
+def orphans(known_ids: set[str]) -> list[dict[str, str]]:
+    """Containers and volumes labelled as devd's whose worktree the registry no longer has."""
+    import docker
+    import requests
+
+    try:
+        dk = docker.from_env(timeout=5)
+        found = [("container", c.name, c.labels) for c in
+                 dk.containers.list(all=True, filters={"label": pgnames.LABEL_OWNER})]
+        found += [("volume", v.name, v.attrs.get("Labels") or {}) for v in
+                  dk.volumes.list(filters={"label": pgnames.LABEL_OWNER})]
+    except (docker.errors.DockerException, requests.RequestException):
+        return []
+    return [{"kind": kind, "name": name, "worktree_id": owner, "where": "docker"}
+            for kind, name, tags in found
+            if (owner := tags.get(pgnames.LABEL_OWNER, "")) not in known_ids]

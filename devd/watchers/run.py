@@ -1,0 +1,55 @@
+"""`devd run` with the watcher budget: preflight warning, then the scanned exec."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import Any
+
+from devd.client import Client
+from devd.errors import DevdError
+from devd.watchers import tee
+from devd.watchers.analysis import one_line
+from devd.watchers.linux import read_limits, read_link
+from devd.watchers.signatures import Signature
+
+
+def run(client: Client, path: str, argv: list[str], env: dict[str, str]) -> int:
+    """Warn if the watch budget looks short, record the run, exec with output scanning."""
+    if shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
+        print(f"devd: error: cannot run {one_line(argv[0])}: command not found or not "
+              "executable", file=sys.stderr)
+        return 127
+    warn_if_short(client, path)
+    # exec keeps our pid, so the process the daemon records is the command itself.
+    client.call("run_started", {"path": path, "pid": os.getpid()})
+    pid = os.getpid()
+
+    def report(signature: Signature, line: str) -> None:
+        params = {"path": path, "pid": pid, "signature": signature.name,
+                  "budget": signature.budget, "line": line, "argv": argv}
+        try:
+            Client(client.paths, autostart=False).call("run_event", params)
+        except (DevdError, OSError):
+            return  # no daemon to tell: the output itself already showed the line
+
+    return tee.exec_scanned(argv, env, report) or 127
+
+
+def warn_if_short(client: Client, path: str) -> dict[str, Any] | None:
+    """Ask the daemon for a fresh pass and this worktree's estimated need; print its warning.
+    Our own limit and user namespace go along: in a container they are not the daemon's."""
+    max_watches = read_limits()[0] if sys.platform.startswith("linux") else None
+    params = {"path": path, "max_watches": max_watches,
+              "userns": read_link("/proc/self/ns/user")}
+    try:
+        result: dict[str, Any] = client.call("watchers_preflight", params)
+    except DevdError as exc:
+        if exc.code in ("protocol", "watchers_unavailable"):
+            return None  # an older daemon, or one without the monitor: run anyway
+        raise
+    if result.get("warning"):
+        for line in str(result["warning"]).splitlines():
+            print(f"devd: warning: {one_line(line, 300)}", file=sys.stderr)
+    return result

@@ -1,0 +1,76 @@
+"""Shared by the Postgres and container-mode tests: a real server, skip-or-fail, helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import Devd, Repo
+
+IMAGE = os.environ.get("DEVD_TEST_POSTGRES_IMAGE", "postgres:16-alpine")
+TEST_LABEL = "devd.test"
+
+
+def unavailable(reason: str) -> None:
+    """Skip locally; on CI (DEVD_REQUIRE_INTEGRATION=1) a missing engine or server fails."""
+    if os.environ.get("DEVD_REQUIRE_INTEGRATION") == "1":
+        pytest.fail(f"{reason} (DEVD_REQUIRE_INTEGRATION=1: integration tests must run)")
+    pytest.skip(reason)
+
+
+def docker_client() -> Any:
+    import docker
+
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means "no engine here"
+        unavailable(f"Docker engine not reachable: {exc}")
+    return client
+
+
+def start_server() -> Iterator[str]:
+    """A Postgres admin URL: DEVD_TEST_DATABASE_URL, else a testcontainers PostgresContainer."""
+    url = os.environ.get("DEVD_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    docker_client()
+    os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+    os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
+    try:
+        from testcontainers.community.postgres import PostgresContainer
+    except ImportError:  # testcontainers before the community split
+        from testcontainers.postgres import PostgresContainer
+
+    container = PostgresContainer(IMAGE, username="postgres", password="devd-test-pw",
+                                  dbname="postgres", driver=None)
+    container.with_kwargs(labels={TEST_LABEL: "postgres-server"})
+    try:
+        container.start()
+    except Exception as exc:  # noqa: BLE001 - image missing, engine refusing: all unavailable
+        container.stop()
+        unavailable(f"cannot start {IMAGE} with testcontainers: {exc}")
+    try:
+        yield container.get_connection_url()
+    finally:
+        container.stop()
+
+
+def env_of(devd: Devd, tree: Path) -> dict[str, str]:
+    return json.loads(devd.run("env", str(tree), "--format", "json").stdout)
+
+
+def query(url: str, text: str, *args: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        cur = conn.execute(text, args or None)
+        return cur.fetchall() if cur.description else []
+
+
+def with_postgres(repo: Repo, body: str) -> None:
+    repo.commit({"devd.toml": '[ports]\nnames = ["web"]\n\n[postgres]\n' + body})

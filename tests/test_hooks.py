@@ -1,0 +1,254 @@
+"""Hooks with real git, a real daemon and the Claude Code contract run as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Devd, Repo, run_git, wait_for
+
+ZEROS = "0" * 40
+
+
+@pytest.fixture
+def shim(tmp_path: Path, devd_home: Devd) -> dict[str, str]:
+    """devd_home.env with a `devd` on PATH that runs this checkout: what the hooks call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "devd"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m devd "$@"\n')
+    script.chmod(0o755)
+    return {**devd_home.env, "PATH": f"{bin_dir}:{devd_home.env['PATH']}"}
+
+
+def git(cwd: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(cwd), *args], env=env, capture_output=True,
+                          text=True, timeout=60, check=True)
+
+
+def hook_of(repo: Repo) -> Path:
+    return repo.main / ".git" / "hooks" / "post-checkout"
+
+
+# -- git ---------------------------------------------------------------------------
+
+
+def test_git_worktree_add_is_provisioned_and_removal_noticed(devd: Devd, repo: Repo,
+                                                              shim: dict[str, str]) -> None:
+    assert "wrote" in devd.run("hook", "install", "--git", str(repo.main)).stdout
+    path = repo.main.parent / "feat"
+    git(repo.main, "worktree", "add", "-q", "-b", "feat", str(path), env=shim)
+    waited = json.loads(devd.run("wait", str(path), "--json", "--timeout", "120").stdout)
+    assert waited["state"] == "ready" and waited["path"] == str(path.resolve())
+    assert set(waited["ports"]) == {"web", "api"}
+    assert "PORT_WEB=" in (path / ".env").read_text()
+    git(repo.main, "worktree", "remove", str(path), env=shim)
+    wait_for(lambda: devd.worktree(path.resolve())["state"] == "gone", timeout=30,
+             what="the daemon to notice the removal")
+
+
+def test_hook_is_fast_and_never_fails_git(devd_home: Devd, repo: Repo, shim: dict[str, str],
+                                          tmp_path: Path) -> None:
+    devd_home.run("hook", "install", "--git", str(repo.main))
+    hook = hook_of(repo)
+    no_devd = {**shim, "PATH": "/usr/bin:/bin"}
+    assert subprocess.run(["sh", "-c", "command -v devd"], env=no_devd).returncode != 0
+    timings = {}
+    for label, env in (("daemon down", shim), ("devd not on PATH", no_devd)):
+        start = time.perf_counter()
+        result = subprocess.run([str(hook), ZEROS, "abc", "1"], cwd=repo.main, env=env,
+                                capture_output=True, timeout=30)
+        timings[label] = time.perf_counter() - start
+        assert result.returncode == 0 and result.stdout == b"" and result.stderr == b""
+    print("\npost-checkout hook wall time: "
+          + ", ".join(f"{k}: {v * 1000:.1f} ms" for k, v in timings.items()))
+    # Neither a daemon that is down nor a missing devd fails or blocks git.
+    for env in (shim, no_devd):
+        name = f"wt-{len(list(tmp_path.iterdir()))}"
+        git(repo.main, "worktree", "add", "-q", "--detach", str(tmp_path / name), env=env)
+    assert not devd_home.paths.socket.exists(), "DEVD_NO_AUTOSTART=1 must keep it down"
+
+
+def test_hook_runs_only_for_a_new_worktree(devd: Devd, repo: Repo,
+                                           shim: dict[str, str]) -> None:
+    devd.run("hook", "install", "--git", str(repo.main))
+    git(repo.main, "checkout", "-q", "-b", "other", env=shim)  # previous HEAD is not zeros
+    time.sleep(1.0)  # give a (wrongly) started provision time to register
+    assert devd.status()["worktrees"] == []
+
+
+def test_existing_hook_is_chained_never_overwritten(devd: Devd, repo: Repo,
+                                                    shim: dict[str, str]) -> None:
+    hook = hook_of(repo)
+    mine = "#!/bin/bash\necho \"$1\" >> \"$(git rev-parse --git-common-dir)/mine.log\"\nexit 0\n"
+    hook.write_text(mine)
+    hook.chmod(0o750)
+    assert "added devd" in devd.run("hook", "install", "--git", str(repo.main)).stdout
+    text = hook.read_text()
+    assert text.startswith("#!/bin/bash\n# >>> devd:") and text.endswith(mine.split("\n", 1)[1])
+    assert hook.stat().st_mode & 0o777 == 0o750
+    assert "already runs devd" in devd.run("hook", "install", "--git", str(repo.main)).stdout
+    assert hook.read_text() == text
+    path = repo.main.parent / "chained"
+    git(repo.main, "worktree", "add", "-q", "-b", "chained", str(path), env=shim)
+    assert (repo.main / ".git" / "mine.log").read_text() == f"{ZEROS}\n"
+    assert json.loads(devd.run("wait", str(path), "--json").stdout)["state"] == "ready"
+
+
+def test_non_shell_hook_is_refused_untouched(devd_home: Devd, repo: Repo) -> None:
+    hook = hook_of(repo)
+    hook.write_text("#!/usr/bin/env python3\nprint('mine')\n")
+    hook.chmod(0o755)
+    result = devd_home.run("hook", "install", "--git", str(repo.main), check=False)
+    assert result.returncode == 1 and "python3 script" in result.stderr
+    assert hook.read_text() == "#!/usr/bin/env python3\nprint('mine')\n"
+
+
+def test_core_hooks_path_is_honoured(devd_home: Devd, repo: Repo) -> None:
+    run_git(repo.main, "config", "core.hooksPath", ".githooks")
+    devd_home.run("hook", "install", "--git", str(repo.main))
+    assert os.access(repo.main / ".githooks" / "post-checkout", os.X_OK)
+    assert not hook_of(repo).exists()
+
+
+# -- Claude Code ---------------------------------------------------------------------------
+
+
+def claude(devd_home: Devd, hook: str, payload: str, project: Path, cwd: Path,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return devd_home.run("hook", hook, check=False, input=payload, cwd=cwd,
+                         env={"CLAUDE_PROJECT_DIR": str(project), **(env or {})})
+
+
+def test_claude_create_and_remove(devd: Devd, make_repo, tmp_path: Path) -> None:
+    repo = make_repo(devd_toml='[ports]\nnames = ["web"]\n')
+    repo.commit({".worktreeinclude": "secrets.json\n", ".gitignore": ".env\nsecrets.json\n"})
+    (repo.main / "secrets.json").write_text('{"token": "t"}')
+    payload = json.dumps({"session_id": "s1", "transcript_path": "/x", "cwd": str(repo.main),
+                          "hook_event_name": "WorktreeCreate", "name": "feat-x",
+                          "something_new": {"ignored": True}})
+    result = claude(devd, "claude-create", payload, repo.main, cwd=tmp_path)
+    path = repo.main / ".claude" / "worktrees" / "feat-x"
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{path}\n"
+    # Files the agent may read at once are there when the hook returns.
+    assert (path / "secrets.json").read_text() == '{"token": "t"}'
+    assert run_git(path, "branch", "--show-current").strip() == "worktree-feat-x"
+    assert json.loads(devd.run("wait", str(path), "--json").stdout)["state"] == "ready"
+    removal = json.dumps({"hook_event_name": "WorktreeRemove", "worktree_path": str(path)})
+    result = claude(devd, "claude-remove", removal, repo.main, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout == ""
+    assert "released" in result.stderr and not path.exists()
+    assert all(w["path"] != str(path) for w in devd.status()["worktrees"])
+
+
+def test_claude_create_honours_worktree_dir(devd: Devd, make_repo, tmp_path: Path) -> None:
+    repo = make_repo(devd_toml='[claude]\nworktree_dir = "../agents"\n')
+    result = claude(devd, "claude-create", '{"name": "a1"}', repo.main, cwd=tmp_path)
+    path = repo.main.parent / "agents" / "a1"
+    assert result.returncode == 0 and result.stdout == f"{path}\n", result.stderr
+    assert json.loads(devd.run("wait", str(path), "--json").stdout)["state"] == "ready"
+
+
+BAD_INPUT = ["", "not json", "[1]", "{}", '{"name": ""}', '{"name": 3}', '{"name": "a/b"}',
+             '{"name": ".."}', '{"name": "a..b"}', '{"name": "has space"}',
+             json.dumps({"name": "x" * 300}), '{"name": "-rf"}', '{"name": "x.lock"}']
+
+
+@pytest.mark.parametrize("payload", BAD_INPUT)
+def test_claude_create_rejects_bad_input_without_side_effects(devd_home: Devd, repo: Repo,
+                                                              payload: str) -> None:
+    before = run_git(repo.main, "worktree", "list"), run_git(repo.main, "branch")
+    result = claude(devd_home, "claude-create", payload, repo.main, cwd=repo.main)
+    assert result.returncode == 2 and result.stdout == "" and "devd: error:" in result.stderr
+    assert not (repo.main / ".claude").exists()
+    assert (run_git(repo.main, "worktree", "list"), run_git(repo.main, "branch")) == before
+
+
+def test_claude_create_refusals(devd_home: Devd, repo: Repo, tmp_path: Path) -> None:
+    not_git = tmp_path / "plain"
+    not_git.mkdir()
+    result = claude(devd_home, "claude-create", '{"name": "a"}', not_git, cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == "" and "git" in result.stderr
+    taken = repo.main / ".claude" / "worktrees" / "taken"
+    taken.mkdir(parents=True)
+    (taken / "keep.txt").write_text("mine")
+    result = claude(devd_home, "claude-create", '{"name": "taken"}', repo.main, cwd=tmp_path)
+    assert result.returncode == 2 and "already exists" in result.stderr
+    assert (taken / "keep.txt").read_text() == "mine"
+
+
+def test_claude_create_without_daemon_still_creates(devd_home: Devd, repo: Repo,
+                                                     tmp_path: Path) -> None:
+    """DEVD_NO_AUTOSTART and no daemon: the agent still gets its worktree, with a warning."""
+    result = claude(devd_home, "claude-create", '{"worktree_name": "old-style"}', repo.main,
+                    cwd=tmp_path)
+    path = repo.main / ".claude" / "worktrees" / "old-style"
+    assert result.returncode == 0 and result.stdout == f"{path}\n"
+    assert "not provisioned yet" in result.stderr and path.is_dir()
+
+
+@pytest.mark.parametrize("payload", ["", "garbage", '{"worktree_path": "relative/path"}',
+                                     '{"worktree_path": "/nonexistent/devd-test"}', "{}"])
+def test_claude_remove_always_exits_zero(devd_home: Devd, repo: Repo, payload: str) -> None:
+    result = claude(devd_home, "claude-remove", payload, repo.main, cwd=repo.main)
+    assert result.returncode == 0 and result.stdout == ""
+    assert result.stderr  # says what it did or why it did nothing
+
+
+def test_claude_remove_with_daemon_down_still_removes(devd_home: Devd, repo: Repo) -> None:
+    path = repo.worktree("doomed", "doomed")
+    payload = json.dumps({"worktree_path": str(path)})
+    result = claude(devd_home, "claude-remove", payload, repo.main, cwd=repo.main)
+    assert result.returncode == 0 and not path.exists()
+    assert "could not release" in result.stderr
+
+
+def test_install_claude_merges_settings(devd_home: Devd, repo: Repo) -> None:
+    target = repo.main / ".claude" / "settings.json"
+    target.parent.mkdir()
+    mine = {"permissions": {"allow": ["Bash(ls)"]}, "model": "x",
+            "hooks": {"PreToolUse": [{"matcher": "Bash", "hooks": [
+                {"type": "command", "command": "echo hi"}]}],
+                "WorktreeRemove": [{"hooks": [{"type": "command", "command": "my-cleanup"}]}]}}
+    target.write_text(json.dumps(mine))
+    devd_home.run("hook", "install", "--claude", str(repo.main))
+    merged = json.loads(target.read_text())
+    assert merged["permissions"] == mine["permissions"] and merged["model"] == "x"
+    assert merged["hooks"]["PreToolUse"] == mine["hooks"]["PreToolUse"]
+    assert merged["hooks"]["WorktreeCreate"] == [
+        {"hooks": [{"type": "command", "command": "devd hook claude-create"}]}]
+    assert [g["hooks"][0]["command"] for g in merged["hooks"]["WorktreeRemove"]] == [
+        "my-cleanup", "devd hook claude-remove"]
+    text = target.read_text()
+    assert "already calls devd" in devd_home.run("hook", "install", "--claude",
+                                                 str(repo.main)).stdout
+    assert target.read_text() == text
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"hooks": {"WorktreeCreate": [
+    {"hooks": [{"type": "command", "command": "wt-create"}]}]}})])
+def test_install_claude_refuses_to_clobber(devd_home: Devd, repo: Repo, content: str) -> None:
+    target = repo.main / ".claude" / "settings.json"
+    target.parent.mkdir()
+    target.write_text(content)
+    result = devd_home.run("hook", "install", "--claude", str(repo.main), check=False)
+    assert result.returncode in (1, 2) and result.stderr
+    assert target.read_text() == content
+
+
+def test_hook_install_needs_a_choice(devd_home: Devd, repo: Repo) -> None:
+    result = devd_home.run("hook", "install", str(repo.main), check=False)
+    assert result.returncode == 2 and "--git --claude" in result.stderr
+
+
+def test_wait_for_an_unregistered_worktree_fails(devd: Devd, repo: Repo) -> None:
+    path = repo.worktree("never", "never")
+    result = devd.run("wait", str(path), "--timeout", "1", check=False)
+    assert result.returncode == 1 and "not registered" in result.stderr

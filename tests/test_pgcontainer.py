@@ -1,0 +1,100 @@
+"""Container mode against a real Docker engine: one Postgres container per worktree."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import Devd, Repo, run_git
+from pgsupport import IMAGE, docker_client, env_of, query, with_postgres
+
+from devd import naming, pgnames
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture
+def dk(devd: Devd) -> Iterator[Any]:
+    """The engine; afterwards every container and volume this test's worktrees got is removed."""
+    client = docker_client()
+    yield client
+    mine = {w["id"] for w in devd.status()["worktrees"]}
+    label = {"label": pgnames.LABEL_OWNER}
+    for container in client.containers.list(all=True, filters=label):
+        if container.labels.get(pgnames.LABEL_OWNER) in mine:
+            container.remove(force=True, v=True)
+    for volume in client.volumes.list(filters=label):
+        if (volume.attrs.get("Labels") or {}).get(pgnames.LABEL_OWNER) in mine:
+            volume.remove(force=True)
+
+
+def docker_name(repo: Repo, tree: Path) -> str:
+    return pgnames.docker_name(naming.worktree_id(repo.main, tree))
+
+
+def test_container_mode_isolates_survives_stop_and_removal_and_gc_dumps(
+        devd: Devd, repo: Repo, dk: Any) -> None:
+    with_postgres(repo, f'mode = "container"\nimage = "{IMAGE}"\n')
+    a, b = repo.worktree("shop-ca", "ca"), repo.worktree("shop-cb", "cb")
+    for tree in (a, b):
+        devd.run("provision", str(tree), timeout=180)
+    env_a, env_b = env_of(devd, a), env_of(devd, b)
+    assert env_a["PGHOST"] == "127.0.0.1" and env_a["PGPORT"] != env_b["PGPORT"]
+    query(env_a["DATABASE_URL"], "CREATE TABLE t (v text)")
+    query(env_a["DATABASE_URL"], "INSERT INTO t VALUES ('from-a')")
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        query(env_b["DATABASE_URL"], "SELECT * FROM t")
+    container = dk.containers.get(docker_name(repo, a))
+    bindings = container.attrs["HostConfig"]["PortBindings"]["5432/tcp"]
+    assert bindings == [{"HostIp": "127.0.0.1", "HostPort": env_a["PGPORT"]}]
+    assert container.labels[pgnames.LABEL_OWNER] == naming.worktree_id(repo.main, a)
+    assert devd.worktree(a)["postgres"]["state"] == "running"
+    # Stopped: status says so, provision starts it again with the data intact.
+    container.stop(timeout=10)
+    assert devd.worktree(a)["postgres"]["state"] == "stopped"
+    devd.run("provision", str(a), timeout=180)
+    assert query(env_a["DATABASE_URL"], "SELECT v FROM t") == [("from-a",)]
+    # Removed by hand: recreated over the same volume, same port and password.
+    dk.containers.get(docker_name(repo, a)).remove(force=True)
+    assert devd.worktree(a)["postgres"]["state"] == "missing"
+    devd.run("provision", str(a), timeout=180)
+    assert env_of(devd, a) == env_a
+    assert query(env_a["DATABASE_URL"], "SELECT v FROM t") == [("from-a",)]
+    # git worktree remove + gc: a dump is kept, container and volume are gone.
+    run_git(repo.main, "worktree", "remove", "--force", str(a))
+    result = devd.json("gc", "--grace", "0")
+    [released] = [w for w in result["worktrees"] if w["path"] == str(a)]
+    assert released["released"], released
+    dump = Path(released["dumps"][0])
+    assert dump.stat().st_size > 0
+    assert not dk.containers.list(all=True, filters={"name": docker_name(repo, a)})
+    assert not dk.volumes.list(filters={"name": docker_name(repo, a)})
+    assert query(env_b["DATABASE_URL"], "SELECT 1") == [(1,)]
+    # The dump restores into a fresh container for the same path.
+    run_git(repo.main, "worktree", "add", "-q", str(a), "ca")
+    devd.run("provision", str(a), timeout=180)
+    devd.run("restore", str(a), "--dump", str(dump), timeout=120)
+    assert query(env_of(devd, a)["DATABASE_URL"], "SELECT v FROM t") == [("from-a",)]
+
+
+def test_unlabelled_container_is_a_conflict_and_missing_image_is_clear(
+        devd: Devd, repo: Repo, dk: Any) -> None:
+    with_postgres(repo, f'mode = "container"\nimage = "{IMAGE}"\n')
+    tree = repo.worktree("shop-cc", "cc")
+    squatter = dk.containers.create(IMAGE, name=docker_name(repo, tree),
+                                    labels={"devd.test": "squatter"})
+    try:
+        failed = devd.run("provision", str(tree), check=False, timeout=120)
+        assert failed.returncode == 1 and "ownership_conflict" in failed.stderr
+        squatter.reload()
+        assert squatter.status == "created"  # untouched
+    finally:
+        squatter.remove(force=True, v=True)
+    (tree / "devd.toml").write_text('[postgres]\nmode = "container"\n'
+                                    'image = "devd-test.invalid/no-such-image:1"\n')
+    failed = devd.run("provision", str(tree), check=False, timeout=180)
+    assert failed.returncode == 1 and "no-such-image" in failed.stderr
+    assert "cannot be pulled" in failed.stderr or "cannot pull" in failed.stderr
