@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc, EXIT_ERROR)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `devd status | head`: the reader left. Silence the flush at exit, as shell tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _fail(exc: DevdError, code: int) -> int:

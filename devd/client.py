@@ -78,9 +78,11 @@ def start_daemon(paths: Paths) -> None:
 
     ensure_private_dir(paths.state_dir)
     with open(paths.daemon_log, "ab") as log:
+        # GIT_* from a hook's environment must not follow the daemon into every repo it serves.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
         proc = subprocess.Popen(
             [sys.executable, "-m", "devd", "daemon"], stdin=subprocess.DEVNULL, stdout=log,
-            stderr=log, start_new_session=True, close_fds=True,
+            stderr=log, start_new_session=True, close_fds=True, env=env,
         )
     deadline = time.monotonic() + AUTOSTART_TIMEOUT
     while time.monotonic() < deadline:

@@ -102,8 +102,15 @@ def _branch_of(git_dir: Path) -> str | None:
     return None
 
 
+def clean_env() -> dict[str, str]:
+    """The environment without GIT_* variables: a daemon started from a git hook inherits
+    GIT_DIR and friends, which would point every later git command at that one repo."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    return env | {"GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+
+
 def _run(cwd: Path, *args: str) -> tuple[int, str, str]:
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+    env = clean_env()
     try:
         result = subprocess.run(
             ["git", "-C", str(cwd), *args], capture_output=True, timeout=GIT_TIMEOUT,
@@ -115,6 +122,11 @@ def _run(cwd: Path, *args: str) -> tuple[int, str, str]:
         raise DevdError(f"git {args[0]} in {cwd} timed out", "check the repository") from exc
     out = result.stdout.decode(errors="surrogateescape")
     return result.returncode, out.strip(), result.stderr.decode(errors="replace").strip()
+
+
+def run(cwd: Path, *args: str) -> str:
+    """Run `git -C cwd ARGS...`; a failure means cwd is not a usable worktree."""
+    return _git(cwd, *args)
 
 
 def _git(cwd: Path, *args: str) -> str:

@@ -188,3 +188,28 @@ def test_long_devd_home_falls_back_to_a_short_socket_path(tmp_path, devd_home: D
         assert devd_home.json("status")["worktrees"] == []
     finally:
         assert devd_home.stop() == 0
+
+
+def test_output_into_a_closed_pipe_is_quiet(devd: Devd, repo) -> None:
+    for name in ("a", "b", "c"):
+        devd.run("provision", str(repo.worktree(f"shop-{name}", name)))
+    shell = f'"{sys.executable}" -m devd status | head -c 1 >/dev/null; echo "${{PIPESTATUS[0]}}"'
+    result = subprocess.run(["bash", "-c", shell], env=devd.env, capture_output=True, text=True,
+                            timeout=60)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+    assert result.stdout.strip() in ("0", "141")
+
+
+def test_daemon_autostarted_from_a_git_hook_ignores_its_git_variables(devd_home: Devd,
+                                                                       repo) -> None:
+    tree = repo.worktree("shop-a", "a")
+    # What a post-checkout hook inherits: GIT_DIR of the repo that ran it.
+    env = {"DEVD_NO_AUTOSTART": "0", "GIT_DIR": str(repo.main / ".git"),
+           "GIT_WORK_TREE": str(repo.main)}
+    try:
+        devd_home.run("provision", str(tree), env=env)
+        assert devd_home.worktree(tree)["branch"] == "a"
+    finally:
+        pid = devd_home.json("status")["daemon"]["pid"]
+        os.kill(pid, 15)
+        wait_for(lambda: not devd_home.paths.socket.exists(), what="daemon to stop")

@@ -9,12 +9,11 @@ import contextlib
 import hashlib
 import os
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from devd import dotenv
+from devd import dotenv, git
 from devd.errors import OwnershipConflict
 from devd.provisioners.base import Context, Health, Progress, Provisioner
 
@@ -70,9 +69,8 @@ def files_to_copy(ctx: Context) -> list[str]:
 def _included(main: Path) -> list[str]:
     """Untracked files matching .worktreeinclude that git also ignores (never tracked ones)."""
     def ls(*args: str) -> set[str]:
-        out = subprocess.run(["git", "-C", str(main), "ls-files", "-z", "--others", "--ignored",
-                              *args], capture_output=True, timeout=30, check=False).stdout
-        return {p for p in out.decode(errors="surrogateescape").split("\0") if p}
+        out = git.run(main, "ls-files", "-z", "--others", "--ignored", *args)
+        return {p for p in out.split("\0") if p}
     return sorted(ls(f"--exclude-from={main / INCLUDE_FILE}") & ls("--exclude-standard"))
 
 
