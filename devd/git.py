@@ -124,6 +124,11 @@ def _run(cwd: Path, *args: str) -> tuple[int, str, str]:
     return result.returncode, out.strip(), result.stderr.decode(errors="replace").strip()
 
 
+def is_ignored(worktree: Path, relpath: str) -> bool:
+    """True if git ignores the path in that worktree."""
+    return _run(worktree, "check-ignore", "-q", "--", relpath)[0] == 0
+
+
 def run(cwd: Path, *args: str) -> str:
     """Run `git -C cwd ARGS...`; a failure means cwd is not a usable worktree."""
     return _git(cwd, *args)

@@ -436,3 +436,12 @@ def test_a_provision_cut_short_by_a_dead_daemon_is_reported_and_finished(devd: D
     assert envfile["state"] == "failed" and "interrupted" in envfile["detail"]
     devd.run("provision", str(tree))
     assert devd.worktree(tree)["state"] == "ready"
+
+
+def test_an_env_file_git_does_not_ignore_is_flagged(devd: Devd, make_repo) -> None:
+    bare = make_repo("noignore")
+    bare.commit({".gitignore": "node_modules/\n"})
+    tree = bare.worktree("noignore-a", "a")
+    devd.run("provision", str(tree))
+    envfile = [r for r in devd.worktree(tree)["resources"] if r["kind"] == "envfile"][0]
+    assert ".env is not in .gitignore" in envfile["detail"]

@@ -38,13 +38,17 @@ class EnvFileProvisioner(Provisioner):
                     copies[rel] = record
         target = wt / ctx.config.env.file
         created = write_block(target, ctx.env)
-        return {"file": str(target), "created": created, "copies": copies}
+        ignored = git.is_ignored(wt, ctx.config.env.file)
+        return {"file": str(target), "created": created, "copies": copies, "ignored": ignored}
 
     def check(self, ctx: Context, detail: dict[str, Any]) -> Health:
         drifted = [rel for rel, record in detail.get("copies", {}).items()
                    if has_drifted(ctx.worktree.repo_main_path / rel, record)]
-        message = f"main worktree's copy changed: {', '.join(drifted)}" if drifted else ""
-        return Health(True, message, {"drift": drifted})
+        notes = [f"main worktree's copy changed: {', '.join(drifted)}"] if drifted else []
+        if detail.get("ignored") is False:
+            # An untracked .env makes the worktree dirty: `git worktree remove` then refuses.
+            notes.append(f"{Path(detail['file']).name} is not in .gitignore: add it there")
+        return Health(True, "; ".join(notes), {"drift": drifted})
 
     def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
         target = Path(detail.get("file", ctx.worktree.path / ctx.config.env.file))
