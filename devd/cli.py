@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = command("provision", "register a worktree and ensure all its resources", True)
     cmd.add_argument("path", nargs="?", default=".")
     cmd.add_argument("--background", action="store_true", help="return at once; work goes on")
+    cmd.add_argument("--wait", action="store_true", help="with --background: return when the "
+                     "background provision ends (exit 1 if it failed); else a no-op")
     cmd.add_argument("--fix-deps", action="store_true",
                      help="replace a symlinked node_modules/.venv with the worktree's own tree")
     cmd = command("release", "tear down what devd made for a worktree", True)
@@ -150,11 +152,18 @@ def cmd_provision(client: Client, args: argparse.Namespace) -> int:
     result = client.call("provision", {"path": _abspath(args.path),
                                        "background": args.background,
                                        "fix_deps": args.fix_deps}, _progress)
+    if args.background and args.wait:
+        from pathlib import Path
+
+        from devd import hooks
+
+        # The work stays in the daemon: a hook killed while waiting leaves it running.
+        result = hooks.wait_until(client, Path(result["path"]), 600.0)  # as `devd wait`
     if args.json:
         _print_json(result)
     else:
         print(render_worktree(result))
-    return EXIT_OK
+    return EXIT_ERROR if result["state"] == "failed" else EXIT_OK
 
 
 def cmd_release(client: Client, args: argparse.Namespace) -> int:

@@ -158,17 +158,22 @@ class JobRunner:
 
     def busy(self, key: str) -> bool:
         """Whether a job holds this worktree's lock now (read-only probe for status)."""
-        try:
-            fd = os.open(self.lock_path(key), os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
+        return locked(self.lock_path(key))
+
+
+def locked(lock_file: Path) -> bool:
+    """Whether some job holds the flock on `lock_file` now."""
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def tail(path: Path, lines: int = TAIL_LINES) -> str:

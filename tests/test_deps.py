@@ -100,13 +100,12 @@ def test_npm_and_pip_install_per_worktree_and_stale_after_lock_change(
     repo: Repo = make_repo(devd_toml=None)
     repo.commit(project(locks, python="iniconfig", deps_toml='python = "pip"\n'))
     wt = repo.worktree("shop-a", "feat/a")
-    for path in (repo.main, wt):
-        result = provision(ddevd, path)
-        assert "deps: node: ready (npm, install" in result.stderr
-    for path in (repo.main, wt):
-        assert_real_tree(path / "node_modules")
-        subprocess.run(["node", "-e", "require('is-odd')"], cwd=path, check=True)
-        subprocess.run([path / ".venv/bin/python", "-c", "import iniconfig"], check=True)
+    result = provision(ddevd, wt)
+    assert "deps: node: ready (npm, install" in result.stderr
+    assert_real_tree(wt / "node_modules")
+    subprocess.run(["node", "-e", "require('is-odd')"], cwd=wt, check=True)
+    subprocess.run([wt / ".venv/bin/python", "-c", "import iniconfig"], check=True)
+    assert not (repo.main / "node_modules").exists() and not (repo.main / ".venv").exists()
     deps = deps_of(ddevd, wt)
     assert deps["node"]["tool"] == "npm" and deps["node"]["state"] == "ready"
     assert deps["node"]["strategy"] == "install" and deps["node"]["seconds"] > 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ from typing import Any
 
 from devd import naming, reflink
 from devd.errors import DevdError
-from devd.jobs import Job, JobRunner, JobStopped, tail
+from devd.jobs import Job, JobRunner, JobStopped, locked, tail
 from devd.provisioners import deps_state
 from devd.provisioners.base import Context, Health, Progress, Provisioner
 from devd.provisioners.deps_detect import INSTALL_MARKERS, Plan, detect, find_tool, lock_hash, trap
@@ -73,6 +74,8 @@ class DepsProvisioner(Provisioner):
             deps_state.keep_only(base, wt_id, {p.key for p in plans})
         if plans and not all(_up_to_date(ctx, p) for p in plans):
             self._install_all(ctx, plans, progress)
+        elif plans:
+            progress("deps", f"{', '.join(p.key for p in plans)}: up to date")
         records = deps_state.load(base, wt_id)
         return {"deps": {k: {f: r.get(f) for f in ("tool", "strategy", "seconds")}
                          for k, r in records.items()}}
@@ -250,6 +253,8 @@ class Install:
                 or lock_hash(root, plan.inputs) != digest):
             return None
         main_id = naming.worktree_id(main, main)
+        if locked(deps_state.state_dir(self.ctx.paths.state_dir) / f"{main_id}.lock"):
+            return None  # main's tree is being installed right now: not a source to clone
         for record in deps_state.load(self.ctx.paths.state_dir, main_id).values():
             if (record.get("dir"), record.get("tool")) == (plan.dir, plan.tool) and \
                     record.get("state") == "ready" and record.get("lock_hash") == digest:
@@ -359,7 +364,25 @@ def _npm_total(plan: Plan) -> int | None:
     if not isinstance(packages, dict):
         return None
     return sum(1 for name, meta in packages.items()
-               if name and isinstance(meta, dict) and not meta.get("link"))
+               if name and isinstance(meta, dict) and not meta.get("link") and _fits(meta))
+
+
+_NODE_OS = {"linux": "linux", "darwin": "darwin", "win32": "win32"}.get(sys.platform, sys.platform)
+_NODE_CPU = {"x86_64": "x64", "amd64": "x64", "aarch64": "arm64"}.get(
+    platform.machine().lower(), platform.machine().lower())
+
+
+def _fits(meta: dict[str, Any]) -> bool:
+    """Whether npm installs this entry here: platform packages (esbuild's, rollup's) of other
+    systems are skipped, so they must not count towards the total."""
+    for field, here in (("os", _NODE_OS), ("cpu", _NODE_CPU)):
+        allowed = meta.get(field)
+        if not isinstance(allowed, list) or not allowed:
+            continue
+        if f"!{here}" in allowed or (not all(a.startswith("!") for a in allowed)
+                                      and here not in allowed):
+            return False
+    return True
 
 
 def _yarn_classic(root: Path) -> bool:
