@@ -63,12 +63,21 @@ class Client:
 
 
 def connect(paths: Paths) -> socket.socket:
+    """Connect, and make sure the daemon answering is ours: in a shared /tmp anyone could
+    have made the directory and put a socket of their own there."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(paths.socket))
+        server = protocol.peer_uid(sock)
     except OSError:
         sock.close()
         raise
+    if server is not None and server != os.getuid():
+        sock.close()
+        raise DaemonUnreachable(
+            f"{paths.socket} is served by uid {server}, not by you (uid {os.getuid()})",
+            f"remove {paths.runtime_dir} if you trust nothing in it, or set XDG_RUNTIME_DIR",
+        )
     return sock
 
 
@@ -80,9 +89,11 @@ def start_daemon(paths: Paths) -> None:
     with open(paths.daemon_log, "ab") as log:
         # GIT_* from a hook's environment must not follow the daemon into every repo it serves.
         env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+        # -P and cwd="/": `-m` would otherwise put the caller's directory (say, a worktree
+        # holding a file named sqlite3.py) first on the daemon's import path, for life.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "devd", "daemon"], stdin=subprocess.DEVNULL, stdout=log,
-            stderr=log, start_new_session=True, close_fds=True, env=env,
+            [sys.executable, "-P", "-m", "devd", "daemon"], stdin=subprocess.DEVNULL,
+            stdout=log, stderr=log, start_new_session=True, close_fds=True, env=env, cwd="/",
         )
     deadline = time.monotonic() + AUTOSTART_TIMEOUT
     while time.monotonic() < deadline:

@@ -9,7 +9,6 @@ import os
 import selectors
 import signal
 import socket
-import struct
 import sys
 import threading
 import traceback
@@ -49,30 +48,30 @@ class Daemon:
 
     def run(self) -> None:
         self._take_lock()
-        registry = Registry(self.paths.registry)
-        if interrupted := registry.mark_interrupted():
-            log.warning("%d provision(s) were interrupted by the last stop", interrupted)
-        service = Service(self.settings, self.paths, registry)
-        watcher = RepoWatcher(service, self.settings.reconcile_interval)
-        service.on_register = watcher.nudge
-        budget = WatcherMonitor(registry, self.settings)
-        service.watchers = budget
-        try:
+        # Each part is stopped only if it was started, in reverse order, whatever fails.
+        with contextlib.ExitStack() as running:
+            registry = Registry(self.paths.registry)
+            running.callback(registry.close)
+            if interrupted := registry.mark_interrupted():
+                log.warning("%d provision(s) were interrupted by the last stop", interrupted)
+            service = Service(self.settings, self.paths, registry)
+            running.callback(service.join_background, timeout=5.0)
+            watcher = RepoWatcher(service, self.settings.reconcile_interval)
+            service.on_register = watcher.nudge
+            budget = WatcherMonitor(registry, self.settings)
+            service.watchers = budget
             self._listener = self._adopt() or self._bind()
+            running.callback(self._unbind)
             self._install_signals()
             watcher.start()
+            running.callback(watcher.stop)
             budget.start()
+            running.callback(budget.stop)
+            running.callback(self._notifier.notify, "STOPPING=1", "STATUS=stopping")
+            running.callback(log.info, "devd daemon stopping")
             log.info("devd daemon pid %d listening on %s", os.getpid(), self.paths.socket)
             self._notifier.notify("READY=1", f"STATUS=serving on {self.paths.socket}")
             self._serve(service)
-        finally:
-            log.info("devd daemon stopping")
-            self._notifier.notify("STOPPING=1", "STATUS=stopping")
-            watcher.stop()
-            budget.stop()
-            self._unbind()
-            service.join_background(timeout=5.0)
-            registry.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -200,7 +199,7 @@ class Connection:
                     "hint": "this is a devd bug; the daemon log has the traceback"}})
 
     def _check_peer(self) -> None:
-        uid = peer_uid(self.sock)
+        uid = protocol.peer_uid(self.sock)
         if uid is not None and uid != os.getuid():
             log.warning("refused a connection from uid %d", uid)
             raise ProtocolError(f"uid {uid} may not use this daemon (owner uid {os.getuid()})",
@@ -229,18 +228,6 @@ class Connection:
             self.sock.sendall(protocol.encode(message))
         except OSError:
             self._alive = False
-
-
-def peer_uid(sock: socket.socket) -> int | None:
-    """The connecting process's uid: SO_PEERCRED on Linux, LOCAL_PEERCRED on macOS/BSD."""
-    if hasattr(socket, "SO_PEERCRED"):
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return int(struct.unpack("3i", creds)[1])
-    if sys.platform == "darwin":
-        sol_local, local_peercred = 0, 1  # <sys/un.h>; struct xucred starts (version, uid)
-        creds = sock.getsockopt(sol_local, local_peercred, struct.calcsize("IIh16I"))
-        return int(struct.unpack_from("II", creds)[1])
-    return None
 
 
 def main(paths: Paths | None = None) -> int:

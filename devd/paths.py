@@ -6,6 +6,7 @@ Kept free of pydantic so the CLI can find the socket without the daemon's import
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -75,18 +76,19 @@ class Paths(NamedTuple):
             state_dir=Path(platformdirs.user_state_dir(APP)),
             cache_dir=Path(platformdirs.user_cache_dir(APP)),
             data_dir=Path(platformdirs.user_data_dir(APP)),
-            runtime_dir=_short_enough(_runtime_base(env) / APP, key="default"),
+            runtime_dir=_short_enough(_runtime_dir(env), key="default"),
         )
 
 
-def _runtime_base(env: dict[str, str] | os._Environ[str]) -> Path:
-    """The per-user runtime dir, without platformdirs' warning when XDG_RUNTIME_DIR is unset."""
+def _runtime_dir(env: dict[str, str] | os._Environ[str]) -> Path:
+    """The per-user runtime dir, without platformdirs' warning when XDG_RUNTIME_DIR is unset.
+    The /tmp fallback is a single level, so the one ownership check covers all of it."""
     xdg = env.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
-        return Path(xdg)
+        return Path(xdg) / APP
     if sys.platform == "darwin":
         # launchd gives each user a private temp dir; the socket belongs there.
-        return Path(os.environ.get("TMPDIR", "/tmp"))
+        return Path(os.environ.get("TMPDIR", "/tmp")) / APP
     return Path(_tempdir()) / f"devd-{os.getuid()}"
 
 
@@ -107,7 +109,18 @@ def _tempdir() -> str:
 
 
 def ensure_private_dir(path: Path) -> None:
-    """Create a directory readable by its owner only (0700), tightening an existing one."""
+    """Create a directory readable by its owner only (0700), tightening an existing one.
+    Refuses one that is a symlink or belongs to someone else (e.g. planted in /tmp)."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.stat().st_mode & 0o077:
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
+        from devd.errors import DevdError
+
+        what = "a symlink" if stat.S_ISLNK(info.st_mode) else f"owned by uid {info.st_uid}"
+        raise DevdError(
+            f"{path} is {what}, not a private directory of yours",
+            "remove it if you did not make it, or set XDG_RUNTIME_DIR / DEVD_HOME elsewhere",
+            code="unsafe_path",
+        )
+    if info.st_mode & 0o077:
         path.chmod(0o700)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
+import sys
 from typing import Any
 
 from devd.errors import ProtocolError
@@ -77,3 +79,15 @@ class LineReader:
                     raise ProtocolError("connection closed in the middle of a message")
                 raise ProtocolError("connection closed before a message arrived")
             self._buffer += chunk
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end: SO_PEERCRED on Linux, LOCAL_PEERCRED on macOS."""
+    if hasattr(socket, "SO_PEERCRED"):
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", creds)[1])
+    if sys.platform == "darwin":
+        sol_local, local_peercred = 0, 1  # <sys/un.h>; struct xucred starts (version, uid)
+        creds = sock.getsockopt(sol_local, local_peercred, struct.calcsize("IIh16I"))
+        return int(struct.unpack_from("II", creds)[1])
+    return None

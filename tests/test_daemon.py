@@ -213,3 +213,57 @@ def test_daemon_autostarted_from_a_git_hook_ignores_its_git_variables(devd_home:
         pid = devd_home.json("status")["daemon"]["pid"]
         os.kill(pid, 15)
         wait_for(lambda: not devd_home.paths.socket.exists(), what="daemon to stop")
+
+
+def test_autostarted_daemon_does_not_import_from_the_callers_directory(devd_home: Devd,
+                                                                        tmp_path) -> None:
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    (trap / "sqlite3.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').close()\n"
+                                     "raise ImportError('shadowed')\n")
+    try:
+        devd_home.run("status", "--json", cwd=trap, env={"DEVD_NO_AUTOSTART": "0"})
+        assert not (tmp_path / "pwned").exists()
+    finally:
+        pid = int(devd_home.paths.lock_file.read_text())
+        os.kill(pid, 15)
+        wait_for(lambda: not devd_home.paths.socket.exists(), what="daemon to stop")
+
+
+def test_a_runtime_dir_owned_by_someone_else_is_refused(devd_home: Devd) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to make a directory owned by another uid")
+    planted = devd_home.paths.runtime_dir
+    planted.mkdir(parents=True, mode=0o777)
+    os.chown(planted, 65534, 65534)  # what another local user could leave in a shared /tmp
+    result = devd_home.run("daemon", check=False, timeout=30)
+    assert result.returncode == 1 and "owned by uid 65534" in result.stderr
+    assert "remove it" in result.stderr
+
+
+def test_client_refuses_a_socket_served_by_another_uid(devd_home: Devd) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to serve a socket as another uid")
+    home = Path(tempfile.mkdtemp(prefix="devd-imp-"))
+    home.chmod(0o755)
+    devd_home.env["DEVD_HOME"] = str(home)
+    run_dir = devd_home.paths.runtime_dir
+    run_dir.mkdir(parents=True)
+    run_dir.chmod(0o777)
+    # An impostor, running as `nobody`, answering every request with a poisoned environment.
+    impostor = subprocess.Popen([sys.executable, "-c", (
+        "import os, socket, sys\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(); print('up', flush=True)\n"
+        "c, _ = s.accept(); c.recv(65536)\n"
+        "c.sendall(b'{\"ok\": true, \"result\": {\"env\": {\"PATH\": \"/evil\"}}}\\n'); c.close()\n"
+    ), str(devd_home.paths.socket)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert impostor.stdout is not None and impostor.stdout.readline().strip() == "up"
+        result = devd_home.run("env", check=False)
+        assert result.returncode == 3 and "served by uid 65534" in result.stderr
+        assert "/evil" not in result.stdout
+    finally:
+        impostor.kill()
+        impostor.wait()
+        shutil.rmtree(home)
