@@ -109,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](client, args)
     except DaemonUnreachable as exc:
-        return _fail(exc, EXIT_UNREACHABLE)
+        return _fail(exc, EXIT_UNREACHABLE, args)
     except UsageError as exc:
-        return _fail(exc, EXIT_USAGE)
+        return _fail(exc, EXIT_USAGE, args)
     except DevdError as exc:
-        return _fail(exc, EXIT_ERROR)
+        return _fail(exc, EXIT_ERROR, args)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         return 141
 
 
-def _fail(exc: DevdError, code: int) -> int:
+def _fail(exc: DevdError, code: int, args: argparse.Namespace) -> int:
+    if getattr(args, "json", False):  # scripts get the error where they read the result
+        print(json.dumps({"ok": False, "error": exc.to_dict()}, ensure_ascii=False))
     print(f"devd: error: {safe(exc.message)}", file=sys.stderr)
     if exc.hint:
         print(f"hint: {safe(exc.hint)}", file=sys.stderr)

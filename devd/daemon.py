@@ -195,7 +195,9 @@ class Connection:
             except Exception as exc:  # a bug must not kill the daemon; log it and say so
                 log.error("internal error: %s", traceback.format_exc())
                 self._send({"ok": False, "error": {
-                    "code": "internal", "message": f"internal error: {exc!r}",
+                    "code": "internal",
+                    # The type and a short message only: a repr can carry file contents.
+                    "message": f"internal error: {type(exc).__name__}: {str(exc)[:200]}",
                     "hint": "this is a devd bug; the daemon log has the traceback"}})
 
     def _check_peer(self) -> None:

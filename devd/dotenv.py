@@ -8,11 +8,13 @@ _BARE = re.compile(r"^[A-Za-z0-9_./:@,+=-]*$")
 
 
 def quote(value: str) -> str:
-    """A value that dotenv parsers (python-dotenv, Node's dotenv, compose) read back as is."""
+    """A value that dotenv parsers (python-dotenv, Node's dotenv, compose) read back as is:
+    bare when safe, else single quotes (literal everywhere), else escaped double quotes."""
     if _BARE.match(value):
         return value
-    escaped = (value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
-               .replace("`", "\\`").replace("\n", "\\n"))
+    if "'" not in value and "\n" not in value:
+        return f"'{value}'"
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{escaped}"'
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from devd import __version__, git, naming, processes
-from devd.errors import DevdError, NotRegistered, ProvisionFailed, UsageError
+from devd.errors import DevdError, NotRegistered, ProtocolError, ProvisionFailed, UsageError
 from devd.paths import Paths
 from devd.provisioners import Context, Progress, Provisioner, default_provisioners, deps, postgres
 from devd.registry import Registry, Resource, Worktree
@@ -72,9 +72,11 @@ class Service:
 
     def do_provision(self, progress: Progress, path: str, background: bool = False,
                      fix_deps: bool = False) -> dict[str, Any]:
-        info = git.resolve(Path(path))
+        info = git.resolve(Path(_text(path, "path")))
+        wt_id = naming.worktree_id(info.main_path, info.path)
+        self._check_path_free(info.path, wt_id)
         wt = self.registry.register(
-            naming.worktree_id(info.main_path, info.path), info.path, info.branch,
+            wt_id, info.path, info.branch,
             info.common_dir, info.main_path, naming.repo_name(info.main_path),
         )
         self.on_register()
@@ -133,6 +135,14 @@ class Service:
         if wt.state == "gone":
             raise NotRegistered(f"worktree {wt.path} is gone",
                                 "recreate it and run `devd provision`")
+        ports = next((r for r in self.registry.resources(wt.id) if r.kind == "ports"), None)
+        if ports is None or ports.state != "ready":
+            # Without PORT a dev server falls back to 3000: the collision devd exists to stop.
+            why = f"ports are {ports.state}: {ports.detail.get('error', '')}" if ports \
+                else "it has no ports yet"
+            raise DevdError(f"worktree {wt.path} is not ready ({why.rstrip(': ')})",
+                            "wait for it (`devd wait`), or fix the cause and run "
+                            f"`devd provision {wt.path}`", code="not_ready")
         return {"worktree": str(wt.path), "env": self.environment(wt)}
 
     def do_ports(self, progress: Progress) -> list[dict[str, Any]]:
@@ -192,7 +202,9 @@ class Service:
         """Ensure every resource of a worktree, one provision per worktree at a time."""
         with self._lock(wt_id):
             wt = self.registry.worktree(wt_id)
-            assert wt is not None
+            if wt is None:
+                raise NotRegistered(f"worktree {wt_id} was released while this provision "
+                                    "waited", "provision it again if you still want it")
             self.registry.set_state(wt_id, "provisioning")
             try:
                 ctx = self.context(wt)
@@ -236,12 +248,13 @@ class Service:
     def release(self, wt: Worktree, progress: Progress, *, yes: bool, backup: bool = True,
                 force: bool = False) -> dict[str, Any]:
         """Tear down every resource; returns what teardowns report (e.g. dump paths)."""
-        recorded = self.registry.resources(wt.id)
-        data = [r.kind for r in recorded if self._holds_data(r.kind)]
-        if data and not yes:
-            raise UsageError(f"{wt.path} has data-bearing resources: {', '.join(data)}",
-                             "pass --yes to release them (devd keeps a dump where it can)")
         with self._lock(wt.id):
+            # Read under the lock: a provision in flight may still be adding resources.
+            recorded = self.registry.resources(wt.id)
+            data = [r.kind for r in recorded if self._holds_data(r.kind)]
+            if data and not yes:
+                raise UsageError(f"{wt.path} has data-bearing resources: {', '.join(data)}",
+                                 "pass --yes to release them (devd keeps a dump where it can)")
             ctx = self.context(wt, strict=False)
             ctx.backup, ctx.force = backup, force
             failures, hints = [], []
@@ -252,7 +265,8 @@ class Service:
                     if provisioner:
                         provisioner.teardown(ctx, resource.detail)
                     self.registry.drop_resource(wt.id, resource.kind)
-                except (DevdError, OSError) as exc:
+                except Exception as exc:  # recorded and reported; the other teardowns go on
+                    log.exception("teardown of %s for %s failed", resource.kind, wt.id)
                     failures.append(f"{resource.kind}: {exc}")
                     hints.append(getattr(exc, "hint", ""))
             if failures:
@@ -263,6 +277,18 @@ class Service:
                                 code="release_failed")
             self.registry.forget(wt.id)
         return ctx.outputs
+
+    def _check_path_free(self, path: Path, wt_id: str) -> None:
+        """A path registered under another id: the old worktree (another repo, or a moved
+        main repo) must be released first, or its leftovers would never be found again."""
+        old = self.registry.worktree_at(path)
+        if old is not None and old.id != wt_id:
+            raise DevdError(
+                f"{path} is still registered for a worktree of {old.repo_main_path} "
+                f"({old.id}, {old.state})",
+                f"run `devd release {path}` (or `devd gc --grace 0` once it is gone) first",
+                code="path_conflict",
+            )
 
     def _holds_data(self, kind: str) -> bool:
         provisioner = self._by_kind.get(kind)
@@ -343,11 +369,11 @@ class Service:
 
     def find(self, path: str | None) -> Worktree:
         """The registered worktree containing `path` (deepest wins: worktrees can nest)."""
-        target = Path(path or ".").absolute()
+        target = Path(_text(path or ".", "path")).absolute()
         candidates = self.registry.worktrees()
         for probe in (target, target.resolve()):
             match = processes.deepest_containing(str(probe), candidates)
-            if match:
+            if match and not _nested_checkout_between(match.path, probe):
                 return match
         info = git.resolve(target)
         raise NotRegistered(f"worktree {info.path} is not registered with devd",
@@ -405,3 +431,22 @@ class Service:
     def join_background(self, timeout: float) -> None:
         for thread in self._background:
             thread.join(timeout)
+
+
+def _text(value: Any, name: str) -> str:
+    """A string parameter from the wire; anything else is the client's mistake, not a bug."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ProtocolError(f"parameter {name!r} must be a non-empty string",
+                            "see docs/protocol.md")
+    return value
+
+
+def _nested_checkout_between(root: Path, probe: Path) -> bool:
+    """True if `probe` sits in another checkout nested inside `root` (say an unregistered
+    .claude/worktrees/x inside the main worktree): a .git entry between them marks it."""
+    for directory in [probe, *probe.parents]:
+        if directory == root:
+            return False
+        if os.path.lexists(directory / ".git"):
+            return True
+    return False

@@ -18,6 +18,9 @@ from devd.paths import Paths
 
 REPO_CONFIG = "devd.toml"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Variables a cache mapping must not override: devd's contract and what every process needs.
+_RESERVED = {"PATH", "HOME", "USER", "SHELL", "TMPDIR", "PWD", "PORT", "DATABASE_URL"}
+_RESERVED_PREFIXES = ("DEVD_", "PORT_", "PG", "LD_", "PYTHON", "NODE_OPTIONS")
 _PORT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 
 
@@ -130,6 +133,9 @@ class CacheConfig(_Section):
         for name in names:
             if not _ENV_NAME.match(name):
                 raise ValueError(f"{name!r} is not a valid environment variable name")
+            if name in _RESERVED or name.startswith(_RESERVED_PREFIXES):
+                raise ValueError(f"{name!r} is devd's own or the system's; pick a tool's "
+                                 "cache variable such as TURBO_CACHE_DIR")
         return names
 
 

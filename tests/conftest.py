@@ -143,13 +143,30 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
 
 
 @pytest.fixture
-def devd_home(tmp_path: Path) -> Devd:
+def devd_home(tmp_path: Path) -> Iterator[Devd]:
     home = tmp_path / "devd-home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEVD_")}
     env.update({"DEVD_HOME": str(home), "DEVD_NO_AUTOSTART": "1",
                 "DEVD_RECONCILE_INTERVAL": "1", "PYTHONPATH": str(ROOT)})
-    return Devd(home, env)
+    devd = Devd(home, env)
+    yield devd
+    _kill_daemons_of(devd)
+
+
+def _kill_daemons_of(devd: Devd) -> None:
+    """No daemon outlives its test: a late autostarted one may win the lock after the test
+    stopped the first (tests may also point DEVD_HOME elsewhere)."""
+    import psutil
+
+    homes = {str(devd.home), devd.env["DEVD_HOME"]}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "daemon" in (proc.info["cmdline"] or []) and \
+                    proc.environ().get("DEVD_HOME") in homes:
+                proc.kill()
+        except psutil.Error:
+            continue
 
 
 @pytest.fixture

@@ -113,9 +113,8 @@ def test_other_uid_is_refused(devd_home: Devd) -> None:
         devd_home.paths.runtime_dir.chmod(0o755)
         devd_home.paths.socket.chmod(0o777)
         code = (
-            "import os, socket; os.setgid(65534); os.setuid(65534);"
-            f"s = socket.socket(socket.AF_UNIX); s.connect({str(devd_home.paths.socket)!r});"
-            "import contextlib\n"
+            "import contextlib, json, os, socket; os.setgid(65534); os.setuid(65534);"
+            f"s = socket.socket(socket.AF_UNIX); s.connect({str(devd_home.paths.socket)!r})\n"
             "with contextlib.suppress(BrokenPipeError):  # refused before we finish sending\n"
             " s.sendall(b'{\"v\": 1, \"method\": \"status\", \"params\": {}}\\n')\n"
             "print(s.recv(65536).decode())"
@@ -254,7 +253,8 @@ def test_client_refuses_a_socket_served_by_another_uid(devd_home: Devd) -> None:
     impostor = subprocess.Popen([sys.executable, "-c", (
         "import os, socket, sys\n"
         "os.setgid(65534); os.setuid(65534)\n"
-        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(); print('up', flush=True)\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen()\n"
+        "print('up', flush=True)\n"
         "c, _ = s.accept(); c.recv(65536)\n"
         "c.sendall(b'{\"ok\": true, \"result\": {\"env\": {\"PATH\": \"/evil\"}}}\\n'); c.close()\n"
     ), str(devd_home.paths.socket)], stdout=subprocess.PIPE, text=True)

@@ -65,7 +65,7 @@ def test_env_contract_in_every_format(devd: Devd, repo: Repo) -> None:
                             capture_output=True, text=True, check=True).stdout
     assert echoed == str(tree)
     dotenv = devd.run("env", str(tree), "--format", "dotenv").stdout
-    assert f'DEVD_WORKTREE="{tree}"' in dotenv
+    assert f"DEVD_WORKTREE='{tree}'" in dotenv
     # from inside the worktree, no path argument
     inside = json.loads(devd.run("env", "--format", "json", cwd=tree / ".").stdout)
     assert inside == env

@@ -329,4 +329,4 @@ def test_direnv_nested_worktree_never_gets_its_parents_ports(
     run_git(repo.main, "worktree", "add", "-q", "-b", "worktree-x", str(nested))
     env, stderr = direnv_env(nested, direnv)
     assert "PORT" not in env and "DEVD_WORKTREE" not in env
-    assert "not provisioned" in stderr
+    assert "not provisioned" in stderr and "devd provision" in stderr

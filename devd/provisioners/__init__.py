@@ -9,9 +9,10 @@ from devd.provisioners.postgres import PostgresProvisioner
 
 
 def default_provisioners() -> list[Provisioner]:
-    """In provisioning order; the env file comes last because it writes everyone's variables."""
-    return [PortsProvisioner(), DirsProvisioner(), PostgresProvisioner(), DepsProvisioner(),
-            EnvFileProvisioner()]
+    """In provisioning order. The env file follows everything that exports variables; deps
+    export none and can take minutes, so they come after it and the .env is ready at once."""
+    return [PortsProvisioner(), DirsProvisioner(), PostgresProvisioner(), EnvFileProvisioner(),
+            DepsProvisioner()]
 
 
 __all__ = ["Context", "Health", "Progress", "Provisioner", "default_provisioners"]

@@ -152,8 +152,11 @@ class Install:
         self.label = plan.key if plan.dir == "." else f"{plan.key} ({plan.dir})"
 
     def record(self, **fields: Any) -> dict[str, Any]:
-        return deps_state.update(self.ctx.paths.state_dir, self.ctx.worktree.id, self.plan.key,
-                                 **fields)
+        """Update this tree's record; what it is and where always goes with any state."""
+        plan = self.plan
+        return deps_state.update(self.ctx.paths.state_dir, self.ctx.worktree.id, plan.key,
+                                 eco=plan.eco, dir=plan.dir, tool=plan.tool, mode=plan.mode,
+                                 inputs=list(plan.inputs), log=str(self.job.log_path), **fields)
 
     def run(self) -> None:
         plan = self.plan
@@ -163,8 +166,7 @@ class Install:
             raise self._fail(f"{self.label}: {plan.tool} is not installed (needed for "
                              f"{plan.root / plan.inputs[0]})", _install_hint(plan.tool))
         digest = lock_hash(plan.root, plan.inputs)
-        self.record(eco=plan.eco, dir=plan.dir, tool=plan.tool, mode=plan.mode, state="installing",
-                    inputs=list(plan.inputs), log=str(self.job.log_path), error=None)
+        self.record(state="installing", error=None)
         start = time.monotonic()
         try:
             strategy, saved = self._strategy(digest)
@@ -186,8 +188,7 @@ class Install:
         plan, wt = self.plan, self.ctx.worktree.path
         problem = trap(plan.tree, wt)
         if problem and not self.ctx.options.get("fix_deps"):
-            self.record(eco=plan.eco, dir=plan.dir, tool=plan.tool, state="symlinked",
-                        error=problem, inputs=list(plan.inputs))
+            self.record(state="symlinked", error=problem)
             raise DevdError(f"{self.label}: {problem}; devd never installs through it",
                             "run `devd provision --fix-deps` to replace it with the "
                             "worktree's own tree", code="deps_symlinked")

@@ -32,11 +32,11 @@ class EnvFileProvisioner(Provisioner):
         copies: dict[str, Any] = dict(ctx.recorded(self.kind).get("copies", {}))
         if wt != main:
             for rel in files_to_copy(ctx):
-                record = copy_if_missing(main / rel, wt / rel)
+                record = copy_if_missing(main / rel, inside(wt, rel))
                 if record:
                     progress("envfile", f"copied {rel} from the main worktree")
                     copies[rel] = record
-        target = wt / ctx.config.env.file
+        target = inside(wt, ctx.config.env.file)
         created = write_block(target, ctx.env)
         ignored = git.is_ignored(wt, ctx.config.env.file)
         return {"file": str(target), "created": created, "copies": copies, "ignored": ignored}
@@ -54,7 +54,9 @@ class EnvFileProvisioner(Provisioner):
         target = Path(detail.get("file", ctx.worktree.path / ctx.config.env.file))
         if target.is_symlink() or not target.is_file():
             return
-        remaining = _BLOCK.sub("", target.read_text(encoding="utf-8"))
+        inside(ctx.worktree.path, str(target.relative_to(ctx.worktree.path)))
+        text = target.read_text(encoding="utf-8", errors="surrogateescape")
+        remaining = _BLOCK.sub("", _check_block(target, text))
         if detail.get("created") and not remaining.strip():
             target.unlink()
         else:
@@ -76,6 +78,18 @@ def _included(main: Path) -> list[str]:
         out = git.run(main, "ls-files", "-z", "--others", "--ignored", *args)
         return {p for p in out.split("\0") if p}
     return sorted(ls(f"--exclude-from={main / INCLUDE_FILE}") & ls("--exclude-standard"))
+
+
+def inside(root: Path, rel: str) -> Path:
+    """root/rel, refusing a path that a symlinked directory leads out of root."""
+    path = root / rel
+    real_root = root.resolve()
+    if path.parent.resolve() != real_root and real_root not in path.parent.resolve().parents:
+        raise OwnershipConflict(
+            f"{path} leads outside {root} through a symlinked directory",
+            "devd writes only inside the worktree: replace the symlink with a real directory",
+        )
+    return path
 
 
 def copy_if_missing(source: Path, target: Path) -> dict[str, Any] | None:
@@ -121,6 +135,7 @@ def write_block(target: Path, env: dict[str, str]) -> bool:
         )
     created = not target.exists()
     text = "" if created else target.read_text(encoding="utf-8", errors="surrogateescape")
+    _check_block(target, text)
     block = render_block(env)
     if _BLOCK.search(text):
         new = _BLOCK.sub(lambda _: block, text, count=1)
@@ -129,6 +144,18 @@ def write_block(target: Path, env: dict[str, str]) -> bool:
     if new != text:
         _write_atomic(target, new)
     return created
+
+
+def _check_block(target: Path, text: str) -> str:
+    """A begin marker without its end (a hand edit gone wrong) would make the next rewrite
+    swallow the user's lines up to some later marker: refuse instead."""
+    if text.count(BEGIN) != text.count(END) or text.count(BEGIN) > 1:
+        raise OwnershipConflict(
+            f"devd's block in {target} is damaged (its begin and end markers do not pair up)",
+            f"restore the line {END!r} after devd's variables, or delete the block; "
+            "then provision again",
+        )
+    return text
 
 
 def render_block(env: dict[str, str]) -> str:
