@@ -26,6 +26,7 @@ from devd.settings import (
 from devd.watchers import api as watchers_api
 
 log = logging.getLogger("devd")
+ORPHAN_SCAN_MAX_AGE = 30.0  # seconds
 
 
 def _quiet(phase: str, message: str, **extra: Any) -> None:
@@ -46,6 +47,7 @@ class Service:
         self._locks_guard = threading.Lock()
         self._background: list[threading.Thread] = []
         self._configs: dict[tuple[Any, ...], RepoConfig] = {}
+        self._orphans: tuple[float, list[dict[str, str]]] | None = None
         # Set by the daemon: wakes the reconcile loop so a new repo gets its watch at once.
         self.on_register: Callable[[], None] = lambda: None
         # Set by the daemon: the watcher-budget monitor (devd/watchers/monitor.py).
@@ -67,7 +69,7 @@ class Service:
             "daemon": {"pid": os.getpid(), "version": __version__,
                        "socket": str(self.paths.socket)},
             "worktrees": [self.describe(wt, resources.get(wt.id, [])) for wt in chosen],
-            "orphans": self.orphans(),
+            "orphans": self.orphans(max_age=ORPHAN_SCAN_MAX_AGE),
         })
 
     def do_provision(self, progress: Progress, path: str, background: bool = False,
@@ -101,9 +103,15 @@ class Service:
             progress("postgres", "restoring")
             return postgres.restore(ctx, ctx.recorded("postgres"), dump)
 
-    def orphans(self) -> list[dict[str, str]]:
-        """Objects carrying devd's marker that no registered worktree owns."""
-        return postgres.orphans(self.paths, {wt.id for wt in self.registry.worktrees()})
+    def orphans(self, max_age: float = 0.0) -> list[dict[str, str]]:
+        """Objects carrying devd's marker that no registered worktree owns. Status accepts a
+        scan up to `max_age` seconds old: it connects to servers, and one that is down costs
+        its timeout, which a prompt calling `devd status` must not pay every time."""
+        known = {wt.id for wt in self.registry.worktrees()}
+        now = time.monotonic()
+        if self._orphans is None or now - self._orphans[0] > max_age:
+            self._orphans = (now, postgres.orphans(self.paths, known))
+        return [found for found in self._orphans[1] if found["worktree_id"] not in known]
 
     def do_gc(self, progress: Progress, grace: str | None = None, dry_run: bool = False,
               no_backup: bool = False) -> dict[str, Any]:
