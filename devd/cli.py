@@ -25,7 +25,16 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
             "/Applications/Chromium.app/Contents/MacOS/Chromium")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Discard:
+    """Stands in for the subparsers a call does not use: building all of them costs more
+    than the rest of `devd status` put together."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: self
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI, or with `only`, just that command's subparser."""
     parser = argparse.ArgumentParser(
         prog="devd", description="One isolated environment per git worktree: ports, caches, "
         "browser profile and .env, kept by a user daemon.")
@@ -33,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str, json_flag: bool = False) -> argparse.ArgumentParser:
+        if only is not None and name != only:
+            return _Discard()  # type: ignore[return-value]
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         if json_flag:
             cmd.add_argument("--json", action="store_true", help="machine-readable output")
@@ -99,7 +110,9 @@ def _hook_parser(cmd: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    only = argv[0] if argv and (argv[0] in COMMANDS or argv[0] == "daemon") else None
+    args = build_parser(only).parse_args(argv)
     paths = Paths.resolve()
     if args.command == "daemon":
         from devd.daemon import main as daemon_main
