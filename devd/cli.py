@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         from devd.daemon import main as daemon_main
 
         return daemon_main(paths)
-    client = Client(paths, autostart=os.environ.get("DEVD_NO_AUTOSTART", "") in ("", "0"))
+    client = Client(paths, autostart=os.environ.get("DEVD_NO_AUTOSTART", "") in ("", "0"),
+                    on_autostart=_starting)
     try:
         return COMMANDS[args.command](client, args)
     except DaemonUnreachable as exc:
@@ -133,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         # `devd status | head`: the reader left. Silence the flush at exit, as shell tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def _starting(paths: Paths) -> None:
+    print(f"devd: no daemon running; starting one (log: {paths.daemon_log})", file=sys.stderr,
+          flush=True)
 
 
 def _fail(exc: DevdError, code: int, args: argparse.Namespace) -> int:

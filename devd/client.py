@@ -22,9 +22,11 @@ _UNREACHABLE = (FileNotFoundError, ConnectionRefusedError, NotADirectoryError)
 
 
 class Client:
-    def __init__(self, paths: Paths, autostart: bool = True) -> None:
+    def __init__(self, paths: Paths, autostart: bool = True,
+                 on_autostart: Callable[[Paths], None] | None = None) -> None:
         self.paths = paths
         self.autostart = autostart
+        self.on_autostart = on_autostart  # starting takes a second: say so
 
     def call(self, method: str, params: dict[str, Any] | None = None,
              on_progress: ProgressHandler | None = None) -> Any:
@@ -51,6 +53,8 @@ class Client:
         except _UNREACHABLE as exc:
             if not self.autostart:
                 raise self._unreachable(exc) from exc
+        if self.on_autostart:
+            self.on_autostart(self.paths)
         start_daemon(self.paths)
         return connect(self.paths)
 
