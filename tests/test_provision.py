@@ -445,3 +445,20 @@ def test_an_env_file_git_does_not_ignore_is_flagged(devd: Devd, make_repo) -> No
     devd.run("provision", str(tree))
     envfile = [r for r in devd.worktree(tree)["resources"] if r["kind"] == "envfile"][0]
     assert ".env is not in .gitignore" in envfile["detail"]
+
+
+def test_release_after_a_half_failed_provision_removes_what_was_made(devd: Devd,
+                                                                     repo: Repo) -> None:
+    tree = repo.worktree("shop-a", "a")
+    devd.run("provision", str(tree))
+    entry = devd.worktree(tree)
+    devd.run("release", str(tree))
+    # The profile dir is squatted: the next provision makes the cache dir, then fails.
+    squatter = Path(entry["browser_profile"])
+    squatter.mkdir(parents=True)
+    (squatter / "precious").write_text("mine")
+    assert devd.run("provision", str(tree), check=False).returncode == 1
+    assert Path(entry["cache_dir"]).is_dir()
+    devd.run("release", str(tree))
+    assert not Path(entry["cache_dir"]).exists()
+    assert (squatter / "precious").read_text() == "mine"

@@ -30,9 +30,13 @@ class DirsProvisioner(Provisioner):
         return Health(not missing, f"missing: {', '.join(missing)}" if missing else "")
 
     def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
-        for key in ("cache_dir", "browser_profile"):
-            if key in detail:
-                remove_owned_dir(Path(detail[key]), ctx.worktree.id)
+        recorded = {Path(detail[key]) for key in ("cache_dir", "browser_profile") if key in detail}
+        for path in recorded:
+            remove_owned_dir(path, ctx.worktree.id)
+        # A run that failed half-way recorded nothing, but names are derived: find its dirs.
+        for path in {cache_dir(ctx), profile_dir(ctx)} - recorded:
+            if owned_by(path, ctx.worktree.id):
+                remove_owned_dir(path, ctx.worktree.id)
 
     def env(self, ctx: Context, detail: dict[str, Any]) -> dict[str, str]:
         cache = detail["cache_dir"]
@@ -65,15 +69,19 @@ def remove_owned_dir(path: Path, owner: str) -> None:
     shutil.rmtree(path)
 
 
-def _check_owner(path: Path, owner: str) -> None:
+def owned_by(path: Path, owner: str) -> bool:
+    """True if `path` is a real directory whose marker names `owner`."""
     marker = path / MARKER
-    found = None
-    if path.is_dir() and not path.is_symlink() and marker.is_file():
-        try:
-            found = json.loads(marker.read_text()).get("owner")
-        except (OSError, ValueError, AttributeError):
-            found = None
-    if found != owner:
+    if not path.is_dir() or path.is_symlink() or not marker.is_file():
+        return False
+    try:
+        return bool(json.loads(marker.read_text()).get("owner") == owner)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_owner(path: Path, owner: str) -> None:
+    if not owned_by(path, owner):
         raise OwnershipConflict(
             f"{path} exists but is not marked as devd's for worktree {owner}",
             "devd never touches what it did not make: move it away, then provision again",
