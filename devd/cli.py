@@ -77,7 +77,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     cmd = command("run", "run a command with the worktree's environment")
     cmd.add_argument("--path", default=".")
     cmd.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
-    command("watchers", "inotify watch budget: limits, use, top consumers per worktree", True)
+    cmd = command("watchers", "inotify watch budget: limits, use, top consumers per worktree",
+                  True)
+    cmd.add_argument("--restart", action="store_true", help="start failed devd-started "
+                     "watchers again in the background, once their worktree has room")
+    cmd.add_argument("--path", help="with --restart: only this worktree's")
+    cmd.add_argument("--force", action="store_true", help="with --restart: even without room")
     cmd = command("doctor", "diagnose watcher pressure and print the exact fix", True)
     cmd.add_argument("--fix", action="store_true",
                      help="apply the sysctl fix (only when run as root)")
@@ -272,6 +277,12 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
 def cmd_watchers(client: Client, args: argparse.Namespace) -> int:
     from devd.watchers import render
 
+    if args.restart:
+        from devd.watchers.restart import restart
+
+        plan = restart(client, _abspath(args.path) if args.path else None, args.force)
+        print(json.dumps(plan, indent=2) if args.json else render.restarted(plan))
+        return EXIT_OK
     result = client.call("watchers")
     print(json.dumps(result, indent=2) if args.json else render.watchers(result))
     return EXIT_OK

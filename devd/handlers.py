@@ -182,15 +182,19 @@ class Service:
         outcome = processes.terminate(holder, self.settings.kill_timeout)
         return {"port": port, "pid": holder.pid, "command": holder.command, "outcome": outcome}
 
-    def do_run_started(self, progress: Progress, path: str, pid: int) -> dict[str, Any]:
+    def do_run_started(self, progress: Progress, path: str, pid: int,
+                       argv: list[str] | None = None, cwd: str | None = None
+                       ) -> dict[str, Any]:
         wt = self.find(path)
         processes.record_run(self.registry, int(pid), wt.id)
-        watchers_api.run_started(self, path)
+        watchers_api.run_started(self, path, pid, argv, cwd)
         return {"worktree": str(wt.path), "pid": pid}
 
     def do_run_event(self, progress: Progress, path: str, pid: int, signature: str,
-                     budget: str, line: str, argv: list[str] | None = None) -> dict[str, Any]:
-        return watchers_api.run_event(self, path, pid, signature, budget, line, argv or [])
+                     budget: str, line: str, argv: list[str] | None = None,
+                     cwd: str | None = None) -> dict[str, Any]:
+        return watchers_api.run_event(self, path, pid, signature, budget, line, argv or [],
+                                      cwd)
 
     def do_watchers(self, progress: Progress) -> dict[str, Any]:
         return watchers_api.report(self)
@@ -202,6 +206,11 @@ class Service:
 
     def do_doctor(self, progress: Progress) -> dict[str, Any]:
         return watchers_api.doctor(self)
+
+    def do_watchers_restart(self, progress: Progress, path: str | None = None,
+                            max_watches: int | None = None, userns: str | None = None,
+                            force: bool = False) -> dict[str, Any]:
+        return watchers_api.restart(self, path, max_watches, userns, force)
 
     # -- orchestration ---------------------------------------------------------
 
@@ -248,8 +257,9 @@ class Service:
             ctx.env.update(provisioner.env(ctx, detail))
             progress(kind, "ready")
             return None
-        self.registry.set_resource(wt_id, kind, "failed",
-                                   {"error": failure.message, "hint": failure.hint})
+        # Keep what was recorded before: teardown still needs it to find what exists.
+        self.registry.set_resource(wt_id, kind, "failed", ctx.recorded(kind) | {
+            "error": failure.message, "hint": failure.hint})
         progress(kind, f"failed: {failure.message}")
         return failure
 
@@ -382,6 +392,8 @@ class Service:
         for probe in (target, target.resolve()):
             match = processes.deepest_containing(str(probe), candidates)
             if match and not _nested_checkout_between(match.path, probe):
+                if self.watchers is not None:
+                    self.watchers.touch(match.id)  # in use: see devd/watchers/idle.py
                 return match
         info = git.resolve(target)
         raise NotRegistered(f"worktree {info.path} is not registered with devd",

@@ -59,6 +59,30 @@ MIGRATIONS = [
         PRIMARY KEY (pid, create_time)
     );
     """,
+    # Watcher budget (devd/watchers): what each `devd run` ran and where, so a failed watcher
+    # can be restarted; its break records (broken / partial / stopped for idleness), so
+    # they survive a daemon restart.
+    """
+    CREATE TABLE watcher_runs (
+        pid INTEGER NOT NULL,
+        create_time REAL NOT NULL,
+        worktree_id TEXT NOT NULL REFERENCES worktrees(id) ON DELETE CASCADE,
+        argv TEXT NOT NULL,
+        cwd TEXT NOT NULL,
+        PRIMARY KEY (pid, create_time)
+    );
+    CREATE TABLE watcher_breaks (
+        pid INTEGER NOT NULL,
+        create_time REAL NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('broken', 'partial', 'stopped')),
+        worktree_id TEXT NOT NULL REFERENCES worktrees(id) ON DELETE CASCADE,
+        signature TEXT NOT NULL,
+        budget TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (pid, create_time, kind)
+    );
+    """,
 ]
 
 
@@ -300,6 +324,46 @@ class Registry:
         with self._lock:
             self._db.execute("DELETE FROM processes WHERE pid = ? AND create_time = ?",
                              (pid, create_time))
+
+    # -- watcher runs and their break records (devd/watchers) -------------------------
+
+    def add_watcher_run(self, pid: int, create_time: float, wt_id: str, argv: list[str],
+                        cwd: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO watcher_runs VALUES (?, ?, ?, ?, ?)",
+                             (pid, create_time, wt_id, json.dumps(argv), cwd))
+
+    def watcher_runs(self) -> list[tuple[int, float, str, list[str], str]]:
+        """(pid, create_time, worktree id, argv, cwd) of every recorded run."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM watcher_runs").fetchall()
+        return [(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
+
+    def add_watcher_break(self, pid: int, create_time: float, kind: str, wt_id: str,
+                          signature: str, budget: str, reason: str) -> None:
+        """Record (or refresh) one break of one run; the latest reason wins."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO watcher_breaks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (pid, create_time, kind, wt_id, signature, budget, reason, time.time()))
+
+    def watcher_breaks(self) -> list[sqlite3.Row]:
+        """Every break record, oldest first."""
+        with self._lock:
+            return self._db.execute("SELECT * FROM watcher_breaks ORDER BY at").fetchall()
+
+    def drop_watcher_run(self, pid: int, create_time: float, kinds: tuple[str, ...] = (),
+                         keep_run: bool = False) -> None:
+        """Forget a run's break records (only `kinds`, if given) and, unless `keep_run`, the
+        run itself."""
+        marks = ",".join("?" * len(kinds))
+        only = f" AND kind IN ({marks})" if kinds else ""
+        with self.transaction() as db:
+            db.execute(f"DELETE FROM watcher_breaks WHERE pid = ? AND create_time = ?{only}",
+                       (pid, create_time, *kinds))
+            if not keep_run:
+                db.execute("DELETE FROM watcher_runs WHERE pid = ? AND create_time = ?",
+                           (pid, create_time))
 
 
 def _dump(detail: dict[str, Any] | None) -> str | None:

@@ -49,12 +49,27 @@ class Settings(BaseSettings):
     watchers_notify: bool = True
     watchers_partial_ratio: float = Field(0.5, ge=0, le=1)
     watchers_settle: float = Field(20.0, ge=0)  # a watcher's start-up walk before `partial`
+    # Stop devd-started watchers of worktrees unused this long ("2h"; "" or "0": never).
+    watchers_idle_stop: str = ""
 
     @field_validator("port_range")
     @classmethod
     def _valid_range(cls, value: str) -> str:
         parse_port_range(value)
         return value
+
+    @field_validator("watchers_idle_stop")
+    @classmethod
+    def _valid_idle(cls, value: str) -> str:
+        if value.strip():
+            parse_duration(value)
+        return value
+
+    @property
+    def idle_stop_seconds(self) -> float:
+        """watchers_idle_stop in seconds; 0 means off."""
+        return parse_duration(self.watchers_idle_stop) if self.watchers_idle_stop.strip() \
+            else 0.0
 
     @property
     def ports(self) -> range:

@@ -75,7 +75,7 @@ def doctor(monitor: WatcherMonitor) -> dict[str, Any]:
     broken = [{"worktree": str(by_id[wt_id].path) if wt_id in by_id else wt_id,
                "pid": b.pid, "signature": b.signature, "budget": b.budget, "line": b.line,
                "argv": b.argv, "restart": _restart(by_id.get(wt_id), b.argv)}
-              for wt_id, items in monitor.breaks().items() for b in items]
+              for wt_id, items in monitor.breaks().items() for b in items if b.kind == "broken"]
     partial = []
     for wt in by_id.values():
         if wt.state != "gone":

@@ -52,15 +52,35 @@ def preflight(service: Service, path: str, max_watches: int | None,
     return advice.preflight(_monitor(service), service.find(path), max_watches, userns)
 
 
-def run_started(service: Service, path: str) -> None:
+def run_started(service: Service, path: str, pid: int = 0, argv: list[str] | None = None,
+                cwd: str | None = None) -> None:
+    """Record what a `devd run` runs and where (for a restart); clear exited runs' breaks."""
     monitor = getattr(service, "watchers", None)
     if monitor is not None:
-        monitor.run_started(service.find(path))
+        wt = service.find(path)
+        monitor.run_started(wt, int(pid), _strings(argv), str(cwd or wt.path))
 
 
 def run_event(service: Service, path: str, pid: int, signature: str, budget: str, line: str,
-              argv: list[str]) -> dict[str, Any]:
+              argv: list[str], cwd: str | None = None) -> dict[str, Any]:
     wt = service.find(path)
     _monitor(service).record_break(wt, int(pid), str(signature), str(budget), str(line)[:500],
-                                   [str(a) for a in argv])
+                                   _strings(argv), str(cwd) if cwd else None)
     return {"worktree": str(wt.path), "state": "broken"}
+
+
+def _strings(argv: list[str] | None) -> list[str]:
+    if not isinstance(argv, list):
+        return []
+    return [str(a) for a in argv]
+
+
+def restart(service: Service, path: str | None, max_watches: int | None, userns: str | None,
+            force: bool) -> dict[str, Any]:
+    """`devd watchers --restart`: which failed runs to start again (stopping live ones)."""
+    from devd.watchers.lifecycle import restart_plan
+
+    only = service.find(path) if path else None
+    limit = int(max_watches) if isinstance(max_watches, int) else None
+    return restart_plan(_monitor(service), only, limit, str(userns) if userns else None,
+                        bool(force))

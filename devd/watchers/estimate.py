@@ -8,6 +8,7 @@ directory. Both skip the usual ignores, so the estimate skips them too.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 # VCS data, dependencies and build output: the ignores dev servers ship with by default.
@@ -37,21 +38,26 @@ class Estimate:
 def estimate(root: str, ignored: frozenset[str] = IGNORED) -> Estimate:
     """Walk `root` without following symlinks, skipping ignored names; unreadable dirs count
     as one watch each (the watcher would try them too)."""
-    dirs, files, pending = 0, 0, [root]
-    while pending:
+    dirs, files = 0, 0
+    for _, found in walk(root, ignored):
         if dirs + files >= MAX_ENTRIES:
             return Estimate(dirs, files, truncated=True)
-        path = pending.pop()
         dirs += 1
+        files += sum(1 for entry in found if not entry.is_dir(follow_symlinks=False))
+    return Estimate(dirs, files)
+
+
+def walk(root: str, ignored: frozenset[str] = IGNORED
+         ) -> Iterator[tuple[str, list[os.DirEntry[str]]]]:
+    """Each directory under `root` with its entries, skipping ignored names and not following
+    symlinks; an unreadable directory comes with none."""
+    pending = [root]
+    while pending:
+        path = pending.pop()
         try:
             with os.scandir(path) as entries:
-                for entry in entries:
-                    if entry.name in ignored:
-                        continue
-                    if entry.is_dir(follow_symlinks=False):
-                        pending.append(entry.path)
-                    else:
-                        files += 1
+                found = [entry for entry in entries if entry.name not in ignored]
         except OSError:
-            continue
-    return Estimate(dirs, files)
+            found = []
+        pending += [entry.path for entry in found if entry.is_dir(follow_symlinks=False)]
+        yield path, found

@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +25,15 @@ from devd.watchers import (
     worse,
 )
 from devd.watchers.analysis import Owner, Run, Thresholds
+from devd.watchers.breaks import Break, Breaks
 from devd.watchers.estimate import Estimate, estimate
+from devd.watchers.idle import IdleStopper
 from devd.watchers.linux import kernel_dev
 
 log = logging.getLogger("devd")
 ESTIMATE_TTL = 300.0  # walking a big worktree costs; its size changes slowly
 INDEX_TTL = 120.0
 TOP = 10
-
-
-@dataclass
-class Break:
-    """A `devd run` process whose output showed a known break signature."""
-
-    pid: int
-    create_time: float
-    signature: str
-    budget: str
-    line: str
-    argv: list[str]
-    at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -76,7 +65,8 @@ class WatcherMonitor:
         self._view: View | None = None
         self._instances_key: frozenset[tuple[int, int, int]] = frozenset()
         self._announced = "ok"
-        self._breaks: dict[str, list[Break]] = {}
+        self.records = Breaks(registry)  # in the registry: they outlive the daemon
+        self.idle = IdleStopper(self)
         self._estimates: dict[str, tuple[float, Estimate]] = {}
         self._index: tuple[float, dict[tuple[int, int], tuple[str, str]]] = (0.0, {})
         self._boot = psutil.boot_time()
@@ -97,7 +87,7 @@ class WatcherMonitor:
         while not self._stop.is_set():
             try:
                 if time.monotonic() >= next_full or self._changed():
-                    self.refresh(max_age=0.0)
+                    self.idle.check(self.refresh(max_age=0.0))
                     next_full = time.monotonic() + self.settings.watchers_full_interval
             except Exception:  # the daemon must outlive a bad pass; the log says what
                 log.exception("watcher sampling failed")
@@ -119,6 +109,10 @@ class WatcherMonitor:
                 self._view = view
         self._announce(view)
         return view
+
+    def touch(self, wt_id: str) -> None:
+        """A request named this worktree: it is in use (see idle.py)."""
+        self.idle.touch(wt_id)
 
     def nudge(self) -> None:
         """Ask for a full pass soon (e.g. a run just reported a break)."""
@@ -193,33 +187,43 @@ class WatcherMonitor:
                 "pids": sorted(c.pid for c in own)}
 
     def _state_of(self, wt: Worktree, own: list[Consumer], view: View) -> tuple[str, str]:
-        broken = self._breaks.get(wt.id)
+        records = self.records.by_worktree().get(wt.id, [])
+        broken = [b for b in records if b.kind == "broken"]
         if broken:
-            last = broken[-1]
-            return "broken", f"pid {last.pid}: {last.line}"
-        partial = self._partial(wt, own, view)
+            return "broken", f"pid {broken[-1].pid}: {broken[-1].line}"
+        partial = self._partial(wt, own, view, records)
         if partial:
             return "partial", partial
+        stopped = [b for b in records if b.kind == "stopped"]
+        if stopped and not any(view.owners[c.pid].run_pid for c in own):
+            return "stopped", stopped[-1].line
         state = view.level if (own or view.level != "ok") else "ok"
         for c in own:
             if c.fd_limit and c.fds >= self.thresholds.fds_warn * c.fd_limit:
                 return worse(state, "warn"), f"pid {c.pid} has {c.fds} of {c.fd_limit} fds open"
         return state, "; ".join(view.reasons) if state != "ok" else ""
 
-    def _partial(self, wt: Worktree, own: list[Consumer], view: View) -> str:
+    def _partial(self, wt: Worktree, own: list[Consumer], view: View,
+                 records: list[Break]) -> str:
         """A devd-started watcher holding clearly fewer watches than the worktree has
-        directories missed some (ENOSPC mid-walk, or a tool that skips silently)."""
+        directories missed some (ENOSPC mid-walk, or a tool that skips silently). Its run
+        is marked `partial` in the registry, so `devd watchers --restart` can restart it."""
         settle = self.settings.watchers_settle
         started = [c for c in own if view.owners[c.pid].run_pid is not None
                    and c.watches and _age(c, self._boot) >= settle]
-        if not started:
-            return ""
-        dirs = self.estimate(wt).dirs
+        dirs = self.estimate(wt).dirs if started else 0
         held = sum(c.watches or 0 for c in started)
-        if held >= self.settings.watchers_partial_ratio * dirs:
+        marked = {b.pid for b in records if b.kind == "partial"}
+        if not started or held >= self.settings.watchers_partial_ratio * dirs:
+            if marked:
+                self.records.clear_partial(wt.id, keep=set())
             return ""
         pids = ", ".join(str(c.pid) for c in started)
-        return f"devd-started pid {pids} watches {held} paths; the worktree has ~{dirs} dirs"
+        reason = f"devd-started pid {pids} watches {held} paths; the worktree has ~{dirs} dirs"
+        for run_pid in {view.owners[c.pid].run_pid for c in started} - marked:
+            assert run_pid is not None
+            self.records.record(wt.id, run_pid, "partial", "coverage", "watches", reason)
+        return reason
 
     def estimate(self, wt: Worktree, max_age: float = ESTIMATE_TTL) -> Estimate:
         """The chokidar-style need of a worktree, cached for a few minutes."""
@@ -233,26 +237,23 @@ class WatcherMonitor:
     # -- breaks reported by `devd run` ---------------------------------------------
 
     def record_break(self, wt: Worktree, pid: int, signature: str, budget: str, line: str,
-                     argv: list[str]) -> None:
+                     argv: list[str], cwd: str | None = None) -> None:
         """A devd-started process printed a break signature: the worktree is `broken`."""
-        created = _create_time(pid)
-        entry = Break(pid, created, signature, budget, line, argv)
-        self._breaks.setdefault(wt.id, []).append(entry)
+        known = {(p, w) for p, _, w, _, _ in self.registry.watcher_runs()}
+        if (pid, wt.id) not in known and argv:  # a client that did not send it at the start
+            self.records.run_started(wt.id, pid, argv, cwd or str(wt.path))
+        self.records.record(wt.id, pid, "broken", signature, budget, line)
         message = f"watcher of {wt.path} broke (pid {pid}, {budget}): {line}"
         log.warning("%s", message)
         alerts.notify(self.settings, "devd: file watcher broke", message)
         self.nudge()
 
-    def run_started(self, wt: Worktree) -> None:
+    def run_started(self, wt: Worktree, pid: int, argv: list[str], cwd: str) -> None:
         """A new run in a worktree clears breaks of runs that have exited (it replaces them)."""
-        kept = [b for b in self._breaks.get(wt.id, []) if _create_time(b.pid) == b.create_time]
-        if kept:
-            self._breaks[wt.id] = kept
-        else:
-            self._breaks.pop(wt.id, None)
+        self.records.run_started(wt.id, pid, argv, cwd)
 
     def breaks(self) -> dict[str, list[Break]]:
-        return {k: list(v) for k, v in self._breaks.items()}
+        return self.records.by_worktree()
 
     # -- warnings --------------------------------------------------------------
 
@@ -297,13 +298,6 @@ def _top(consumers: list[Consumer]) -> list[Consumer]:
 
 def _age(c: Consumer, boot: float) -> float:
     return time.time() - (boot + c.starttime / os.sysconf("SC_CLK_TCK"))
-
-
-def _create_time(pid: int) -> float:
-    try:
-        return round(psutil.Process(pid).create_time(), 2)
-    except psutil.Error:
-        return 0.0
 
 
 def _index_dir(index: dict[tuple[int, int], tuple[str, str]], wt_id: str, path: str,

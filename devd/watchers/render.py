@@ -55,6 +55,7 @@ def doctor(result: dict[str, Any]) -> str:
                   f"    {one_line(b['line'], 200)}"]
         if b.get("restart"):
             lines.append(f"  after fixing the limit, restart it (it will not retry by itself):"
+                         f"\n    devd watchers --restart   (in the background, or by hand:)"
                          f"\n    {one_line(b['restart'], 400)}")
     lines += [f"partial: {one_line(p['worktree'])}: {one_line(p['reason'], 200)}"
               for p in result["partial"]]
@@ -68,3 +69,16 @@ def doctor(result: dict[str, Any]) -> str:
               f"make it persist across reboots ({fix['persist_file']}):", f"  {fix['persist']}",
               "or run `sudo devd doctor --fix`"]
     return "\n".join(lines)
+
+
+def restarted(plan: dict[str, Any]) -> str:
+    """What `devd watchers --restart` did."""
+    lines = []
+    for run in plan["runs"]:
+        lines.append(f"restarted {one_line(run['worktree'])}: pid {run['pid']} "
+                     f"({run['kind']}, {run.get('stopped', 'already exited')}) → pid "
+                     f"{run['new_pid']}: {one_line(' '.join(run['argv']), 120)}")
+        lines.append(f"  output: {one_line(run['log'])}")
+    lines += [f"not restarted {one_line(s['worktree'])}: {one_line(s['why'], 200)}"
+              for s in plan["skipped"]]
+    return "\n".join(lines) or "nothing to restart: no devd-started watcher has failed."

@@ -23,12 +23,14 @@ def run(client: Client, path: str, argv: list[str], env: dict[str, str]) -> int:
         return 127
     warn_if_short(client, path)
     # exec keeps our pid, so the process the daemon records is the command itself.
-    client.call("run_started", {"path": path, "pid": os.getpid()})
+    # argv and cwd let `devd watchers --restart` start it again after a break.
+    cwd = os.getcwd()
+    client.call("run_started", {"path": path, "pid": os.getpid(), "argv": argv, "cwd": cwd})
     pid = os.getpid()
 
     def report(signature: Signature, line: str) -> None:
         params = {"path": path, "pid": pid, "signature": signature.name,
-                  "budget": signature.budget, "line": line, "argv": argv}
+                  "budget": signature.budget, "line": line, "argv": argv, "cwd": cwd}
         try:
             Client(client.paths, autostart=False).call("run_event", params)
         except (DevdError, OSError):
