@@ -58,8 +58,10 @@ class LinuxSampler:
         base = f"{self.proc}/{pid}"
         try:
             uid = os.stat(base).st_uid
-            if uid != self.uid and self.uid != 0:
-                return  # another user's: unreadable, and not charged to us
+            if uid != self.uid:
+                # Another user's: the kernel charges its watches to that user's budget, not
+                # ours (even when we are root), so reading it would only cost time.
+                return
             name, ppid, start = parse_stat(read_bytes(f"{base}/stat"))
             fds = os.listdir(f"{base}/fd")
         except (OSError, ValueError):
