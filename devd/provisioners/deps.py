@@ -260,10 +260,10 @@ class Install:
             if (record.get("dir"), record.get("tool")) == (plan.dir, plan.tool) and \
                     record.get("state") == "ready" and record.get("lock_hash") == digest:
                 return record
-        marker = source / INSTALL_MARKERS.get(plan.tool, "")
         lock = root / plan.inputs[0]
-        if marker.is_file() and marker.stat().st_mtime >= lock.stat().st_mtime:
-            return {}  # installed outside devd, from a lockfile no newer than the install
+        for marker in (source / name for name in INSTALL_MARKERS.get(plan.tool, ())):
+            if marker.is_file() and marker.stat().st_mtime >= lock.stat().st_mtime:
+                return {}  # installed outside devd, from a lockfile no newer than the install
         return None
 
     def _verify(self) -> bool:

@@ -21,9 +21,10 @@ from devd.settings import DepsConfig
 NODE_LOCKS = (("pnpm-lock.yaml", "pnpm"), ("bun.lock", "bun"), ("bun.lockb", "bun"),
               ("yarn.lock", "yarn"), ("package-lock.json", "npm"),
               ("npm-shrinkwrap.json", "npm"))
-# Files a package manager leaves in node_modules after a complete install.
-INSTALL_MARKERS = {"npm": ".package-lock.json", "pnpm": ".modules.yaml",
-                   "yarn": ".yarn-state.yml", "bun": ".bun-tag"}
+# Files a package manager leaves in node_modules after a complete install (yarn: classic's,
+# then berry's node-modules linker's; bun leaves none, so only devd's record can vouch).
+INSTALL_MARKERS = {"npm": (".package-lock.json",), "pnpm": (".modules.yaml",),
+                   "yarn": (".yarn-integrity", ".yarn-state.yml")}
 TREES = {"node": "node_modules", "python": ".venv"}
 
 

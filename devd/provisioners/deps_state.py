@@ -92,12 +92,17 @@ def current(worktree: Path, record: dict[str, Any], busy: bool) -> tuple[str, st
         return "symlinked", problem + "; run `devd provision --fix-deps`"
     if recorded in ("failed", "symlinked"):
         return "failed", str(record.get("error", ""))
-    if not tree.is_dir():
+    if not tree.is_dir() and not _plug_n_play(root, record):
         return "missing", f"{tree} does not exist"
     inputs = tuple(record.get("inputs", ()))
     if recorded == "ready" and lock_hash(root, inputs) != record.get("lock_hash"):
         return "stale", f"{' / '.join(inputs)} changed since the install"
     return recorded, ""
+
+
+def _plug_n_play(root: Path, record: dict[str, Any]) -> bool:
+    """Yarn berry's default linker installs no node_modules: .pnp.cjs maps the packages."""
+    return record.get("tool") == "yarn" and (root / ".pnp.cjs").is_file()
 
 
 def describe(worktree: Path, records: dict[str, dict[str, Any]], busy: bool
