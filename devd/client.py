@@ -14,7 +14,7 @@ from typing import Any
 
 from devd import protocol
 from devd.errors import DaemonUnreachable, DevdError, ProtocolError
-from devd.paths import Paths, ensure_private_dir
+from devd.paths import Paths, ensure_private_dir, flock_held
 
 ProgressHandler = Callable[[dict[str, Any]], None]
 AUTOSTART_TIMEOUT = 15.0
@@ -118,19 +118,7 @@ def start_daemon(paths: Paths) -> None:
 
 def _lock_held_by_other(paths: Paths) -> bool:
     """Our daemon may have lost a start race to another one that is still binding."""
-    import fcntl
-
-    try:
-        fd = os.open(paths.lock_file, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return flock_held(paths.lock_file)
 
 
 def _tail(paths: Paths, lines: int = 5) -> str:

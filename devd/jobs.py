@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from devd.errors import DevdError
+from devd.paths import flock_held
 
 POLL = 0.2
 TAIL_LINES = 20
@@ -163,17 +164,7 @@ class JobRunner:
 
 def locked(lock_file: Path) -> bool:
     """Whether some job holds the flock on `lock_file` now."""
-    try:
-        fd = os.open(lock_file, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return flock_held(lock_file)
 
 
 def tail(path: Path, lines: int = TAIL_LINES) -> str:

@@ -124,3 +124,20 @@ def ensure_private_dir(path: Path) -> None:
         )
     if info.st_mode & 0o077:
         path.chmod(0o700)
+
+
+def flock_held(path: Path) -> bool:
+    """Whether another process holds an exclusive flock on `path` right now (a probe)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
