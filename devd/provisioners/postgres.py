@@ -9,6 +9,7 @@ Teardown always dumps (pg_dump -Fc) before it drops, unless the caller opts out.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -208,15 +209,26 @@ def _hand_over(ctx: Context, name: str) -> None:
                 sql.SQL(_ALTER[relkind]), sql.Identifier(schema, rel), sql.Identifier(name)))
 
 
+# A server that did not answer is not asked again for a while: `devd status` checks every
+# worktree, and each would otherwise wait out the connect timeout on its own.
+_UNREACHABLE_FOR = 15.0
+_unreachable: dict[str, tuple[float, str]] = {}
+
+
 def check_sql(detail: dict[str, Any]) -> Health:
     """Read-only: does the schema or database still exist on its server?"""
-    kind, name = detail["mode"], detail["name"]
+    kind, name, url = detail["mode"], detail["name"], detail.get("admin_url", "")
+    down = _unreachable.get(url)
+    if down and time.monotonic() < down[0]:
+        return Health(False, down[1], {"state": "unreachable"})
     try:
-        with pgserver.connect(detail.get("admin_url", ""), timeout=3,
+        with pgserver.connect(url, timeout=3,
                               dbname=detail["database"] if kind == "schema" else None) as conn:
             found = pgserver.lookup(conn, kind, name)
     except DevdError as exc:
+        _unreachable[url] = (time.monotonic() + _UNREACHABLE_FOR, exc.message)
         return Health(False, exc.message, {"state": "unreachable"})
+    _unreachable.pop(url, None)
     if found is None:
         return Health(False, f"{kind} {name} is missing (run `devd provision`)",
                       {"state": "missing"})
