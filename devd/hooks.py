@@ -36,13 +36,17 @@ case "$1" in *[!0]*|'') ;; *)
   if command -v devd >/dev/null 2>&1; then
     (unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_PREFIX
      nohup devd provision --background . </dev/null >/dev/null 2>&1 &) || :
+  else
+    echo 'devd: not on PATH; this worktree was not provisioned (run: devd provision)' >&2
   fi ;;
 esac
 {END}
 """
 SHELLS = ("sh", "bash", "dash", "zsh", "ksh")
+# WorktreeRemove must exit 0 even when devd is gone from Claude Code's PATH: a failing
+# remove hook leaves a session row that cannot be deleted.
 CLAUDE_COMMANDS = {"WorktreeCreate": "devd hook claude-create",
-                   "WorktreeRemove": "devd hook claude-remove"}
+                   "WorktreeRemove": "devd hook claude-remove || true"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 MAX_INPUT = 1 << 20
 POLL = 0.2
@@ -292,6 +296,10 @@ def _removal_target(data: dict[str, Any]) -> Path:
 
 def _release(client: Client, path: Path, say: Say) -> None:
     config_root = path if path.is_dir() else path.parent
+    if path.is_dir() and not _is_worktree_root(path):
+        # A path inside a worktree would release the whole enclosing one: only exact roots.
+        say(f"{path} is not the root of a worktree; nothing released")
+        return
     try:
         yes = bool(claude_config(config_root).get("release_data", False))
         client.call("release", {"path": str(path), "yes": yes})
@@ -355,3 +363,12 @@ def _registered(client: Client, path: Path) -> dict[str, Any] | None:
         return None
     exact = [wt for wt in found if Path(wt["path"]) == path.resolve()]
     return exact[0] if exact else None
+
+
+def _is_worktree_root(path: Path) -> bool:
+    """True if `path` is the top directory of a git worktree."""
+    import subprocess
+
+    result = subprocess.run(["git", "-C", str(path), "rev-parse", "--show-toplevel"],
+                            capture_output=True, text=True, timeout=15, check=False)
+    return result.returncode == 0 and Path(result.stdout.strip()).resolve() == path.resolve()

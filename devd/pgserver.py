@@ -89,11 +89,13 @@ def require(conn: psycopg.Connection[Any], *privileges: str) -> bool:
     have = dict(zip(("CREATEROLE", "CREATEDB", "CREATE"), flags, strict=True))
     missing = [p for p in privileges if not have[p]]
     if missing:
-        raise DevdError(
-            f"the admin role {user!r} lacks {', '.join(missing)}",
-            f"as a superuser: ALTER ROLE {user} {' '.join(p for p in missing if p != 'CREATE')}"
-            + (" and GRANT CREATE ON DATABASE to it" if "CREATE" in missing else ""),
-            code="postgres_privilege")
+        fixes = []
+        if role_flags := [p for p in missing if p != "CREATE"]:
+            fixes.append(f"ALTER ROLE {user} {' '.join(role_flags)};")
+        if "CREATE" in missing:
+            fixes.append(f"GRANT CREATE ON DATABASE {conn.info.dbname} TO {user};")
+        raise DevdError(f"the admin role {user!r} lacks {', '.join(missing)}",
+                        f"as a superuser: {' '.join(fixes)}", code="postgres_privilege")
     return False
 
 
