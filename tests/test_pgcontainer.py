@@ -98,3 +98,6 @@ def test_unlabelled_container_is_a_conflict_and_missing_image_is_clear(
     failed = devd.run("provision", str(tree), check=False, timeout=180)
     assert failed.returncode == 1 and "no-such-image" in failed.stderr
     assert "cannot be pulled" in failed.stderr or "cannot pull" in failed.stderr
+    # The volume made before the image turned out missing is found and removed on release.
+    devd.run("release", str(tree), "--yes", timeout=120)
+    assert dk.volumes.list(filters={"name": docker_name(repo, tree)}) == []

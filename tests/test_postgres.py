@@ -159,6 +159,22 @@ def test_template_in_use_is_reported_and_only_terminated_on_opt_in(
     assert query(env_of(pgdevd, tree)["DATABASE_URL"], "SELECT count(*) FROM products") == [(3,)]
 
 
+def test_a_half_made_database_is_released_completely(pgdevd: Devd, repo: Repo,
+                                                     pg_url: str) -> None:
+    template = make_template(pg_url)
+    with_postgres(repo, f'mode = "database"\ntemplate = "{template}"\n')
+    tree = repo.worktree("shop-half", "half")
+    blocker = psycopg.connect(psycopg.conninfo.make_conninfo(pg_url, dbname=template),
+                              autocommit=True)
+    try:  # the role is made, then CREATE DATABASE fails on the busy template
+        assert pgdevd.run("provision", str(tree), check=False).returncode == 1
+        assert exists(pg_url, "role", pg_name(repo, tree))
+    finally:
+        blocker.close()
+    pgdevd.run("release", str(tree), "--yes")
+    assert not exists(pg_url, "role", pg_name(repo, tree))
+
+
 def test_crash_between_role_and_database_is_finished_and_conflicts_touch_nothing(
         pgdevd: Devd, repo: Repo, pg_url: str) -> None:
     with_postgres(repo, 'mode = "database"\n')
@@ -177,6 +193,8 @@ def test_crash_between_role_and_database_is_finished_and_conflicts_touch_nothing
     failed = pgdevd.run("provision", str(taken), check=False)
     assert failed.returncode == 1 and "ownership_conflict" in failed.stderr
     assert exists(pg_url, "database", other) and not exists(pg_url, "role", other)
+    pgdevd.run("release", str(taken), "--yes")  # nothing of ours there: succeeds, touches none
+    assert exists(pg_url, "database", other)
     query(pg_url, f'DROP DATABASE "{other}"')
 
 

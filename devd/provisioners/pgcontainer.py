@@ -52,9 +52,13 @@ def labels(wt_id: str) -> dict[str, str]:
 def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
     import docker
 
+    from devd.provisioners.postgres import record_intent
+
     dk, wt_id = client(), ctx.worktree.id
     name, port = pgnames.docker_name(wt_id), lease_internal(ctx, PORT_LEASE)
     pgserver.remember(ctx.paths, pgserver.DOCKER)
+    record_intent(ctx, mode="container", name=name, container=name, volume=name, port=port,
+                  host="127.0.0.1", image=ctx.config.postgres.image)
     try:
         # Both names claimed before anything is made: a conflict leaves nothing behind.
         container = _owned(dk.containers, name, wt_id)
@@ -69,6 +73,7 @@ def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
             container = None
         password = _password(container) or ctx.recorded("postgres").get("password") \
             or pgnames.new_password()
+        record_intent(ctx, password=password)
         if container is None:
             container = _create(dk, ctx, name, port, password, progress)
         elif container.status != "running":
@@ -77,9 +82,11 @@ def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
     except docker.errors.APIError as exc:
         raise _api_error(exc, name, port) from exc
     _wait_ready(container, port, password, progress)
+    # "initialized": the server came up on this volume once, so it may hold data to dump.
     return {"mode": "container", "name": name, "host": "127.0.0.1", "port": port,
             "user": SUPERUSER, "database": DBNAME, "password": password,
-            "image": ctx.config.postgres.image, "container": name, "volume": name}
+            "image": ctx.config.postgres.image, "container": name, "volume": name,
+            "initialized": True}
 
 
 def _owned(collection: Any, name: str, wt_id: str) -> Any:
@@ -234,7 +241,8 @@ def teardown(ctx: Context, detail: dict[str, Any]) -> None:
 
     dk, wt_id, name = client(), ctx.worktree.id, detail["container"]
     container, volume = _owned(dk.containers, name, wt_id), _owned(dk.volumes, name, wt_id)
-    if ctx.backup and volume is not None:
+    # A volume whose server never came up (say, the image could not be pulled) holds nothing.
+    if ctx.backup and volume is not None and detail.get("initialized"):
         _backup(ctx, dk, container, detail)
     try:
         if container is not None:

@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 
 from devd import pgdump, pgnames, pgserver, processes
-from devd.errors import DevdError
+from devd.errors import DevdError, OwnershipConflict
 from devd.provisioners import pgcontainer
 from devd.provisioners.base import Context, Health, Progress, Provisioner
 
@@ -75,6 +75,15 @@ class PostgresProvisioner(Provisioner):
         return Health(True)
 
     def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
+        try:
+            self._teardown(ctx, detail)
+        except OwnershipConflict:
+            if detail.get("complete") or detail.get("initialized"):
+                raise  # something replaced what devd made: say so, touch nothing
+            # Only an intent was recorded: the name was someone else's from the start (the
+            # provision failed on that conflict), so there is nothing of ours to remove.
+
+    def _teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
         mode = detail.get("mode", "none")
         if mode == "container":
             pgcontainer.teardown(ctx, detail)
@@ -85,6 +94,13 @@ class PostgresProvisioner(Provisioner):
         if detail.get("mode", "none") == "none" or "password" not in detail:
             return {}
         return pgnames.env_for(detail)
+
+
+def record_intent(ctx: Context, **fields: Any) -> None:
+    """Record the names before creating anything: if this run fails half-way, release and
+    gc still know what to look for (the names are derived, the password is not)."""
+    ctx.registry.set_resource(ctx.worktree.id, PostgresProvisioner.kind, "pending",
+                              ctx.recorded(PostgresProvisioner.kind) | fields)
 
 
 def admin_url(ctx: Context) -> str:
@@ -108,6 +124,9 @@ def ensure_sql(ctx: Context, progress: Progress, mode: str) -> dict[str, Any]:
     with pgserver.connect(url) as conn:
         needs = ("CREATEROLE", "CREATE") if mode == "schema" else ("CREATEROLE", "CREATEDB")
         superuser = pgserver.require(conn, *needs)
+        dbname = conn.info.dbname if mode == "schema" else name
+        record_intent(ctx, mode=mode, name=name, admin_url=url, database=dbname,
+                      password=password)
         try:
             # Every name first: a conflict anywhere means nothing at all is created.
             ours = pgserver.claim_all(conn, name, wt_id, ("role", mode))
@@ -119,10 +138,10 @@ def ensure_sql(ctx: Context, progress: Progress, mode: str) -> dict[str, Any]:
                 _ensure_database(ctx, conn, name, ours.get("database"), progress)
         except psycopg.Error as exc:
             raise pgserver.translate(exc, f"provisioning Postgres {mode} {name}") from exc
-        dbname = conn.info.dbname if mode == "schema" else name
         pgserver.remember(ctx.paths, url)
         return {"mode": mode, "name": name, "host": conn.info.host, "port": conn.info.port,
-                "user": name, "database": dbname, "password": password, "admin_url": url}
+                "user": name, "database": dbname, "password": password, "admin_url": url,
+                "complete": True}
 
 
 def _schema_statements(name: str, wt_id: str, exists: bool) -> list[sql.Composable]:
