@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from devd import __version__, dotenv
-from devd.client import Client
+from devd.client import Client, caller_overrides
 from devd.errors import DaemonUnreachable, DevdError, UsageError
 from devd.paths import Paths
 from devd.progressbar import ProgressPrinter
@@ -177,7 +177,8 @@ def _print_json(data: Any) -> None:
 def cmd_provision(client: Client, args: argparse.Namespace) -> int:
     result = client.call("provision", {"path": _abspath(args.path),
                                        "background": args.background,
-                                       "fix_deps": args.fix_deps}, _progress)
+                                       "fix_deps": args.fix_deps} | caller_overrides(),
+                         _progress)
     if args.background and args.wait:
         from pathlib import Path
 

@@ -66,6 +66,13 @@ class Client:
         )
 
 
+def caller_overrides() -> dict[str, str]:
+    """Settings a user sets in the shell that calls devd, which must win over whatever the
+    daemon was started with (by a hook, an older shell, or the user service)."""
+    url = os.environ.get("DEVD_POSTGRES_URL")
+    return {"postgres_url": url} if url else {}
+
+
 def connect(paths: Paths) -> socket.socket:
     """Connect, and make sure the daemon answering is ours: in a shared /tmp anyone could
     have made the directory and put a socket of their own there."""

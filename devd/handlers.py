@@ -73,7 +73,8 @@ class Service:
         })
 
     def do_provision(self, progress: Progress, path: str, background: bool = False,
-                     fix_deps: bool = False) -> dict[str, Any]:
+                     fix_deps: bool = False, postgres_url: str | None = None
+                     ) -> dict[str, Any]:
         info = git.resolve(Path(_text(path, "path")))
         wt_id = naming.worktree_id(info.main_path, info.path)
         self._check_path_free(info.path, wt_id)
@@ -82,7 +83,8 @@ class Service:
             info.common_dir, info.main_path, naming.repo_name(info.main_path),
         )
         self.on_register()
-        options = {"fix_deps": bool(fix_deps)}
+        # The caller's DEVD_POSTGRES_URL (sent by the CLI) wins over the daemon's own.
+        options = {"fix_deps": bool(fix_deps), "postgres_url": postgres_url or ""}
         if background:
             self._in_background(wt.id, options)
             return self.describe(wt, self.registry.resources(wt.id))

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from devd.client import Client
+from devd.client import Client, caller_overrides
 from devd.errors import DevdError, NotAWorktree, NotRegistered, OwnershipConflict, UsageError
 
 Say = Callable[[str], None]
@@ -261,7 +261,7 @@ def _start_provisioning(client: Client, path: Path, say: Say) -> None:
     .worktreeinclude), which the agent may read at once. A daemon problem never fails the
     create: the worktree exists, and `devd provision` can finish the job."""
     try:
-        client.call("provision", {"path": str(path), "background": True})
+        client.call("provision", {"path": str(path), "background": True} | caller_overrides())
         wait_until(client, path, 30.0, _files_copied)
     except DevdError as exc:
         say(f"warning: {path} is not provisioned yet: {exc.message}")

@@ -269,3 +269,16 @@ def test_names_are_bounded_unique_and_sanitised() -> None:
         assert len(name.encode()) <= 63 and all(c.isalnum() or c == "_" for c in name)
         assert name == name.lower() and name.isascii()
     assert pgnames.mask_url("postgresql://u:secret@h:5/db") == "postgresql://u:***@h:5/db"
+
+
+def test_the_callers_postgres_url_wins_and_a_worktree_stays_on_its_server(
+        devd: Devd, repo: Repo, pg_url: str) -> None:
+    # The daemon was started without DEVD_POSTGRES_URL; the user's shell has it.
+    with_postgres(repo, 'mode = "schema"\n')
+    tree = repo.worktree("shop-env", "env")
+    devd.run("provision", str(tree), env={"DEVD_POSTGRES_URL": pg_url})
+    assert query(env_of(devd, tree)["DATABASE_URL"], "SELECT 1") == [(1,)]
+    elsewhere = psycopg.conninfo.make_conninfo(pg_url, application_name="other")
+    moved = devd.run("provision", str(tree), check=False, env={"DEVD_POSTGRES_URL": elsewhere})
+    assert moved.returncode == 1 and "lives on" in moved.stderr
+    devd.run("release", str(tree), "--yes", "--no-backup")

@@ -104,8 +104,18 @@ def record_intent(ctx: Context, **fields: Any) -> None:
 
 
 def admin_url(ctx: Context) -> str:
-    """DEVD_POSTGRES_URL (via Settings) wins over devd.toml; empty means libpq defaults."""
-    return ctx.settings.postgres_url or ctx.config.postgres.url
+    """DEVD_POSTGRES_URL (the caller's, else the daemon's) wins over devd.toml; empty means
+    libpq defaults. A worktree whose objects live on one server stays there: switching
+    would create a second copy and orphan the first."""
+    url = ctx.options.get("postgres_url") or ctx.settings.postgres_url or ctx.config.postgres.url
+    recorded = ctx.recorded("postgres")
+    if recorded.get("mode") in SQL_MODES and recorded.get("admin_url", url) != url:
+        raise DevdError(
+            f"this worktree's Postgres {recorded['mode']} lives on "
+            f"{pgnames.mask_url(recorded['admin_url']) or 'the default server'}, not on "
+            f"{pgnames.mask_url(url) or 'the default server'}",
+            "use the same URL, or `devd release --yes` first (a dump is kept)", code="config")
+    return url
 
 
 def public_view(detail: dict[str, Any], state: str) -> dict[str, Any]:
