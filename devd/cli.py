@@ -244,6 +244,10 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     worktrees = result["worktrees"]
     print(f"devd {daemon['version']} · daemon pid {daemon['pid']} · "
           f"{len(worktrees)} worktree{'s' * (len(worktrees) != 1)}")
+    budget = result.get("watchers") or {}
+    if budget.get("max_watches"):
+        print(safe(f"watcher budget {budget.get('level')}: {budget.get('watches')} of "
+                   f"{budget['max_watches']} inotify watches (details: `devd watchers`)"))
     for wt in worktrees:
         print()
         print(render_worktree(wt))
@@ -441,8 +445,16 @@ def render_worktree(wt: dict[str, Any]) -> str:
 
         since = time.strftime("%Y-%m-%d %H:%M", time.localtime(wt["gone_at"]))
         lines.append(f"  gone     since {since}; its resources are held until `devd gc`")
+    if wt.get("postgres"):
+        pg = wt["postgres"]
+        lines.append(f"  postgres {pg.get('mode')} {pg.get('name')} on "
+                     f"{pg.get('host') or 'local socket'}:{pg.get('port')} ({pg.get('state')})")
     if wt.get("deps"):
         lines.append(f"  deps     {render_deps(wt['deps'])}")
+    watchers = wt.get("watchers") or {}
+    if watchers.get("watches") or watchers.get("state") not in (None, "ok", "idle"):
+        lines.append(f"  watchers {watchers.get('watches') or 0} inotify watches "
+                     f"({watchers.get('state')})")
     if wt.get("error"):
         lines.append(f"  error    {wt['error']}")
     for res in wt.get("resources", []):

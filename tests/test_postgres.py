@@ -67,6 +67,9 @@ def test_database_mode_isolates_clones_dumps_and_restores(pgdevd: Devd, repo: Re
     assert env_a["DATABASE_URL"] != env_b["DATABASE_URL"]
     assert {"PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"} <= set(env_a)
     assert f"DATABASE_URL={env_a['DATABASE_URL']}" in (a / ".env").read_text()
+    text = pgdevd.run("status", str(a)).stdout
+    assert f"postgres database {env_a['PGDATABASE']} on" in text and "(ready)" in text
+    assert env_a["PGPASSWORD"] not in text
     # The clone carries the template's data, owned by the worktree's role.
     assert query(env_a["DATABASE_URL"], "SELECT count(*) FROM products") == [(3,)]
     query(env_a["DATABASE_URL"], "INSERT INTO products (title) VALUES ('only-in-a')")

@@ -118,7 +118,8 @@ def test_detached_head(devd: Devd, repo: Repo) -> None:
     devd.run("provision", str(tree))
     entry = devd.worktree(tree)
     assert entry["branch"] is None and entry["state"] == "ready"
-    assert "(detached HEAD)" in devd.run("status").stdout
+    text = devd.run("status").stdout
+    assert "(detached HEAD)" in text and "watcher budget" in text
 
 
 @pytest.mark.parametrize("kind", ["missing", "plain-dir", "bare"])
