@@ -1,0 +1,50 @@
+"""Terminal rendering of daemon replies: readable, and safe for any branch or path name."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def render_worktree(wt: dict[str, Any]) -> str:
+    ports = " ".join(f"{name}={port}" for name, port in wt.get("ports", {}).items())
+    lines = [f"{wt['id']}  {wt['state']}  {wt.get('branch') or '(detached HEAD)'}",
+             f"  path     {wt['path']}"]
+    for label, value in (("ports", ports), ("cache", wt.get("cache_dir")),
+                         ("profile", wt.get("browser_profile")), ("env", wt.get("env_file"))):
+        if value:
+            lines.append(f"  {label:<8} {value}")
+    if wt.get("gone_at"):
+        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(wt["gone_at"]))
+        lines.append(f"  gone     since {since}; its resources are held until `devd gc`")
+    if wt.get("postgres"):
+        pg = wt["postgres"]
+        lines.append(f"  postgres {pg.get('mode')} {pg.get('name')} on "
+                     f"{pg.get('host') or 'local socket'}:{pg.get('port')} ({pg.get('state')})")
+    if wt.get("deps"):
+        lines.append(f"  deps     {render_deps(wt['deps'])}")
+    watchers = wt.get("watchers") or {}
+    if watchers.get("watches") or watchers.get("state") not in (None, "ok", "idle"):
+        lines.append(f"  watchers {watchers.get('watches') or 0} inotify watches "
+                     f"({watchers.get('state')})")
+    if wt.get("error"):
+        lines.append(f"  error    {wt['error']}")
+    for res in wt.get("resources", []):
+        if res["state"] != "ready" or res.get("detail"):
+            lines.append(f"  ! {res['kind']}: {res['state']} {res.get('detail') or ''}".rstrip())
+    return safe("\n".join(lines))
+
+
+def render_deps(deps: dict[str, Any]) -> str:
+    """'node: npm ready (reflink, 1.2 s) · python: uv stale' from status' deps object."""
+    shown = []
+    for key, d in deps.items():
+        how = ", ".join(p for p in (d.get("strategy"), d.get("seconds") is not None
+                                    and f"{d['seconds']:.1f} s") if p)
+        shown.append(f"{key}: {d.get('tool')} {d.get('state')}" + (f" ({how})" if how else ""))
+    return " · ".join(shown)
+
+
+def safe(text: str) -> str:
+    """Terminal-safe: control characters (escape codes in a hostile branch name) shown escaped."""
+    return "".join(ch if ch == "\n" or ch.isprintable() else repr(ch)[1:-1] for ch in text)
