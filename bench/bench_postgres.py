@@ -30,7 +30,8 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devd.paths import Paths  # noqa: E402
-from devd.provisioners import pgcontainer, postgres  # noqa: E402
+from devd.postgres import container as pgcontainer  # noqa: E402
+from devd.postgres import provisioner as postgres  # noqa: E402
 from devd.provisioners.base import Context  # noqa: E402
 from devd.registry import Registry  # noqa: E402
 from devd.settings import PostgresConfig, RepoConfig, Settings  # noqa: E402

@@ -201,7 +201,8 @@ class Connection:
                     "hint": "this is a devd bug; the daemon log has the traceback"}})
 
     def _check_peer(self) -> None:
-        uid = protocol.peer_uid(self.sock)
+        pid, uid = protocol.peer_creds(self.sock)
+        self.service.peer.pid = pid  # per thread: see Service.peer_pid
         if uid is not None and uid != os.getuid():
             log.warning("refused a connection from uid %d", uid)
             raise ProtocolError(f"uid {uid} may not use this daemon (owner uid {os.getuid()})",

@@ -14,7 +14,12 @@ from typing import Any
 from devd import __version__, git, naming, processes
 from devd.errors import DevdError, NotRegistered, ProtocolError, ProvisionFailed, UsageError
 from devd.paths import Paths
-from devd.provisioners import Context, Progress, Provisioner, default_provisioners, deps, postgres
+from devd.postgres import provisioner as postgres
+from devd.provisioners import Context, Progress, Provisioner, deps
+from devd.provisioners.deps import DepsProvisioner
+from devd.provisioners.dirs import DirsProvisioner
+from devd.provisioners.envfile import EnvFileProvisioner
+from devd.provisioners.ports import PortsProvisioner
 from devd.registry import Registry, Resource, Worktree
 from devd.settings import (
     REPO_CONFIG,
@@ -33,6 +38,13 @@ def _quiet(phase: str, message: str, **extra: Any) -> None:
     log.debug("%s: %s", phase, message)
 
 
+def default_provisioners() -> list[Provisioner]:
+    """In provisioning order. The env file follows everything that exports variables; deps
+    export none and can take minutes, so they come after it and the .env is ready at once."""
+    return [PortsProvisioner(), DirsProvisioner(), postgres.PostgresProvisioner(),
+            EnvFileProvisioner(), DepsProvisioner()]
+
+
 class Service:
     """The daemon's state and its request handlers."""
 
@@ -48,6 +60,8 @@ class Service:
         self._background: list[threading.Thread] = []
         self._configs: dict[tuple[Any, ...], RepoConfig] = {}
         self._orphans: tuple[float, list[dict[str, str]]] | None = None
+        # The kernel's word on who sent the request being handled (one per thread).
+        self.peer = threading.local()
         # Set by the daemon: wakes the reconcile loop so a new repo gets its watch at once.
         self.on_register: Callable[[], None] = lambda: None
         # Set by the daemon: the watcher-budget monitor (devd/watchers/monitor.py).
@@ -55,6 +69,10 @@ class Service:
 
     def handler(self, method: str) -> Callable[..., Any] | None:
         return getattr(self, f"do_{method}", None)
+
+    def peer_pid(self) -> int | None:
+        """The pid of the process that sent this thread's request (SO_PEERCRED), if known."""
+        return getattr(self.peer, "pid", None)
 
     # -- requests ------------------------------------------------------------
 

@@ -84,10 +84,19 @@ class LineReader:
 def peer_uid(sock: socket.socket) -> int | None:
     """The uid of the process at the other end: SO_PEERCRED on Linux, LOCAL_PEERCRED on macOS."""
     if hasattr(socket, "SO_PEERCRED"):
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return int(struct.unpack("3i", creds)[1])
+        return peer_creds(sock)[1]
     if sys.platform == "darwin":
         sol_local, local_peercred = 0, 1  # <sys/un.h>; struct xucred starts (version, uid)
         creds = sock.getsockopt(sol_local, local_peercred, struct.calcsize("IIh16I"))
         return int(struct.unpack_from("II", creds)[1])
     return None
+
+
+def peer_creds(sock: socket.socket) -> tuple[int | None, int | None]:
+    """(pid, uid) of the process at the other end, as the kernel says (Linux; else Nones).
+    The pid is the connecting process itself: a client's word about pids is never needed."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None, peer_uid(sock)
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return int(pid), int(uid)

@@ -11,7 +11,8 @@ import pytest
 from conftest import Devd, Repo, run_git
 from pgsupport import IMAGE, docker_client, env_of, query, with_postgres
 
-from devd import naming, pgnames
+from devd import naming
+from devd.postgres import names as pgnames
 
 pytestmark = pytest.mark.docker
 

@@ -13,7 +13,8 @@ import pytest
 from conftest import Devd, Repo, run_git
 from pgsupport import env_of, query, start_server, with_postgres
 
-from devd import naming, pgnames
+from devd import naming
+from devd.postgres import names as pgnames
 
 pytestmark = pytest.mark.postgres
 PSQL = "/usr/lib/postgresql/15/bin/psql"

@@ -5,6 +5,7 @@
   name is derived from the worktree rather than stored randomness.
 - check: read-only and fast; says whether the resource is still as recorded.
 - teardown: remove what devd made; already absent counts as success.
+- check_teardown: read-only; raises what teardown would fail on, before any teardown runs.
 - env: the variables the worktree's processes should see.
 Anything that exists under one of our names without devd's marker is an ownership
 conflict: refuse and touch nothing.
@@ -72,6 +73,12 @@ class Provisioner(ABC):
     @abstractmethod
     def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
         """Remove what devd made; absent counts as success."""
+
+    def check_teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
+        """Raise the DevdError a teardown would fail with (sessions holding a database,
+        objects depending on it), before anything of the worktree is torn down: release
+        is all or nothing. Read-only."""
+        return None
 
     def env(self, ctx: Context, detail: dict[str, Any]) -> dict[str, str]:
         return {}

@@ -14,9 +14,9 @@ import psutil
 import psycopg
 from psycopg import sql
 
-from devd import pgnames
 from devd.errors import DevdError, OwnershipConflict
 from devd.paths import Paths
+from devd.postgres import names
 
 CONNECT_TIMEOUT = 5
 DOCKER = "docker"  # the entry in the known-servers file for the Docker engine
@@ -52,7 +52,7 @@ def connect(url: str, dbname: str | None = None,
 
 
 def connect_error(url: str, exc: psycopg.Error) -> DevdError:
-    where = pgnames.mask_url(url) if url else "the default server (libpq: socket or PG* vars)"
+    where = names.mask_url(url) if url else "the default server (libpq: socket or PG* vars)"
     text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     lowered = str(exc).lower()
     if "authentication failed" in lowered or "no password supplied" in lowered:
@@ -117,7 +117,7 @@ def claim_all(conn: psycopg.Connection[Any], name: str, wt_id: str, kinds: tuple
         if kind not in kinds:
             continue
         adopted = kind == "database" and comment is None and owner == name
-        if pgnames.owner_of_marker(comment) != wt_id and not adopted:
+        if names.owner_of_marker(comment) != wt_id and not adopted:
             raise _conflict(kind, name, wt_id, comment)
         ours[kind] = not adopted
     return ours
@@ -141,7 +141,7 @@ def claim(conn: psycopg.Connection[Any], kind: str, name: str, wt_id: str,
     row = lookup(conn, kind, name)
     if row is None:
         return False
-    if pgnames.owner_of_marker(row[0]) == wt_id:
+    if names.owner_of_marker(row[0]) == wt_id:
         return True
     if kind == "database" and owner_role and row[0] is None and _owned_by(conn, name, owner_role):
         return True
@@ -161,7 +161,7 @@ def _owned_by(conn: psycopg.Connection[Any], dbname: str, role: str) -> bool:
 
 def mark(kind: str, name: str, wt_id: str) -> sql.Composed:
     return sql.SQL("COMMENT ON {} {} IS {}").format(
-        sql.SQL(kind.upper()), sql.Identifier(name), sql.Literal(pgnames.marker(wt_id)))
+        sql.SQL(kind.upper()), sql.Identifier(name), sql.Literal(names.marker(wt_id)))
 
 
 def role_statements(name: str, wt_id: str, password: str, exists: bool,
@@ -192,7 +192,7 @@ def drop_role(conn: psycopg.Connection[Any], name: str, wt_id: str) -> None:
 def marked_objects(conn: psycopg.Connection[Any]) -> list[tuple[str, str, str]]:
     """(kind, name, worktree id) of every object carrying a devd marker on this server."""
     rows = conn.execute(_MARKED).fetchall()
-    return [(kind, name, pgnames.owner_of_marker(comment) or "") for kind, name, comment in rows]
+    return [(kind, name, names.owner_of_marker(comment) or "") for kind, name, comment in rows]
 
 
 @dataclass(frozen=True)

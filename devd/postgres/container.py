@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from devd import pgdump, pgnames, pgserver
 from devd.errors import DevdError, OwnershipConflict
+from devd.postgres import dump, names, server
+from devd.postgres.records import record_intent
 from devd.provisioners.base import Context, Health, Progress
 from devd.provisioners.ports import lease_internal
 
@@ -46,17 +47,15 @@ def client() -> DockerClient:
 
 
 def labels(wt_id: str) -> dict[str, str]:
-    return {pgnames.LABEL_OWNER: wt_id, pgnames.LABEL_KIND: "postgres"}
+    return {names.LABEL_OWNER: wt_id, names.LABEL_KIND: "postgres"}
 
 
 def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
     import docker
 
-    from devd.provisioners.postgres import record_intent
-
     dk, wt_id = client(), ctx.worktree.id
-    name, port = pgnames.docker_name(wt_id), lease_internal(ctx, PORT_LEASE)
-    pgserver.remember(ctx.paths, pgserver.DOCKER)
+    name, port = names.docker_name(wt_id), lease_internal(ctx, PORT_LEASE)
+    server.remember(ctx.paths, server.DOCKER)
     record_intent(ctx, mode="container", name=name, container=name, volume=name, port=port,
                   host="127.0.0.1", image=ctx.config.postgres.image)
     try:
@@ -72,7 +71,7 @@ def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
             container.remove(force=True)
             container = None
         password = _password(container) or ctx.recorded("postgres").get("password") \
-            or pgnames.new_password()
+            or names.new_password()
         record_intent(ctx, password=password)
         if container is None:
             container = _create(dk, ctx, name, port, password, progress)
@@ -99,7 +98,7 @@ def _owned(collection: Any, name: str, wt_id: str) -> Any:
         return None
     owner = (found.attrs.get("Config", {}).get("Labels") if hasattr(found, "status")
              else found.attrs.get("Labels")) or {}
-    if owner.get(pgnames.LABEL_OWNER) != wt_id:
+    if owner.get(names.LABEL_OWNER) != wt_id:
         raise OwnershipConflict(
             f"Docker {type(found).__name__.lower()} {name!r} exists but is not labelled as "
             f"devd's for worktree {wt_id}",
@@ -252,7 +251,7 @@ def teardown(ctx: Context, detail: dict[str, Any]) -> None:
     except docker.errors.APIError as exc:
         raise _api_error(exc, name, int(detail.get("port", 0))) from exc
     ctx.registry.release_leases(wt_id, {PORT_LEASE})
-    pgdump.prune(ctx.paths)
+    dump.prune(ctx.paths)
 
 
 def _backup(ctx: Context, dk: DockerClient, container: Container | None,
@@ -265,7 +264,7 @@ def _backup(ctx: Context, dk: DockerClient, container: Container | None,
     elif container.status != "running":
         container.start()
     _wait_ready(container, int(detail["port"]), detail["password"], lambda *a, **k: None)
-    target = pgdump.new_dump_path(ctx.paths, ctx.worktree.id)
+    target = dump.new_dump_path(ctx.paths, ctx.worktree.id)
     exec_id = dk.api.exec_create(container.id, ["pg_dump", "-Fc", "-U", SUPERUSER, DBNAME],
                                  user="postgres")["Id"]
     errors = []
@@ -280,7 +279,7 @@ def _backup(ctx: Context, dk: DockerClient, container: Container | None,
         raise DevdError(f"pg_dump in {container.name} failed: {''.join(errors).strip()}; "
                         "nothing was dropped", "fix the cause, or pass --no-backup",
                         code="backup_failed")
-    ctx.outputs.setdefault("dumps", []).append(str(pgdump.verify(target)))
+    ctx.outputs.setdefault("dumps", []).append(str(dump.verify(target)))
 
 
 def restore(ctx: Context, detail: dict[str, Any], dump: Path) -> None:
@@ -308,11 +307,11 @@ def orphans(known_ids: set[str]) -> list[dict[str, str]]:
     try:
         dk = docker.from_env(timeout=5)
         found = [("container", c.name, c.labels) for c in
-                 dk.containers.list(all=True, filters={"label": pgnames.LABEL_OWNER})]
+                 dk.containers.list(all=True, filters={"label": names.LABEL_OWNER})]
         found += [("volume", v.name, v.attrs.get("Labels") or {}) for v in
-                  dk.volumes.list(filters={"label": pgnames.LABEL_OWNER})]
+                  dk.volumes.list(filters={"label": names.LABEL_OWNER})]
     except (docker.errors.DockerException, requests.RequestException):
         return []
     return [{"kind": kind, "name": name, "worktree_id": owner, "where": "docker"}
             for kind, name, tags in found
-            if (owner := tags.get(pgnames.LABEL_OWNER, "")) not in known_ids]
+            if (owner := tags.get(names.LABEL_OWNER, "")) not in known_ids]

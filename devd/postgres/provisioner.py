@@ -1,0 +1,122 @@
+"""Postgres per worktree: a schema, a database or a container, chosen by [postgres] mode.
+
+The modes live in sqlmodes.py (schema, database) and container.py; this is their face.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from devd.errors import DevdError, OwnershipConflict
+from devd.postgres import container, dump, names, server, sqlmodes
+from devd.postgres.records import SQL_MODES, public_view
+from devd.provisioners.base import Context, Health, Progress, Provisioner
+
+
+class PostgresProvisioner(Provisioner):
+    kind = "postgres"
+    holds_data = True
+
+    def applies(self, ctx: Context) -> bool:
+        # Mode none and nothing recorded: this worktree has no Postgres at all.
+        return ctx.config.postgres.mode != "none" or bool(ctx.recorded(self.kind).get("mode"))
+
+    def ensure(self, ctx: Context, progress: Progress) -> dict[str, Any]:
+        mode, recorded = ctx.config.postgres.mode, ctx.recorded(self.kind)
+        old = recorded.get("mode", "none")
+        if old not in ("none", mode):
+            if mode == "none":
+                progress("postgres", f"[postgres] removed; the {old} is kept until "
+                         "`devd release --yes`")
+                return recorded
+            raise DevdError(f"[postgres] mode changed from {old} to {mode}",
+                            f"run `devd release --yes` first (a dump of the {old} is kept), "
+                            "then provision again", code="config")
+        if mode == "none":
+            return {"mode": "none"}
+        if mode == "container":
+            return container.ensure(ctx, progress)
+        return sqlmodes.ensure_sql(ctx, progress, mode)
+
+    def check(self, ctx: Context, detail: dict[str, Any]) -> Health:
+        mode = detail.get("mode", "none")
+        if mode == "container":
+            return container.check(ctx, detail)
+        if mode in SQL_MODES:
+            return sqlmodes.check_sql(detail)
+        return Health(True)
+
+    def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
+        try:
+            self._teardown(ctx, detail)
+        except OwnershipConflict:
+            if detail.get("complete") or detail.get("initialized"):
+                raise  # something replaced what devd made: say so, touch nothing
+            # Only an intent was recorded: the name was someone else's from the start (the
+            # provision failed on that conflict), so there is nothing of ours to remove.
+
+    def _teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
+        mode = detail.get("mode", "none")
+        if mode == "container":
+            container.teardown(ctx, detail)
+        elif mode in SQL_MODES:
+            sqlmodes.teardown_sql(ctx, detail)
+
+    def env(self, ctx: Context, detail: dict[str, Any]) -> dict[str, str]:
+        if detail.get("mode", "none") == "none" or "password" not in detail:
+            return {}
+        return names.env_for(detail)
+
+
+def restore(ctx: Context, detail: dict[str, Any], source: str | None) -> dict[str, Any]:
+    """Load a dump (the worktree's latest by default) into its provisioned Postgres."""
+    found = Path(source) if source else dump.latest(ctx.paths, ctx.worktree.id)
+    if found is None:
+        raise DevdError(f"no dump of worktree {ctx.worktree.id} in {dump.dumps_dir(ctx.paths)}",
+                        "pass the dump's path: devd restore --dump FILE", code="usage")
+    path = dump.verify(found)
+    mode = detail.get("mode", "none")
+    if mode == "container":
+        container.restore(ctx, detail, path)
+    elif mode in SQL_MODES:
+        url = names.env_for(detail)["DATABASE_URL"]
+        dump.restore_local(url, detail["database"], path,
+                             skip_schema=detail["name"] if mode == "schema" else None)
+    else:
+        raise DevdError(f"{ctx.worktree.path} has no Postgres provisioned",
+                        "set [postgres] mode in devd.toml and run `devd provision` first",
+                        code="usage")
+    return {"restored": str(path), "mode": mode, "name": detail.get("name")}
+
+
+
+def orphans(ctx_paths: Any, known_ids: set[str]) -> list[dict[str, str]]:
+    """Objects with devd's marker, on every server devd has used, that no worktree owns."""
+    found: list[dict[str, str]] = []
+    for url in server.servers(ctx_paths):
+        if url == server.DOCKER:
+            found += container.orphans(known_ids)
+            continue
+        try:
+            with server.connect(url, timeout=2) as conn:
+                marked = server.marked_objects(conn)
+        except (DevdError, psycopg.Error):
+            continue  # a server that is down has no orphans we could do anything about
+        where = names.mask_url(url) or "default server"
+        found += [{"kind": kind, "name": name, "worktree_id": owner, "where": where}
+                  for kind, name, owner in marked if owner not in known_ids]
+    return found
+
+
+def status_entry(details: dict[str, dict[str, Any]], checked: dict[str, Health]
+                 ) -> dict[str, Any]:
+    """{"postgres": {...}} for `devd status --json` when the worktree has one, else {}."""
+    detail = details.get("postgres", {})
+    if detail.get("mode", "none") == "none":
+        return {}
+    health = checked.get("postgres")
+    state = health.detail.get("state", "ready") if health else "unchecked"
+    return {"postgres": public_view(detail, state)}
