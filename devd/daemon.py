@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -11,12 +12,16 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from devd import protocol, sdnotify
-from devd.errors import DevdError, ProtocolError
+from devd.errors import DevdError, ProtocolError, storage_error
 from devd.handlers import Service
+from devd.intake import Intake, Waiting, pending_limit
+from devd.params import check as check_params
 from devd.paths import Paths, ensure_private_dir
 from devd.registry import Registry
 from devd.settings import Settings, load_settings
@@ -24,8 +29,12 @@ from devd.watch import RepoWatcher
 from devd.watchers.monitor import WatcherMonitor
 
 log = logging.getLogger("devd")
-# A client gets this long to send its request line; a silent one must not hold a thread.
-REQUEST_TIMEOUT = 10.0
+# Requests run at once; beyond this a client is told `busy` (each one is two threads).
+MAX_WORKERS = 32
+SEND_TIMEOUT = 30.0
+ACCEPT_BATCH = 64
+ACCEPT_BACKOFF = 0.5
+FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class AlreadyRunning(DevdError):
@@ -43,6 +52,9 @@ class Daemon:
         self._lock_fd: int | None = None
         self._listener: socket.socket | None = None
         self._socket_ino: int | None = None
+        self._slots = threading.BoundedSemaphore(MAX_WORKERS)
+        self._paused_until = 0.0
+        self._exhausted = False
         # Taken at once: only this process may notify systemd, never a child it spawns.
         self._notifier = sdnotify.Notifier.from_environ()
 
@@ -143,22 +155,91 @@ class Daemon:
     def _serve(self, service: Service) -> None:
         assert self._listener is not None
         with selectors.DefaultSelector() as selector:
+            intake = Intake(selector, self.settings.request_timeout, pending_limit())
             selector.register(self._listener, selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
-            while not self._stop.is_set():
-                for key, _ in selector.select():
-                    if key.fileobj is self._listener:
-                        self._accept(service)
+            try:
+                while not self._stop.is_set():
+                    for key, _ in selector.select(self._select_timeout(intake)):
+                        self._on_ready(key, selector, intake, service)
+                    intake.expire()
+                    self._resume(selector)
+            finally:
+                intake.close_all()
 
-    def _accept(self, service: Service) -> None:
+    def _select_timeout(self, intake: Intake) -> float | None:
+        """Wake for the next request deadline or the end of an accept back-off."""
+        wakes = [t for t in (intake.next_deadline(), self._paused_until) if t]
+        return max(min(wakes) - time.monotonic(), 0.0) if wakes else None
+
+    def _on_ready(self, key: selectors.SelectorKey, selector: selectors.BaseSelector,
+                  intake: Intake, service: Service) -> None:
+        if key.fileobj is self._listener:
+            self._accept(selector, intake)
+        elif key.fileobj == self._wake_r:
+            os.read(self._wake_r, 64)
+        elif (waiting := intake.ready(key.fd)) is not None:
+            self._start(waiting, service)
+
+    def _accept(self, selector: selectors.BaseSelector, intake: Intake) -> None:
+        """Take what the backlog holds; out of fds, drop the oldest idle client or back off.
+        No accept error ever ends the serve loop."""
         assert self._listener is not None
-        try:
-            conn, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in FD_EXHAUSTED and intake.drop_oldest():
+                    continue
+                self._back_off(selector, exc)
+                return
+            self._exhausted = False
+            self._admit(conn, intake)
+
+    def _admit(self, conn: socket.socket, intake: Intake) -> None:
+        pid, uid = protocol.peer_creds(conn)
+        if uid is not None and uid != os.getuid():
+            log.warning("refused a connection from uid %d", uid)
+            with conn, contextlib.suppress(OSError):
+                conn.setblocking(False)
+                conn.send(protocol.encode({"ok": False, "error": ProtocolError(
+                    f"uid {uid} may not use this daemon (owner uid {os.getuid()})",
+                    "each user runs their own devd").to_dict()}))
             return
-        conn.setblocking(True)
-        threading.Thread(target=Connection(conn, service).handle, daemon=True,
+        intake.add(conn, pid)
+
+    def _back_off(self, selector: selectors.BaseSelector, exc: OSError) -> None:
+        """Stop selecting the listener for a moment (it stays readable: no busy loop)."""
+        if not self._exhausted:
+            log.warning("accept failed (%s); pausing new connections for %g s", exc,
+                        ACCEPT_BACKOFF)
+        self._exhausted = True
+        self._paused_until = time.monotonic() + ACCEPT_BACKOFF
+        assert self._listener is not None
+        selector.unregister(self._listener)
+
+    def _resume(self, selector: selectors.BaseSelector) -> None:
+        if self._paused_until and time.monotonic() >= self._paused_until:
+            self._paused_until = 0.0
+            assert self._listener is not None
+            selector.register(self._listener, selectors.EVENT_READ)
+
+    def _start(self, waiting: Waiting, service: Service) -> None:
+        """Hand a complete request to a handler thread; with every slot taken, say `busy`."""
+        connection = Connection(waiting.sock, service, waiting.pid)
+        if not self._slots.acquire(blocking=False):
+            connection.refuse_busy()
+            return
+        threading.Thread(target=self._run, args=(connection, waiting.line), daemon=True,
                          name="devd-conn").start()
+
+    def _run(self, connection: Connection, line: bytes) -> None:
+        try:
+            connection.handle(line)
+        finally:
+            self._slots.release()
 
     def _unbind(self) -> None:
         if self._listener is not None:
@@ -171,66 +252,88 @@ class Daemon:
 
 
 class Connection:
-    """One request on one connection: read a line, stream progress, write one reply."""
+    """One request on one connection: parse its line, stream progress, write one reply."""
 
-    def __init__(self, sock: socket.socket, service: Service) -> None:
+    def __init__(self, sock: socket.socket, service: Service, pid: int | None) -> None:
         self.sock = sock
         self.service = service
+        self.pid = pid
         self._alive = True
+        self._sending = threading.Lock()
+        # A client that stops reading gets this long per reply before it is dropped.
+        self.sock.settimeout(SEND_TIMEOUT)
 
-    def handle(self) -> None:
+    def handle(self, line: bytes) -> None:
         with self.sock:
             try:
-                self._check_peer()
-                self.sock.settimeout(REQUEST_TIMEOUT)
-                line = protocol.LineReader(self.sock, protocol.MAX_REQUEST_BYTES).readline()
-                self.sock.settimeout(None)
-                method, params = protocol.parse_request(protocol.decode(line))
-                result = self._dispatch(method, params)
+                self.service.peer.pid = self.pid  # per thread: see Service.peer_pid
+                message = protocol.decode(line)
+                method, params = protocol.parse_request(message)
+                with self._heartbeat(message.get("heartbeat") is True):
+                    result = self._dispatch(method, params)
                 self._send({"ok": True, "result": result})
             except DevdError as exc:
                 self._send({"ok": False, "error": exc.to_dict()})
-            except (TimeoutError, ConnectionError) as exc:
-                log.debug("client went away: %s", exc)
             except Exception as exc:  # a bug must not kill the daemon; log it and say so
-                log.error("internal error: %s", traceback.format_exc())
-                self._send({"ok": False, "error": {
-                    "code": "internal",
-                    # The type and a short message only: a repr can carry file contents.
-                    "message": f"internal error: {type(exc).__name__}: {str(exc)[:200]}",
-                    "hint": "this is a devd bug; the daemon log has the traceback"}})
+                self._send({"ok": False, "error": _unexpected(exc)})
 
-    def _check_peer(self) -> None:
-        pid, uid = protocol.peer_creds(self.sock)
-        self.service.peer.pid = pid  # per thread: see Service.peer_pid
-        if uid is not None and uid != os.getuid():
-            log.warning("refused a connection from uid %d", uid)
-            raise ProtocolError(f"uid {uid} may not use this daemon (owner uid {os.getuid()})",
-                                "each user runs their own devd")
+    def refuse_busy(self) -> None:
+        with self.sock:
+            self._send({"ok": False, "error": DevdError(
+                f"the daemon is busy: {MAX_WORKERS} requests are running",
+                "retry in a moment", code="busy").to_dict()})
 
     def _dispatch(self, method: str, params: dict[str, Any]) -> Any:
         handler = self.service.handler(method)
         if handler is None:
             raise ProtocolError(f"unknown method {method!r}", "see docs/protocol.md")
+        check_params(handler, method, params)
+        return handler(self._progress, **params)
+
+    @contextlib.contextmanager
+    def _heartbeat(self, wanted: bool) -> Iterator[None]:
+        """While the handler runs, a heartbeat line every few seconds, if the client asked."""
+        if not wanted:
+            yield
+            return
+        done = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(done,), daemon=True, name="devd-beat")
+        beat.start()
         try:
-            return handler(self._progress, **params)
-        except TypeError as exc:
-            if "argument" not in str(exc):
-                raise
-            raise ProtocolError(f"bad parameters for {method!r}: {exc}",
-                                "see docs/protocol.md") from exc
+            yield
+        finally:
+            done.set()
+            beat.join()
+
+    def _beat(self, done: threading.Event) -> None:
+        while not done.wait(protocol.HEARTBEAT_SECONDS):
+            self._send({"event": "heartbeat"})
 
     def _progress(self, phase: str, message: str, **extra: Any) -> None:
         self._send({"event": "progress", "phase": phase, "message": message, **extra})
 
     def _send(self, message: dict[str, Any]) -> None:
         """A client that disconnected mid-request loses its replies; the work goes on."""
-        if not self._alive:
-            return
-        try:
-            self.sock.sendall(protocol.encode(message))
-        except OSError:
-            self._alive = False
+        with self._sending:
+            if not self._alive:
+                return
+            try:
+                self.sock.sendall(protocol.encode(message))
+            except OSError as exc:
+                log.debug("client went away: %s", exc)
+                self._alive = False
+
+
+def _unexpected(exc: Exception) -> dict[str, str]:
+    """A full or read-only disk is said plainly; anything else is a devd bug."""
+    storage = storage_error(exc)
+    if storage is not None:
+        log.error("%s", storage.message)
+        return storage.to_dict()
+    log.error("internal error: %s", traceback.format_exc())
+    # The type and a short message only: a repr can carry file contents.
+    return {"code": "internal", "message": f"internal error: {type(exc).__name__}: "
+            f"{str(exc)[:200]}", "hint": "this is a devd bug; the daemon log has the traceback"}
 
 
 def main(paths: Paths | None = None) -> int:
@@ -242,10 +345,18 @@ def main(paths: Paths | None = None) -> int:
     try:
         Daemon(load_settings(paths), paths).run()
     except DevdError as exc:
-        print(f"devd daemon: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return 1
+        return _report(exc)
+    except OSError as exc:  # a read-only or full state dir, said plainly
+        if (storage := storage_error(exc)) is None:
+            raise
+        return _report(storage)
     return 0
+
+
+def _report(exc: DevdError) -> int:
+    print(f"devd daemon: {exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=sys.stderr)
+    return 1
 
 

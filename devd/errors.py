@@ -98,3 +98,29 @@ _BY_CODE: dict[str, type[DevdError]] = {
         DaemonUnreachable,
     )
 }
+
+
+# errno names for the storage failures a person can fix (a full disk, a read-only mount).
+_STORAGE = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is exceeded",
+            "EROFS": "the file system is read-only"}
+
+
+def storage_error(exc: BaseException) -> DevdError | None:
+    """A full or read-only disk as a clear DevdError (code `storage`), else None."""
+    import errno
+    import sqlite3
+
+    if isinstance(exc, OSError):
+        what = _STORAGE.get(errno.errorcode.get(exc.errno or 0, ""))
+        where = exc.filename or "a file"
+    elif isinstance(exc, sqlite3.OperationalError) and \
+            ("full" in str(exc) or "readonly" in str(exc)):
+        what, where = ("the disk is full" if "full" in str(exc)
+                       else "the file system is read-only"), "the registry"
+    else:
+        return None
+    if what is None:
+        return None
+    return DevdError(f"cannot write {where}: {what} ({exc})",
+                     "free some space or make devd's state directory writable "
+                     "(DEVD_HOME), then retry", code="storage")

@@ -1,7 +1,7 @@
 """The wire protocol: newline-delimited JSON over a Unix socket, one request per connection.
 
 Client → daemon:  {"v": 1, "method": "status", "params": {...}}
-Daemon → client:  zero or more {"event": "progress", ...} lines, then exactly one
+Daemon → client:  zero or more {"event": "progress" | "heartbeat", ...} lines, then exactly one
                   {"ok": true, "result": ...} or
                   {"ok": false, "error": {"code", "message", "hint"}}.
 See docs/protocol.md.
@@ -10,9 +10,11 @@ See docs/protocol.md.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import struct
 import sys
+import time
 from typing import Any
 
 from devd.errors import ProtocolError
@@ -21,16 +23,48 @@ VERSION = 1
 # A request is a method name and a few paths; a reply is at most the whole status.
 MAX_REQUEST_BYTES = 1 << 20
 MAX_REPLY_BYTES = 64 << 20
+# While a request runs, the daemon sends {"event": "heartbeat"} this often (if asked to), so
+# a client can give up on a silent daemon without cutting off minutes-long work.
+HEARTBEAT_SECONDS = 1.0
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    """One strict JSON line: NaN and Infinity, which other parsers refuse, become null."""
+    try:
+        text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        text = json.dumps(finite(message), separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False)
+    return text.encode() + b"\n"
+
+
+def finite(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is out of range")
+    return number
 
 
 def decode(line: bytes) -> dict[str, Any]:
+    """Parse one strict JSON object: NaN, Infinity and 1e999 are refused."""
     try:
-        message = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        message = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"malformed JSON line: {exc}", "send one JSON object per line") from exc
     if not isinstance(message, dict):
         raise ProtocolError("a message must be a JSON object", "send one JSON object per line")
@@ -62,7 +96,9 @@ class LineReader:
         self._limit = limit
         self._buffer = bytearray()
 
-    def readline(self) -> bytes:
+    def readline(self, deadline: float | None = None) -> bytes:
+        """The next line; with `deadline` (time.monotonic()), TimeoutError once it passes,
+        however slowly the bytes trickle in."""
         while True:
             end = self._buffer.find(b"\n")
             if end >= 0:
@@ -73,6 +109,8 @@ class LineReader:
                 raise ProtocolError(
                     f"message longer than {self._limit} bytes", "requests must be one short line"
                 )
+            if deadline is not None:
+                self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
             chunk = self._sock.recv(65536)
             if not chunk:
                 if self._buffer:

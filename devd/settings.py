@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     gc_grace: str = "24h"
     browser: str = ""
     kill_timeout: float = Field(5.0, gt=0)
+    # Seconds a client has to send its whole request line (DEVD_REQUEST_TIMEOUT).
+    request_timeout: float = Field(10.0, gt=0)
     # Admin connection for [postgres] schema/database modes; wins over devd.toml's url.
     postgres_url: str = ""
     # How many worktrees install dependencies at once; 0 means the number of cores.

@@ -74,7 +74,7 @@ def test_garbage_and_oversized_lines_are_rejected_and_daemon_keeps_serving(devd:
     unknown = request(devd, b'{"v": 1, "method": "explode", "params": {}}\n')
     assert "unknown method" in unknown[-1]["error"]["message"]
     bad_params = request(devd, b'{"v": 1, "method": "ping", "params": {"x": 1}}\n')
-    assert bad_params[-1]["error"]["code"] == "protocol"
+    assert bad_params[-1]["error"]["code"] == "usage"
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(str(devd.paths.socket))
         # 10 MB, no newline; the daemon may close on us before we finish: that is the point.
