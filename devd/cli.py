@@ -14,8 +14,8 @@ import sys
 from typing import Any
 
 from devd import __version__, dotenv
-from devd.client import Client, caller_overrides
-from devd.errors import DaemonUnreachable, DevdError, UsageError
+from devd.client import Client, caller_overrides, timeout_from
+from devd.errors import DaemonUnreachable, DevdError, UsageError, storage_error
 from devd.paths import Paths
 from devd.progressbar import ProgressPrinter
 from devd.render import render_worktree, safe
@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         from devd.daemon import main as daemon_main
 
         return daemon_main(paths)
-    client = Client(paths, autostart=os.environ.get("DEVD_NO_AUTOSTART", "") in ("", "0"),
-                    on_autostart=_starting)
     try:
+        client = Client(paths, autostart=os.environ.get("DEVD_NO_AUTOSTART", "") in ("", "0"),
+                        on_autostart=_starting, timeout=timeout_from(os.environ))
         return COMMANDS[args.command](client, args)
     except DaemonUnreachable as exc:
         return _fail(exc, EXIT_UNREACHABLE, args)
@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         # `devd status | head`: the reader left. Silence the flush at exit, as shell tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:  # a full or read-only state dir (say, starting the daemon's log)
+        if (storage := storage_error(exc)) is None:
+            raise
+        return _fail(storage, EXIT_ERROR, args)
 
 
 def _starting(paths: Paths) -> None:

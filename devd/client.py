@@ -5,6 +5,8 @@ Starts a daemon in the background when none answers, unless DEVD_NO_AUTOSTART=1.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import socket
 import sys
@@ -13,33 +15,41 @@ from collections.abc import Callable
 from typing import Any
 
 from devd import protocol
-from devd.errors import DaemonUnreachable, DevdError, ProtocolError
+from devd.errors import DaemonUnreachable, DevdError, ProtocolError, UsageError
 from devd.paths import Paths, ensure_private_dir, flock_held
 
 ProgressHandler = Callable[[dict[str, Any]], None]
 AUTOSTART_TIMEOUT = 15.0
+# Seconds to wait for the daemon's next message (DEVD_TIMEOUT); it sends a heartbeat every
+# second while a request runs, so this bounds a stopped daemon, never a slow request.
+DEFAULT_TIMEOUT = 5.0
 _UNREACHABLE = (FileNotFoundError, ConnectionRefusedError, NotADirectoryError)
 
 
 class Client:
     def __init__(self, paths: Paths, autostart: bool = True,
-                 on_autostart: Callable[[Paths], None] | None = None) -> None:
+                 on_autostart: Callable[[Paths], None] | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
         self.paths = paths
         self.autostart = autostart
         self.on_autostart = on_autostart  # starting takes a second: say so
+        self.timeout = timeout
 
     def call(self, method: str, params: dict[str, Any] | None = None,
-             on_progress: ProgressHandler | None = None) -> Any:
-        """Send one request; raise the daemon's error as the matching DevdError."""
+             on_progress: ProgressHandler | None = None, deadline: float | None = None) -> Any:
+        """Send one request; raise the daemon's error as the matching DevdError. The daemon
+        must say something (progress or a heartbeat) every `timeout` seconds; with
+        `deadline` (time.monotonic()), the whole call ends by then, whatever it says."""
         sock = self._connect()
         with sock:
-            sock.sendall(protocol.encode(protocol.request(method, params)))
+            _send(sock, protocol.request(method, params) | {"heartbeat": True})
             reader = protocol.LineReader(sock, protocol.MAX_REPLY_BYTES)
             while True:
-                message = protocol.decode(reader.readline())
-                if message.get("event") == "progress":
-                    if on_progress:
-                        on_progress(message)
+                message = self._next(reader, deadline)
+                event = message.get("event")
+                if event == "progress" and on_progress:
+                    on_progress(message)
+                if event is not None:  # progress, heartbeat, and kinds added later
                     continue
                 if message.get("ok") is True:
                     return message.get("result")
@@ -47,16 +57,44 @@ class Client:
                     raise DevdError.from_dict(message["error"])
                 raise ProtocolError(f"unexpected reply from the daemon: {message!r:.200}")
 
+    def _next(self, reader: protocol.LineReader, deadline: float | None) -> dict[str, Any]:
+        """The daemon's next message, within the idle timeout and the call's deadline."""
+        idle = time.monotonic() + self.timeout
+        try:
+            return protocol.decode(reader.readline(min(idle, deadline or idle)))
+        except TimeoutError:
+            if deadline is not None and deadline < idle:
+                raise DevdError("the devd daemon did not finish in time", "see `devd status`",
+                                code="timeout") from None
+            raise self._silent() from None
+        except ConnectionError as exc:
+            raise DaemonUnreachable(f"the devd daemon dropped the connection ({exc})",
+                                    f"it may have crashed or restarted; see {self.paths.daemon_log}"
+                                    ) from None
+
+    def _silent(self) -> DaemonUnreachable:
+        pid = _daemon_pid(self.paths)
+        return DaemonUnreachable(
+            f"the devd daemon{f' (pid {pid})' if pid else ''} on {self.paths.socket} sent "
+            f"nothing for {self.timeout:g} s: it is stopped, stuck or overloaded",
+            f"check it (`ps -o stat= -p {pid or 'PID'}`; `kill -CONT` a stopped one, or restart "
+            f"it); see {self.paths.daemon_log}; DEVD_TIMEOUT sets how long to wait")
+
     def _connect(self) -> socket.socket:
         try:
-            return connect(self.paths)
+            return connect(self.paths, self.timeout)
+        except TimeoutError:  # the backlog is full: a daemon holds the socket but accepts none
+            raise self._silent() from None
         except _UNREACHABLE as exc:
             if not self.autostart:
                 raise self._unreachable(exc) from exc
         if self.on_autostart:
             self.on_autostart(self.paths)
         start_daemon(self.paths)
-        return connect(self.paths)
+        try:
+            return connect(self.paths, self.timeout)
+        except (TimeoutError, *_UNREACHABLE) as exc:
+            raise self._unreachable(exc) from exc
 
     def _unreachable(self, exc: OSError) -> DaemonUnreachable:
         return DaemonUnreachable(
@@ -73,10 +111,42 @@ def caller_overrides() -> dict[str, str]:
     return {"postgres_url": url} if url else {}
 
 
-def connect(paths: Paths) -> socket.socket:
+def timeout_from(environ: dict[str, str] | os._Environ[str]) -> float:
+    """DEVD_TIMEOUT: how many seconds the CLI waits for the daemon's next word."""
+    raw = environ.get("DEVD_TIMEOUT", "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise UsageError(f"DEVD_TIMEOUT={raw!r} is not a positive number of seconds",
+                         f"unset it for the default ({DEFAULT_TIMEOUT:g} s)")
+    return value
+
+
+def _send(sock: socket.socket, message: dict[str, Any]) -> None:
+    """A daemon that refuses a request early (say, one too long) closes before reading it
+    all: its error reply is already in our buffer, so read on instead of failing here."""
+    try:
+        sock.sendall(protocol.encode(message))
+    except (BrokenPipeError, ConnectionResetError):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+
+
+def _daemon_pid(paths: Paths) -> int | None:
+    """The pid the running daemon wrote into its lock file, if any."""
+    try:
+        return int(paths.lock_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def connect(paths: Paths, timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
     """Connect, and make sure the daemon answering is ours: in a shared /tmp anyone could
     have made the directory and put a socket of their own there."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
     try:
         sock.connect(str(paths.socket))
         server = protocol.peer_uid(sock)
@@ -111,7 +181,7 @@ def start_daemon(paths: Paths) -> None:
         try:
             connect(paths).close()
             return
-        except _UNREACHABLE:
+        except (TimeoutError, *_UNREACHABLE):
             pass
         if proc.poll() is not None and not _lock_held_by_other(paths):
             raise DaemonUnreachable(

@@ -50,6 +50,10 @@ CLAUDE_COMMANDS = {"WorktreeCreate": "devd hook claude-create",
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 MAX_INPUT = 1 << 20
 POLL = 0.2
+# Hooks are someone's wait: git gets this long per command, and claude-remove's release
+# this long in all (Claude Code gives a hook 60 s; the worktree removal needs the rest).
+GIT_TIMEOUT = 30.0
+RELEASE_DEADLINE = 20.0
 GIT_ENV_DROP = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX")
 
 
@@ -57,9 +61,14 @@ def git(cwd: Path, *args: str, check: bool = True, stdout: int | None = None
         ) -> subprocess.CompletedProcess[str]:
     """Run git in cwd, ignoring any GIT_DIR a calling hook exported."""
     env = {k: v for k, v in os.environ.items() if k not in GIT_ENV_DROP}
-    result = subprocess.run(["git", "-C", str(cwd), *args], env=env, text=True, timeout=120,
-                            stdout=stdout if stdout is not None else subprocess.PIPE,
-                            stderr=subprocess.PIPE, check=False)
+    try:
+        result = subprocess.run(["git", "-C", str(cwd), *args], env=env, text=True,
+                                timeout=GIT_TIMEOUT, check=False, stderr=subprocess.PIPE,
+                                stdout=stdout if stdout is not None else subprocess.PIPE)
+    except subprocess.TimeoutExpired:
+        raise DevdError(f"git {args[0]} in {cwd} did not finish within {GIT_TIMEOUT:g} s",
+                        "a hook must not hang: see what holds the repository's lock",
+                        code="timeout") from None
     if check and result.returncode != 0:
         raise NotAWorktree(f"git {args[0]} in {cwd} failed: {result.stderr.strip()}",
                            "run it inside a git repository")
@@ -302,7 +311,8 @@ def _release(client: Client, path: Path, say: Say) -> None:
         return
     try:
         yes = bool(claude_config(config_root).get("release_data", False))
-        client.call("release", {"path": str(path), "yes": yes})
+        client.call("release", {"path": str(path), "yes": yes},
+                    deadline=time.monotonic() + RELEASE_DEADLINE)
         say(f"released devd's resources for {path}")
     except NotRegistered:
         say(f"{path} was not registered with devd; nothing to release")
@@ -367,8 +377,5 @@ def _registered(client: Client, path: Path) -> dict[str, Any] | None:
 
 def _is_worktree_root(path: Path) -> bool:
     """True if `path` is the top directory of a git worktree."""
-    import subprocess
-
-    result = subprocess.run(["git", "-C", str(path), "rev-parse", "--show-toplevel"],
-                            capture_output=True, text=True, timeout=15, check=False)
+    result = git(path, "rev-parse", "--show-toplevel", check=False)
     return result.returncode == 0 and Path(result.stdout.strip()).resolve() == path.resolve()

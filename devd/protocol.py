@@ -113,9 +113,8 @@ class LineReader:
                 self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
             chunk = self._sock.recv(65536)
             if not chunk:
-                if self._buffer:
-                    raise ProtocolError("connection closed in the middle of a message")
-                raise ProtocolError("connection closed before a message arrived")
+                where = "in the middle of a message" if self._buffer else "before a message"
+                raise ConnectionResetError(f"the connection closed {where}")
             self._buffer += chunk
 
 

@@ -88,14 +88,16 @@ def test_a_nested_unregistered_worktree_is_not_mistaken_for_its_parent(devd: Dev
     assert result.returncode == 1 and "not registered" in result.stderr
 
 
-def test_wrong_parameter_types_are_protocol_errors(devd: Devd) -> None:
-    for params in ({"path": 123}, {"path": None}, {"path": ""}):
+def test_wrong_parameter_types_are_refused(devd: Devd) -> None:
+    # Types are checked by the daemon (usage); an empty path by the handler (protocol).
+    for params, code in (({"path": 123}, "usage"), ({"path": None}, "usage"),
+                         ({"path": ""}, "protocol")):
         with socket.socket(socket.AF_UNIX) as sock:
             sock.connect(str(devd.paths.socket))
             request = {"v": 1, "method": "provision", "params": params}
             sock.sendall(json.dumps(request).encode() + b"\n")
             reply = json.loads(sock.makefile().readline())
-        assert reply["error"]["code"] == "protocol", reply
+        assert reply["error"]["code"] == code, reply
 
 
 def test_json_errors_go_to_stdout_for_scripts(devd: Devd, tmp_path: Path) -> None:
