@@ -21,7 +21,7 @@ from devd.paths import Paths, ensure_private_dir, flock_held
 ProgressHandler = Callable[[dict[str, Any]], None]
 AUTOSTART_TIMEOUT = 15.0
 # Seconds to wait for the daemon's next message (DEVD_TIMEOUT); it sends a heartbeat every
-# second while a request runs, so this bounds a stopped daemon, never a slow request.
+# half second while a request runs, so this bounds a stopped daemon, never a slow request.
 DEFAULT_TIMEOUT = 5.0
 _UNREACHABLE = (FileNotFoundError, ConnectionRefusedError, NotADirectoryError)
 
@@ -148,7 +148,7 @@ def connect(paths: Paths, timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(str(paths.socket))
+        _connect_within(sock, str(paths.socket), time.monotonic() + timeout)
         server = protocol.peer_uid(sock)
     except OSError:
         sock.close()
@@ -160,6 +160,19 @@ def connect(paths: Paths, timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
             f"remove {paths.runtime_dir} if you trust nothing in it, or set XDG_RUNTIME_DIR",
         )
     return sock
+
+
+def _connect_within(sock: socket.socket, path: str, deadline: float) -> None:
+    """A full backlog answers a Unix connect with EAGAIN at once (a socket with a timeout
+    is non-blocking inside): try again until the deadline."""
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{path}: the daemon accepts no connections") from None
+            time.sleep(0.05)
 
 
 def start_daemon(paths: Paths) -> None:

@@ -33,6 +33,7 @@ log = logging.getLogger("devd")
 MAX_WORKERS = 32
 SEND_TIMEOUT = 30.0
 ACCEPT_BATCH = 64
+BACKLOG = 1024  # the kernel caps it at net.core.somaxconn
 ACCEPT_BACKOFF = 0.5
 FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -141,7 +142,7 @@ class Daemon:
             sock.bind(str(path))
         finally:
             os.umask(old_umask)
-        sock.listen(128)
+        sock.listen(BACKLOG)
         sock.setblocking(False)
         self._socket_ino = path.stat().st_ino
         return sock

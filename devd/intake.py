@@ -9,6 +9,7 @@ while a real client, which sends its line at once, gets in.
 from __future__ import annotations
 
 import contextlib
+import logging
 import resource
 import selectors
 import socket
@@ -17,6 +18,8 @@ from collections import OrderedDict
 
 from devd import protocol
 from devd.errors import DevdError, ProtocolError
+
+log = logging.getLogger("devd")
 
 
 def pending_limit() -> int:
@@ -115,6 +118,9 @@ class Intake:
             "the daemon is flooded with idle connections; dropped the oldest",
             "retry; find what opens connections to devd's socket", code="busy"))
         self.dropped += 1
+        if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+            log.warning("dropped %d idle connection(s) that sent no request: someone floods "
+                        "the socket", self.dropped)
         return True
 
     def close_all(self) -> None:

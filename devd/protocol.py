@@ -25,7 +25,7 @@ MAX_REQUEST_BYTES = 1 << 20
 MAX_REPLY_BYTES = 64 << 20
 # While a request runs, the daemon sends {"event": "heartbeat"} this often (if asked to), so
 # a client can give up on a silent daemon without cutting off minutes-long work.
-HEARTBEAT_SECONDS = 1.0
+HEARTBEAT_SECONDS = 0.5
 
 
 def encode(message: dict[str, Any]) -> bytes:

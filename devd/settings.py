@@ -10,7 +10,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from devd.errors import ConfigError
@@ -22,6 +29,11 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED = {"PATH", "HOME", "USER", "SHELL", "TMPDIR", "PWD", "PORT", "DATABASE_URL"}
 _RESERVED_PREFIXES = ("DEVD_", "PORT_", "PG", "LD_", "PYTHON", "NODE_OPTIONS")
 _PORT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+# Bounds on devd.toml: its size, its lists, its strings, and ports per worktree.
+MAX_CONFIG_BYTES = 256 << 10
+MAX_LIST_ITEMS = 64
+MAX_STRING = 4096
+MAX_PORTS = 32
 
 
 class Settings(BaseSettings):
@@ -123,9 +135,31 @@ def parse_duration(value: str) -> float:
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        """No list or string in devd.toml may grow without bound: each is one person's
+        config, and each entry costs a port, a copy or a directory."""
+        for key, value in (data.items() if isinstance(data, dict) else ()):
+            if isinstance(value, list) and len(value) > (most := cls._most(key)):
+                raise ValueError(f"{key!r} has {len(value)} entries; at most {most}")
+            for item in (value if isinstance(value, list) else [value]):
+                if isinstance(item, str) and len(item) > MAX_STRING:
+                    raise ValueError(f"{key!r} holds a string of {len(item)} characters; "
+                                     f"at most {MAX_STRING}")
+        return data
+
+    @classmethod
+    def _most(cls, key: str) -> int:
+        """A list field's own max_length (ports.names), else MAX_LIST_ITEMS."""
+        field = cls.model_fields.get(key)
+        bounds = [m.max_length for m in (field.metadata if field else [])
+                  if getattr(m, "max_length", None) is not None]
+        return min(bounds, default=MAX_LIST_ITEMS)
+
 
 class PortsConfig(_Section):
-    names: list[str] = ["web"]
+    names: list[str] = Field(default=["web"], max_length=MAX_PORTS)
 
     @field_validator("names")
     @classmethod
@@ -244,6 +278,9 @@ def load_repo_config(root: Path) -> RepoConfig:
     path = root / REPO_CONFIG
     if not path.is_file():
         return RepoConfig()
+    if (size := path.stat().st_size) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is {size} bytes; devd reads at most {MAX_CONFIG_BYTES}",
+                          "a devd.toml is a few lines: see the README's reference")
     values = _read_toml(path)
     try:
         return RepoConfig.model_validate(values)
