@@ -310,7 +310,8 @@ def _config_error(path: Path, exc: ValidationError, text: str) -> ConfigError:
         keys = [str(part) for part in err["loc"] if not isinstance(part, int)]
         line = _line_of(text, keys)
         where = f"{path}:{line}" if line else str(path)
-        problems.append(f"{where}: {'.'.join(keys) or '(top level)'}: {err['msg']}")
+        message = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {'.'.join(keys) or '(top level)'}: {message}")
     return ConfigError("; ".join(problems), f"see the devd.toml reference in the README ({path})")
 
 
