@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from devd import protocol, sdnotify
-from devd.errors import DevdError, ProtocolError, storage_error
+from devd.errors import DevdError, ProtocolError, UsageError, storage_error
 from devd.handlers import Service
 from devd.intake import Intake, Waiting, pending_limit
 from devd.params import check as check_params
@@ -36,6 +36,8 @@ ACCEPT_BATCH = 64
 BACKLOG = 1024  # the kernel caps it at net.core.somaxconn
 ACCEPT_BACKOFF = 0.5
 FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# What a request's own path can make the OS say: the client's mistake, not a devd bug.
+CLIENT_ERRNOS = {errno.ENAMETOOLONG, errno.ELOOP}
 
 
 class AlreadyRunning(DevdError):
@@ -197,7 +199,11 @@ class Daemon:
                 self._back_off(selector, exc)
                 return
             self._exhausted = False
-            self._admit(conn, intake)
+            try:
+                self._admit(conn, intake)
+            except OSError as exc:  # the client left before we looked at it
+                log.debug("dropped a connection at accept: %s", exc)
+                conn.close()
 
     def _admit(self, conn: socket.socket, intake: Intake) -> None:
         pid, uid = protocol.peer_creds(conn)
@@ -326,7 +332,11 @@ class Connection:
 
 
 def _unexpected(exc: Exception) -> dict[str, str]:
-    """A full or read-only disk is said plainly; anything else is a devd bug."""
+    """A full or read-only disk, or a path no file system takes, is said plainly; anything
+    else is a devd bug."""
+    if isinstance(exc, OSError) and exc.errno in CLIENT_ERRNOS:
+        return UsageError(f"{str(exc.filename)[:200]}: {exc.strerror}",
+                          "pass the path of a real worktree").to_dict()
     storage = storage_error(exc)
     if storage is not None:
         log.error("%s", storage.message)

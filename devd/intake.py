@@ -97,7 +97,11 @@ class Intake:
     def expire(self) -> None:
         """Cut off every connection whose deadline passed, with an error saying why."""
         now = time.monotonic()
-        late = [fd for fd, w in self._waiting.items() if w.deadline <= now]
+        late = []
+        for fd, waiting in self._waiting.items():  # oldest first: stop at the first in time
+            if waiting.deadline > now:
+                break
+            late.append(fd)
         for fd in late:
             self._refuse(fd, ProtocolError(
                 f"no complete request line within {self.timeout:g} s",

@@ -137,12 +137,19 @@ def test_a_stopped_daemon_never_hangs_the_cli_or_the_hooks(devd: Devd, repo: Rep
         assert status.returncode == 3, status.stderr
         assert f"daemon (pid {devd.proc.pid})" in status.stderr
         assert "sent nothing for 1 s" in status.stderr and "stopped" in status.stderr
-        for args in (["wait", str(tree)], ["provision", "--background", "--wait", str(tree)]):
+        # `provision --background` is what the git post-checkout hook runs (detached).
+        for args in (["wait", str(tree)], ["provision", "--background", "--wait", str(tree)],
+                     ["provision", "--background", str(tree)]):
             done = devd.run(*args, check=False, env=quick)
             assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
         remove = devd.run("hook", "claude-remove", check=False, env=quick,
                           input=json.dumps({"worktree_path": str(tree)}))
         assert remove.returncode == 0 and "could not release" in remove.stderr, remove.stderr
+        create = devd.run("hook", "claude-create", check=False, input='{"name": "agent"}',
+                          env=quick | {"CLAUDE_PROJECT_DIR": str(repo.main)})
+        made = repo.main / ".claude" / "worktrees" / "agent"
+        assert create.returncode == 0 and create.stdout.strip() == str(made), create.stderr
+        assert "not provisioned yet" in create.stderr
     finally:
         os.kill(devd.proc.pid, signal.SIGCONT)
     assert devd.run("status", env=quick).returncode == 0

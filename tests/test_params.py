@@ -73,6 +73,15 @@ def test_every_parameter_with_a_wrong_type_is_a_usage_error(devd: Devd) -> None:
     assert ask(devd, "ping", {})["result"]["pid"] == devd.proc.pid
 
 
+def test_a_path_no_file_system_takes_is_a_usage_error(devd: Devd) -> None:
+    for method, spec in methods().items():
+        if "path" in spec:
+            for path in ("/" + "x" * 5000, "/a" + "/.." * 3000):
+                reply = ask(devd, method, valid_params(spec) | {"path": path})
+                assert reply["error"]["code"] in ("usage", "protocol", "not_a_worktree",
+                                                  "not_registered"), (method, reply)
+
+
 def test_unknown_and_missing_parameters_are_usage_errors(devd: Devd) -> None:
     for method, spec in methods().items():
         unknown = ask(devd, method, valid_params(spec) | {"bogus": 1})
