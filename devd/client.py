@@ -44,8 +44,12 @@ class Client:
         with sock:
             _send(sock, protocol.request(method, params) | {"heartbeat": True})
             reader = protocol.LineReader(sock, protocol.MAX_REPLY_BYTES)
+            # This daemon says "heartbeat" at once; an older one never does, and after its
+            # first word is given all the time its work takes, as before.
+            first, beating = True, False
             while True:
-                message = self._next(reader, deadline)
+                message = self._next(reader, deadline, first or beating)
+                first, beating = False, beating or message.get("event") == "heartbeat"
                 event = message.get("event")
                 if event == "progress" and on_progress:
                     on_progress(message)
@@ -57,11 +61,13 @@ class Client:
                     raise DevdError.from_dict(message["error"])
                 raise ProtocolError(f"unexpected reply from the daemon: {message!r:.200}")
 
-    def _next(self, reader: protocol.LineReader, deadline: float | None) -> dict[str, Any]:
+    def _next(self, reader: protocol.LineReader, deadline: float | None,
+              idle_timeout: bool) -> dict[str, Any]:
         """The daemon's next message, within the idle timeout and the call's deadline."""
-        idle = time.monotonic() + self.timeout
+        idle = time.monotonic() + self.timeout if idle_timeout else math.inf
+        until = min(idle, deadline or idle)
         try:
-            return protocol.decode(reader.readline(min(idle, deadline or idle)))
+            return protocol.decode(reader.readline(None if until == math.inf else until))
         except TimeoutError:
             if deadline is not None and deadline < idle:
                 raise DevdError("the devd daemon did not finish in time", "see `devd status`",

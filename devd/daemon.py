@@ -313,6 +313,8 @@ class Connection:
             beat.join()
 
     def _beat(self, done: threading.Event) -> None:
+        """One at once (the client then knows they will come), then one per interval."""
+        self._send({"event": "heartbeat"})
         while not done.wait(protocol.HEARTBEAT_SECONDS):
             self._send({"event": "heartbeat"})
 

@@ -109,8 +109,8 @@ class LineReader:
                 raise ProtocolError(
                     f"message longer than {self._limit} bytes", "requests must be one short line"
                 )
-            if deadline is not None:
-                self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            self._sock.settimeout(None if deadline is None
+                                  else max(deadline - time.monotonic(), 0.001))
             chunk = self._sock.recv(65536)
             if not chunk:
                 where = "in the middle of a message" if self._buffer else "before a message"
