@@ -230,3 +230,55 @@ def test_cli_timeout_must_be_a_positive_number(devd: Devd) -> None:
         done = devd.run("status", check=False, env={"DEVD_TIMEOUT": bad})
         assert done.returncode == 2 and "DEVD_TIMEOUT" in done.stderr, (bad, done.stderr)
 
+
+
+def test_beyond_the_handler_slots_a_request_is_told_busy(devd_home: Devd, repo: Repo) -> None:
+    from devd.daemon import MAX_WORKERS
+
+    devd_home.env["DEVD_KILL_TIMEOUT"] = "5"
+    devd_home.start()
+    tree = repo.worktree("shop-a", "a")
+    devd_home.run("provision", str(tree))
+    port = devd_home.worktree(tree)["ports"]["web"]
+    stubborn = listen(port, tree, "--stubborn")  # each kill_port waits 5 s on it
+    request = protocol.request("kill_port", {"port": port, "path": str(tree)})
+    held = []
+    try:
+        for _ in range(MAX_WORKERS):
+            held.append(send(devd_home, request | {"heartbeat": True}))
+            assert held[-1].recv(1)  # its handler runs (the heartbeat comes at once)
+        extra = replies(send(devd_home, protocol.request("ping")))
+        assert extra[-1]["error"]["code"] == "busy", extra
+    finally:
+        stubborn.kill()
+        stubborn.wait()
+        for sock in held:
+            sock.close()
+    wait_for(lambda: devd_home.run("status", check=False).returncode == 0, what="a free slot")
+    assert devd_home.stop() == 0
+
+
+def test_an_older_daemon_without_heartbeats_is_waited_for(devd_home: Devd) -> None:
+    """After its first word, a daemon that never sends heartbeats gets the time it takes."""
+    import threading
+
+    devd_home.paths.runtime_dir.mkdir(parents=True, mode=0o700)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(devd_home.paths.socket))
+        server.listen()
+
+        def slow_old_daemon() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b'{"event": "progress", "phase": "deps", "message": "npm ci"}\n')
+                time.sleep(2.5)  # longer than the client's idle timeout, without a word
+                conn.sendall(b'{"ok": true, "result": {"pid": 1, "version": "0.0.9"}}\n')
+
+        thread = threading.Thread(target=slow_old_daemon)
+        thread.start()
+        try:
+            result = Client(devd_home.paths, autostart=False, timeout=1).call("ping")
+        finally:
+            thread.join()
+    assert result == {"pid": 1, "version": "0.0.9"}
