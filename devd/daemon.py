@@ -239,8 +239,12 @@ class Daemon:
         if not self._slots.acquire(blocking=False):
             connection.refuse_busy()
             return
-        threading.Thread(target=self._run, args=(connection, waiting.line), daemon=True,
-                         name="devd-conn").start()
+        try:
+            threading.Thread(target=self._run, args=(connection, waiting.line), daemon=True,
+                             name="devd-conn").start()
+        except RuntimeError:  # out of threads (RLIMIT_NPROC): the loop must go on
+            self._slots.release()
+            connection.refuse_busy()
 
     def _run(self, connection: Connection, line: bytes) -> None:
         try:
