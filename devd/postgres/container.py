@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from devd import instance
 from devd.errors import DevdError, OwnershipConflict
 from devd.postgres import dump, names, server
 from devd.postgres.records import record_intent
@@ -47,7 +48,16 @@ def client() -> DockerClient:
 
 
 def labels(wt_id: str) -> dict[str, str]:
-    return {names.LABEL_OWNER: wt_id, names.LABEL_KIND: "postgres"}
+    """Ownership labels: the worktree and the devd instance (several may share an engine)."""
+    return {names.LABEL_OWNER: wt_id, names.LABEL_INSTANCE: instance.current(),
+            names.LABEL_KIND: "postgres"}
+
+
+def ours(tags: dict[str, str], wt_id: str) -> bool:
+    """Labelled for this worktree by this instance, or by a devd from before instance labels
+    (Docker cannot relabel, so such a container or volume keeps its old labels)."""
+    return tags.get(names.LABEL_OWNER) == wt_id and \
+        tags.get(names.LABEL_INSTANCE, instance.current()) == instance.current()
 
 
 def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
@@ -98,10 +108,10 @@ def _owned(collection: Any, name: str, wt_id: str) -> Any:
         return None
     owner = (found.attrs.get("Config", {}).get("Labels") if hasattr(found, "status")
              else found.attrs.get("Labels")) or {}
-    if owner.get(names.LABEL_OWNER) != wt_id:
+    if not ours(owner, wt_id):
         raise OwnershipConflict(
             f"Docker {type(found).__name__.lower()} {name!r} exists but is not labelled as "
-            f"devd's for worktree {wt_id}",
+            f"this devd's for worktree {wt_id}",
             "devd never touches what it did not make: remove or rename it yourself")
     return found
 
@@ -235,6 +245,13 @@ def container_state(name: str) -> str:
     return "running" if found.status == "running" else "stopped"
 
 
+def check_teardown(ctx: Context, detail: dict[str, Any]) -> None:
+    """Read-only: the engine answers and both names are still ours."""
+    dk, name = client(), detail["container"]
+    _owned(dk.containers, name, ctx.worktree.id)
+    _owned(dk.volumes, name, ctx.worktree.id)
+
+
 def teardown(ctx: Context, detail: dict[str, Any]) -> None:
     import docker
 
@@ -300,16 +317,19 @@ def restore(ctx: Context, detail: dict[str, Any], dump: Path) -> None:
 
 
 def orphans(known_ids: set[str]) -> list[dict[str, str]]:
-    """Containers and volumes labelled as devd's whose worktree the registry no longer has."""
+    """Containers and volumes labelled as this instance's whose worktree the registry no
+    longer has. Another instance's are never listed, nor unlabelled-instance (older) ones,
+    which may be anyone's."""
     import docker
     import requests
 
+    mine = {"label": [names.LABEL_OWNER, f"{names.LABEL_INSTANCE}={instance.current()}"]}
     try:
         dk = docker.from_env(timeout=5)
         found = [("container", c.name, c.labels) for c in
-                 dk.containers.list(all=True, filters={"label": names.LABEL_OWNER})]
+                 dk.containers.list(all=True, filters=mine)]
         found += [("volume", v.name, v.attrs.get("Labels") or {}) for v in
-                  dk.volumes.list(filters={"label": names.LABEL_OWNER})]
+                  dk.volumes.list(filters=mine)]
     except (docker.errors.DockerException, requests.RequestException):
         return []
     return [{"kind": kind, "name": name, "worktree_id": owner, "where": "docker"}
