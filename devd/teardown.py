@@ -49,10 +49,10 @@ def run_all(by_kind: dict[str, Provisioner], ctx: Context, order: list[Resource]
 
 def _stopped(ctx: Context, order: list[Resource], done: list[str], failed: Resource,
              exc: Exception) -> DevdError:
-    """Mark the failed resource (it may be half torn down) and say what is left."""
+    """Say where the release stopped and what is left. A teardown that destroys in steps
+    marks its resource failed before its first drop (see postgres/sqlmodes.py), so status
+    tells the truth even for a gone worktree, whose resources status does not check."""
     message = getattr(exc, "message", str(exc))
-    ctx.registry.set_resource(ctx.worktree.id, failed.kind, "failed", failed.detail | {
-        "error": f"release stopped here: {message}"})
     kept = [r.kind for r in order if r.kind not in done and r is not failed]
     text = f"release of {ctx.worktree.path} stopped at {failed.kind}: {message}; "
     text += f"released: {', '.join(done)}; " if done else ""

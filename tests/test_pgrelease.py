@@ -230,3 +230,39 @@ def test_gc_leaves_a_worktree_recreated_and_provisioned_while_it_ran(
     assert query(env_b["DATABASE_URL"], "SELECT v FROM t") == [(1,)]
     assert not exists(pg_url, "schema", env_a["PGUSER"])
     pgdevd.run("release", str(b), "--yes", "--no-backup")
+
+
+def test_no_place_for_the_dump_refuses_and_a_drop_failing_stops_the_release(
+        pgdevd: Devd, repo: Repo, pg_url: str, tmp_path: Path) -> None:
+    with_postgres(repo, 'mode = "schema"\n')
+    tree = repo.worktree("shop-stop", "stop")
+    pgdevd.run("provision", str(tree))
+    before, env = pgdevd.worktree(tree), env_of(pgdevd, tree)
+    role = env["PGUSER"]
+    query(env["DATABASE_URL"], "CREATE TABLE t (v int); INSERT INTO t VALUES (1)")
+    # The dumps dir swapped for a symlink to elsewhere: refused before anything.
+    dumps = pgdevd.paths.state_dir / "dumps"
+    if dumps.exists():
+        dumps.rename(tmp_path / "moved-dumps")
+    dumps.symlink_to(tmp_path)
+    refused(pgdevd, tree, "not a private directory")
+    intact(pgdevd, tree, before, env)
+    dumps.unlink()
+    # A lock nobody's session check can see (the admin's own) makes the drop time out after
+    # the checks passed: the release stops at Postgres and leaves everything else.
+    holder = psycopg.connect(pg_url)
+    holder.execute(f'SELECT * FROM "{role}".t')
+    try:
+        stopped = pgdevd.run("release", str(tree), "--yes", "--no-backup", check=False)
+    finally:
+        holder.close()
+    assert stopped.returncode == 1 and "stopped at postgres" in stopped.stderr
+    assert "lock timeout" in stopped.stderr and "kept as they were: envfile" in stopped.stderr
+    after = pgdevd.worktree(tree)
+    assert after["ports"] == before["ports"] and Path(after["cache_dir"]).is_dir()
+    assert f"DATABASE_URL={env['DATABASE_URL']}" in (tree / ".env").read_text()
+    [pg] = [r for r in after["resources"] if r["kind"] == "postgres"]
+    assert pg["state"] == "failed" and "release stopped part-way" in pg["detail"]
+    assert query(env["DATABASE_URL"], "SELECT v FROM t") == [(1,)]  # one transaction: intact
+    pgdevd.run("release", str(tree), "--yes", "--no-backup")
+    assert not exists(pg_url, "role", role) and not exists(pg_url, "schema", role)

@@ -18,7 +18,7 @@ import psycopg
 from devd import instance
 from devd.errors import DevdError, OwnershipConflict
 from devd.postgres import dump, names, server
-from devd.postgres.records import record_intent
+from devd.postgres.records import mark_dropping, record_intent
 from devd.provisioners.base import Context, Health, Progress
 from devd.provisioners.ports import lease_internal
 
@@ -260,6 +260,8 @@ def teardown(ctx: Context, detail: dict[str, Any]) -> None:
     # A volume whose server never came up (say, the image could not be pulled) holds nothing.
     if ctx.backup and volume is not None and detail.get("initialized"):
         _backup(ctx, dk, container, detail)
+    if container is not None or volume is not None:
+        mark_dropping(ctx)
     try:
         if container is not None:
             container.remove(force=True, v=True)

@@ -15,7 +15,7 @@ from psycopg import sql
 
 from devd import processes
 from devd.errors import DevdError
-from devd.postgres import dependents, dump, names, server
+from devd.postgres import dependents, dump, names, records, server
 from devd.postgres.records import admin_url, record_intent
 from devd.provisioners.base import Context, Health, Progress
 
@@ -191,6 +191,7 @@ def check_teardown(ctx: Context, detail: dict[str, Any]) -> None:
                 raise _in_use(ctx, detail, sessions)
             if present and ctx.backup:
                 dump.binary("pg_dump")
+                dump.dumps_dir(ctx.paths)  # a private dir to write it to
             blockers = dependents.blockers(conn, detail, tests) if role else []
         except psycopg.Error as exc:
             raise server.translate(exc, f"checking Postgres {detail['mode']} "
@@ -210,6 +211,7 @@ def teardown_sql(ctx: Context, detail: dict[str, Any]) -> None:
             _release_sessions(ctx, conn, detail, tests)
             if present and ctx.backup:
                 _dump(ctx, detail)
+            records.mark_dropping(ctx)
             for test in tests:
                 conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(test)))
                 ctx.outputs.setdefault("test_databases_dropped", []).append(test)
