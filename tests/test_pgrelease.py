@@ -162,7 +162,9 @@ def test_schema_mode_refuses_objects_outside_its_schema(pgdevd: Devd, repo: Repo
     pgdevd.run("provision", str(tree))
     before, env = pgdevd.worktree(tree), env_of(pgdevd, tree)
     role = env["PGUSER"]
-    query(env["DATABASE_URL"], f'CREATE TABLE "{role}".mine (v int)')  # inside: fine
+    # Inside its schema, and its default privileges: dropped with it, no blockers.
+    query(env["DATABASE_URL"], f'CREATE TABLE "{role}".mine (v int); ALTER DEFAULT '
+                               f'PRIVILEGES IN SCHEMA "{role}" GRANT SELECT ON TABLES TO PUBLIC')
     query(pg_url, f'CREATE TABLE public."out_{role}" (v int); '
                   f'ALTER TABLE public."out_{role}" OWNER TO "{role}"')
     refused(pgdevd, tree, f"owns table out_{role} in database postgres")

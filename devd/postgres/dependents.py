@@ -26,17 +26,21 @@ WHERE datdba = (SELECT oid FROM pg_roles WHERE rolname = %s) AND datname LIKE 't
 ORDER BY datname
 """
 # One row per dependency on the role. pg_identify_object only resolves objects of the
-# current database, so it is asked only about those.
+# current database, so it is asked only about those. An extension's schema is the one it
+# was created in (DROP SCHEMA ... CASCADE takes it along).
 _DEPENDENCIES = """
 WITH here AS (SELECT oid FROM pg_database WHERE datname = current_database())
 SELECT d.deptype, d.dbid = 0, d.dbid = here.oid, coalesce(db.datname, ''),
        CASE WHEN d.classid = 'pg_database'::regclass
             THEN (SELECT datname FROM pg_database WHERE oid = d.objid) END,
        CASE WHEN d.dbid = here.oid THEN pg_describe_object(d.classid, d.objid, d.objsubid) END,
+       CASE WHEN d.dbid <> here.oid THEN NULL
+            WHEN d.classid = 'pg_extension'::regclass
+            THEN (SELECT extnamespace::regnamespace::text FROM pg_extension WHERE oid = d.objid)
+            ELSE (pg_identify_object(d.classid, d.objid, d.objsubid)).schema END,
        CASE WHEN d.dbid = here.oid
-            THEN (pg_identify_object(d.classid, d.objid, d.objsubid)).schema END,
-       CASE WHEN d.dbid = here.oid
-            THEN (pg_identify_object(d.classid, d.objid, d.objsubid)).identity END
+            THEN (pg_identify_object(d.classid, d.objid, d.objsubid)).identity END,
+       d.classid = 'pg_default_acl'::regclass
 FROM pg_shdepend d CROSS JOIN here LEFT JOIN pg_database db ON db.oid = d.dbid
 WHERE d.refclassid = 'pg_authid'::regclass
   AND d.refobjid = (SELECT oid FROM pg_roles WHERE rolname = %s)
@@ -62,8 +66,8 @@ def blockers(conn: psycopg.Connection[Any], detail: dict[str, Any],
 
 
 def _blocker(row: tuple[Any, ...], name: str, mode: str, dropped: set[str]) -> str | None:
-    deptype, shared, local, dbname, database, described, schema, identity = row
-    owns = deptype == "o"
+    deptype, shared, local, dbname, database, described, schema, identity, defaults = row
+    owns = deptype == "o" and not defaults  # default privileges: DROP OWNED removes them
     if shared:
         if database in dropped or not owns:
             return None  # dropped with it, or a privilege DROP OWNED revokes
