@@ -287,10 +287,8 @@ class Service:
 
     def release(self, wt: Worktree, progress: Progress, *, yes: bool, backup: bool = True,
                 force: bool = False, only_if_gone: bool = False) -> dict[str, Any]:
-        """Tear down every resource, all or nothing; returns what teardowns report (e.g.
-        dump paths). Every teardown's preconditions are checked before the first runs; the
-        data-bearing ones (the fallible ones) run first, and the first failure stops it.
-        `only_if_gone`: gc's re-check, under the lock, that the worktree is still gone."""
+        """Tear down every resource, all or nothing (devd/teardown.py); returns what the
+        teardowns report (e.g. dump paths). `only_if_gone`: gc's re-check under the lock."""
         with self._lock(wt.id):
             if only_if_gone:
                 self._check_still_gone(wt)
@@ -309,16 +307,21 @@ class Service:
         return ctx.outputs
 
     def _check_still_gone(self, wt: Worktree) -> None:
-        """gc listed `wt` as gone before it got the lock: if it was re-created (its directory
-        is back, or git lists it again) or provisioned meanwhile, it is not gc's to take."""
-        now = self.registry.worktree(wt.id)
-        listed = self._listed(wt.repo_common_dir)
-        back = now is None or now.state != "gone" or os.path.isdir(wt.path) \
-            or listed is None or wt.path in listed
-        if back:
-            why = "was released meanwhile" if now is None else "is back (re-created or " \
-                "provisioned while gc ran)" if listed is not None else "cannot be listed by git"
+        """gc listed `wt` as gone before it got the lock: if it came back meanwhile, it is
+        not gc's to take."""
+        why = self._why_not_gone(wt)
+        if why:
             raise DevdError(f"{wt.path} {why}; gc left it alone", "", code="not_gone")
+
+    def _why_not_gone(self, wt: Worktree) -> str | None:
+        now, listed = self.registry.worktree(wt.id), self._listed(wt.repo_common_dir)
+        if now is None:
+            return "was released meanwhile"
+        if listed is None:
+            return "cannot be listed by git now"
+        if now.state != "gone" or os.path.isdir(wt.path) or wt.path in listed:
+            return "is back (re-created or provisioned while gc ran)"
+        return None
 
     def _check_path_free(self, path: Path, wt_id: str) -> None:
         """A path registered under another id: the old worktree (another repo, or a moved

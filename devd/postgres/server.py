@@ -187,11 +187,6 @@ def batch(conn: psycopg.Connection[Any], statements: list[sql.Composable]) -> No
     conn.execute(sql.SQL("; ").join(statements))
 
 
-def drop_role(conn: psycopg.Connection[Any], name: str, wt_id: str) -> None:
-    if claim(conn, "role", name, wt_id):
-        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
-
-
 def marked_objects(conn: psycopg.Connection[Any]) -> list[tuple[str, str, str]]:
     """(kind, name, worktree id) of every object carrying this instance's marker. Objects of
     other instances are left out, and so are old-form markers: those name no instance, so
