@@ -12,7 +12,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import Devd, Repo, run_git, wait_for
-from pgsupport import TEST_LABEL, docker_client, env_of, query, start_server, with_postgres
+from pgsupport import IMAGE, TEST_LABEL, docker_client, env_of, query, start_server, with_postgres
+
+from devd import naming
+from devd.postgres import names as pgnames
 
 pytestmark = pytest.mark.postgres
 
@@ -268,3 +271,31 @@ def test_no_place_for_the_dump_refuses_and_a_drop_failing_stops_the_release(
     assert query(env["DATABASE_URL"], "SELECT v FROM t") == [(1,)]  # one transaction: intact
     pgdevd.run("release", str(tree), "--yes", "--no-backup")
     assert not exists(pg_url, "role", role) and not exists(pg_url, "schema", role)
+
+
+@pytest.mark.docker
+def test_container_gc_after_the_container_was_removed_dumps_and_drops_everything(
+        devd: Devd, repo: Repo) -> None:
+    dk = docker_client()
+    with_postgres(repo, f'mode = "container"\nimage = "{IMAGE}"\n')
+    tree = repo.worktree("shop-cg", "cg")
+    name = pgnames.docker_name(naming.worktree_id(repo.main, tree))
+    try:
+        devd.run("provision", str(tree), timeout=180)
+        env = env_of(devd, tree)
+        assert env["DEVD_TEST_DATABASE"] == "test_postgres"
+        query(env["DATABASE_URL"], "CREATE TABLE t (v int); INSERT INTO t VALUES (5)")
+        query(env["DATABASE_URL"], "CREATE DATABASE test_postgres")
+        # The container removed by hand, the volume left: gc brings it up once to dump it.
+        dk.containers.get(name).remove(force=True)
+        run_git(repo.main, "worktree", "remove", "--force", str(tree))
+        out = devd.run("gc", "--grace", "0", timeout=180).stdout
+        assert f"released {tree}" in out and "dump kept" in out, out
+        assert "test database dropped (no dump: test runners recreate it): test_postgres" in out
+        assert not dk.containers.list(all=True, filters={"name": name})
+        assert not dk.volumes.list(filters={"name": name})
+    finally:
+        for found in dk.containers.list(all=True, filters={"name": name}):
+            found.remove(force=True, v=True)
+        for volume in dk.volumes.list(filters={"name": name}):
+            volume.remove(force=True)

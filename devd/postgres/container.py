@@ -259,7 +259,9 @@ def teardown(ctx: Context, detail: dict[str, Any]) -> None:
     container, volume = _owned(dk.containers, name, wt_id), _owned(dk.volumes, name, wt_id)
     # A volume whose server never came up (say, the image could not be pulled) holds nothing.
     if ctx.backup and volume is not None and detail.get("initialized"):
-        _backup(ctx, dk, container, detail)
+        container = _backup(ctx, dk, container, detail)
+    if container is not None and container.status == "running":
+        ctx.outputs.setdefault("test_databases_dropped", []).extend(_test_databases(container))
     if container is not None or volume is not None:
         mark_dropping(ctx)
     try:
@@ -273,9 +275,17 @@ def teardown(ctx: Context, detail: dict[str, Any]) -> None:
     dump.prune(ctx.paths)
 
 
+def _test_databases(container: Container) -> list[str]:
+    """The test runners' databases in the container: they go with its volume, undumped."""
+    listing = _exec(container, ["psql", "-U", SUPERUSER, "-d", DBNAME, "-Atc",
+                                "SELECT datname FROM pg_database WHERE datname LIKE 'test\\_%'"])
+    return listing.split()
+
+
 def _backup(ctx: Context, dk: DockerClient, container: Container | None,
-            detail: dict[str, Any]) -> None:
-    """pg_dump inside the container (its own client matches its server's version)."""
+            detail: dict[str, Any]) -> Container:
+    """pg_dump inside the container (its own client matches its server's version); returns
+    the container, started (or recreated over the volume) for the dump."""
     if container is None:
         # The volume outlived its container: bring the data up once more to dump it.
         container = _create(dk, ctx, detail["container"], int(detail["port"]),
@@ -299,6 +309,7 @@ def _backup(ctx: Context, dk: DockerClient, container: Container | None,
                         "nothing was dropped", "fix the cause, or pass --no-backup",
                         code="backup_failed")
     ctx.outputs.setdefault("dumps", []).append(str(dump.verify(target)))
+    return container
 
 
 def restore(ctx: Context, detail: dict[str, Any], dump: Path) -> None:
