@@ -204,9 +204,16 @@ def cmd_release(client: Client, args: argparse.Namespace) -> int:
     result = client.call("release", params, _progress)
     print(json.dumps(result) if args.json else f"released {safe(result['path'])}")
     if not args.json:
-        for dump in result.get("dumps", []):
-            print(f"  dump kept: {safe(dump)}")
+        _print_outputs(result)
     return EXIT_OK
+
+
+def _print_outputs(result: dict[str, Any]) -> None:
+    """What a release kept and dropped besides the worktree's own resources."""
+    for dump in result.get("dumps", []):
+        print(safe(f"  dump kept: {dump}"))
+    for name in result.get("test_databases_dropped", []):
+        print(safe(f"  test database dropped (no dump: test runners recreate it): {name}"))
 
 
 def cmd_restore(client: Client, args: argparse.Namespace) -> int:
@@ -225,12 +232,11 @@ def cmd_gc(client: Client, args: argparse.Namespace) -> int:
         return EXIT_OK
     verb = "would release" if result["dry_run"] else "released"
     for entry in result["worktrees"]:
-        problem = entry.get("error")
+        problem, skipped = entry.get("error"), entry.get("skipped")
         line = f"failed to release {entry['path']}: {problem['message']}" if problem \
-            else f"{verb} {entry['path']}"
+            else f"skipped {skipped['message']}" if skipped else f"{verb} {entry['path']}"
         print(safe(line))
-        for dump in entry.get("dumps", []):
-            print(safe(f"  dump kept: {dump}"))
+        _print_outputs(entry)
     for orphan in result.get("orphans", []):
         print(safe(f"orphan {orphan['kind']} {orphan['name']} (worktree {orphan['worktree_id']}, "
                    f"{orphan['where']}): not in the registry; remove it by hand if unwanted"))

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from devd import __version__, git, naming, processes
+from devd import __version__, git, instance, naming, processes, teardown
 from devd.errors import DevdError, NotRegistered, ProtocolError, ProvisionFailed, UsageError
 from devd.paths import Paths
 from devd.postgres import provisioner as postgres
@@ -53,6 +53,7 @@ class Service:
         self.settings = settings
         self.paths = paths
         self.registry = registry
+        instance.bind(paths.state_dir)  # markers and labels name this devd instance
         self.provisioners = provisioners or default_provisioners()
         self._by_kind = {p.kind: p for p in self.provisioners}
         self._locks: dict[str, threading.Lock] = {}
@@ -149,10 +150,11 @@ class Service:
             entry: dict[str, Any] = {"id": wt.id, "path": str(wt.path), "released": False}
             if not dry_run:
                 try:
-                    entry |= self.release(wt, progress, yes=True, backup=not no_backup)
+                    entry |= self.release(wt, progress, yes=True, backup=not no_backup,
+                                          only_if_gone=True)
                     entry["released"] = True
                 except DevdError as exc:
-                    entry["error"] = exc.to_dict()
+                    entry["skipped" if exc.code == "not_gone" else "error"] = exc.to_dict()
             results.append(entry)
         processes.prune_runs(self.registry)
         return {"dry_run": dry_run, "grace_seconds": seconds, "worktrees": results,
@@ -284,9 +286,12 @@ class Service:
         return failure
 
     def release(self, wt: Worktree, progress: Progress, *, yes: bool, backup: bool = True,
-                force: bool = False) -> dict[str, Any]:
-        """Tear down every resource; returns what teardowns report (e.g. dump paths)."""
+                force: bool = False, only_if_gone: bool = False) -> dict[str, Any]:
+        """Tear down every resource, all or nothing (devd/teardown.py); returns what the
+        teardowns report (e.g. dump paths). `only_if_gone`: gc's re-check under the lock."""
         with self._lock(wt.id):
+            if only_if_gone:
+                self._check_still_gone(wt)
             # Read under the lock: a provision in flight may still be adding resources.
             recorded = self.registry.resources(wt.id)
             data = [r.kind for r in recorded if self._holds_data(r.kind)]
@@ -295,26 +300,28 @@ class Service:
                                  "pass --yes to release them (devd keeps a dump where it can)")
             ctx = self.context(wt, strict=False)
             ctx.backup, ctx.force = backup, force
-            failures, hints = [], []
-            for resource in reversed(recorded):
-                provisioner = self._by_kind.get(resource.kind)
-                progress(resource.kind, "releasing")
-                try:
-                    if provisioner:
-                        provisioner.teardown(ctx, resource.detail)
-                    self.registry.drop_resource(wt.id, resource.kind)
-                except Exception as exc:  # recorded and reported; the other teardowns go on
-                    log.exception("teardown of %s for %s failed", resource.kind, wt.id)
-                    failures.append(f"{resource.kind}: {exc}")
-                    hints.append(getattr(exc, "hint", ""))
-            if failures:
-                self.registry.set_state(wt.id, "failed", "; ".join(failures))
-                raise DevdError(f"release of {wt.path} incomplete: " + "; ".join(failures),
-                                " ".join(h for h in hints if h)
-                                or "fix the cause and run `devd release` again",
-                                code="release_failed")
+            order = sorted(reversed(recorded), key=lambda r: not self._holds_data(r.kind))
+            teardown.check_all(self._by_kind, ctx, order)
+            teardown.run_all(self._by_kind, ctx, order, progress)
             self.registry.forget(wt.id)
         return ctx.outputs
+
+    def _check_still_gone(self, wt: Worktree) -> None:
+        """gc listed `wt` as gone before it got the lock: if it came back meanwhile, it is
+        not gc's to take."""
+        why = self._why_not_gone(wt)
+        if why:
+            raise DevdError(f"{wt.path} {why}; gc left it alone", "", code="not_gone")
+
+    def _why_not_gone(self, wt: Worktree) -> str | None:
+        now, listed = self.registry.worktree(wt.id), self._listed(wt.repo_common_dir)
+        if now is None:
+            return "was released meanwhile"
+        if listed is None:
+            return "cannot be listed by git now"
+        if now.state != "gone" or os.path.isdir(wt.path) or wt.path in listed:
+            return "is back (re-created or provisioned while gc ran)"
+        return None
 
     def _check_path_free(self, path: Path, wt_id: str) -> None:
         """A path registered under another id: the old worktree (another repo, or a moved

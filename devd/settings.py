@@ -214,6 +214,7 @@ class PostgresConfig(_Section):
     url: str = ""  # admin connection; DEVD_POSTGRES_URL wins; empty means libpq defaults
     template: str = ""  # database mode: clone this database
     template_terminate: bool = False  # end other sessions on the template (opt-in only)
+    createdb: bool = True  # the worktree role may create databases: test runners' test_<name>
     image: str = "postgres:16-alpine"  # container mode
 
 

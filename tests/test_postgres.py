@@ -232,8 +232,9 @@ def test_orphans_are_listed_in_status_and_gc(pgdevd: Devd, repo: Repo, pg_url: s
     with_postgres(repo, 'mode = "schema"\n')
     pgdevd.run("provision", str(repo.worktree("shop-o", "o")))
     ghost = f"devd_ghost_{uuid.uuid4().hex[:8]}"
+    instance = (pgdevd.paths.state_dir / "instance-id").read_text().strip()
     query(pg_url, f'CREATE ROLE "{ghost}"')
-    query(pg_url, f"COMMENT ON ROLE \"{ghost}\" IS 'devd:ghost-worktree'")
+    query(pg_url, f"COMMENT ON ROLE \"{ghost}\" IS 'devd:{instance}:ghost-worktree'")
     try:
         orphans = pgdevd.status()["orphans"]
         assert {"kind": "role", "name": ghost, "worktree_id": "ghost-worktree"} \

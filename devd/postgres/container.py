@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from devd import instance
 from devd.errors import DevdError, OwnershipConflict
 from devd.postgres import dump, names, server
-from devd.postgres.records import record_intent
+from devd.postgres.records import mark_dropping, record_intent
 from devd.provisioners.base import Context, Health, Progress
 from devd.provisioners.ports import lease_internal
 
@@ -47,7 +48,16 @@ def client() -> DockerClient:
 
 
 def labels(wt_id: str) -> dict[str, str]:
-    return {names.LABEL_OWNER: wt_id, names.LABEL_KIND: "postgres"}
+    """Ownership labels: the worktree and the devd instance (several may share an engine)."""
+    return {names.LABEL_OWNER: wt_id, names.LABEL_INSTANCE: instance.current(),
+            names.LABEL_KIND: "postgres"}
+
+
+def ours(tags: dict[str, str], wt_id: str) -> bool:
+    """Labelled for this worktree by this instance, or by a devd from before instance labels
+    (Docker cannot relabel, so such a container or volume keeps its old labels)."""
+    return tags.get(names.LABEL_OWNER) == wt_id and \
+        tags.get(names.LABEL_INSTANCE, instance.current()) == instance.current()
 
 
 def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
@@ -98,10 +108,10 @@ def _owned(collection: Any, name: str, wt_id: str) -> Any:
         return None
     owner = (found.attrs.get("Config", {}).get("Labels") if hasattr(found, "status")
              else found.attrs.get("Labels")) or {}
-    if owner.get(names.LABEL_OWNER) != wt_id:
+    if not ours(owner, wt_id):
         raise OwnershipConflict(
             f"Docker {type(found).__name__.lower()} {name!r} exists but is not labelled as "
-            f"devd's for worktree {wt_id}",
+            f"this devd's for worktree {wt_id}",
             "devd never touches what it did not make: remove or rename it yourself")
     return found
 
@@ -235,6 +245,13 @@ def container_state(name: str) -> str:
     return "running" if found.status == "running" else "stopped"
 
 
+def check_teardown(ctx: Context, detail: dict[str, Any]) -> None:
+    """Read-only: the engine answers and both names are still ours."""
+    dk, name = client(), detail["container"]
+    _owned(dk.containers, name, ctx.worktree.id)
+    _owned(dk.volumes, name, ctx.worktree.id)
+
+
 def teardown(ctx: Context, detail: dict[str, Any]) -> None:
     import docker
 
@@ -242,7 +259,11 @@ def teardown(ctx: Context, detail: dict[str, Any]) -> None:
     container, volume = _owned(dk.containers, name, wt_id), _owned(dk.volumes, name, wt_id)
     # A volume whose server never came up (say, the image could not be pulled) holds nothing.
     if ctx.backup and volume is not None and detail.get("initialized"):
-        _backup(ctx, dk, container, detail)
+        container = _backup(ctx, dk, container, detail)
+    if container is not None and container.status == "running":
+        ctx.outputs.setdefault("test_databases_dropped", []).extend(_test_databases(container))
+    if container is not None or volume is not None:
+        mark_dropping(ctx)
     try:
         if container is not None:
             container.remove(force=True, v=True)
@@ -254,9 +275,17 @@ def teardown(ctx: Context, detail: dict[str, Any]) -> None:
     dump.prune(ctx.paths)
 
 
+def _test_databases(container: Container) -> list[str]:
+    """The test runners' databases in the container: they go with its volume, undumped."""
+    listing = _exec(container, ["psql", "-U", SUPERUSER, "-d", DBNAME, "-Atc",
+                                "SELECT datname FROM pg_database WHERE datname LIKE 'test\\_%'"])
+    return listing.split()
+
+
 def _backup(ctx: Context, dk: DockerClient, container: Container | None,
-            detail: dict[str, Any]) -> None:
-    """pg_dump inside the container (its own client matches its server's version)."""
+            detail: dict[str, Any]) -> Container:
+    """pg_dump inside the container (its own client matches its server's version); returns
+    the container, started (or recreated over the volume) for the dump."""
     if container is None:
         # The volume outlived its container: bring the data up once more to dump it.
         container = _create(dk, ctx, detail["container"], int(detail["port"]),
@@ -280,6 +309,7 @@ def _backup(ctx: Context, dk: DockerClient, container: Container | None,
                         "nothing was dropped", "fix the cause, or pass --no-backup",
                         code="backup_failed")
     ctx.outputs.setdefault("dumps", []).append(str(dump.verify(target)))
+    return container
 
 
 def restore(ctx: Context, detail: dict[str, Any], dump: Path) -> None:
@@ -300,16 +330,19 @@ def restore(ctx: Context, detail: dict[str, Any], dump: Path) -> None:
 
 
 def orphans(known_ids: set[str]) -> list[dict[str, str]]:
-    """Containers and volumes labelled as devd's whose worktree the registry no longer has."""
+    """Containers and volumes labelled as this instance's whose worktree the registry no
+    longer has. Another instance's are never listed, nor unlabelled-instance (older) ones,
+    which may be anyone's."""
     import docker
     import requests
 
+    mine = {"label": [names.LABEL_OWNER, f"{names.LABEL_INSTANCE}={instance.current()}"]}
     try:
         dk = docker.from_env(timeout=5)
         found = [("container", c.name, c.labels) for c in
-                 dk.containers.list(all=True, filters={"label": names.LABEL_OWNER})]
+                 dk.containers.list(all=True, filters=mine)]
         found += [("volume", v.name, v.attrs.get("Labels") or {}) for v in
-                  dk.volumes.list(filters={"label": names.LABEL_OWNER})]
+                  dk.volumes.list(filters=mine)]
     except (docker.errors.DockerException, requests.RequestException):
         return []
     return [{"kind": kind, "name": name, "worktree_id": owner, "where": "docker"}

@@ -3,6 +3,12 @@
 Postgres silently cuts identifiers to 63 bytes, so two long names equal in their first 63
 bytes would collide: every name here is sanitised to [a-z0-9_] and ends in a hash of the
 full worktree id, and is only ever passed to SQL as a quoted psycopg.sql.Identifier.
+New names stop at 58 bytes, leaving room for the `test_` that Django, Rails and pytest
+plugins put in front of a database name. Names recorded before (up to 63 bytes) stay valid:
+teardown and ensure use the recorded name, never a recomputed one.
+
+A marker is `devd:<instance id>:<worktree id>` (see devd/instance.py). The older form
+`devd:<worktree id>` names no instance: it is trusted only for a worktree registered here.
 """
 
 from __future__ import annotations
@@ -13,34 +19,66 @@ import secrets
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from devd import instance
+
 MAX_IDENTIFIER = 63
+TEST_PREFIX = "test_"  # what test runners put before the database name
+NAME_LIMIT = MAX_IDENTIFIER - len(TEST_PREFIX)
 MARKER_PREFIX = "devd:"
 LABEL_OWNER = "devd.owner"  # docker label: the worktree id
+LABEL_INSTANCE = "devd.instance"  # docker label: the devd instance id
 LABEL_KIND = "devd.kind"
 
 
-def identifier(wt_id: str, prefix: str = "devd_") -> str:
-    """e.g. 'devd_shop_feat_a_1a2b3c4d_9f8e7d6c': [a-z0-9_], at most 63 bytes, unique by hash."""
-    digest = hashlib.sha256(wt_id.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+def identifier(wt_id: str, prefix: str = "devd_", limit: int = NAME_LIMIT) -> str:
+    """e.g. 'devd_shop_feat_a_1a2b3c4d_9f8e7d6c': [a-z0-9_], at most `limit` bytes (58 by
+    default, so `test_` + name fits Postgres' 63), unique by hash."""
+    digest = _digest(wt_id)
     base = re.sub(r"[^a-z0-9_]+", "_", wt_id.lower()).strip("_")
-    room = MAX_IDENTIFIER - len(prefix) - len(digest) - 1
+    room = limit - len(prefix) - len(digest) - 1
     return f"{prefix}{base[:room].rstrip('_')}_{digest}" if base else f"{prefix}{digest}"
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def test_database(name: str) -> str:
+    """The test database of a worktree whose database or schema is `name`: `test_` + name,
+    hashed down for a name recorded before names left room for the prefix."""
+    wanted = TEST_PREFIX + name
+    if len(wanted) <= MAX_IDENTIFIER:
+        return wanted
+    return f"{TEST_PREFIX}{name[:NAME_LIMIT - 9].rstrip('_')}_{_digest(name)}"
+
+
 def docker_name(wt_id: str) -> str:
-    """Container and volume name: docker allows [a-zA-Z0-9_.-]; the id is a slug already."""
-    return "devd-pg-" + identifier(wt_id, prefix="").replace("_", "-")
+    """Container and volume name: docker allows [a-zA-Z0-9_.-]; the id is a slug already.
+    Not bound by the test prefix: the name must stay what existing containers carry."""
+    return "devd-pg-" + identifier(wt_id, prefix="", limit=MAX_IDENTIFIER).replace("_", "-")
 
 
 def marker(wt_id: str) -> str:
-    return MARKER_PREFIX + wt_id
+    """This instance's marker for a worktree's object."""
+    return f"{MARKER_PREFIX}{instance.current()}:{wt_id}"
+
+
+def parse_marker(comment: str | None) -> tuple[str | None, str] | None:
+    """(instance id or None for the old form, worktree id) of a devd marker, else None."""
+    if not comment or not comment.startswith(MARKER_PREFIX):
+        return None
+    rest = comment[len(MARKER_PREFIX):]
+    made_by, sep, wt_id = rest.partition(":")
+    return (made_by, wt_id) if sep else (None, rest)
 
 
 def owner_of_marker(comment: str | None) -> str | None:
-    """The worktree id in a devd marker comment, or None if it is not ours."""
-    if comment and comment.startswith(MARKER_PREFIX):
-        return comment[len(MARKER_PREFIX):]
-    return None
+    """The worktree id in a marker of this instance (or of the old form), else None: another
+    instance's object is as foreign as one devd never made."""
+    parsed = parse_marker(comment)
+    if parsed is None or parsed[0] not in (None, instance.current()):
+        return None
+    return parsed[1]
 
 
 def new_password() -> str:
@@ -59,14 +97,22 @@ def database_url(host: str, port: int | str, user: str, password: str, dbname: s
 
 
 def env_for(detail: dict[str, Any]) -> dict[str, str]:
-    """DATABASE_URL and the PG* variables for a recorded postgres resource."""
+    """DATABASE_URL, the PG* variables and DEVD_TEST_DATABASE for a recorded resource."""
     host, port = str(detail["host"]), str(detail["port"])
     user, password, dbname = detail["user"], detail["password"], detail["database"]
     return {
         "DATABASE_URL": database_url(host, port, user, password, dbname),
         "PGHOST": host, "PGPORT": port, "PGUSER": user, "PGPASSWORD": password,
-        "PGDATABASE": dbname,
+        "PGDATABASE": dbname, "DEVD_TEST_DATABASE": test_database_of(detail),
     }
+
+
+def test_database_of(detail: dict[str, Any]) -> str:
+    """Per worktree in every mode: in schema mode the database is shared, so the test
+    database is named after the schema, not `test_` + the shared database."""
+    if detail.get("mode") == "container":
+        return TEST_PREFIX + str(detail["database"])  # its own server: no one to collide with
+    return test_database(str(detail["name"]))
 
 
 def mask_url(url: str) -> str:

@@ -5,6 +5,7 @@ The modes live in sqlmodes.py (schema, database) and container.py; this is their
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,26 +50,37 @@ class PostgresProvisioner(Provisioner):
             return sqlmodes.check_sql(detail)
         return Health(True)
 
-    def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
-        try:
-            self._teardown(ctx, detail)
-        except OwnershipConflict:
-            if detail.get("complete") or detail.get("initialized"):
-                raise  # something replaced what devd made: say so, touch nothing
-            # Only an intent was recorded: the name was someone else's from the start (the
-            # provision failed on that conflict), so there is nothing of ours to remove.
+    def check_teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
+        _tolerating_intent(detail, _by_mode(detail, container.check_teardown,
+                                            sqlmodes.check_teardown), ctx)
 
-    def _teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
-        mode = detail.get("mode", "none")
-        if mode == "container":
-            container.teardown(ctx, detail)
-        elif mode in SQL_MODES:
-            sqlmodes.teardown_sql(ctx, detail)
+    def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
+        _tolerating_intent(detail, _by_mode(detail, container.teardown,
+                                            sqlmodes.teardown_sql), ctx)
 
     def env(self, ctx: Context, detail: dict[str, Any]) -> dict[str, str]:
         if detail.get("mode", "none") == "none" or "password" not in detail:
             return {}
         return names.env_for(detail)
+
+
+Step = Callable[[Context, dict[str, Any]], None]
+
+
+def _by_mode(detail: dict[str, Any], in_container: Step, in_sql: Step) -> Step | None:
+    mode = detail.get("mode", "none")
+    return in_container if mode == "container" else in_sql if mode in SQL_MODES else None
+
+
+def _tolerating_intent(detail: dict[str, Any], step: Step | None, ctx: Context) -> None:
+    """Run a teardown step; a conflict on a name only an intent was recorded for means the
+    name was someone else's from the start (the provision failed on it): nothing of ours."""
+    try:
+        if step is not None:
+            step(ctx, detail)
+    except OwnershipConflict:
+        if detail.get("complete") or detail.get("initialized"):
+            raise  # something replaced what devd made: say so, touch nothing
 
 
 def restore(ctx: Context, detail: dict[str, Any], source: str | None) -> dict[str, Any]:

@@ -19,6 +19,15 @@ def record_intent(ctx: Context, **fields: Any) -> None:
                               ctx.recorded(KIND) | fields)
 
 
+def mark_dropping(ctx: Context) -> None:
+    """Before a teardown's first drop: if a later step fails, status says the resource is
+    half gone instead of `ready` (release forgets it only once every step succeeded)."""
+    ctx.registry.set_resource(ctx.worktree.id, KIND, "failed", ctx.recorded(KIND) | {
+        "error": "release stopped part-way (a dump, if made, is kept); run "
+                 "`devd release --yes` again to finish",
+        "hint": "see the release's message for the cause"})
+
+
 def admin_url(ctx: Context) -> str:
     """DEVD_POSTGRES_URL (the caller's, else the daemon's) wins over devd.toml; empty means
     libpq defaults. A worktree whose objects live on one server stays there: switching

@@ -14,6 +14,7 @@ import psutil
 import psycopg
 from psycopg import sql
 
+from devd import instance
 from devd.errors import DevdError, OwnershipConflict
 from devd.paths import Paths
 from devd.postgres import names
@@ -165,13 +166,15 @@ def mark(kind: str, name: str, wt_id: str) -> sql.Composed:
 
 
 def role_statements(name: str, wt_id: str, password: str, exists: bool,
-                    superuser: bool) -> list[sql.Composable]:
+                    superuser: bool, createdb: bool = True) -> list[sql.Composable]:
     """Create (or adopt) a login role with its marker; run them as one batch so they commit
-    together (a multi-statement query is one implicit transaction)."""
+    together (a multi-statement query is one implicit transaction). CREATEDB (for the test
+    runners' test databases) is set or cleared on every provision, so it follows devd.toml."""
     verb = "ALTER" if exists else "CREATE"
+    flag = "CREATEDB" if createdb else "NOCREATEDB"
     statements: list[sql.Composable] = [
-        sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name),
-                                                           sql.Literal(password)),
+        sql.SQL(verb + " ROLE {} LOGIN " + flag + " PASSWORD {}").format(
+            sql.Identifier(name), sql.Literal(password)),
         mark("role", name, wt_id)]
     if not superuser:
         # PG 16+: a CREATEROLE admin must be a member to create a database owned by the role.
@@ -184,15 +187,16 @@ def batch(conn: psycopg.Connection[Any], statements: list[sql.Composable]) -> No
     conn.execute(sql.SQL("; ").join(statements))
 
 
-def drop_role(conn: psycopg.Connection[Any], name: str, wt_id: str) -> None:
-    if claim(conn, "role", name, wt_id):
-        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
-
-
 def marked_objects(conn: psycopg.Connection[Any]) -> list[tuple[str, str, str]]:
-    """(kind, name, worktree id) of every object carrying a devd marker on this server."""
-    rows = conn.execute(_MARKED).fetchall()
-    return [(kind, name, names.owner_of_marker(comment) or "") for kind, name, comment in rows]
+    """(kind, name, worktree id) of every object carrying this instance's marker. Objects of
+    other instances are left out, and so are old-form markers: those name no instance, so
+    they may be anyone's and are only ever adopted by the worktree they name."""
+    found = []
+    for kind, name, comment in conn.execute(_MARKED).fetchall():
+        parsed = names.parse_marker(comment)
+        if parsed and parsed[0] == instance.current():
+            found.append((kind, name, parsed[1]))
+    return found
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from psycopg import sql
 
 from devd import processes
 from devd.errors import DevdError
-from devd.postgres import dump, names, server
+from devd.postgres import dependents, dump, names, records, server
 from devd.postgres.records import admin_url, record_intent
 from devd.provisioners.base import Context, Health, Progress
 
@@ -40,10 +40,14 @@ SELECT n.nspname FROM pg_namespace n WHERE {_NOT_SYSTEM}
 
 def ensure_sql(ctx: Context, progress: Progress, mode: str) -> dict[str, Any]:
     url, wt_id = admin_url(ctx), ctx.worktree.id
-    name = names.identifier(wt_id)
+    # A recorded name wins: names made before they left room for `test_` stay as they are.
+    name = ctx.recorded("postgres").get("name") or names.identifier(wt_id)
     password = ctx.recorded("postgres").get("password") or names.new_password()
+    createdb = ctx.config.postgres.createdb
     with server.connect(url) as conn:
-        needs = ("CREATEROLE", "CREATE") if mode == "schema" else ("CREATEROLE", "CREATEDB")
+        needs: tuple[str, ...] = ("CREATEROLE", "CREATE") if mode == "schema" \
+            else ("CREATEROLE", "CREATEDB")
+        needs += ("CREATEDB",) if createdb and mode == "schema" else ()
         superuser = server.require(conn, *needs)
         dbname = conn.info.dbname if mode == "schema" else name
         record_intent(ctx, mode=mode, name=name, admin_url=url, database=dbname,
@@ -51,7 +55,8 @@ def ensure_sql(ctx: Context, progress: Progress, mode: str) -> dict[str, Any]:
         try:
             # Every name first: a conflict anywhere means nothing at all is created.
             ours = server.claim_all(conn, name, wt_id, ("role", mode))
-            role = server.role_statements(name, wt_id, password, "role" in ours, superuser)
+            role = server.role_statements(name, wt_id, password, "role" in ours, superuser,
+                                          createdb)
             if mode == "schema":
                 server.batch(conn, role + _schema_statements(name, wt_id, "schema" in ours))
             else:
@@ -175,39 +180,110 @@ def check_sql(detail: dict[str, Any]) -> Health:
     return Health(True, "", {"state": "ready"})
 
 
+def check_teardown(ctx: Context, detail: dict[str, Any]) -> None:
+    """Read-only: raise what teardown_sql would fail on (server down, a name taken over,
+    sessions without --force, no pg_dump, objects that keep the role from being dropped)."""
+    with _admin(detail) as conn:
+        try:
+            present, role, tests = _claims(ctx, conn, detail)
+            sessions = _sessions(conn, detail, tests)
+            if sessions and not ctx.force:
+                raise _in_use(ctx, detail, sessions)
+            if present and ctx.backup:
+                dump.binary("pg_dump")
+                dump.dumps_dir(ctx.paths)  # a private dir to write it to
+            blockers = dependents.blockers(conn, detail, tests) if role else []
+        except psycopg.Error as exc:
+            raise server.translate(exc, f"checking Postgres {detail['mode']} "
+                                        f"{detail['name']}") from exc
+    if blockers:
+        raise dependents.error(detail, blockers)
+
+
 def teardown_sql(ctx: Context, detail: dict[str, Any]) -> None:
-    url, name, wt_id, mode = detail.get("admin_url", ""), detail["name"], ctx.worktree.id, \
-        detail["mode"]
-    dbname = detail["database"] if mode == "schema" else None
-    with server.connect(url, dbname=dbname) as conn:
+    """Dump, then drop: the worktree's test databases, its schema or database, its role.
+    The fallible steps (sessions, the dump) come before the first drop."""
+    name, mode = detail["name"], detail["mode"]
+    with _admin(detail) as conn:
         try:
             conn.execute("SET lock_timeout = '10s'")
-            if server.claim(conn, mode, name, wt_id, owner_role=name):
-                _release_sessions(ctx, conn, detail)
-                if ctx.backup:
-                    target = dump.new_dump_path(ctx.paths, wt_id)
-                    dump.dump_local(url, detail["database"], target,
-                                      schema=name if mode == "schema" else None)
-                    ctx.outputs.setdefault("dumps", []).append(str(target))
-                drop = "DROP SCHEMA {} CASCADE" if mode == "schema" else "DROP DATABASE {}"
-                conn.execute(sql.SQL(drop).format(sql.Identifier(name)))
-            server.drop_role(conn, name, wt_id)
+            present, role, tests = _claims(ctx, conn, detail)
+            _release_sessions(ctx, conn, detail, tests)
+            if present and ctx.backup:
+                _dump(ctx, detail)
+            records.mark_dropping(ctx)
+            for test in tests:
+                conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(test)))
+                ctx.outputs.setdefault("test_databases_dropped", []).append(test)
+            _drop(conn, mode, name, present, role)
         except psycopg.Error as exc:
             raise server.translate(exc, f"dropping Postgres {mode} {name}") from exc
     dump.prune(ctx.paths)
 
 
-def _release_sessions(ctx: Context, conn: psycopg.Connection[Any],
-                      detail: dict[str, Any]) -> None:
-    """Sessions that would block the drop: name their holders, end them only with --force."""
-    sessions = server.sessions_on(conn, detail["database"],
-                                    user=detail["name"] if detail["mode"] == "schema" else None)
-    if not sessions:
-        return
-    if not ctx.force:
-        raise DevdError(
-            f"Postgres {detail['mode']} {detail['name']} is in use: "
-            + "; ".join(describe_sessions(ctx, sessions)),
-            "stop those processes, or pass --force to end their sessions",
-            code="postgres_in_use")
+def _admin(detail: dict[str, Any]) -> psycopg.Connection[Any]:
+    """The admin connection; in schema mode to the schema's database."""
+    dbname = detail["database"] if detail["mode"] == "schema" else None
+    return server.connect(detail.get("admin_url", ""), dbname=dbname)
+
+
+def _claims(ctx: Context, conn: psycopg.Connection[Any], detail: dict[str, Any]
+            ) -> tuple[bool, bool, list[str]]:
+    """Whether the schema/database and the role exist (ours, else OwnershipConflict), and
+    the role's test databases."""
+    name, wt_id = detail["name"], ctx.worktree.id
+    present = server.claim(conn, detail["mode"], name, wt_id, owner_role=name)
+    role = server.claim(conn, "role", name, wt_id)
+    return present, role, dependents.test_databases(conn, name) if role else []
+
+
+def _dump(ctx: Context, detail: dict[str, Any]) -> None:
+    target = dump.new_dump_path(ctx.paths, ctx.worktree.id)
+    dump.dump_local(detail.get("admin_url", ""), detail["database"], target,
+                    schema=detail["name"] if detail["mode"] == "schema" else None)
+    ctx.outputs.setdefault("dumps", []).append(str(target))
+
+
+def _drop(conn: psycopg.Connection[Any], mode: str, name: str, present: bool,
+          role: bool) -> None:
+    """The schema (with its role, in one transaction) or the database, then its role.
+    DROP OWNED only revokes privileges here: check_teardown saw that the role owns
+    nothing else in this database."""
+    ident = sql.Identifier(name)
+    drops: list[sql.Composable] = []
+    if present and mode == "schema":
+        drops.append(sql.SQL("DROP SCHEMA {} CASCADE").format(ident))
+    elif present:
+        conn.execute(sql.SQL("DROP DATABASE {}").format(ident))  # never in a transaction
+    if role:
+        drops += [sql.SQL("DROP OWNED BY {}").format(ident),
+                  sql.SQL("DROP ROLE {}").format(ident)]
+    if drops:
+        server.batch(conn, drops)
+
+
+def _sessions(conn: psycopg.Connection[Any], detail: dict[str, Any],
+              tests: list[str]) -> list[server.Session]:
+    """Sessions that would block the drops: the role's (schema mode) or anyone's on the
+    database, and anyone's on a test database."""
+    found = server.sessions_on(conn, detail["database"],
+                               user=detail["name"] if detail["mode"] == "schema" else None)
+    return found + [s for test in tests for s in server.sessions_on(conn, test)]
+
+
+def _release_sessions(ctx: Context, conn: psycopg.Connection[Any], detail: dict[str, Any],
+                      tests: list[str]) -> None:
+    """Name the holders of blocking sessions; end them only with --force."""
+    sessions = _sessions(conn, detail, tests)
+    if sessions and not ctx.force:
+        raise _in_use(ctx, detail, sessions)
     server.terminate(conn, sessions)
+
+
+def _in_use(ctx: Context, detail: dict[str, Any], sessions: list[server.Session]
+            ) -> DevdError:
+    return DevdError(
+        f"Postgres {detail['mode']} {detail['name']} is in use: "
+        + "; ".join(describe_sessions(ctx, sessions)),
+        "stop those processes, or pass --force to end their sessions",
+        code="postgres_in_use")

@@ -29,8 +29,13 @@ class DirsProvisioner(Provisioner):
                    if not (Path(detail.get(key, "")) / MARKER).is_file()]
         return Health(not missing, f"missing: {', '.join(missing)}" if missing else "")
 
+    def check_teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
+        for path in _recorded(detail):
+            if path.exists() or path.is_symlink():
+                _check_owner(path, ctx.worktree.id)
+
     def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
-        recorded = {Path(detail[key]) for key in ("cache_dir", "browser_profile") if key in detail}
+        recorded = _recorded(detail)
         for path in recorded:
             remove_owned_dir(path, ctx.worktree.id)
         # A run that failed half-way recorded nothing, but names are derived: find its dirs.
@@ -43,6 +48,10 @@ class DirsProvisioner(Provisioner):
         result = {"DEVD_CACHE_DIR": cache, "DEVD_BROWSER_PROFILE": detail["browser_profile"]}
         result.update({var: str(Path(cache) / var.lower()) for var in ctx.config.cache.env})
         return result
+
+
+def _recorded(detail: dict[str, Any]) -> set[Path]:
+    return {Path(detail[key]) for key in ("cache_dir", "browser_profile") if key in detail}
 
 
 def cache_dir(ctx: Context) -> Path:

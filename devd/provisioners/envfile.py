@@ -50,17 +50,29 @@ class EnvFileProvisioner(Provisioner):
             notes.append(f"{Path(detail['file']).name} is not in .gitignore: add it there")
         return Health(True, "; ".join(notes), {"drift": drifted})
 
+    def check_teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
+        self._readable(ctx, detail)
+
     def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
-        target = Path(detail.get("file", ctx.worktree.path / ctx.config.env.file))
-        if target.is_symlink() or not target.is_file():
+        found = self._readable(ctx, detail)
+        if found is None:
             return
-        inside(ctx.worktree.path, str(target.relative_to(ctx.worktree.path)))
-        text = target.read_text(encoding="utf-8", errors="surrogateescape")
-        remaining = _BLOCK.sub("", _check_block(target, text))
+        target, text = found
+        remaining = _BLOCK.sub("", text)
         if detail.get("created") and not remaining.strip():
             target.unlink()
         else:
             _write_atomic(target, remaining)
+
+    def _readable(self, ctx: Context, detail: dict[str, Any]) -> tuple[Path, str] | None:
+        """The env file and its text if devd has a block to remove there; raises if that
+        block is damaged or the file lies outside the worktree."""
+        target = Path(detail.get("file", ctx.worktree.path / ctx.config.env.file))
+        if target.is_symlink() or not target.is_file():
+            return None
+        inside(ctx.worktree.path, str(target.relative_to(ctx.worktree.path)))
+        text = target.read_text(encoding="utf-8", errors="surrogateescape")
+        return target, _check_block(target, text)
 
 
 def files_to_copy(ctx: Context) -> list[str]:
