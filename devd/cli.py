@@ -11,6 +11,7 @@ import atexit
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from devd import __version__, dotenv
@@ -181,8 +182,6 @@ def cmd_provision(client: Client, args: argparse.Namespace) -> int:
                                        "fix_deps": args.fix_deps} | caller_overrides(),
                          _progress)
     if args.background and args.wait:
-        from pathlib import Path
-
         from devd import hooks
 
         # The work stays in the daemon: a hook killed while waiting leaves it running.
@@ -273,11 +272,24 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
     if not argv:
         raise UsageError("no command given", "usage: devd run [--path P] -- CMD [ARG...]")
     path = _abspath(args.path)
-    env = client.call("env", {"path": path})["env"]
+    result = client.call("env", {"path": path})
     from devd.watchers.run import run
 
     # Preflight warning on the watch budget, then exec with the output scanned for breaks.
-    return run(client, path, argv, {**os.environ, **env})
+    return run(client, path, argv, {**os.environ, **result["env"]},
+               run_dir(Path(result["worktree"])))
+
+
+def run_dir(root: Path) -> str:
+    """Where `devd run` runs: the caller's directory when it is inside the worktree (not in
+    a checkout nested in it), else the worktree's root: never another checkout's code."""
+    from devd.owners import inside
+
+    try:
+        here = Path(os.getcwd())
+    except OSError:  # the caller's directory was deleted
+        return str(root)
+    return str(here) if inside(here, root) else str(root)
 
 
 def cmd_watchers(client: Client, args: argparse.Namespace) -> int:
@@ -363,8 +375,6 @@ def find_browser() -> list[str]:
 
 def cmd_init(client: Client, args: argparse.Namespace) -> int:
     from importlib.resources import files
-    from pathlib import Path
-
     target = Path(args.path) / "devd.toml"
     if target.exists():
         raise UsageError(f"{target} already exists", "edit it, or remove it to start over")
@@ -374,8 +384,6 @@ def cmd_init(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_wait(client: Client, args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from devd import hooks
 
     path = hooks.toplevel(Path(_abspath(args.path)))
@@ -396,8 +404,6 @@ def cmd_service(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_hook(client: Client, args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from devd import hooks
 
     def say(line: str) -> None:  # stdout belongs to the hook contract: talk on stderr

@@ -11,8 +11,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from devd import __version__, git, naming, processes
-from devd.errors import DevdError, NotRegistered, ProtocolError, ProvisionFailed, UsageError
+from devd import __version__, git, naming, owners, processes
+from devd.errors import (
+    DevdError,
+    NotOwner,
+    NotRegistered,
+    ProtocolError,
+    ProvisionFailed,
+    UsageError,
+)
 from devd.paths import Paths
 from devd.postgres import provisioner as postgres
 from devd.provisioners import Context, Progress, Provisioner, deps
@@ -199,21 +206,34 @@ class Service:
         owner = processes.owner_of(holder, self.registry.worktrees(), self.registry)
         processes.check_killable(int(port), holder, owner, asked)
         progress("kill", f"stopping pid {holder.pid} `{holder.command}`")
-        outcome = processes.terminate(holder, self.settings.kill_timeout)
+        outcome = processes.stop_holder(int(port), holder, asked, self.registry,
+                                        self.settings.kill_timeout)
         return {"port": port, "pid": holder.pid, "command": holder.command, "outcome": outcome}
 
-    def do_run_started(self, progress: Progress, path: str, pid: int,
+    def do_run_started(self, progress: Progress, path: str, pid: int | None = None,
                        argv: list[str] | None = None, cwd: str | None = None
                        ) -> dict[str, Any]:
+        """Record the requesting process itself (the kernel's peer pid) as a `devd run`;
+        a `pid` the client sends is ignored: its word makes no process devd-started."""
         wt = self.find(path)
-        processes.record_run(self.registry, int(pid), wt.id)
-        watchers_api.run_started(self, path, pid, argv, cwd)
-        return {"worktree": str(wt.path), "pid": pid}
+        peer = self.peer_pid()
+        if peer is None:  # a platform without SO_PEERCRED: nothing is recorded
+            return {"worktree": str(wt.path), "pid": None}
+        recorded, _ = processes.record_run(self.registry, peer, wt.id)
+        watchers_api.run_started(self, wt, recorded, argv, cwd)
+        return {"worktree": str(wt.path), "pid": recorded}
 
-    def do_run_event(self, progress: Progress, path: str, pid: int, signature: str,
-                     budget: str, line: str, argv: list[str] | None = None,
+    def do_run_event(self, progress: Progress, path: str, signature: str, budget: str,
+                     line: str, pid: int | None = None, argv: list[str] | None = None,
                      cwd: str | None = None) -> dict[str, Any]:
-        return watchers_api.run_event(self, path, pid, signature, budget, line, argv or [],
+        """A break line, accepted only from a recorded run of that worktree or one of its
+        descendants (the kernel's peer pid and ancestry; `pid` is ignored)."""
+        wt = self.find(path)
+        run = processes.run_of(self.peer_pid(), self.registry, wt.id)
+        if run is None:
+            raise NotOwner(f"run_event for {wt.path} did not come from a `devd run` of it",
+                           "only `devd run` (or what it started) reports watcher breaks")
+        return watchers_api.run_event(self, wt, run[0], signature, budget, line, argv or [],
                                       cwd)
 
     def do_watchers(self, progress: Progress) -> dict[str, Any]:
@@ -410,8 +430,8 @@ class Service:
         target = Path(_text(path or ".", "path")).absolute()
         candidates = self.registry.worktrees()
         for probe in (target, target.resolve()):
-            match = processes.deepest_containing(str(probe), candidates)
-            if match and not _nested_checkout_between(match.path, probe):
+            match = owners.deepest_containing(str(probe), candidates)
+            if match and not owners.nested_checkout_between(match.path, probe):
                 if self.watchers is not None:
                     self.watchers.touch(match.id)  # in use: see devd/watchers/idle.py
                 return match
@@ -480,13 +500,3 @@ def _text(value: Any, name: str) -> str:
                             "see docs/protocol.md")
     return value
 
-
-def _nested_checkout_between(root: Path, probe: Path) -> bool:
-    """True if `probe` sits in another checkout nested inside `root` (say an unregistered
-    .claude/worktrees/x inside the main worktree): a .git entry between them marks it."""
-    for directory in [probe, *probe.parents]:
-        if directory == root:
-            return False
-        if os.path.lexists(directory / ".git"):
-            return True
-    return False

@@ -10,6 +10,7 @@ from devd.watchers.monitor import WatcherMonitor
 
 if TYPE_CHECKING:
     from devd.handlers import Service
+    from devd.registry import Worktree
 
 
 def _monitor(service: Service) -> WatcherMonitor:
@@ -52,19 +53,19 @@ def preflight(service: Service, path: str, max_watches: int | None,
     return advice.preflight(_monitor(service), service.find(path), max_watches, userns)
 
 
-def run_started(service: Service, path: str, pid: int = 0, argv: list[str] | None = None,
+def run_started(service: Service, wt: Worktree, pid: int, argv: list[str] | None = None,
                 cwd: str | None = None) -> None:
-    """Record what a `devd run` runs and where (for a restart); clear exited runs' breaks."""
+    """Record what a `devd run` runs and where (for a restart); clear exited runs' breaks.
+    `pid` is the recorded run's (the kernel's peer pid, see Service.do_run_started)."""
     monitor = getattr(service, "watchers", None)
     if monitor is not None:
-        wt = service.find(path)
-        monitor.run_started(wt, int(pid), _strings(argv), str(cwd or wt.path))
+        monitor.run_started(wt, pid, _strings(argv), str(cwd or wt.path))
 
 
-def run_event(service: Service, path: str, pid: int, signature: str, budget: str, line: str,
-              argv: list[str], cwd: str | None = None) -> dict[str, Any]:
-    wt = service.find(path)
-    _monitor(service).record_break(wt, int(pid), str(signature), str(budget), str(line)[:500],
+def run_event(service: Service, wt: Worktree, pid: int, signature: str, budget: str,
+              line: str, argv: list[str], cwd: str | None = None) -> dict[str, Any]:
+    """A break line from run `pid` of `wt` (already verified as a recorded run's family)."""
+    _monitor(service).record_break(wt, pid, str(signature), str(budget), str(line)[:500],
                                    _strings(argv), str(cwd) if cwd else None)
     return {"worktree": str(wt.path), "state": "broken"}
 
