@@ -325,9 +325,12 @@ def cmd_ports(client: Client, args: argparse.Namespace) -> int:
         print("no ports leased")
     for row in rows:
         holder = f"pid {row['pid']} {row['command']}" if row["listening"] else "free"
-        owner = row["owner_worktree"]
+        owner, gone = row["owner_worktree"], row.get("owner_state") == "gone"
         if row["listening"] and owner != row["worktree"]:
-            holder += f" (of {owner})" if owner else " (outside any worktree)"
+            holder += f" (of {'gone worktree ' * gone}{owner})" if owner \
+                else " (outside any worktree)"
+        elif row["listening"] and gone:
+            holder += " (its worktree is gone)"
         print(safe(f"{row['port']:>5}  {row['name']:<10} {holder:<32} {row['worktree']}"))
     return EXIT_OK
 

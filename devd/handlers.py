@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from devd import __version__, git, naming, owners, processes
+from devd import __version__, git, leftovers, naming, owners, processes
 from devd.errors import (
     DevdError,
     NotOwner,
@@ -93,7 +93,8 @@ class Service:
         return watchers_api.add_to_status(self, {
             "daemon": {"pid": os.getpid(), "version": __version__,
                        "socket": str(self.paths.socket)},
-            "worktrees": [self.describe(wt, resources.get(wt.id, [])) for wt in chosen],
+            "worktrees": self._with_leftovers(
+                [self.describe(wt, resources.get(wt.id, [])) for wt in chosen], chosen),
             "orphans": self.orphans(max_age=ORPHAN_SCAN_MAX_AGE),
         })
 
@@ -151,9 +152,11 @@ class Service:
         cutoff = time.time() - seconds
         due = [wt for wt in self.registry.worktrees()
                if wt.state == "gone" and (wt.gone_at or 0) <= cutoff]
+        stopped = {} if dry_run else self._stop_runs(due, progress)
         results = []
         for wt in due:
-            entry: dict[str, Any] = {"id": wt.id, "path": str(wt.path), "released": False}
+            entry: dict[str, Any] = {"id": wt.id, "path": str(wt.path), "released": False,
+                                     "stopped": stopped.get(wt.id, [])}
             if not dry_run:
                 try:
                     entry |= self.release(wt, progress, yes=True, backup=not no_backup)
@@ -164,6 +167,30 @@ class Service:
         processes.prune_runs(self.registry)
         return {"dry_run": dry_run, "grace_seconds": seconds, "worktrees": results,
                 "orphans": self.orphans()}
+
+    def _stop_runs(self, gone: list[Worktree], progress: Progress
+                   ) -> dict[str, list[dict[str, Any]]]:
+        """Before gc releases gone worktrees: stop what `devd run` started for them."""
+        stopped = {}
+        for wt in gone:
+            with self._lock(wt.id):  # a worktree re-created meanwhile keeps its processes
+                fresh = self.registry.worktree(wt.id)
+                if fresh is None or fresh.state != "gone":
+                    continue
+                stopped[wt.id] = leftovers.stop_runs(wt, self.registry,
+                                                     self.settings.kill_timeout)
+            for entry in stopped[wt.id]:
+                progress("gc", f"pid {entry['pid']} of {wt.path}: {entry['outcome']}")
+        return stopped
+
+    def _with_leftovers(self, entries: list[dict[str, Any]], chosen: list[Worktree]
+                        ) -> list[dict[str, Any]]:
+        """Gone worktrees get "processes": what of them still runs (nothing else pays)."""
+        found = leftovers.running([wt for wt in chosen if wt.state == "gone"], self.registry)
+        for entry in entries:
+            if entry["id"] in found:
+                entry["processes"] = found[entry["id"]]
+        return entries
 
     def do_env(self, progress: Progress, path: str) -> dict[str, Any]:
         wt = self.find(path)
@@ -195,6 +222,7 @@ class Service:
                 "command": holder.command if holder else None,
                 "cwd": holder.cwd if holder else None,
                 "owner_worktree": str(owner.path) if owner else None,
+                "owner_state": owner.state if owner else None,
             })
         return rows
 
@@ -315,6 +343,7 @@ class Service:
                                  "pass --yes to release them (devd keeps a dump where it can)")
             ctx = self.context(wt, strict=False)
             ctx.backup, ctx.force = backup, force
+            self._check_teardowns(ctx, recorded)
             failures, hints = [], []
             for resource in reversed(recorded):
                 provisioner = self._by_kind.get(resource.kind)
@@ -335,6 +364,13 @@ class Service:
                                 code="release_failed")
             self.registry.forget(wt.id)
         return ctx.outputs
+
+    def _check_teardowns(self, ctx: Context, recorded: list[Resource]) -> None:
+        """All or nothing: what a teardown would refuse is refused before any runs."""
+        for resource in recorded:
+            provisioner = self._by_kind.get(resource.kind)
+            if provisioner:
+                provisioner.check_teardown(ctx, resource.detail)
 
     def _check_path_free(self, path: Path, wt_id: str) -> None:
         """A path registered under another id: the old worktree (another repo, or a moved

@@ -118,14 +118,31 @@ def stop_holder(port: int, holder: Holder, asked: Worktree, registry: Registry,
             return exc.message
         return None
 
-    return terminate(holder, timeout, still_killable)
+    def still_listening(proc: psutil.Process) -> str | None:
+        # The socket is the holder's identity beyond its start time (10 ms ticks): a pid
+        # reused within one tick by a process that does not hold the port is refused.
+        return None if listens_on(proc, port) else f"pid {proc.pid} no longer listens on {port}"
+
+    return terminate(holder, timeout, still_killable, still_listening)
 
 
-def terminate(holder: Holder, timeout: float, check: signals.Check | None = None) -> str:
+def listens_on(proc: psutil.Process, port: int) -> bool:
+    """Does this very process (whoever holds the pid now) listen on TCP `port`?"""
+    sockets = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6
+    try:
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in sockets(kind="tcp"))
+    except psutil.Error:
+        return False
+
+
+def terminate(holder: Holder, timeout: float, check: signals.Check | None = None,
+              first: signals.Check | None = None) -> str:
     """SIGTERM, then SIGKILL after `timeout`, to the very process described; how it ended."""
     assert holder.pid is not None and holder.create_time is not None
+    meant = signals.Target(holder.pid, holder.create_time)
     try:
-        return signals.stop(signals.Target(holder.pid, holder.create_time), timeout, check)
+        return signals.stop(meant, timeout, check, first)
     except signals.Refused as exc:
         raise NotOwner(f"did not signal pid {holder.pid}: {exc}",
                        "devd signals only the process it checked, and only yours") from exc

@@ -48,13 +48,15 @@ def same_start(a: float, b: float) -> bool:
     return round(a, 2) == round(b, 2)
 
 
-def stop(meant: Target, timeout: float, check: Check | None = None) -> str:
-    """SIGTERM, then SIGKILL after `timeout`, each only after re-verifying; how it ended.
-    Raises Refused if the process is live but not the one meant or not ours."""
+def stop(meant: Target, timeout: float, check: Check | None = None,
+         first: Check | None = None) -> str:
+    """SIGTERM, then SIGKILL after `timeout`, each only after re-verifying (`check` before
+    each, `first` too before the SIGTERM); how it ended. Raises Refused if the process is
+    live but not the one meant or not ours."""
     with _pinned(meant.pid) as pin:
         if pin is None:
             return EXITED
-        if not pin.send(meant, signal.SIGTERM, check):
+        if not pin.send(meant, signal.SIGTERM, _both(check, first)):
             return EXITED
         if pin.wait(timeout):
             return "terminated"
@@ -62,6 +64,12 @@ def stop(meant: Target, timeout: float, check: Check | None = None) -> str:
             return "terminated"
         pin.wait(timeout)
         return "killed"
+
+
+def _both(check: Check | None, first: Check | None) -> Check | None:
+    if check is None or first is None:
+        return check or first
+    return lambda proc: check(proc) or first(proc)
 
 
 def stop_all(meant: list[Target], timeout: float) -> str:
