@@ -12,14 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from devd import __version__, git, leftovers, naming, owners, processes
-from devd.errors import (
-    DevdError,
-    NotOwner,
-    NotRegistered,
-    ProtocolError,
-    ProvisionFailed,
-    UsageError,
-)
+from devd.errors import DevdError, NotRegistered, ProtocolError, ProvisionFailed, UsageError
 from devd.paths import Paths
 from devd.postgres import provisioner as postgres
 from devd.provisioners import Context, Progress, Provisioner, deps
@@ -69,6 +62,7 @@ class Service:
         self._orphans: tuple[float, list[dict[str, str]]] | None = None
         # The kernel's word on who sent the request being handled (one per thread).
         self.peer = threading.local()
+        self.run_tokens = processes.RunTokens()  # see do_run_started
         # Set by the daemon: wakes the reconcile loop so a new repo gets its watch at once.
         self.on_register: Callable[[], None] = lambda: None
         # Set by the daemon: the watcher-budget monitor (devd/watchers/monitor.py).
@@ -93,8 +87,8 @@ class Service:
         return watchers_api.add_to_status(self, {
             "daemon": {"pid": os.getpid(), "version": __version__,
                        "socket": str(self.paths.socket)},
-            "worktrees": self._with_leftovers(
-                [self.describe(wt, resources.get(wt.id, [])) for wt in chosen], chosen),
+            "worktrees": leftovers.add_to_status(
+                self, [self.describe(wt, resources.get(wt.id, [])) for wt in chosen], chosen),
             "orphans": self.orphans(max_age=ORPHAN_SCAN_MAX_AGE),
         })
 
@@ -152,7 +146,7 @@ class Service:
         cutoff = time.time() - seconds
         due = [wt for wt in self.registry.worktrees()
                if wt.state == "gone" and (wt.gone_at or 0) <= cutoff]
-        stopped = {} if dry_run else self._stop_runs(due, progress)
+        stopped = {} if dry_run else leftovers.stop_gone(self, due, progress)
         results = []
         for wt in due:
             entry: dict[str, Any] = {"id": wt.id, "path": str(wt.path), "released": False,
@@ -167,30 +161,6 @@ class Service:
         processes.prune_runs(self.registry)
         return {"dry_run": dry_run, "grace_seconds": seconds, "worktrees": results,
                 "orphans": self.orphans()}
-
-    def _stop_runs(self, gone: list[Worktree], progress: Progress
-                   ) -> dict[str, list[dict[str, Any]]]:
-        """Before gc releases gone worktrees: stop what `devd run` started for them."""
-        stopped = {}
-        for wt in gone:
-            with self._lock(wt.id):  # a worktree re-created meanwhile keeps its processes
-                fresh = self.registry.worktree(wt.id)
-                if fresh is None or fresh.state != "gone":
-                    continue
-                stopped[wt.id] = leftovers.stop_runs(wt, self.registry,
-                                                     self.settings.kill_timeout)
-            for entry in stopped[wt.id]:
-                progress("gc", f"pid {entry['pid']} of {wt.path}: {entry['outcome']}")
-        return stopped
-
-    def _with_leftovers(self, entries: list[dict[str, Any]], chosen: list[Worktree]
-                        ) -> list[dict[str, Any]]:
-        """Gone worktrees get "processes": what of them still runs (nothing else pays)."""
-        found = leftovers.running([wt for wt in chosen if wt.state == "gone"], self.registry)
-        for entry in entries:
-            if entry["id"] in found:
-                entry["processes"] = found[entry["id"]]
-        return entries
 
     def do_env(self, progress: Progress, path: str) -> dict[str, Any]:
         wt = self.find(path)
@@ -247,22 +217,19 @@ class Service:
         peer = self.peer_pid()
         if peer is None:  # a platform without SO_PEERCRED: nothing is recorded
             return {"worktree": str(wt.path), "pid": None}
-        recorded, _ = processes.record_run(self.registry, peer, wt.id)
+        recorded, started = processes.record_run(self.registry, peer, wt.id)
         watchers_api.run_started(self, wt, recorded, argv, cwd)
-        return {"worktree": str(wt.path), "pid": recorded}
+        return {"worktree": str(wt.path), "pid": recorded,
+                "token": self.run_tokens.issue(recorded, started, wt.id)}
 
     def do_run_event(self, progress: Progress, path: str, signature: str, budget: str,
                      line: str, pid: int | None = None, argv: list[str] | None = None,
-                     cwd: str | None = None) -> dict[str, Any]:
+                     cwd: str | None = None, token: str | None = None) -> dict[str, Any]:
         """A break line, accepted only from a recorded run of that worktree or one of its
-        descendants (the kernel's peer pid and ancestry; `pid` is ignored)."""
-        wt = self.find(path)
-        run = processes.run_of(self.peer_pid(), self.registry, wt.id)
-        if run is None:
-            raise NotOwner(f"run_event for {wt.path} did not come from a `devd run` of it",
-                           "only `devd run` (or what it started) reports watcher breaks")
-        return watchers_api.run_event(self, wt, run[0], signature, budget, line, argv or [],
-                                      cwd)
+        descendants (the kernel's peer pid and ancestry, or the run's token once the run
+        itself has exited); `pid` is ignored."""
+        return watchers_api.run_event(self, self.find(path), signature, budget, line,
+                                      argv or [], cwd, token)
 
     def do_watchers(self, progress: Progress) -> dict[str, Any]:
         return watchers_api.report(self)

@@ -9,13 +9,17 @@ worktree's ports stay leased until it is stopped (PortsProvisioner.check_teardow
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from devd import processes
 from devd.processes import Holder
 from devd.registry import Registry, Worktree
+
+if TYPE_CHECKING:
+    from devd.handlers import Service
+    from devd.provisioners import Progress
 
 
 def running(gone: list[Worktree], registry: Registry) -> dict[str, list[dict[str, Any]]]:
@@ -53,3 +57,28 @@ def stop_runs(wt: Worktree, registry: Registry, timeout: float) -> list[dict[str
     re-verified right before each signal; {"pid", "outcome"} of each."""
     return [{"pid": pid, "outcome": processes.stop_run(registry, wt.id, pid, started, timeout)}
             for pid, started, wt_id in registry.processes() if wt_id == wt.id]
+
+
+def stop_gone(service: Service, gone: list[Worktree], progress: Progress
+              ) -> dict[str, list[dict[str, Any]]]:
+    """Before gc releases gone worktrees: stop what `devd run` started for them."""
+    stopped = {}
+    for wt in gone:
+        with service._lock(wt.id):  # a worktree re-created meanwhile keeps its processes
+            fresh = service.registry.worktree(wt.id)
+            if fresh is None or fresh.state != "gone":
+                continue
+            stopped[wt.id] = stop_runs(wt, service.registry, service.settings.kill_timeout)
+        for entry in stopped[wt.id]:
+            progress("gc", f"pid {entry['pid']} of {wt.path}: {entry['outcome']}")
+    return stopped
+
+
+def add_to_status(service: Service, entries: list[dict[str, Any]], chosen: list[Worktree]
+                  ) -> list[dict[str, Any]]:
+    """Gone worktrees get "processes": what of them still runs (nothing else pays)."""
+    found = running([wt for wt in chosen if wt.state == "gone"], service.registry)
+    for entry in entries:
+        if entry["id"] in found:
+            entry["processes"] = found[entry["id"]]
+    return entries

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
+import threading
 from dataclasses import dataclass
 
 import psutil
@@ -75,32 +77,29 @@ def owner_of(holder: Holder, worktrees: list[Worktree], registry: Registry) -> W
 
 def _started_by_run(pid: int | None, registry: Registry,
                     by_id: dict[str, Worktree]) -> Worktree | None:
+    found = nearest_run(pid, registry)
+    return by_id.get(found[2]) if found else None
+
+
+def run_of(pid: int | None, registry: Registry, wt_id: str) -> tuple[int, float] | None:
+    """The recorded `devd run` of worktree `wt_id` that `pid` is or descends from, as
+    (pid, start time)."""
+    found = nearest_run(pid, registry)
+    return (found[0], found[1]) if found and found[2] == wt_id else None
+
+
+def nearest_run(pid: int | None, registry: Registry) -> tuple[int, float, str] | None:
+    """(pid, start time, worktree id) of the nearest recorded `devd run` that `pid` is or
+    descends from: the kernel's ancestry, never a client's word."""
     if pid is None:
         return None
     recorded = {(p, round(t, 2)): wt_id for p, t, wt_id in registry.processes()}
     try:
         proc = psutil.Process(pid)
         for each in [proc, *proc.parents()]:
-            wt_id = recorded.get((each.pid, round(each.create_time(), 2)))
-            if wt_id in by_id:
-                return by_id[wt_id]
-    except psutil.Error:
-        return None
-    return None
-
-
-def run_of(pid: int | None, registry: Registry, wt_id: str) -> tuple[int, float] | None:
-    """The recorded `devd run` of worktree `wt_id` that `pid` is or descends from (the
-    kernel's ancestry, not a client's word), as (pid, start time)."""
-    if pid is None:
-        return None
-    recorded = {(p, t) for p, t, w in registry.processes() if w == wt_id}
-    try:
-        proc = psutil.Process(pid)
-        for each in [proc, *proc.parents()]:
             key = (each.pid, round(each.create_time(), 2))
             if key in recorded:
-                return key
+                return (*key, recorded[key])
     except psutil.Error:
         return None
     return None
@@ -208,6 +207,31 @@ def record_run(registry: Registry, pid: int, wt_id: str) -> tuple[int, float]:
     except psutil.NoSuchProcess as exc:
         raise DevdError(f"process {pid} exited before devd could record it", "") from exc
     return key
+
+
+class RunTokens:
+    """A secret per recorded run, handed to its `devd run` only: its scanner (a child) can
+    still report a break after the run itself exited and its ancestry is gone."""
+
+    LIMIT = 1024  # runs whose scanner may still report; older ones fall back to ancestry
+
+    def __init__(self) -> None:
+        self._runs: dict[str, tuple[int, float, str]] = {}
+        self._guard = threading.Lock()
+
+    def issue(self, pid: int, started: float, wt_id: str) -> str:
+        token = secrets.token_hex(16)
+        with self._guard:
+            self._runs[token] = (pid, started, wt_id)
+            while len(self._runs) > self.LIMIT:
+                self._runs.pop(next(iter(self._runs)))
+        return token
+
+    def run(self, token: object, wt_id: str) -> tuple[int, float] | None:
+        """The run a token was issued for, if it is a run of `wt_id`."""
+        with self._guard:
+            found = self._runs.get(token) if isinstance(token, str) else None
+        return (found[0], found[1]) if found and found[2] == wt_id else None
 
 
 def prune_runs(registry: Registry) -> None:

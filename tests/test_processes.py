@@ -249,8 +249,9 @@ def test_forged_run_events_and_restart_spare_an_unrelated_tree(pdevd: Devd, feat
              "argv": ["sh", "-c", "true"], "cwd": str(feat)}
     forger = None
     try:
-        refused, _ = ask(pdevd, "run_event", event)
-        assert not refused["ok"] and refused["error"]["code"] == "not_owner"
+        for forged in (event, event | {"token": "0" * 32}):
+            refused, _ = ask(pdevd, "run_event", forged)
+            assert not refused["ok"] and refused["error"]["code"] == "not_owner"
         # A client may record itself as a run; a break it reports is then its own.
         started, forger = ask(pdevd, "run_started", {"path": str(feat), "argv": ["sleep"]},
                               stay=True)

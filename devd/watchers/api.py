@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from devd.errors import DevdError
+from devd import processes
+from devd.errors import DevdError, NotOwner
 from devd.watchers import advice
 from devd.watchers.monitor import WatcherMonitor
 
@@ -62,10 +63,18 @@ def run_started(service: Service, wt: Worktree, pid: int, argv: list[str] | None
         monitor.run_started(wt, pid, _strings(argv), str(cwd or wt.path))
 
 
-def run_event(service: Service, wt: Worktree, pid: int, signature: str, budget: str,
-              line: str, argv: list[str], cwd: str | None = None) -> dict[str, Any]:
-    """A break line from run `pid` of `wt` (already verified as a recorded run's family)."""
-    _monitor(service).record_break(wt, pid, str(signature), str(budget), str(line)[:500],
+def run_event(service: Service, wt: Worktree, signature: str, budget: str, line: str,
+              argv: list[str], cwd: str | None = None, token: str | None = None
+              ) -> dict[str, Any]:
+    """A break line, from a recorded run of `wt` or a descendant (its tee is a child): the
+    kernel's peer pid and ancestry decide which run broke, never a pid the client sent;
+    a scanner that outlived its run shows the token its run was given instead."""
+    run = processes.run_of(service.peer_pid(), service.registry, wt.id) \
+        or service.run_tokens.run(token, wt.id)
+    if run is None:
+        raise NotOwner(f"run_event for {wt.path} did not come from a `devd run` of it",
+                       "only `devd run` (or what it started) reports watcher breaks")
+    _monitor(service).record_break(wt, run[0], str(signature), str(budget), str(line)[:500],
                                    _strings(argv), str(cwd) if cwd else None)
     return {"worktree": str(wt.path), "state": "broken"}
 

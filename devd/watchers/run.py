@@ -28,12 +28,16 @@ def run(client: Client, path: str, argv: list[str], env: dict[str, str], cwd: st
     # exec keeps our pid, so the process the daemon records (this one, by the kernel's
     # word on who connected) is the command itself. argv and cwd let
     # `devd watchers --restart` start it again after a break.
-    client.call("run_started", {"path": path, "argv": argv, "cwd": cwd})
+    started = client.call("run_started", {"path": path, "argv": argv, "cwd": cwd})
+    # Kept in memory only (the scanner inherits it): it vouches for this run's breaks
+    # after the command has exited and the scanner's ancestry is gone.
+    token = started.get("token") if isinstance(started, dict) else None
 
     def report(signature: Signature, line: str) -> None:
         # Sent by the scanner, a child of this process: the daemon checks that ancestry.
         params = {"path": path, "signature": signature.name,
-                  "budget": signature.budget, "line": line, "argv": argv, "cwd": cwd}
+                  "budget": signature.budget, "line": line, "argv": argv, "cwd": cwd,
+                  "token": token}
         try:
             Client(client.paths, autostart=False).call("run_event", params)
         except (DevdError, OSError):
