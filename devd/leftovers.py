@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from devd import processes
-from devd.processes import Holder
+from devd import processes, signals
+from devd.owners import owning
 from devd.registry import Registry, Worktree
 
 if TYPE_CHECKING:
@@ -24,32 +24,71 @@ if TYPE_CHECKING:
 
 def running(gone: list[Worktree], registry: Registry) -> dict[str, list[dict[str, Any]]]:
     """Per worktree id, {"pid", "command", "port", "devd_run"} of each live process that
-    belongs to it (one pass over sockets and processes for all of them)."""
+    belongs to it. Cheap enough for every `devd status` with a gone worktree: one readlink
+    per process, then a closer look only at the few that match."""
     if not gone:
         return {}
-    worktrees, held = registry.worktrees(), processes.listeners()
-    ports: dict[int, int] = {}
-    for port, holder in sorted(held.items()):
-        ports.setdefault(holder.pid or 0, port)
-    found: dict[str, dict[int, Holder]] = {wt.id: {} for wt in gone}
-    for holder in [*held.values(), *_ours()]:
-        owner = processes.owner_of(holder, worktrees, registry) if holder.pid else None
+    worktrees = registry.worktrees()
+    found: dict[str, set[int]] = {wt.id: set() for wt in gone}
+    for pid, cwd in _cwds():
+        owner = owning(cwd, worktrees)
         if owner is not None and owner.id in found:
-            found[owner.id].setdefault(holder.pid or 0, holder)
-    return {wt_id: [{"pid": pid, "command": h.command, "port": ports.get(pid),
-                     "devd_run": processes.run_of(pid, registry, wt_id) is not None}
-                    for pid, h in sorted(procs.items())]
-            for wt_id, procs in found.items()}
+            found[owner.id].add(pid)
+    for pid, started, wt_id in registry.processes():
+        if wt_id in found:
+            found[wt_id] |= _run_family(pid, started)
+    return {wt_id: _entries(wt_id, pids, worktrees, registry) for wt_id, pids in found.items()}
 
 
-def _ours() -> list[Holder]:
-    """Every process of this user (others' cwd cannot be read anyway)."""
-    uid, found = os.getuid(), []
-    for proc in psutil.process_iter():
-        holder = processes.of_process(proc)
-        if holder.uid == uid:
-            found.append(holder)
+def _entries(wt_id: str, pids: set[int], worktrees: list[Worktree], registry: Registry
+             ) -> list[dict[str, Any]]:
+    entries = []
+    for pid in sorted(pids):
+        holder = processes.describe(pid)
+        owner = processes.owner_of(holder, worktrees, registry)
+        if holder.create_time is not None and owner is not None and owner.id == wt_id:
+            entries.append({"pid": pid, "command": holder.command, "port": _port(pid),
+                            "devd_run": processes.run_of(pid, registry, wt_id) is not None})
+    return entries
+
+
+def _cwds() -> list[tuple[int, str]]:
+    """(pid, cwd) of every process whose cwd devd may read."""
+    found = []
+    for pid in psutil.pids():
+        try:
+            found.append((pid, os.readlink(f"/proc/{pid}/cwd")))
+        except FileNotFoundError:
+            found += _cwd_by_psutil(pid)  # no /proc (macOS), or the process just exited
+        except OSError:
+            continue  # another user's process
     return found
+
+
+def _cwd_by_psutil(pid: int) -> list[tuple[int, str]]:
+    try:
+        return [(pid, psutil.Process(pid).cwd())]
+    except (psutil.Error, OSError):
+        return []
+
+
+def _run_family(pid: int, started: float) -> set[int]:
+    """A recorded run, if it still lives, and everything it started."""
+    try:
+        proc = psutil.Process(pid)
+        if not signals.same_start(proc.create_time(), started):
+            return set()
+        return {pid} | {child.pid for child in proc.children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+def _port(pid: int) -> int | None:
+    """The lowest TCP port the process listens on, if any."""
+    try:
+        return min(processes.listening_ports(psutil.Process(pid)), default=None)
+    except psutil.Error:
+        return None
 
 
 def stop_runs(wt: Worktree, registry: Registry, timeout: float) -> list[dict[str, Any]]:

@@ -127,12 +127,17 @@ def stop_holder(port: int, holder: Holder, asked: Worktree, registry: Registry,
 
 def listens_on(proc: psutil.Process, port: int) -> bool:
     """Does this very process (whoever holds the pid now) listen on TCP `port`?"""
+    return port in listening_ports(proc)
+
+
+def listening_ports(proc: psutil.Process) -> list[int]:
+    """The TCP ports a process listens on (none if it cannot be read)."""
     sockets = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6
     try:
-        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
-                   for c in sockets(kind="tcp"))
-    except psutil.Error:
-        return False
+        return [c.laddr.port for c in sockets(kind="tcp")
+                if c.status == psutil.CONN_LISTEN and c.laddr]
+    except (psutil.Error, OSError):
+        return []
 
 
 def terminate(holder: Holder, timeout: float, check: signals.Check | None = None,
