@@ -224,6 +224,8 @@ def cmd_gc(client: Client, args: argparse.Namespace) -> int:
         line = f"failed to release {entry['path']}: {problem['message']}" if problem \
             else f"{verb} {entry['path']}"
         print(safe(line))
+        if problem and problem.get("hint"):
+            print(safe(f"  hint: {problem['hint']}"))
         for dump in entry.get("dumps", []):
             print(safe(f"  dump kept: {dump}"))
     for orphan in result.get("orphans", []):

@@ -215,7 +215,7 @@ class Service:
         a `pid` the client sends is ignored: its word makes no process devd-started."""
         wt = self.find(path)
         peer = self.peer_pid()
-        if peer is None:  # a platform without SO_PEERCRED: nothing is recorded
+        if not peer or peer < 0:  # no SO_PEERCRED here, or a pid outside our namespace
             return {"worktree": str(wt.path), "pid": None}
         recorded, started = processes.record_run(self.registry, peer, wt.id)
         watchers_api.run_started(self, wt, recorded, argv, cwd)

@@ -329,8 +329,10 @@ def test_gc_keeps_the_port_of_a_gone_worktrees_foreign_server(pdevd: Devd, repo:
         assert refused.returncode == 1, refused.stdout
         assert f"{port} (web) by pid {server.pid}" in refused.stdout
         assert server.poll() is None and row(pdevd, port)["worktree"] == str(feat)
-        server.kill()
-        server.wait()
+        assert f"devd kill-port {port} --path {feat}" in refused.stdout + refused.stderr
+        # The command it names works on the gone worktree's server.
+        pdevd.run("kill-port", str(port), "--path", str(feat))
+        assert server.wait(timeout=10) != 0
         pdevd.run("gc", "--grace", "0")
         assert all(r["worktree"] != str(feat) for r in pdevd.json("ports"))
     finally:
