@@ -19,33 +19,34 @@ from test_ports import LISTEN, listen, row
 
 REQUIRED = os.environ.get("DEVD_REQUIRE_INTEGRATION") == "1"
 
-# A client that is not `devd run`: sends one request, prints the reply; with --stay it
-# then sleeps (a process that recorded itself as a run stays alive to be looked at).
+# A client that is not `devd run`: sends each request (a JSON list of [method, params]) on
+# its own connection, prints each reply; with --stay it then sleeps (a process that
+# recorded itself as a run stays alive to be looked at).
 ASK = """
 import json, socket, sys, time
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
-request = {"v": 1, "method": sys.argv[2], "params": json.loads(sys.argv[3])}
-s.sendall(json.dumps(request).encode() + b"\\n")
-data = b""
-while not data.endswith(b"\\n") or b'"ok"' not in data.splitlines()[-1]:
-    chunk = s.recv(65536)
-    if not chunk: break
-    data += chunk
-print(data.decode().splitlines()[-1], flush=True)
+for method, params in json.loads(sys.argv[2]):
+    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+    s.sendall(json.dumps({"v": 1, "method": method, "params": params}).encode() + b"\\n")
+    data = b""
+    while not data.endswith(b"\\n") or b'"ok"' not in data.splitlines()[-1]:
+        chunk = s.recv(65536)
+        if not chunk: break
+        data += chunk
+    print(data.decode().splitlines()[-1], flush=True)
 if "--stay" in sys.argv: time.sleep(300)
 """
 
 
-def ask(devd: Devd, method: str, params: dict, stay: bool = False
-        ) -> tuple[dict, subprocess.Popen[str]]:
-    proc = subprocess.Popen([sys.executable, "-c", ASK, str(devd.paths.socket), method,
-                             json.dumps(params), *(["--stay"] if stay else [])],
+def ask(devd: Devd, requests: list[tuple[str, dict]], stay: bool = False
+        ) -> tuple[list[dict], subprocess.Popen[str]]:
+    proc = subprocess.Popen([sys.executable, "-c", ASK, str(devd.paths.socket),
+                             json.dumps(requests), *(["--stay"] if stay else [])],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
-    reply = json.loads(proc.stdout.readline())
+    replies = [json.loads(proc.stdout.readline()) for _ in requests]
     if not stay:
         proc.wait(timeout=10)
-    return reply, proc
+    return replies, proc
 
 
 def tree_of(cwd: Path) -> subprocess.Popen[str]:
@@ -225,7 +226,7 @@ def test_pid_reuse_is_refused_in_a_private_pid_namespace(tmp_path: Path) -> None
 
 def test_a_forged_run_started_pid_1_makes_nothing_devd_started(pdevd: Devd, feat: Path,
                                                                tmp_path: Path) -> None:
-    reply, _ = ask(pdevd, "run_started", {"path": str(feat), "pid": 1, "argv": ["x"]})
+    (reply,), _ = ask(pdevd, [("run_started", {"path": str(feat), "pid": 1, "argv": ["x"]})])
     assert reply["ok"] and reply["result"]["pid"] not in (1, None)  # the asker, not pid 1
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -250,24 +251,25 @@ def test_forged_run_events_and_restart_spare_an_unrelated_tree(pdevd: Devd, feat
     forger = None
     try:
         for forged in (event, event | {"token": "0" * 32}):
-            refused, _ = ask(pdevd, "run_event", forged)
+            (refused,), _ = ask(pdevd, [("run_event", forged)])
             assert not refused["ok"] and refused["error"]["code"] == "not_owner"
-        # A client may record itself as a run; a break it reports is then its own.
-        started, forger = ask(pdevd, "run_started", {"path": str(feat), "argv": ["sleep"]},
-                              stay=True)
-        assert started["ok"]
-        forged = subprocess.run([sys.executable, "-c", ASK, str(pdevd.paths.socket),
-                                 "run_event", json.dumps(event)], capture_output=True,
-                                text=True, timeout=30)
-        assert json.loads(forged.stdout)["error"]["code"] == "not_owner"  # a sibling
-        doctor = pdevd.json("doctor")
-        assert all(b["pid"] != victim.pid for b in doctor["broken"]), doctor["broken"]
-        pdevd.run("watchers", "--restart", "--force", "--path", str(feat))
+        # A client may record itself as a run: a break it then reports, naming the victim's
+        # pid, is its own run's, and a restart stops that run, never the victim.
+        replies, forger = ask(pdevd, [("run_started", {"path": str(feat), "argv": ["true"]}),
+                                      ("run_event", event)], stay=True)
+        assert all(r["ok"] for r in replies), replies
+        broken = pdevd.json("doctor")["broken"]
+        assert [b["pid"] for b in broken] == [forger.pid], broken
+        (sibling,), _ = ask(pdevd, [("run_event", event)])  # not the forger's family
+        assert sibling["error"]["code"] == "not_owner"
+        plan = json.loads(pdevd.run("watchers", "--restart", "--force", "--json").stdout)
+        assert [r["pid"] for r in plan["runs"]] == [forger.pid], plan
+        assert forger.wait(timeout=10) != 0  # stopped: it was a recorded run
         assert alive(victim)
     finally:
         kill_tree(victim)
         if forger is not None:
-            kill_tree(forger)  # type: ignore[arg-type]
+            kill_tree(forger)
 
 
 def test_kill_port_refuses_a_server_in_an_unregistered_nested_checkout(pdevd: Devd,
