@@ -62,6 +62,14 @@ def alive(proc: subprocess.Popen[str]) -> bool:
                                        for c in psutil.Process(proc.pid).children())
 
 
+def ended(pid: int) -> bool:
+    """Exited (a zombie counts: whoever adopted it reaps it in its own time)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def kill_tree(proc: subprocess.Popen[str]) -> None:
     try:
         family = psutil.Process(proc.pid).children(recursive=True)
@@ -89,9 +97,10 @@ def feat(pdevd: Devd, repo: Repo) -> Path:
 
 
 def devd_run_listener(devd: Devd, tree: Path, port: int, cwd: Path,
-                      path_arg: str | None = None) -> subprocess.Popen[str]:
+                      path_arg: str | None = None, via: list[str] | None = None,
+                      extra: list[str] | None = None) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "devd", "run", "--path", path_arg or str(tree), "--",
-            sys.executable, "-c", LISTEN, str(port)]
+            *(via or []), sys.executable, "-c", LISTEN, str(port), *(extra or [])]
     proc = subprocess.Popen(argv, cwd=cwd, env=devd.env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "listening"
     return proc
@@ -297,25 +306,34 @@ def gone_entry(devd: Devd, tree: Path) -> dict:
     return devd.worktree(tree)
 
 
+# A shell in between: the listener is the recorded run's child (npm -> node, say).
+CHILD = ["python3", "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"]
+
+
+@pytest.mark.parametrize(("via", "extra", "outcome"), [
+    ([], [], "terminated"), ([], ["--stubborn"], "killed"), (CHILD, [], "terminated")],
+    ids=["server", "stubborn", "child"])
 def test_a_gone_worktrees_devd_run_server_is_shown_then_stopped_by_gc(
-        pdevd: Devd, repo: Repo, feat: Path) -> None:
+        pdevd: Devd, repo: Repo, feat: Path, via: list[str], extra: list[str],
+        outcome: str) -> None:
     port = pdevd.worktree(feat)["ports"]["web"]
-    server = devd_run_listener(pdevd, feat, port, cwd=repo.main)
+    run = devd_run_listener(pdevd, feat, port, cwd=repo.main, via=via, extra=extra)
+    server = row(pdevd, port)["pid"]
     try:
         run_git(repo.main, "worktree", "remove", "--force", str(feat))
         entry = gone_entry(pdevd, feat)
         shown = [(p["pid"], p["port"], p["devd_run"]) for p in entry["processes"]]
-        assert (server.pid, port, True) in shown, entry["processes"]
+        assert (server, port, True) in shown, entry["processes"]
         assert row(pdevd, port)["owner_worktree"] == str(feat)
         assert "(its worktree is gone)" in pdevd.run("ports").stdout
-        assert f"running  pid {server.pid}" in pdevd.run("status").stdout
+        assert f"running  pid {server}" in pdevd.run("status").stdout
         gc = pdevd.json("gc", "--grace", "0")
         assert gc["worktrees"][0]["released"], gc
-        assert gc["worktrees"][0]["stopped"] == [{"pid": server.pid, "outcome": "terminated"}]
-        assert server.wait(timeout=10) != 0
+        assert gc["worktrees"][0]["stopped"] == [{"pid": run.pid, "outcome": outcome}]
+        assert run.wait(timeout=10) != 0 and ended(server)
         assert all(r["worktree"] != str(feat) for r in pdevd.json("ports"))
     finally:
-        kill_tree(server)
+        kill_tree(run)
 
 
 def test_gc_keeps_the_port_of_a_gone_worktrees_foreign_server(pdevd: Devd, repo: Repo,
