@@ -358,3 +358,23 @@ def test_gc_keeps_the_port_of_a_gone_worktrees_foreign_server(pdevd: Devd, repo:
     finally:
         server.kill()
         server.wait()
+
+
+def test_the_restart_command_doctor_prints_runs_where_the_watcher_ran(
+        pdevd: Devd, feat: Path, tmp_path: Path) -> None:
+    sub = feat / "frontend"
+    sub.mkdir()
+    line = "Error: ENOSPC: System limit for number of file watchers reached, watch '/x'"
+    where = tmp_path / "cwd.txt"
+    script = (f"import os, sys; open({str(where)!r}, 'w').write(os.getcwd()); "
+              f"print({line!r}, file=sys.stderr)")
+    pdevd.run("run", "--", sys.executable, "-c", script, cwd=sub, check=False)
+    assert where.read_text() == str(sub)
+    command = pdevd.json("doctor")["broken"][0]["restart"]
+    assert command.startswith(f"cd {sub} && devd run -- ")
+    where.unlink()
+    # Run exactly what a person would paste, from somewhere else entirely.
+    done = subprocess.run(["sh", "-c", command.replace("devd run", f"{sys.executable} -m devd "
+                                                       "run", 1)],
+                          cwd="/", env=pdevd.env, capture_output=True, text=True, timeout=60)
+    assert line in done.stderr and where.read_text() == str(sub)
