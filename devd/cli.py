@@ -11,6 +11,7 @@ import atexit
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from devd import __version__, dotenv
@@ -185,8 +186,6 @@ def cmd_provision(client: Client, args: argparse.Namespace) -> int:
                                        "fix_deps": args.fix_deps} | caller_overrides(),
                          _progress)
     if args.background and args.wait:
-        from pathlib import Path
-
         from devd import hooks
 
         # The work stays in the daemon: a hook killed while waiting leaves it running.
@@ -236,6 +235,8 @@ def cmd_gc(client: Client, args: argparse.Namespace) -> int:
         line = f"failed to release {entry['path']}: {problem['message']}" if problem \
             else f"skipped {skipped['message']}" if skipped else f"{verb} {entry['path']}"
         print(safe(line))
+        if problem and problem.get("hint"):
+            print(safe(f"  hint: {problem['hint']}"))
         _print_outputs(entry)
     for orphan in result.get("orphans", []):
         print(safe(f"orphan {orphan['kind']} {orphan['name']} (worktree {orphan['worktree_id']}, "
@@ -283,11 +284,24 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
     if not argv:
         raise UsageError("no command given", "usage: devd run [--path P] -- CMD [ARG...]")
     path = _abspath(args.path)
-    env = client.call("env", {"path": path})["env"]
+    result = client.call("env", {"path": path})
     from devd.watchers.run import run
 
     # Preflight warning on the watch budget, then exec with the output scanned for breaks.
-    return run(client, path, argv, {**os.environ, **env})
+    return run(client, path, argv, {**os.environ, **result["env"]},
+               run_dir(Path(result["worktree"])))
+
+
+def run_dir(root: Path) -> str:
+    """Where `devd run` runs: the caller's directory when it is inside the worktree (not in
+    a checkout nested in it), else the worktree's root: never another checkout's code."""
+    from devd.owners import inside
+
+    try:
+        here = Path(os.getcwd())
+    except OSError:  # the caller's directory was deleted
+        return str(root)
+    return str(here) if inside(here, root) else str(root)
 
 
 def cmd_watchers(client: Client, args: argparse.Namespace) -> int:
@@ -323,9 +337,12 @@ def cmd_ports(client: Client, args: argparse.Namespace) -> int:
         print("no ports leased")
     for row in rows:
         holder = f"pid {row['pid']} {row['command']}" if row["listening"] else "free"
-        owner = row["owner_worktree"]
+        owner, gone = row["owner_worktree"], row.get("owner_state") == "gone"
         if row["listening"] and owner != row["worktree"]:
-            holder += f" (of {owner})" if owner else " (outside any worktree)"
+            holder += f" (of {'gone worktree ' * gone}{owner})" if owner \
+                else " (outside any worktree)"
+        elif row["listening"] and gone:
+            holder += " (its worktree is gone)"
         print(safe(f"{row['port']:>5}  {row['name']:<10} {holder:<32} {row['worktree']}"))
     return EXIT_OK
 
@@ -373,8 +390,6 @@ def find_browser() -> list[str]:
 
 def cmd_init(client: Client, args: argparse.Namespace) -> int:
     from importlib.resources import files
-    from pathlib import Path
-
     target = Path(args.path) / "devd.toml"
     if target.exists():
         raise UsageError(f"{target} already exists", "edit it, or remove it to start over")
@@ -384,8 +399,6 @@ def cmd_init(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_wait(client: Client, args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from devd import hooks
 
     path = hooks.toplevel(Path(_abspath(args.path)))
@@ -406,8 +419,6 @@ def cmd_service(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_hook(client: Client, args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from devd import hooks
 
     def say(line: str) -> None:  # stdout belongs to the hook contract: talk on stderr

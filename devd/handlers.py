@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from devd import __version__, git, instance, naming, processes, teardown
+from devd import __version__, git, instance, leftovers, naming, owners, processes, teardown
 from devd.errors import DevdError, NotRegistered, ProtocolError, ProvisionFailed, UsageError
 from devd.paths import Paths
 from devd.postgres import provisioner as postgres
@@ -63,6 +63,7 @@ class Service:
         self._orphans: tuple[float, list[dict[str, str]]] | None = None
         # The kernel's word on who sent the request being handled (one per thread).
         self.peer = threading.local()
+        self.run_tokens = processes.RunTokens()  # see do_run_started
         # Set by the daemon: wakes the reconcile loop so a new repo gets its watch at once.
         self.on_register: Callable[[], None] = lambda: None
         # Set by the daemon: the watcher-budget monitor (devd/watchers/monitor.py).
@@ -87,7 +88,8 @@ class Service:
         return watchers_api.add_to_status(self, {
             "daemon": {"pid": os.getpid(), "version": __version__,
                        "socket": str(self.paths.socket)},
-            "worktrees": [self.describe(wt, resources.get(wt.id, [])) for wt in chosen],
+            "worktrees": leftovers.add_to_status(
+                self, [self.describe(wt, resources.get(wt.id, [])) for wt in chosen], chosen),
             "orphans": self.orphans(max_age=ORPHAN_SCAN_MAX_AGE),
         })
 
@@ -145,9 +147,11 @@ class Service:
         cutoff = time.time() - seconds
         due = [wt for wt in self.registry.worktrees()
                if wt.state == "gone" and (wt.gone_at or 0) <= cutoff]
+        stopped = {} if dry_run else leftovers.stop_gone(self, due, progress)
         results = []
         for wt in due:
-            entry: dict[str, Any] = {"id": wt.id, "path": str(wt.path), "released": False}
+            entry: dict[str, Any] = {"id": wt.id, "path": str(wt.path), "released": False,
+                                     "stopped": stopped.get(wt.id, [])}
             if not dry_run:
                 try:
                     entry |= self.release(wt, progress, yes=True, backup=not no_backup,
@@ -190,6 +194,7 @@ class Service:
                 "command": holder.command if holder else None,
                 "cwd": holder.cwd if holder else None,
                 "owner_worktree": str(owner.path) if owner else None,
+                "owner_state": owner.state if owner else None,
             })
         return rows
 
@@ -201,22 +206,32 @@ class Service:
         owner = processes.owner_of(holder, self.registry.worktrees(), self.registry)
         processes.check_killable(int(port), holder, owner, asked)
         progress("kill", f"stopping pid {holder.pid} `{holder.command}`")
-        outcome = processes.terminate(holder, self.settings.kill_timeout)
+        outcome = processes.stop_holder(int(port), holder, asked, self.registry,
+                                        self.settings.kill_timeout)
         return {"port": port, "pid": holder.pid, "command": holder.command, "outcome": outcome}
 
-    def do_run_started(self, progress: Progress, path: str, pid: int,
+    def do_run_started(self, progress: Progress, path: str, pid: int | None = None,
                        argv: list[str] | None = None, cwd: str | None = None
                        ) -> dict[str, Any]:
+        """Record the requesting process itself (the kernel's peer pid) as a `devd run`;
+        a `pid` the client sends is ignored: its word makes no process devd-started."""
         wt = self.find(path)
-        processes.record_run(self.registry, int(pid), wt.id)
-        watchers_api.run_started(self, path, pid, argv, cwd)
-        return {"worktree": str(wt.path), "pid": pid}
+        peer = self.peer_pid()
+        if not peer or peer < 0:  # no SO_PEERCRED here, or a pid outside our namespace
+            return {"worktree": str(wt.path), "pid": None}
+        recorded, started = processes.record_run(self.registry, peer, wt.id)
+        watchers_api.run_started(self, wt, recorded, argv, cwd)
+        return {"worktree": str(wt.path), "pid": recorded,
+                "token": self.run_tokens.issue(recorded, started, wt.id)}
 
-    def do_run_event(self, progress: Progress, path: str, pid: int, signature: str,
-                     budget: str, line: str, argv: list[str] | None = None,
-                     cwd: str | None = None) -> dict[str, Any]:
-        return watchers_api.run_event(self, path, pid, signature, budget, line, argv or [],
-                                      cwd)
+    def do_run_event(self, progress: Progress, path: str, signature: str, budget: str,
+                     line: str, pid: int | None = None, argv: list[str] | None = None,
+                     cwd: str | None = None, token: str | None = None) -> dict[str, Any]:
+        """A break line, accepted only from a recorded run of that worktree or one of its
+        descendants (the kernel's peer pid and ancestry, or the run's token once the run
+        itself has exited); `pid` is ignored."""
+        return watchers_api.run_event(self, self.find(path), signature, budget, line,
+                                      argv or [], cwd, token)
 
     def do_watchers(self, progress: Progress) -> dict[str, Any]:
         return watchers_api.report(self)
@@ -417,8 +432,8 @@ class Service:
         target = Path(_text(path or ".", "path")).absolute()
         candidates = self.registry.worktrees()
         for probe in (target, target.resolve()):
-            match = processes.deepest_containing(str(probe), candidates)
-            if match and not _nested_checkout_between(match.path, probe):
+            match = owners.deepest_containing(str(probe), candidates)
+            if match and not owners.nested_checkout_between(match.path, probe):
                 if self.watchers is not None:
                     self.watchers.touch(match.id)  # in use: see devd/watchers/idle.py
                 return match
@@ -487,13 +502,3 @@ def _text(value: Any, name: str) -> str:
                             "see docs/protocol.md")
     return value
 
-
-def _nested_checkout_between(root: Path, probe: Path) -> bool:
-    """True if `probe` sits in another checkout nested inside `root` (say an unregistered
-    .claude/worktrees/x inside the main worktree): a .git entry between them marks it."""
-    for directory in [probe, *probe.parents]:
-        if directory == root:
-            return False
-        if os.path.lexists(directory / ".git"):
-            return True
-    return False

@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import os
-import time
+import secrets
+import shlex
+import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 
+from devd import signals
 from devd.errors import DevdError, NotOwner
+from devd.owners import deepest_containing, owning, undeleted
 from devd.registry import Registry, Worktree
 
 
 @dataclass(frozen=True)
 class Holder:
-    """A process listening on a port."""
+    """A process listening on a port (or any process devd looks at)."""
 
     pid: int | None  # None when the socket belongs to a process we may not inspect
     command: str
-    cwd: str | None
+    cwd: str | None  # as /proc says: ends in " (deleted)" once the directory is gone
     exe: str | None
     uid: int | None
+    create_time: float | None = None  # what makes (pid, start) name one process for good
 
 
 def listeners() -> dict[int, Holder]:
@@ -36,14 +40,22 @@ def listeners() -> dict[int, Holder]:
 
 
 def describe(pid: int | None) -> Holder:
+    """What devd can see of a process (a Holder of Nones for one it may not inspect)."""
     if pid is None:
         return Holder(None, "?", None, None, None)
     try:
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            return Holder(pid, proc.name(), _safe(proc.cwd), _safe(proc.exe), proc.uids().real)
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return of_process(psutil.Process(pid))
+    except psutil.Error:
         return Holder(pid, "?", None, None, None)
+
+
+def of_process(proc: psutil.Process) -> Holder:
+    try:
+        with proc.oneshot():
+            return Holder(proc.pid, proc.name(), _safe(proc.cwd), _safe(proc.exe),
+                          proc.uids().real, proc.create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return Holder(proc.pid, "?", None, None, None)
 
 
 def _safe(getter: object) -> str | None:
@@ -54,74 +66,95 @@ def _safe(getter: object) -> str | None:
 
 
 def owner_of(holder: Holder, worktrees: list[Worktree], registry: Registry) -> Worktree | None:
-    """The registered worktree a process belongs to: by cwd or executable inside it (deepest
-    match, since worktrees can nest), else by descent from a process `devd run` started."""
-    live = [wt for wt in worktrees if wt.state != "gone"]
+    """The registered worktree a process belongs to, gone ones included: by the (recorded)
+    path of its cwd or executable (deepest match; a nested unregistered checkout is its own,
+    so nobody's here), else by descent from a process `devd run` started."""
     for path in (holder.cwd, holder.exe):
-        match = deepest_containing(path, live)
-        if match:
-            return match
-    return _started_by_run(holder.pid, registry, {wt.id: wt for wt in live})
-
-
-def deepest_containing(path: str | None, worktrees: list[Worktree]) -> Worktree | None:
-    if not path:
-        return None
-    target = Path(path)
-    inside = [wt for wt in worktrees if target == wt.path or wt.path in target.parents]
-    return max(inside, key=lambda wt: len(wt.path.parts), default=None)
+        if deepest_containing(undeleted(path), worktrees) is not None:
+            return owning(path, worktrees)
+    return _started_by_run(holder.pid, registry, {wt.id: wt for wt in worktrees})
 
 
 def _started_by_run(pid: int | None, registry: Registry,
                     by_id: dict[str, Worktree]) -> Worktree | None:
+    found = nearest_run(pid, registry)
+    return by_id.get(found[2]) if found else None
+
+
+def run_of(pid: int | None, registry: Registry, wt_id: str) -> tuple[int, float] | None:
+    """The recorded `devd run` of worktree `wt_id` that `pid` is or descends from, as
+    (pid, start time)."""
+    found = nearest_run(pid, registry)
+    return (found[0], found[1]) if found and found[2] == wt_id else None
+
+
+def nearest_run(pid: int | None, registry: Registry) -> tuple[int, float, str] | None:
+    """(pid, start time, worktree id) of the nearest recorded `devd run` that `pid` is or
+    descends from: the kernel's ancestry, never a client's word."""
     if pid is None:
         return None
     recorded = {(p, round(t, 2)): wt_id for p, t, wt_id in registry.processes()}
     try:
-        chain = [psutil.Process(pid), *psutil.Process(pid).parents()]
-        for proc in chain:
-            wt_id = recorded.get((proc.pid, round(proc.create_time(), 2)))
-            if wt_id in by_id:
-                return by_id[wt_id]
+        proc = psutil.Process(pid)
+        for each in [proc, *proc.parents()]:
+            key = (each.pid, round(each.create_time(), 2))
+            if key in recorded:
+                return (*key, recorded[key])
     except psutil.Error:
         return None
     return None
 
 
-def terminate(holder: Holder, timeout: float) -> str:
-    """SIGTERM, then SIGKILL after `timeout`; returns how it ended."""
-    assert holder.pid is not None
-    try:
-        proc = psutil.Process(holder.pid)
-        proc.terminate()
-        if _exited(proc, timeout):
-            return "terminated"
-        proc.kill()
-        _exited(proc, timeout)
-        return "killed"
-    except psutil.NoSuchProcess:
-        return "already exited"
-    except psutil.AccessDenied as exc:
-        raise NotOwner(f"not permitted to signal pid {holder.pid}", "") from exc
-
-
-def _exited(proc: psutil.Process, timeout: float) -> bool:
-    """Wait for a process that is not our child: a zombie counts as exited, since its
-    parent may take its time to reap it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def stop_holder(port: int, holder: Holder, asked: Worktree, registry: Registry,
+                timeout: float) -> str:
+    """Stop the holder of `port` while it is `asked`'s (see check_killable): verified again,
+    through a pidfd where there is one, immediately before each signal."""
+    def still_killable(proc: psutil.Process) -> str | None:
+        now = of_process(proc)
         try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.02)
-    return False
+            check_killable(port, now, owner_of(now, registry.worktrees(), registry), asked)
+        except NotOwner as exc:
+            return exc.message
+        return None
+
+    def still_listening(proc: psutil.Process) -> str | None:
+        # The socket is the holder's identity beyond its start time (10 ms ticks): a pid
+        # reused within one tick by a process that does not hold the port is refused.
+        return None if listens_on(proc, port) else f"pid {proc.pid} no longer listens on {port}"
+
+    return terminate(holder, timeout, still_killable, still_listening)
+
+
+def listens_on(proc: psutil.Process, port: int) -> bool:
+    """Does this very process (whoever holds the pid now) listen on TCP `port`?"""
+    return port in listening_ports(proc)
+
+
+def listening_ports(proc: psutil.Process) -> list[int]:
+    """The TCP ports a process listens on (none if it cannot be read)."""
+    sockets = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6
+    try:
+        return [c.laddr.port for c in sockets(kind="tcp")
+                if c.status == psutil.CONN_LISTEN and c.laddr]
+    except (psutil.Error, OSError):
+        return []
+
+
+def terminate(holder: Holder, timeout: float, check: signals.Check | None = None,
+              first: signals.Check | None = None) -> str:
+    """SIGTERM, then SIGKILL after `timeout`, to the very process described; how it ended."""
+    assert holder.pid is not None and holder.create_time is not None
+    meant = signals.Target(holder.pid, holder.create_time)
+    try:
+        return signals.stop(meant, timeout, check, first)
+    except signals.Refused as exc:
+        raise NotOwner(f"did not signal pid {holder.pid}: {exc}",
+                       "devd signals only the process it checked, and only yours") from exc
 
 
 def check_killable(port: int, holder: Holder, owner: Worktree | None, asked: Worktree) -> None:
     """Refuse unless the holder is ours: same uid and inside the worktree that asked."""
-    if holder.pid is None or holder.uid is None:
+    if holder.pid is None or holder.uid is None or holder.create_time is None:
         raise NotOwner(f"port {port} is held by a process devd may not inspect (another user?)",
                        "devd never touches another user's process")
     if holder.uid != os.getuid():
@@ -129,18 +162,81 @@ def check_killable(port: int, holder: Holder, owner: Worktree | None, asked: Wor
                        f"{holder.uid}, not yours", "devd never touches another user's process")
     if owner is None or owner.id != asked.id:
         where = f"worktree {owner.path}" if owner else f"no worktree (cwd {holder.cwd})"
-        raise NotOwner(
-            f"port {port} is held by pid {holder.pid} `{holder.command}` of {where}",
-            f"run `devd kill-port {port}` from that worktree, or stop it yourself",
-        )
+        hint = f"run `devd kill-port {port} --path {shlex.quote(str(owner.path))}`" \
+            if owner else "stop it yourself if it is yours"
+        raise NotOwner(f"port {port} is held by pid {holder.pid} `{holder.command}` of {where}",
+                       hint)
 
 
-def record_run(registry: Registry, pid: int, wt_id: str) -> None:
+def stop_run(registry: Registry, wt_id: str, pid: int, started: float, timeout: float) -> str:
+    """Stop one `devd run` of worktree `wt_id` and its descendants, only while the registry
+    records that run (records come from the kernel's peer pid, see record_run)."""
+    family = _family(pid, started)
+    if family is None:
+        return signals.EXITED
+    if not _recorded(registry, wt_id, pid, started):
+        return "not a recorded run"  # never signalled: no `devd run` of this worktree
     try:
-        create_time = psutil.Process(pid).create_time()
+        outcome = signals.stop(signals.Target(pid, started), timeout,
+                               lambda _: None if _recorded(registry, wt_id, pid, started)
+                               else "its run record is gone")
+    except signals.Refused:
+        return "not ours"  # a recorded pid now held by another user: never touched
+    signals.stop_all(family, timeout)
+    return outcome
+
+
+def _family(pid: int, started: float) -> list[signals.Target] | None:
+    """The descendants of the live process meant (None if it is gone), listed while it
+    provably lives: a reused pid's children are never taken for its own."""
+    try:
+        proc = psutil.Process(pid)
+        if not signals.same_start(proc.create_time(), started):
+            return None
+        family = [signals.target(p) for p in proc.children(recursive=True)]
+        return family if proc.is_running() else None
+    except psutil.Error:
+        return None
+
+
+def _recorded(registry: Registry, wt_id: str, pid: int, started: float) -> bool:
+    return (pid, round(started, 2)) in {(p, t) for p, t, w in registry.processes() if w == wt_id}
+
+
+def record_run(registry: Registry, pid: int, wt_id: str) -> tuple[int, float]:
+    """Record `pid` (the kernel's word on who asked) as a `devd run` of the worktree."""
+    try:
+        proc = psutil.Process(pid)
+        key = (pid, round(proc.create_time(), 2))
+        registry.add_process(*key, wt_id, proc.cmdline())
     except psutil.NoSuchProcess as exc:
         raise DevdError(f"process {pid} exited before devd could record it", "") from exc
-    registry.add_process(pid, round(create_time, 2), wt_id, psutil.Process(pid).cmdline())
+    return key
+
+
+class RunTokens:
+    """A secret per recorded run, handed to its `devd run` only: its scanner (a child) can
+    still report a break after the run itself exited and its ancestry is gone."""
+
+    LIMIT = 1024  # runs whose scanner may still report; older ones fall back to ancestry
+
+    def __init__(self) -> None:
+        self._runs: dict[str, tuple[int, float, str]] = {}
+        self._guard = threading.Lock()
+
+    def issue(self, pid: int, started: float, wt_id: str) -> str:
+        token = secrets.token_hex(16)
+        with self._guard:
+            self._runs[token] = (pid, started, wt_id)
+            while len(self._runs) > self.LIMIT:
+                self._runs.pop(next(iter(self._runs)))
+        return token
+
+    def run(self, token: object, wt_id: str) -> tuple[int, float] | None:
+        """The run a token was issued for, if it is a run of `wt_id`."""
+        with self._guard:
+            found = self._runs.get(token) if isinstance(token, str) else None
+        return (found[0], found[1]) if found and found[2] == wt_id else None
 
 
 def prune_runs(registry: Registry) -> None:

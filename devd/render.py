@@ -17,6 +17,11 @@ def render_worktree(wt: dict[str, Any]) -> str:
     if wt.get("gone_at"):
         since = time.strftime("%Y-%m-%d %H:%M", time.localtime(wt["gone_at"]))
         lines.append(f"  gone     since {since}; its resources are held until `devd gc`")
+    for proc in wt.get("processes", []):
+        on = f" on port {proc['port']}" if proc.get("port") else ""
+        how = "`devd gc` stops it" if proc.get("devd_run") else "not started by `devd run`: " \
+            "stop it yourself; `devd gc` keeps its ports until then"
+        lines.append(f"  running  pid {proc['pid']} {proc['command']}{on} ({how})")
     if wt.get("postgres"):
         pg = wt["postgres"]
         lines.append(f"  postgres {pg.get('mode')} {pg.get('name')} on "

@@ -342,7 +342,7 @@ def test_a_break_signature_marks_the_worktree_broken(wdevd: Devd, trees) -> None
     assert wdevd.worktree(b)["watchers"]["state"] == "ok"
     doctor = wdevd.json("doctor")
     assert doctor["fix_needed"] and doctor["broken"][0]["worktree"] == str(a)
-    assert "devd run --path" in doctor["broken"][0]["restart"]
+    assert "&& devd run -- " in doctor["broken"][0]["restart"]
     # A new run in the worktree replaces the exited broken one.
     wdevd.run("run", "--path", str(a), "--", "true")
     assert wdevd.worktree(a)["watchers"]["state"] == "ok"

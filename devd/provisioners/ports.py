@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import shlex
 import socket
 from collections.abc import Iterator
 from typing import Any
 
-from devd.errors import PortsExhausted
+from devd.errors import DevdError, PortsExhausted
 from devd.provisioners.base import Context, Health, Progress, Provisioner
 
 # Loopback only: dev servers bind there, and the wildcard address needs no separate check
@@ -68,6 +69,25 @@ class PortsProvisioner(Provisioner):
         leased = {name for _, name, _ in ctx.registry.leases(ctx.worktree.id)}
         lost = set(detail.get("ports", {})) - leased
         return Health(not lost, f"lease lost for {', '.join(sorted(lost))}" if lost else "")
+
+    def check_teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
+        """Refuse to free a port something of this worktree still listens on: another
+        worktree would get it leased while the old server still answers there."""
+        from devd import processes  # psutil: the daemon's, never the CLI's
+
+        held, worktrees = processes.listeners(), ctx.registry.worktrees()
+        busy = [(port, name, holder) for port, name, _ in ctx.registry.leases(ctx.worktree.id)
+                if (holder := held.get(port)) is not None
+                and (owner := processes.owner_of(holder, worktrees, ctx.registry))
+                and owner.id == ctx.worktree.id]
+        if busy:
+            path = shlex.quote(str(ctx.worktree.path))
+            raise DevdError(
+                f"{ctx.worktree.path} still listens on its port(s): " + ", ".join(
+                    f"{port} ({name}) by pid {h.pid} `{h.command}`" for port, name, h in busy),
+                "stop " + ", ".join(f"`devd kill-port {port} --path {path}`"
+                                    for port, _, _ in busy) + ", then run this again",
+                code="port_in_use")
 
     def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
         ctx.registry.release_leases(ctx.worktree.id, set(ctx.config.ports.names)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Any
 
+from devd.owners import inside
 from devd.registry import Worktree
 from devd.settings import load_repo_config
 from devd.watchers import analysis
@@ -74,7 +76,7 @@ def doctor(monitor: WatcherMonitor) -> dict[str, Any]:
     by_id = {w.id: w for w in monitor.registry.worktrees()}
     broken = [{"worktree": str(by_id[wt_id].path) if wt_id in by_id else wt_id,
                "pid": b.pid, "signature": b.signature, "budget": b.budget, "line": b.line,
-               "argv": b.argv, "restart": _restart(by_id.get(wt_id), b.argv)}
+               "argv": b.argv, "restart": restart_command(by_id.get(wt_id), b.argv, b.cwd)}
               for wt_id, items in monitor.breaks().items() for b in items if b.kind == "broken"]
     partial = []
     for wt in by_id.values():
@@ -87,8 +89,10 @@ def doctor(monitor: WatcherMonitor) -> dict[str, Any]:
             "fix_needed": needed, "fix": analysis.fix(view.sample)}
 
 
-def _restart(wt: Worktree | None, argv: list[str]) -> str | None:
-    """The command that restarts a failed watcher: none of them retries by itself."""
+def restart_command(wt: Worktree | None, argv: list[str], cwd: str | None) -> str | None:
+    """The command that restarts a failed watcher (none retries by itself): in the directory
+    it ran in, when that is still the worktree's, else the worktree's root."""
     if wt is None or not argv:
         return None
-    return f"devd run --path {shlex.quote(str(wt.path))} -- {shlex.join(argv)}"
+    where = cwd if cwd and inside(Path(cwd), wt.path) else str(wt.path)
+    return f"cd {shlex.quote(where)} && devd run -- {shlex.join(argv)}"

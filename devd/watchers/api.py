@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from devd.errors import DevdError
+from devd import processes
+from devd.errors import DevdError, NotOwner
 from devd.watchers import advice
 from devd.watchers.monitor import WatcherMonitor
 
 if TYPE_CHECKING:
     from devd.handlers import Service
+    from devd.registry import Worktree
 
 
 def _monitor(service: Service) -> WatcherMonitor:
@@ -52,19 +54,27 @@ def preflight(service: Service, path: str, max_watches: int | None,
     return advice.preflight(_monitor(service), service.find(path), max_watches, userns)
 
 
-def run_started(service: Service, path: str, pid: int = 0, argv: list[str] | None = None,
+def run_started(service: Service, wt: Worktree, pid: int, argv: list[str] | None = None,
                 cwd: str | None = None) -> None:
-    """Record what a `devd run` runs and where (for a restart); clear exited runs' breaks."""
+    """Record what a `devd run` runs and where (for a restart); clear exited runs' breaks.
+    `pid` is the recorded run's (the kernel's peer pid, see Service.do_run_started)."""
     monitor = getattr(service, "watchers", None)
     if monitor is not None:
-        wt = service.find(path)
-        monitor.run_started(wt, int(pid), _strings(argv), str(cwd or wt.path))
+        monitor.run_started(wt, pid, _strings(argv), str(cwd or wt.path))
 
 
-def run_event(service: Service, path: str, pid: int, signature: str, budget: str, line: str,
-              argv: list[str], cwd: str | None = None) -> dict[str, Any]:
-    wt = service.find(path)
-    _monitor(service).record_break(wt, int(pid), str(signature), str(budget), str(line)[:500],
+def run_event(service: Service, wt: Worktree, signature: str, budget: str, line: str,
+              argv: list[str], cwd: str | None = None, token: str | None = None
+              ) -> dict[str, Any]:
+    """A break line, from a recorded run of `wt` or a descendant (its tee is a child): the
+    kernel's peer pid and ancestry decide which run broke, never a pid the client sent;
+    a scanner that outlived its run shows the token its run was given instead."""
+    run = processes.run_of(service.peer_pid(), service.registry, wt.id) \
+        or service.run_tokens.run(token, wt.id)
+    if run is None:
+        raise NotOwner(f"run_event for {wt.path} did not come from a `devd run` of it",
+                       "only `devd run` (or what it started) reports watcher breaks")
+    _monitor(service).record_break(wt, run[0], str(signature), str(budget), str(line)[:500],
                                    _strings(argv), str(cwd) if cwd else None)
     return {"worktree": str(wt.path), "state": "broken"}
 

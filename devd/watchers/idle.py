@@ -11,7 +11,7 @@
   dev server: its HMR socket stays connected). One pass over the socket table.
 Since the daemon started counts as a use: a restarted daemon never stops anything at once.
 Only processes `devd run` started and that hold an inotify instance (themselves or a
-descendant) are stopped; see lifecycle.stop_run for the ownership checks.
+descendant) are stopped; see processes.stop_run for the checks made before each signal.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from devd.processes import stop_run
 from devd.watchers.estimate import walk
-from devd.watchers.lifecycle import stop_run
 
 if TYPE_CHECKING:
     from devd.watchers.monitor import View, WatcherMonitor
@@ -82,7 +82,8 @@ class IdleStopper:
         return bool(changed) or connected(ports)
 
     def _stop(self, wt_id: str, pid: int, started: float, idle: float) -> str:
-        outcome = stop_run(pid, started, self.monitor.settings.kill_timeout)
+        outcome = stop_run(self.monitor.registry, wt_id, pid, started,
+                           self.monitor.settings.kill_timeout)
         wt = self.monitor.registry.worktree(wt_id)
         where = wt.path if wt else wt_id
         log.warning("stopped idle watcher pid %d of %s (%s): unused for %.0f s", pid, where,

@@ -1,8 +1,9 @@
 """Stopping devd-started watchers, and the daemon's half of `devd watchers --restart`.
 
-Only processes `devd run` started are touched: the registry's recorded pid and start time
-must match the live process, and it must belong to the daemon's user. A stop is SIGTERM,
-then SIGKILL after the kill timeout, for the process and then whatever it started.
+Only processes `devd run` started are touched (processes.stop_run): the run must be recorded
+from the kernel's word (the requesting process's SO_PEERCRED pid, never a pid a client
+sent), and its pid, start time and uid are verified again right before each signal. A stop
+is SIGTERM, then SIGKILL after the kill timeout, for the process and then what it started.
 
 The restart itself is started by the CLI, not here: the command gets the environment of
 the user's shell, as it did the first time, not the daemon's.
@@ -10,70 +11,14 @@ the user's shell, as it did the first time, not the daemon's.
 
 from __future__ import annotations
 
-import os
-import time
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
+from devd.processes import stop_run
 from devd.registry import Worktree
-from devd.watchers.breaks import Break, create_time
+from devd.watchers.breaks import Break
 
 if TYPE_CHECKING:
     from devd.watchers.monitor import WatcherMonitor
-
-
-def stop_run(pid: int, started: float, timeout: float) -> str:
-    """Stop one recorded run and its descendants; returns how it ended."""
-    if create_time(pid) != started or started == 0.0:
-        return "already exited"
-    try:
-        proc = psutil.Process(pid)
-        if proc.uids().real != os.getuid():
-            return "not ours"  # a recorded pid now held by another user: never touched
-        family = proc.children(recursive=True)
-    except psutil.Error:
-        return "already exited"
-    outcome = _end([proc], timeout)
-    _end([p for p in family if _running(p)], timeout)
-    return outcome
-
-
-def _end(procs: list[psutil.Process], timeout: float) -> str:
-    """SIGTERM, wait, SIGKILL what is left (a zombie counts as gone: its parent reaps it)."""
-    if not procs:
-        return "terminated"
-    for proc in procs:
-        _signal(proc, kill=False)
-    if _gone(procs, timeout):
-        return "terminated"
-    for proc in procs:
-        _signal(proc, kill=True)
-    _gone(procs, timeout)
-    return "killed"
-
-
-def _signal(proc: psutil.Process, kill: bool) -> None:
-    try:
-        proc.kill() if kill else proc.terminate()
-    except psutil.Error:
-        return  # exited meanwhile
-
-
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _gone(procs: list[psutil.Process], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(_running(p) for p in procs):
-            return True
-        time.sleep(0.02)
-    return not any(_running(p) for p in procs)
 
 
 def restart_plan(monitor: WatcherMonitor, only: Worktree | None, max_watches: int | None,
@@ -115,5 +60,6 @@ def _restart(monitor: WatcherMonitor, wt: Worktree, b: Break) -> dict[str, Any]:
     if not b.argv:
         entry["why"] = f"pid {b.pid}: its command was not recorded (an older `devd run`)"
         return entry
-    entry["stopped"] = stop_run(b.pid, b.create_time, monitor.settings.kill_timeout)
+    entry["stopped"] = stop_run(monitor.registry, wt.id, b.pid, b.create_time,
+                                monitor.settings.kill_timeout)
     return entry

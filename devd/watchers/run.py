@@ -15,22 +15,29 @@ from devd.watchers.linux import read_limits, read_link
 from devd.watchers.signatures import Signature
 
 
-def run(client: Client, path: str, argv: list[str], env: dict[str, str]) -> int:
-    """Warn if the watch budget looks short, record the run, exec with output scanning."""
+def run(client: Client, path: str, argv: list[str], env: dict[str, str], cwd: str) -> int:
+    """Warn if the watch budget looks short, record the run, exec in `cwd` with output
+    scanning."""
+    os.chdir(cwd)  # first: a relative command (./dev.sh) is the worktree's
+    env = env | {"PWD": cwd}
     if shutil.which(argv[0], path=env.get("PATH", os.defpath)) is None:
         print(f"devd: error: cannot run {one_line(argv[0])}: command not found or not "
               "executable", file=sys.stderr)
         return 127
     warn_if_short(client, path)
-    # exec keeps our pid, so the process the daemon records is the command itself.
-    # argv and cwd let `devd watchers --restart` start it again after a break.
-    cwd = os.getcwd()
-    client.call("run_started", {"path": path, "pid": os.getpid(), "argv": argv, "cwd": cwd})
-    pid = os.getpid()
+    # exec keeps our pid, so the process the daemon records (this one, by the kernel's
+    # word on who connected) is the command itself. argv and cwd let
+    # `devd watchers --restart` start it again after a break.
+    started = client.call("run_started", {"path": path, "argv": argv, "cwd": cwd})
+    # Kept in memory only (the scanner inherits it): it vouches for this run's breaks
+    # after the command has exited and the scanner's ancestry is gone.
+    token = started.get("token") if isinstance(started, dict) else None
 
     def report(signature: Signature, line: str) -> None:
-        params = {"path": path, "pid": pid, "signature": signature.name,
-                  "budget": signature.budget, "line": line, "argv": argv, "cwd": cwd}
+        # Sent by the scanner, a child of this process: the daemon checks that ancestry.
+        params = {"path": path, "signature": signature.name,
+                  "budget": signature.budget, "line": line, "argv": argv, "cwd": cwd,
+                  "token": token}
         try:
             Client(client.paths, autostart=False).call("run_event", params)
         except (DevdError, OSError):
