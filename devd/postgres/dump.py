@@ -26,9 +26,10 @@ def dumps_dir(paths: Paths) -> Path:
     return target
 
 
-def new_dump_path(paths: Paths, wt_id: str) -> Path:
+def new_dump_path(paths: Paths, wt_id: str, note: str = "") -> Path:
+    """A noted dump (e.g. "before-restore") is kept and pruned, but never the `latest`."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    return dumps_dir(paths) / f"{wt_id}-{stamp}{SUFFIX}"
+    return dumps_dir(paths) / f"{wt_id}-{stamp}{'-' + note if note else ''}{SUFFIX}"
 
 
 def latest(paths: Paths, wt_id: str) -> Path | None:
@@ -78,54 +79,80 @@ def dump_local(url: str, dbname: str, target: Path, schema: str | None = None) -
     return verify(target)
 
 
-def restore_local(url: str, dbname: str, source: Path, skip_schema: str | None = None) -> None:
-    """pg_restore into an existing database as the worktree's own role (so it owns the objects).
+def restore_script(source: Path, target: Path, skip_schema: str | None = None) -> Path:
+    """pg_restore's SQL for `source` (no owners, no grants: the restoring role owns it all).
 
-    In schema mode the role cannot create its own schema (it exists already), so that entry
-    is left out of the restore list.
-    """
+    Left out: in schema mode the schema itself (devd makes it), and comments on extensions
+    (CREATE EXTENSION sets them; only the extension's owner may change them)."""
+    listing = _list_without(source, skip_schema)
+    argv = [binary("pg_restore"), "--no-owner", "--no-acl", "-L", str(listing), "-f",
+            str(target), str(source)]
+    try:
+        _run(argv, dict(os.environ), f"reading {source}", target, "nothing was changed",
+             "check that it is a pg_dump -Fc file", code="restore_failed")
+    finally:
+        listing.unlink(missing_ok=True)
+    return target
+
+
+def run_psql(url: str, dbname: str, files: list[Path]) -> None:
+    """The files through psql in ONE transaction that stops at the first error."""
     conninfo, env = libpq_args(url, dbname)
-    argv = [binary("pg_restore"), "--no-owner", "--no-acl", "--clean", "--if-exists",
-            "--exit-on-error", "--no-password"]
-    if skip_schema:
-        argv += ["-L", str(_list_without_schema(source, skip_schema))]
-    _run(argv + ["--dbname", conninfo, str(source)], env, f"pg_restore into {dbname}", None)
+    argv = [binary("psql"), "-X", "-q", "--no-password", "--single-transaction",
+            "-v", "ON_ERROR_STOP=1", "--dbname", conninfo]
+    for path in files:
+        argv += ["-f", str(path)]
+    _run(argv, env | {"PGAPPNAME": "devd-restore"}, f"restore into {dbname}", None,
+         "the transaction was rolled back: the data is exactly as before",
+         "fix the cause named above, then `devd restore` again", code="restore_failed")
 
 
-def _list_without_schema(source: Path, schema: str) -> Path:
+def _list_without(source: Path, schema: str | None) -> Path:
     listing = subprocess.run([binary("pg_restore"), "-l", str(source)], capture_output=True,
                              text=True, check=True, timeout=60).stdout
+    skip = [r"\bCOMMENT - EXTENSION\b"]
+    if schema:
+        skip.append(rf"\b(SCHEMA|COMMENT) - (SCHEMA )?{re.escape(schema)}\b")
     kept = [line for line in listing.splitlines()
-            if not re.search(rf"\b(SCHEMA|COMMENT) - (SCHEMA )?{re.escape(schema)}\b", line)]
-    path = source.with_suffix(".list")
+            if not any(re.search(pattern, line) for pattern in skip)]
+    path = Path(str(source) + ".list")
     path.write_text("\n".join(kept) + "\n")
     return path
 
 
-def verify(target: Path) -> Path:
-    """A dump counts only if it is non-empty and pg_restore can read its table of contents."""
-    if not target.is_file() or target.stat().st_size == 0:
-        raise DevdError(f"dump {target} is empty; nothing was dropped",
+def verify(target: Path, consequence: str = "nothing was dropped") -> Path:
+    """A dump counts only if it exists, is non-empty and pg_restore can read its table of
+    contents; the error says which, and what was (not) done because of it."""
+    if not target.is_file():
+        raise DevdError(f"dump {target} not found; {consequence}",
+                        "check the path (`ls` the dumps dir) and disk space", code="backup_failed")
+    if target.stat().st_size == 0:
+        raise DevdError(f"dump {target} is empty; {consequence}",
                         "check the server log and disk space", code="backup_failed")
     listing = subprocess.run([binary("pg_restore"), "-l", str(target)], capture_output=True,
                              text=True, timeout=120, check=False)
     if listing.returncode != 0:
-        raise DevdError(f"dump {target} is unreadable: {listing.stderr.strip()}; nothing dropped",
-                        "check disk space, then release again", code="backup_failed")
+        raise DevdError(f"dump {target} is unreadable: {listing.stderr.strip()}; {consequence}",
+                        "check that it is a pg_dump -Fc file and the disk is healthy",
+                        code="backup_failed")
     return target
 
 
-def _run(argv: list[str], env: dict[str, str], what: str, partial: Path | None) -> None:
+_DUMP_HINT = "fix the cause and release again, or pass --no-backup to skip the dump"
+
+
+def _run(argv: list[str], env: dict[str, str], what: str, partial: Path | None,
+         consequence: str = "nothing was dropped", hint: str = _DUMP_HINT,
+         code: str = "backup_failed") -> None:
     try:
         done = subprocess.run(argv, env=env, capture_output=True, text=True,
                               timeout=DUMP_TIMEOUT, check=False)
         error = done.stderr.strip() if done.returncode != 0 else ""
+        error = error or ("" if done.returncode == 0 else f"exit {done.returncode}")
     except (OSError, subprocess.TimeoutExpired) as exc:
         error = str(exc)
-    if error or done.returncode != 0:
+    if error:
         if partial is not None:
             partial.unlink(missing_ok=True)
-        raise DevdError(f"{what} failed: {error or 'exit ' + str(done.returncode)}; "
-                        "nothing was dropped",
-                        "fix the cause and release again, or pass --no-backup to skip the dump",
-                        code="backup_failed")
+        tail = " / ".join(error.splitlines()[-4:])  # psql may print a page; the end says why
+        raise DevdError(f"{what} failed: {tail}; {consequence}", hint, code=code)
