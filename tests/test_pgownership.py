@@ -11,9 +11,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import test_pgcontainer
 import test_postgres
 from conftest import Devd, Repo
-from pgsupport import env_of, query, with_postgres
+from pgsupport import IMAGE, env_of, query, with_postgres
 
 from devd import naming
 from devd.postgres import names as pgnames
@@ -21,6 +22,7 @@ from devd.postgres import names as pgnames
 pytestmark = pytest.mark.postgres
 # The same server (one per session) and daemon fixtures as test_postgres.py.
 pg_url, pgdevd = test_postgres.pg_url, test_postgres.pgdevd
+dk = test_pgcontainer.dk
 PG_DUMP = "/usr/lib/postgresql/15/bin/pg_dump"
 
 TEMPLATE_SQL = [
@@ -133,15 +135,7 @@ def test_a_failed_or_killed_restore_leaves_the_rows_exactly_as_before(
     tree = repo.worktree("shop-kill", "feat/kill")
     pgdevd.run("provision", str(tree))
     url = env_of(pgdevd, tree)["DATABASE_URL"]
-    query(url, "CREATE TABLE keep (id int PRIMARY KEY, v text)")
-    query(url, "CREATE TABLE big (n int)")
-    query(url, "INSERT INTO big SELECT generate_series(1, 1500000)")
-    query(url, "INSERT INTO keep VALUES (1, 'old')")
-    good = tmp_path / "good.dump"
-    subprocess.run([PG_DUMP, "-Fc", "-f", str(good), url], check=True)
-    query(url, "TRUNCATE big")
-    query(url, "INSERT INTO keep VALUES (2, 'current')")
-    before = snapshot(url)
+    good, before = two_states(url, tmp_path)
     # Messages say what is wrong with the file, and nothing changes.
     (tmp_path / "empty.dump").write_bytes(b"")
     (tmp_path / "junk.dump").write_bytes(b"not a dump\n")
@@ -160,28 +154,55 @@ def test_a_failed_or_killed_restore_leaves_the_rows_exactly_as_before(
     assert failed.returncode == 1 and "permission denied" in failed.stderr, failed.stderr
     assert "rolled back: the data is exactly as before" in failed.stderr
     assert snapshot(url) == before
-    # The server ends the restoring backend while it loads the big table.
-    restoring = subprocess.Popen(
-        [sys.executable, "-m", "devd", "restore", str(tree), "--dump", str(good)],
-        env=pgdevd.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert kill_the_copy(pg_url, restoring)
-    _, err = restoring.communicate(timeout=120)
-    assert restoring.returncode == 1 and "exactly as before" in err, err
+    killed_mid_restore(pgdevd, tree, good, pg_url)
     assert snapshot(url) == before
     # And with nothing in the way, the same dump restores.
     pgdevd.run("restore", str(tree), "--dump", str(good))
-    assert snapshot(url) == [(1, "old"), (1500000,)]
+    assert snapshot(url) == [(1, "old"), (BIG,)]
 
 
-def kill_the_copy(pg_url: str, restoring: subprocess.Popen[str]) -> bool:
-    """pg_terminate_backend on devd's restore once it is inside COPY (after the drops)."""
-    while restoring.poll() is None:
-        rows = query(pg_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                     "WHERE application_name = 'devd-restore' AND query LIKE 'COPY%'")
-        if rows:
-            return True
+def test_container_restore_killed_mid_way_keeps_the_rows(devd: Devd, repo: Repo, dk: object,
+                                                         tmp_path: Path) -> None:
+    with_postgres(repo, f'mode = "container"\nimage = "{IMAGE}"\n')
+    tree = repo.worktree("shop-ckill", "ckill")
+    devd.run("provision", str(tree), timeout=180)
+    url = env_of(devd, tree)["DATABASE_URL"]
+    good, before = two_states(url, tmp_path)
+    killed_mid_restore(devd, tree, good, url)
+    assert snapshot(url) == before
+    restored = devd.json("restore", str(tree), "--dump", str(good))
+    assert snapshot(url) == [(1, "old"), (BIG,)]
+    assert Path(restored["before"]).stat().st_size > 0
+
+
+BIG = 500_000  # rows: loading them takes long enough to be caught inside COPY
+
+
+def two_states(url: str, tmp_path: Path) -> tuple[Path, list[tuple[object, ...]]]:
+    """A dump of one state of the worktree's data, and a snapshot of the current, other one."""
+    query(url, "CREATE TABLE keep (id int PRIMARY KEY, v text)")
+    query(url, "CREATE TABLE big (n int)")
+    query(url, f"INSERT INTO big SELECT generate_series(1, {BIG})")
+    query(url, "INSERT INTO keep VALUES (1, 'old')")
+    good = tmp_path / "good.dump"
+    subprocess.run([PG_DUMP, "-Fc", "-f", str(good), url], check=True)
+    query(url, "TRUNCATE big")
+    query(url, "INSERT INTO keep VALUES (2, 'current')")
+    return good, snapshot(url)
+
+
+def killed_mid_restore(devd: Devd, tree: Path, dump: Path, admin: str) -> None:
+    """The server ends devd's restore backend once it is inside COPY (after the drops)."""
+    restoring = subprocess.Popen(
+        [sys.executable, "-m", "devd", "restore", str(tree), "--dump", str(dump)],
+        env=devd.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = False
+    while restoring.poll() is None and not killed:
+        killed = bool(query(admin, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE application_name = 'devd-restore' AND query LIKE 'COPY%'"))
         time.sleep(0.01)
-    return False
+    _, err = restoring.communicate(timeout=180)
+    assert killed and restoring.returncode == 1 and "exactly as before" in err, err
 
 
 APP_SQL = [

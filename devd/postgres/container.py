@@ -205,7 +205,9 @@ def _failed(container: Container, message: str) -> DevdError:
 
 
 def _exec(container: Container, argv: list[str], consequence: str = "") -> str:
-    code, output = container.exec_run(argv, user="postgres")
+    # PGAPPNAME: a restore's session is recognisable in pg_stat_activity.
+    code, output = container.exec_run(argv, user="postgres",
+                                      environment={"PGAPPNAME": "devd-restore"})
     text = output.decode(errors="replace") if output else ""
     if code != 0:
         tail = " / ".join(text.strip().splitlines()[-4:])
