@@ -167,19 +167,18 @@ def bench_schema(bench: Bench, runs: int) -> tuple[list[float], list[float]]:
     return times, floor
 
 
-def bench_clone(bench: Bench, url: str, template: str, runs: int) -> tuple[list[float], ...]:
-    """devd's clone (role, clone, hand-over, marker), the hand-over's share of it, and the
-    raw clone, alternating which goes first."""
-    ours: list[float] = []
-    handover: list[float] = []
-    raw: list[float] = []
+def bench_clone(bench: Bench, url: str, template: str, runs: int) -> dict[str, list[float]]:
+    """devd's clone (role, clone, hand-over, marker), its phases, and the raw clone,
+    alternating which goes first."""
+    found: dict[str, list[float]] = {"devd": [], "before": [], "clone": [], "handover": [],
+                                     "raw": []}
     raw_clone(url, template)  # warm-up: the first clone after seeding also flushes the seed
     for i in range(runs):
-        steps = [lambda: raw.append(raw_clone(url, template)),
-                 lambda: ours.append(devd_clone(bench, template, handover))]
+        steps = [lambda: found["raw"].append(raw_clone(url, template)),
+                 lambda: devd_clone(bench, template, found)]
         for step in steps if i % 2 == 0 else steps[::-1]:
             step()
-    return ours, handover, raw
+    return found
 
 
 def raw_clone(url: str, template: str) -> float:
@@ -191,22 +190,27 @@ def raw_clone(url: str, template: str) -> float:
     return seconds
 
 
-def devd_clone(bench: Bench, template: str, handover: list[float]) -> float:
+def devd_clone(bench: Bench, template: str, found: dict[str, list[float]]) -> None:
+    """One provision, split at its progress events: before the clone (connect, role,
+    registry), the clone, and the hand-over with the marker."""
     ctx = bench.context("database", template)
     query(bench.settings.postgres_url, "CHECKPOINT")
-    marks: list[float] = []
+    marks: dict[str, float] = {}
 
     def progress(phase: str, message: str, **extra: Any) -> None:
-        if message.startswith("handing "):
-            marks.append(time.perf_counter())
+        for key in ("creating", "handing"):
+            if message.startswith(key):
+                marks[key] = time.perf_counter()
 
     start = time.perf_counter()
     detail = postgres.PostgresProvisioner().ensure(ctx, progress)
     end = time.perf_counter()
-    handover.append(end - marks[0])  # plan is before the event: a few ms, not counted
+    found["devd"].append(end - start)
+    found["before"].append(marks["creating"] - start)
+    found["clone"].append(marks["handing"] - marks["creating"])  # includes the plan query
+    found["handover"].append(end - marks["handing"])
     bench.registry.set_resource(ctx.worktree.id, "postgres", "ready", detail)
     bench.drop(ctx, detail)
-    return end - start
 
 
 def bench_container(bench: Bench, dk: Any, runs: int) -> tuple[list[float], ...]:
@@ -238,11 +242,13 @@ def med(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def clone_row(label: str, ours: list[float], handover: list[float], raw: list[float]) -> str:
-    return (f"| database mode, clone of the {label} ({len(ours)} runs) | {med(ours) * 1000:.0f} ms "
-            f"(hand-over + marker {med(handover) * 1000:.0f} ms) "
-            f"| {med(raw) * 1000:.0f} ms raw CREATE DATABASE … STRATEGY FILE_COPY "
-            f"| {med(ours) / med(raw):.2f} | ≤ 1.15 |")
+def clone_row(label: str, found: dict[str, list[float]]) -> str:
+    ms = {key: med(values) * 1000 for key, values in found.items()}
+    return (f"| database mode, clone of the {label} ({len(found['devd'])} runs) "
+            f"| {ms['devd']:.0f} ms (before the clone {ms['before']:.0f}, clone "
+            f"{ms['clone']:.0f}, hand-over + marker {ms['handover']:.0f}) "
+            f"| {ms['raw']:.0f} ms raw CREATE DATABASE … STRATEGY FILE_COPY "
+            f"| {ms['devd'] / ms['raw']:.2f} | ≤ 1.15 |")
 
 
 def main() -> int:
@@ -264,7 +270,7 @@ def main() -> int:
                             (wide, "wide template (1,500 tables, 300 views, 200 sequences, "
                              "50 functions, 40 types)"),
                             (big, f"{big_size / 1e6:.0f} MB template")):
-            rows.append(clone_row(label, *bench_clone(bench, url, name, args.runs)))
+            rows.append(clone_row(label, bench_clone(bench, url, name, args.runs)))
         if args.only == "all":
             rows += other_rows(bench, dk, template, size, args.runs)
     finally:

@@ -44,7 +44,9 @@ def _prologue(role: str, wt_id: str, schema: str | None) -> str:
     else:
         # Everything the role owns in its database (not the database itself); extensions
         # it does not own stay, and the dump's CREATE EXTENSION IF NOT EXISTS keeps them.
-        clear = f"DROP OWNED BY {ident} CASCADE;"
+        # PG <= 14: a handed-over public went too, and dumps assume it exists.
+        clear = f"DROP OWNED BY {ident} CASCADE; CREATE SCHEMA IF NOT EXISTS public " \
+                f"AUTHORIZATION {ident};"
     return f"{LOCK_TIMEOUT}\n{clear}\nSET ROLE {ident};\n"
 
 
