@@ -46,6 +46,12 @@ TEMPLATE_SQL = [
     "CREATE TEXT SEARCH CONFIGURATION mycfg (COPY = simple)",
     "SELECT lo_create(4242)",
     "INSERT INTO people (name, m, p) VALUES ('ann', 'ok', 1)",
+    # Hostile names: the generated ALTERs must quote every one of them.
+    'CREATE SCHEMA "Sch ema; DROP"',
+    'CREATE TABLE "Sch ema; DROP"."we""ird ta-ble" (x int)',
+    'CREATE TYPE "Sch ema; DROP"."m\'o""od" AS ENUM (\'x\')',
+    'CREATE FUNCTION "Sch ema; DROP"."f\'n ü"("Sch ema; DROP"."m\'o""od") RETURNS int '
+    "LANGUAGE sql AS 'SELECT 1'",
 ]
 # What a migration does to objects it must own.
 MIGRATION = [
@@ -111,6 +117,14 @@ def test_template_clone_is_the_worktrees_and_restores_with_its_extension(
         query(url, statement)
     assert query(url, "SELECT add1(1), length(gen_random_bytes(3))") == [(3, 3)]
     assert query(url, "SELECT lomowner::regrole::text FROM pg_largeobject_metadata") == [(name,)]
+    # A crash after the clone, before the hand-over and the marker: the next provision
+    # finishes it (the hand-over is one transaction, so there is no half-way state).
+    admin = psycopg.conninfo.make_conninfo(pg_url, dbname=name)
+    query(pg_url, f'COMMENT ON DATABASE "{name}" IS NULL')
+    query(admin, "ALTER TYPE mood OWNER TO postgres; ALTER VIEW people_names OWNER TO postgres")
+    assert {("type", "mood"), ("rel", "people_names")} <= set(query(url, NOT_OURS))
+    assert "handing 2 objects over" in pgdevd.run("provision", str(tree)).stderr
+    assert query(url, NOT_OURS) == []
     # Release (dump), provision a fresh clone, restore: the rows and the owners come back.
     released = pgdevd.json("release", str(tree), "--yes")
     assert Path(released["dumps"][0]).stat().st_size > 0
