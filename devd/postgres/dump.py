@@ -9,12 +9,26 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from devd.errors import DevdError
 from devd.paths import Paths, ensure_private_dir
 
+
+class Failure(NamedTuple):
+    """What a failed dump or restore left undone, what to do, and the error code."""
+
+    consequence: str
+    hint: str
+    code: str
+
+
+DROP_FAILURE = Failure("nothing was dropped", "fix the cause and release again, or pass "
+                       "--no-backup to skip the dump", "backup_failed")
+RESTORE_FAILURE = Failure("nothing was changed", "fix the cause named, then `devd restore` "
+                          "again", "restore_failed")
 KEEP_SECONDS = 7 * 86400
 DUMP_TIMEOUT = 1800
 SUFFIX = ".dump"
@@ -70,13 +84,14 @@ def libpq_args(url: str, dbname: str) -> tuple[str, dict[str, str]]:
     return make_conninfo("", **params), env
 
 
-def dump_local(url: str, dbname: str, target: Path, schema: str | None = None) -> Path:
+def dump_local(url: str, dbname: str, target: Path, schema: str | None = None,
+               failure: Failure = DROP_FAILURE) -> Path:
     """pg_dump -Fc of a database (or one schema of it) on the host, then verified."""
     conninfo, env = libpq_args(url, dbname)
     argv = [binary("pg_dump"), "-Fc", "--no-password", "-f", str(target)]
     argv += ["-n", schema] if schema else []
-    _run(argv + ["--dbname", conninfo], env, f"pg_dump of {dbname}", target)
-    return verify(target)
+    _run(argv + ["--dbname", conninfo], env, f"pg_dump of {dbname}", target, failure)
+    return verify(target, failure)
 
 
 def restore_script(source: Path, target: Path, skip_schema: str | None = None) -> Path:
@@ -88,8 +103,7 @@ def restore_script(source: Path, target: Path, skip_schema: str | None = None) -
     argv = [binary("pg_restore"), "--no-owner", "--no-acl", "-L", str(listing), "-f",
             str(target), str(source)]
     try:
-        _run(argv, dict(os.environ), f"reading {source}", target, "nothing was changed",
-             "check that it is a pg_dump -Fc file", code="restore_failed")
+        _run(argv, dict(os.environ), f"reading {source}", target, RESTORE_FAILURE)
     finally:
         listing.unlink(missing_ok=True)
     return target
@@ -103,8 +117,8 @@ def run_psql(url: str, dbname: str, files: list[Path]) -> None:
     for path in files:
         argv += ["-f", str(path)]
     _run(argv, env | {"PGAPPNAME": "devd-restore"}, f"restore into {dbname}", None,
-         "the transaction was rolled back: the data is exactly as before",
-         "fix the cause named above, then `devd restore` again", code="restore_failed")
+         Failure("the transaction was rolled back: the data is exactly as before",
+                 RESTORE_FAILURE.hint, RESTORE_FAILURE.code))
 
 
 def _list_without(source: Path, schema: str | None) -> Path:
@@ -120,30 +134,25 @@ def _list_without(source: Path, schema: str | None) -> Path:
     return path
 
 
-def verify(target: Path, consequence: str = "nothing was dropped") -> Path:
+def verify(target: Path, failure: Failure = DROP_FAILURE) -> Path:
     """A dump counts only if it exists, is non-empty and pg_restore can read its table of
     contents; the error says which, and what was (not) done because of it."""
     if not target.is_file():
-        raise DevdError(f"dump {target} not found; {consequence}",
-                        "check the path (`ls` the dumps dir) and disk space", code="backup_failed")
-    if target.stat().st_size == 0:
-        raise DevdError(f"dump {target} is empty; {consequence}",
-                        "check the server log and disk space", code="backup_failed")
-    listing = subprocess.run([binary("pg_restore"), "-l", str(target)], capture_output=True,
-                             text=True, timeout=120, check=False)
-    if listing.returncode != 0:
-        raise DevdError(f"dump {target} is unreadable: {listing.stderr.strip()}; {consequence}",
-                        "check that it is a pg_dump -Fc file and the disk is healthy",
-                        code="backup_failed")
-    return target
-
-
-_DUMP_HINT = "fix the cause and release again, or pass --no-backup to skip the dump"
+        problem, hint = "not found", "check the path and the dumps dir"
+    elif target.stat().st_size == 0:
+        problem, hint = "is empty", "check the server log and disk space"
+    else:
+        listing = subprocess.run([binary("pg_restore"), "-l", str(target)], capture_output=True,
+                                 text=True, timeout=120, check=False)
+        if listing.returncode == 0:
+            return target
+        problem = f"is unreadable: {listing.stderr.strip()}"
+        hint = "check that it is a pg_dump -Fc file and the disk is healthy"
+    raise DevdError(f"dump {target} {problem}; {failure.consequence}", hint, code=failure.code)
 
 
 def _run(argv: list[str], env: dict[str, str], what: str, partial: Path | None,
-         consequence: str = "nothing was dropped", hint: str = _DUMP_HINT,
-         code: str = "backup_failed") -> None:
+         failure: Failure = DROP_FAILURE) -> None:
     try:
         done = subprocess.run(argv, env=env, capture_output=True, text=True,
                               timeout=DUMP_TIMEOUT, check=False)
@@ -155,4 +164,5 @@ def _run(argv: list[str], env: dict[str, str], what: str, partial: Path | None,
         if partial is not None:
             partial.unlink(missing_ok=True)
         tail = " / ".join(error.splitlines()[-4:])  # psql may print a page; the end says why
-        raise DevdError(f"{what} failed: {tail}; {consequence}", hint, code=code)
+        raise DevdError(f"{what} failed: {tail}; {failure.consequence}", failure.hint,
+                        code=failure.code)

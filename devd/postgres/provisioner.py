@@ -80,7 +80,7 @@ def restore(ctx: Context, detail: dict[str, Any], source: str | None) -> dict[st
         raise DevdError(f"no dump of worktree {ctx.worktree.id} found in "
                         f"{dump.dumps_dir(ctx.paths)}; nothing was changed",
                         "pass the dump's path: devd restore --dump FILE", code="usage")
-    path = dump.verify(found, "nothing was changed")
+    path = dump.verify(found, dump.RESTORE_FAILURE)
     mode = detail.get("mode", "none")
     if mode == "container":
         before = container.restore(ctx, detail, path)

@@ -26,7 +26,7 @@ def restore_sql(ctx: Context, detail: dict[str, Any], source: Path) -> Path:
     url, name, dbname = detail.get("admin_url", ""), detail["name"], detail["database"]
     schema = name if detail["mode"] == "schema" else None
     before = dump.dump_local(url, dbname, dump.new_dump_path(ctx.paths, ctx.worktree.id, BEFORE),
-                             schema=schema)
+                             schema=schema, failure=dump.RESTORE_FAILURE)
     with tempfile.TemporaryDirectory(prefix="devd-restore-") as scratch:
         script = dump.restore_script(source, Path(scratch) / "restore.sql", skip_schema=schema)
         prologue = Path(scratch) / "prologue.sql"

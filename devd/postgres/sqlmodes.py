@@ -65,8 +65,8 @@ def ensure_sql(ctx: Context, progress: Progress, mode: str) -> dict[str, Any]:
                     name, wt_id, "schema" in ours, dbname, visible))
             else:
                 server.batch(conn, role)
-                kept = _ensure_database(ctx, conn, name, ours.get("database"), progress) \
-                    or kept
+                handed = _ensure_database(ctx, conn, name, ours.get("database"), progress)
+                kept = kept if handed is None else handed
         except psycopg.Error as exc:
             raise server.translate(exc, f"provisioning Postgres {mode} {name}") from exc
         server.remember(ctx.paths, url)
@@ -112,15 +112,15 @@ def _schema_statements(name: str, wt_id: str, exists: bool, dbname: str,
 
 
 def _ensure_database(ctx: Context, conn: psycopg.Connection[Any], name: str,
-                     marked: bool | None, progress: Progress) -> list[str]:
+                     marked: bool | None, progress: Progress) -> list[str] | None:
     """`marked`: None if absent, False if ours but unmarked (a crash after the clone).
-    Returns what the hand-over had to leave with another owner (empty if none ran)."""
+    Returns what the hand-over had to leave with another owner (None if none ran)."""
     wt_id, template = ctx.worktree.id, ctx.config.postgres.template
     if marked is None:
         progress("postgres", f"creating database {name}"
                  + (f" from template {template}" if template else ""))
         _create_database(ctx, conn, name)  # cannot share a transaction with anything
-    kept: list[str] = []
+    kept = None
     if template and not marked:
         # Before the marker: a crash in between is seen (unmarked) and finished next time.
         kept = _hand_over(ctx, name, progress)
