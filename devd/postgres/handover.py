@@ -86,14 +86,15 @@ _STATEMENTS = " UNION ALL ".join(_PARTS)
 # What cannot change hands: extensions (no ALTER EXTENSION ... OWNER), and kinds whose
 # owner must be a superuser. plpgsql lives in pg_catalog in every database: not worth a word.
 _KEPT = """
+WITH r AS (SELECT oid FROM pg_roles WHERE rolname = %(role)s)
 SELECT 'extension ' || quote_ident(extname), pg_get_userbyid(extowner) FROM pg_extension
-  WHERE extowner <> %(oid)s AND extnamespace <> 'pg_catalog'::regnamespace
+  WHERE extowner <> (SELECT oid FROM r) AND extnamespace <> 'pg_catalog'::regnamespace
 UNION ALL SELECT 'event trigger ' || quote_ident(evtname), pg_get_userbyid(evtowner)
-  FROM pg_event_trigger WHERE evtowner <> %(oid)s
+  FROM pg_event_trigger WHERE evtowner <> (SELECT oid FROM r)
 UNION ALL SELECT 'publication ' || quote_ident(pubname), pg_get_userbyid(pubowner)
-  FROM pg_publication WHERE pubowner <> %(oid)s AND puballtables
+  FROM pg_publication WHERE pubowner <> (SELECT oid FROM r) AND puballtables
 UNION ALL SELECT 'foreign server ' || quote_ident(srvname), pg_get_userbyid(srvowner)
-  FROM pg_foreign_server WHERE srvowner <> %(oid)s
+  FROM pg_foreign_server WHERE srvowner <> (SELECT oid FROM r)
 """
 
 
@@ -110,8 +111,7 @@ def plan(conn: psycopg.Connection[Any], role: str) -> Plan:
     conn.execute("SET search_path = pg_catalog")  # regprocedure/regtype print qualified names
     rows = conn.execute(_STATEMENTS, {"role": role}).fetchall()
     tail = " OWNER TO " + sql.Identifier(role).as_string(conn)
-    oid = conn.execute("SELECT oid FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
-    kept = conn.execute(_KEPT, {"oid": oid[0] if oid else 0}).fetchall()
+    kept = conn.execute(_KEPT, {"role": role}).fetchall()
     return Plan([stmt + tail for (stmt,) in rows], [f"{what} (owner {who})" for what, who in kept])
 
 
