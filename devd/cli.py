@@ -218,7 +218,8 @@ def _print_outputs(result: dict[str, Any]) -> None:
 def cmd_restore(client: Client, args: argparse.Namespace) -> int:
     params = {"path": _abspath(args.path)} | ({"dump": _abspath(args.dump)} if args.dump else {})
     result = client.call("restore", params, _progress)
-    print(json.dumps(result) if args.json else f"restored {safe(result['restored'])}")
+    print(json.dumps(result) if args.json else f"restored {safe(result['restored'])} "
+          f"(the data it replaced: {safe(result.get('before', '?'))})")
     return EXIT_OK
 
 

@@ -214,11 +214,15 @@ def _failed(container: Container, message: str) -> DevdError:
                      f"see `docker logs {container.name}`", code="docker_error")
 
 
-def _exec(container: Container, argv: list[str]) -> str:
-    code, output = container.exec_run(argv, user="postgres")
+def _exec(container: Container, argv: list[str], consequence: str = "") -> str:
+    # PGAPPNAME: a restore's session is recognisable in pg_stat_activity.
+    code, output = container.exec_run(argv, user="postgres",
+                                      environment={"PGAPPNAME": "devd-restore"})
     text = output.decode(errors="replace") if output else ""
     if code != 0:
-        raise DevdError(f"{' '.join(argv[:1])} in {container.name} failed: {text.strip()}",
+        tail = " / ".join(text.strip().splitlines()[-4:])
+        raise DevdError(f"{' '.join(argv[:1])} in {container.name} failed: {tail}"
+                        + (f"; {consequence}" if consequence else ""),
                         f"see `docker logs {container.name}`", code="docker_error")
     return text
 
@@ -283,9 +287,10 @@ def _test_databases(container: Container) -> list[str]:
 
 
 def _backup(ctx: Context, dk: DockerClient, container: Container | None,
-            detail: dict[str, Any]) -> Container:
-    """pg_dump inside the container (its own client matches its server's version); returns
-    the container, started (or recreated over the volume) for the dump."""
+            detail: dict[str, Any], target: Path | None = None) -> Container:
+    """pg_dump inside the container (its own client matches its server's version) into
+    `target` (a new dump path by default); returns the container, started (or recreated
+    over the volume) for the dump."""
     if container is None:
         # The volume outlived its container: bring the data up once more to dump it.
         container = _create(dk, ctx, detail["container"], int(detail["port"]),
@@ -293,7 +298,7 @@ def _backup(ctx: Context, dk: DockerClient, container: Container | None,
     elif container.status != "running":
         container.start()
     _wait_ready(container, int(detail["port"]), detail["password"], lambda *a, **k: None)
-    target = dump.new_dump_path(ctx.paths, ctx.worktree.id)
+    target = target or dump.new_dump_path(ctx.paths, ctx.worktree.id)
     exec_id = dk.api.exec_create(container.id, ["pg_dump", "-Fc", "-U", SUPERUSER, DBNAME],
                                  user="postgres")["Id"]
     errors = []
@@ -312,21 +317,37 @@ def _backup(ctx: Context, dk: DockerClient, container: Container | None,
     return container
 
 
-def restore(ctx: Context, detail: dict[str, Any], dump: Path) -> None:
-    """Copy the dump into the container and pg_restore it there."""
-    container = _owned(client().containers, detail["container"], ctx.worktree.id)
+def restore(ctx: Context, detail: dict[str, Any], source: Path) -> Path:
+    """Dump what is there, then load `source` in one transaction inside the container (its
+    own client matches its server); returns the dump of the data as it was before."""
+    from devd.postgres import restore as plan
+
+    dk = client()
+    container = _owned(dk.containers, detail["container"], ctx.worktree.id)
     if container is None or container.status != "running":
-        raise DevdError(f"container {detail['container']} is not running",
+        raise DevdError(f"container {detail['container']} is not running; nothing was changed",
                         "run `devd provision` first", code="docker_error")
+    before = dump.new_dump_path(ctx.paths, ctx.worktree.id, plan.BEFORE)
+    _backup(ctx, dk, container, detail, before)
+    container.put_archive("/tmp", _tar({"devd-restore.dump": source.read_bytes(),
+                                        "devd-prologue.sql": plan.CONTAINER_PROLOGUE.encode()}))
+    _exec(container, ["pg_restore", "--no-owner", "--no-acl", "-f", "/tmp/devd-restore.sql",
+                      "/tmp/devd-restore.dump"], "nothing was changed")
+    _exec(container, ["psql", "-X", "-q", "-U", SUPERUSER, "-d", DBNAME, "--single-transaction",
+                      "-v", "ON_ERROR_STOP=1", "-f", "/tmp/devd-prologue.sql",
+                      "-f", "/tmp/devd-restore.sql"],
+          "the transaction was rolled back: the data is exactly as before")
+    return before
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as tar:
-        info = tarfile.TarInfo("devd-restore.dump")
-        info.size, info.mode = dump.stat().st_size, 0o644
-        with open(dump, "rb") as source:
-            tar.addfile(info, source)
-    container.put_archive("/tmp", archive.getvalue())
-    _exec(container, ["pg_restore", "-U", SUPERUSER, "-d", DBNAME, "--clean", "--if-exists",
-                      "--no-owner", "--exit-on-error", "/tmp/devd-restore.dump"])
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return archive.getvalue()
 
 
 def orphans(known_ids: set[str]) -> list[dict[str, str]]:

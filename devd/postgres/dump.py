@@ -9,12 +9,26 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from devd.errors import DevdError
 from devd.paths import Paths, ensure_private_dir
 
+
+class Failure(NamedTuple):
+    """What a failed dump or restore left undone, what to do, and the error code."""
+
+    consequence: str
+    hint: str
+    code: str
+
+
+DROP_FAILURE = Failure("nothing was dropped", "fix the cause and release again, or pass "
+                       "--no-backup to skip the dump", "backup_failed")
+RESTORE_FAILURE = Failure("nothing was changed", "fix the cause named, then `devd restore` "
+                          "again", "restore_failed")
 KEEP_SECONDS = 7 * 86400
 DUMP_TIMEOUT = 1800
 SUFFIX = ".dump"
@@ -26,9 +40,10 @@ def dumps_dir(paths: Paths) -> Path:
     return target
 
 
-def new_dump_path(paths: Paths, wt_id: str) -> Path:
+def new_dump_path(paths: Paths, wt_id: str, note: str = "") -> Path:
+    """A noted dump (e.g. "before-restore") is kept and pruned, but never the `latest`."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    return dumps_dir(paths) / f"{wt_id}-{stamp}{SUFFIX}"
+    return dumps_dir(paths) / f"{wt_id}-{stamp}{'-' + note if note else ''}{SUFFIX}"
 
 
 def latest(paths: Paths, wt_id: str) -> Path | None:
@@ -69,63 +84,85 @@ def libpq_args(url: str, dbname: str) -> tuple[str, dict[str, str]]:
     return make_conninfo("", **params), env
 
 
-def dump_local(url: str, dbname: str, target: Path, schema: str | None = None) -> Path:
+def dump_local(url: str, dbname: str, target: Path, schema: str | None = None,
+               failure: Failure = DROP_FAILURE) -> Path:
     """pg_dump -Fc of a database (or one schema of it) on the host, then verified."""
     conninfo, env = libpq_args(url, dbname)
     argv = [binary("pg_dump"), "-Fc", "--no-password", "-f", str(target)]
     argv += ["-n", schema] if schema else []
-    _run(argv + ["--dbname", conninfo], env, f"pg_dump of {dbname}", target)
-    return verify(target)
+    _run(argv + ["--dbname", conninfo], env, f"pg_dump of {dbname}", target, failure)
+    return verify(target, failure)
 
 
-def restore_local(url: str, dbname: str, source: Path, skip_schema: str | None = None) -> None:
-    """pg_restore into an existing database as the worktree's own role (so it owns the objects).
+def restore_script(source: Path, target: Path, skip_schema: str | None = None) -> Path:
+    """pg_restore's SQL for `source` (no owners, no grants: the restoring role owns it all).
 
-    In schema mode the role cannot create its own schema (it exists already), so that entry
-    is left out of the restore list.
-    """
+    Left out: in schema mode the schema itself (devd makes it), and comments on extensions
+    (CREATE EXTENSION sets them; only the extension's owner may change them)."""
+    listing = _list_without(source, skip_schema)
+    argv = [binary("pg_restore"), "--no-owner", "--no-acl", "-L", str(listing), "-f",
+            str(target), str(source)]
+    try:
+        _run(argv, dict(os.environ), f"reading {source}", target, RESTORE_FAILURE)
+    finally:
+        listing.unlink(missing_ok=True)
+    return target
+
+
+def run_psql(url: str, dbname: str, files: list[Path]) -> None:
+    """The files through psql in ONE transaction that stops at the first error."""
     conninfo, env = libpq_args(url, dbname)
-    argv = [binary("pg_restore"), "--no-owner", "--no-acl", "--clean", "--if-exists",
-            "--exit-on-error", "--no-password"]
-    if skip_schema:
-        argv += ["-L", str(_list_without_schema(source, skip_schema))]
-    _run(argv + ["--dbname", conninfo, str(source)], env, f"pg_restore into {dbname}", None)
+    argv = [binary("psql"), "-X", "-q", "--no-password", "--single-transaction",
+            "-v", "ON_ERROR_STOP=1", "--dbname", conninfo]
+    for path in files:
+        argv += ["-f", str(path)]
+    _run(argv, env | {"PGAPPNAME": "devd-restore"}, f"restore into {dbname}", None,
+         Failure("the transaction was rolled back: the data is exactly as before",
+                 RESTORE_FAILURE.hint, RESTORE_FAILURE.code))
 
 
-def _list_without_schema(source: Path, schema: str) -> Path:
+def _list_without(source: Path, schema: str | None) -> Path:
     listing = subprocess.run([binary("pg_restore"), "-l", str(source)], capture_output=True,
                              text=True, check=True, timeout=60).stdout
+    skip = [r"\bCOMMENT - EXTENSION\b"]
+    if schema:
+        skip.append(rf"\b(SCHEMA|COMMENT) - (SCHEMA )?{re.escape(schema)}\b")
     kept = [line for line in listing.splitlines()
-            if not re.search(rf"\b(SCHEMA|COMMENT) - (SCHEMA )?{re.escape(schema)}\b", line)]
-    path = source.with_suffix(".list")
+            if not any(re.search(pattern, line) for pattern in skip)]
+    path = Path(str(source) + ".list")
     path.write_text("\n".join(kept) + "\n")
     return path
 
 
-def verify(target: Path) -> Path:
-    """A dump counts only if it is non-empty and pg_restore can read its table of contents."""
-    if not target.is_file() or target.stat().st_size == 0:
-        raise DevdError(f"dump {target} is empty; nothing was dropped",
-                        "check the server log and disk space", code="backup_failed")
-    listing = subprocess.run([binary("pg_restore"), "-l", str(target)], capture_output=True,
-                             text=True, timeout=120, check=False)
-    if listing.returncode != 0:
-        raise DevdError(f"dump {target} is unreadable: {listing.stderr.strip()}; nothing dropped",
-                        "check disk space, then release again", code="backup_failed")
-    return target
+def verify(target: Path, failure: Failure = DROP_FAILURE) -> Path:
+    """A dump counts only if it exists, is non-empty and pg_restore can read its table of
+    contents; the error says which, and what was (not) done because of it."""
+    if not target.is_file():
+        problem, hint = "not found", "check the path and the dumps dir"
+    elif target.stat().st_size == 0:
+        problem, hint = "is empty", "check the server log and disk space"
+    else:
+        listing = subprocess.run([binary("pg_restore"), "-l", str(target)], capture_output=True,
+                                 text=True, timeout=120, check=False)
+        if listing.returncode == 0:
+            return target
+        problem = f"is unreadable: {listing.stderr.strip()}"
+        hint = "check that it is a pg_dump -Fc file and the disk is healthy"
+    raise DevdError(f"dump {target} {problem}; {failure.consequence}", hint, code=failure.code)
 
 
-def _run(argv: list[str], env: dict[str, str], what: str, partial: Path | None) -> None:
+def _run(argv: list[str], env: dict[str, str], what: str, partial: Path | None,
+         failure: Failure = DROP_FAILURE) -> None:
     try:
         done = subprocess.run(argv, env=env, capture_output=True, text=True,
                               timeout=DUMP_TIMEOUT, check=False)
         error = done.stderr.strip() if done.returncode != 0 else ""
+        error = error or ("" if done.returncode == 0 else f"exit {done.returncode}")
     except (OSError, subprocess.TimeoutExpired) as exc:
         error = str(exc)
-    if error or done.returncode != 0:
+    if error:
         if partial is not None:
             partial.unlink(missing_ok=True)
-        raise DevdError(f"{what} failed: {error or 'exit ' + str(done.returncode)}; "
-                        "nothing was dropped",
-                        "fix the cause and release again, or pass --no-backup to skip the dump",
-                        code="backup_failed")
+        tail = " / ".join(error.splitlines()[-4:])  # psql may print a page; the end says why
+        raise DevdError(f"{what} failed: {tail}; {failure.consequence}", failure.hint,
+                        code=failure.code)

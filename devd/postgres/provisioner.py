@@ -14,6 +14,7 @@ import psycopg
 from devd.errors import DevdError, OwnershipConflict
 from devd.postgres import container, dump, names, server, sqlmodes
 from devd.postgres.records import SQL_MODES, public_view
+from devd.postgres.restore import restore_sql
 from devd.provisioners.base import Context, Health, Progress, Provisioner
 
 
@@ -84,25 +85,25 @@ def _tolerating_intent(detail: dict[str, Any], step: Step | None, ctx: Context) 
 
 
 def restore(ctx: Context, detail: dict[str, Any], source: str | None) -> dict[str, Any]:
-    """Load a dump (the worktree's latest by default) into its provisioned Postgres."""
+    """Load a dump (the worktree's latest by default) into its provisioned Postgres; the data
+    it replaces is dumped first, and a failure leaves that data exactly as it was."""
     found = Path(source) if source else dump.latest(ctx.paths, ctx.worktree.id)
     if found is None:
-        raise DevdError(f"no dump of worktree {ctx.worktree.id} in {dump.dumps_dir(ctx.paths)}",
+        raise DevdError(f"no dump of worktree {ctx.worktree.id} found in "
+                        f"{dump.dumps_dir(ctx.paths)}; nothing was changed",
                         "pass the dump's path: devd restore --dump FILE", code="usage")
-    path = dump.verify(found)
+    path = dump.verify(found, dump.RESTORE_FAILURE)
     mode = detail.get("mode", "none")
     if mode == "container":
-        container.restore(ctx, detail, path)
+        before = container.restore(ctx, detail, path)
     elif mode in SQL_MODES:
-        url = names.env_for(detail)["DATABASE_URL"]
-        dump.restore_local(url, detail["database"], path,
-                             skip_schema=detail["name"] if mode == "schema" else None)
+        before = restore_sql(ctx, detail, path)
     else:
         raise DevdError(f"{ctx.worktree.path} has no Postgres provisioned",
                         "set [postgres] mode in devd.toml and run `devd provision` first",
                         code="usage")
-    return {"restored": str(path), "mode": mode, "name": detail.get("name")}
-
+    return {"restored": str(path), "mode": mode, "name": detail.get("name"),
+            "before": str(before)}
 
 
 def orphans(ctx_paths: Any, known_ids: set[str]) -> list[dict[str, str]]:

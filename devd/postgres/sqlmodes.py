@@ -15,84 +15,126 @@ from psycopg import sql
 
 from devd import processes
 from devd.errors import DevdError
-from devd.postgres import dependents, dump, names, records, server
+from devd.postgres import dependents, dump, handover, names, records, server
 from devd.postgres.records import admin_url, record_intent
 from devd.provisioners.base import Context, Health, Progress
 
-# Relations a template clone brings along, and the ALTER that hands each to the worktree role.
-_ALTER = {"r": "TABLE", "p": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW",
-          "f": "FOREIGN TABLE", "S": "SEQUENCE"}
-_NOT_SYSTEM = ("n.nspname NOT IN ('pg_catalog', 'information_schema') "
-               "AND n.nspname NOT LIKE 'pg\\_%%'")
-_FOREIGN_RELATIONS = f"""
-SELECT c.relkind, n.nspname, c.relname FROM pg_class c
-JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') AND {_NOT_SYSTEM}
-  AND pg_get_userbyid(c.relowner) <> %s
-  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                  AND d.objid = c.oid AND d.deptype IN ('a', 'i', 'e'))
+# Schemas whose every relation and routine belongs to an extension: a schema-mode role may
+# see them (the app needs its extensions), as they hold none of the app's data.
+_EXTENSION_SCHEMAS = """
+SELECT n.nspname, has_schema_privilege('public', n.oid, 'USAGE') FROM pg_namespace n
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_%%' AND n.nspname <> %(own)s
+  AND EXISTS (SELECT FROM pg_extension e WHERE e.extnamespace = n.oid)
+  AND NOT EXISTS (SELECT FROM pg_class c WHERE c.relnamespace = n.oid
+                  AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') AND NOT EXISTS (
+                  SELECT FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e'))
+  AND NOT EXISTS (SELECT FROM pg_proc p WHERE p.pronamespace = n.oid AND NOT EXISTS (
+                  SELECT FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e'))
+ORDER BY 1
 """
-_FOREIGN_SCHEMAS = f"""
-SELECT n.nspname FROM pg_namespace n WHERE {_NOT_SYSTEM}
-  AND pg_get_userbyid(n.nspowner) NOT IN (%s, 'pg_database_owner')
+# Schemas anyone may create in (PUBLIC CREATE: the PG <= 14 default on public).
+_OPEN_SCHEMAS = """
+SELECT nspname FROM pg_namespace WHERE nspname NOT IN ('pg_catalog', 'information_schema')
+  AND nspname NOT LIKE 'pg\\_%%' AND nspname <> %s
+  AND has_schema_privilege('public', oid, 'CREATE') ORDER BY 1
 """
 
 
 def ensure_sql(ctx: Context, progress: Progress, mode: str) -> dict[str, Any]:
-    url, wt_id = admin_url(ctx), ctx.worktree.id
+    url, wt_id, recorded = admin_url(ctx), ctx.worktree.id, ctx.recorded("postgres")
     # A recorded name wins: names made before they left room for `test_` stay as they are.
-    name = ctx.recorded("postgres").get("name") or names.identifier(wt_id)
-    password = ctx.recorded("postgres").get("password") or names.new_password()
+    name = recorded.get("name") or names.identifier(wt_id)
+    password = recorded.get("password") or names.new_password()
     createdb = ctx.config.postgres.createdb
     with server.connect(url) as conn:
         needs: tuple[str, ...] = ("CREATEROLE", "CREATE") if mode == "schema" \
             else ("CREATEROLE", "CREATEDB")
         needs += ("CREATEDB",) if createdb and mode == "schema" else ()
         superuser = server.require(conn, *needs)
-        dbname = conn.info.dbname if mode == "schema" else name
+        if mode == "schema":
+            _refuse_open_schemas(conn, name)
+        dbname = recorded.get("database") or (conn.info.dbname if mode == "schema" else name)
         record_intent(ctx, mode=mode, name=name, admin_url=url, database=dbname,
                       password=password)
+        kept: list[str] = recorded.get("kept_owners", [])
         try:
             # Every name first: a conflict anywhere means nothing at all is created.
             ours = server.claim_all(conn, name, wt_id, ("role", mode))
             role = server.role_statements(name, wt_id, password, "role" in ours, superuser,
                                           createdb)
             if mode == "schema":
-                server.batch(conn, role + _schema_statements(name, wt_id, "schema" in ours))
+                visible = _extension_schemas(conn, name, progress)
+                server.batch(conn, role + _schema_statements(
+                    name, wt_id, "schema" in ours, dbname, visible))
             else:
                 server.batch(conn, role)
-                _ensure_database(ctx, conn, name, ours.get("database"), progress)
+                handed = _ensure_database(ctx, conn, name, ours.get("database"), progress)
+                kept = kept if handed is None else handed
         except psycopg.Error as exc:
             raise server.translate(exc, f"provisioning Postgres {mode} {name}") from exc
         server.remember(ctx.paths, url)
         return {"mode": mode, "name": name, "host": conn.info.host, "port": conn.info.port,
                 "user": name, "database": dbname, "password": password, "admin_url": url,
-                "complete": True}
+                "kept_owners": kept, "complete": True}
 
 
-def _schema_statements(name: str, wt_id: str, exists: bool) -> list[sql.Composable]:
-    create = [] if exists else [sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(
-        sql.Identifier(name), sql.Identifier(name))]
-    return [*create, server.mark("schema", name, wt_id)]
+def _extension_schemas(conn: psycopg.Connection[Any], name: str, progress: Progress
+                       ) -> list[str]:
+    """Schemas holding only extensions that every role may use: they join the search path."""
+    rows = conn.execute(_EXTENSION_SCHEMAS, {"own": name}).fetchall()
+    for schema, _ in (row for row in rows if not row[1]):
+        progress("postgres", f"schema {schema} holds only extensions but PUBLIC may not use "
+                 f"it, so the worktree cannot: GRANT USAGE ON SCHEMA {schema} TO PUBLIC "
+                 "lets it (devd does not change privileges on what it did not make)")
+    return [schema for schema, usable in rows if usable]
+
+
+def _refuse_open_schemas(conn: psycopg.Connection[Any], name: str) -> None:
+    """A schema anyone may create in would let the worktree write next to the app's tables."""
+    open_schemas = [row[0] for row in conn.execute(_OPEN_SCHEMAS, (name,))]
+    if open_schemas:
+        fix = " ".join(f"REVOKE CREATE ON SCHEMA {sql.Identifier(s).as_string(conn)} FROM "
+                       "PUBLIC;" for s in open_schemas)
+        raise DevdError(
+            f"schema mode cannot isolate this database: every role may create objects in "
+            f"{', '.join(open_schemas)} (the PostgreSQL <= 14 default for public), so a "
+            "worktree could write beside the app's tables",
+            f"as the database owner: {fix} (or use mode = \"database\")", code="postgres_privilege")
+
+
+def _schema_statements(name: str, wt_id: str, exists: bool, dbname: str,
+                       visible: list[str]) -> list[sql.Composable]:
+    """The schema, its marker, and a search path of only it (and extension-only schemas):
+    unqualified names never reach the app's own tables in public."""
+    ident = sql.Identifier(name)
+    create = [] if exists else [sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(ident, ident)]
+    path = sql.SQL(", ").join(sql.Identifier(s) for s in [name, *visible])
+    return [*create, server.mark("schema", name, wt_id),
+            sql.SQL("ALTER ROLE {} IN DATABASE {} SET search_path = {}").format(
+                ident, sql.Identifier(dbname), path)]
 
 
 def _ensure_database(ctx: Context, conn: psycopg.Connection[Any], name: str,
-                     marked: bool | None, progress: Progress) -> None:
-    """`marked`: None if absent, False if ours but unmarked (a crash after the clone)."""
+                     marked: bool | None, progress: Progress) -> list[str] | None:
+    """`marked`: None if absent, False if ours but unmarked (a crash after the clone).
+    Returns what the hand-over had to leave with another owner (None if none ran)."""
     wt_id, template = ctx.worktree.id, ctx.config.postgres.template
     if marked is None:
         progress("postgres", f"creating database {name}"
                  + (f" from template {template}" if template else ""))
         _create_database(ctx, conn, name)  # cannot share a transaction with anything
+    kept = None
     if template and not marked:
         # Before the marker: a crash in between is seen (unmarked) and finished next time.
-        _hand_over(ctx, name)
+        kept = _hand_over(ctx, name, progress)
     ident = sql.Identifier(name)
     # Other worktrees' roles may not even connect: isolation by privilege, not by convention.
     server.batch(conn, [
         server.mark("database", name, wt_id),
         sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(ident),
         sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(ident, ident)])
+    return kept
 
 
 def _create_database(ctx: Context, conn: psycopg.Connection[Any], name: str) -> None:
@@ -142,16 +184,17 @@ def describe_sessions(ctx: Context, sessions: list[server.Session]) -> list[str]
     return texts
 
 
-def _hand_over(ctx: Context, name: str) -> None:
-    """Give the clone's schemas and relations to the worktree role (the template's owner
-    may be a superuser, whose objects REASSIGN OWNED cannot move)."""
+def _hand_over(ctx: Context, name: str, progress: Progress) -> list[str]:
+    """Give the clone's objects to the worktree role, in one transaction; say what stays."""
     with server.connect(admin_url(ctx), dbname=name) as conn:
-        for (schema,) in conn.execute(_FOREIGN_SCHEMAS, (name,)).fetchall():
-            conn.execute(sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(
-                sql.Identifier(schema), sql.Identifier(name)))
-        for relkind, schema, rel in conn.execute(_FOREIGN_RELATIONS, (name,)).fetchall():
-            conn.execute(sql.SQL("ALTER {} {} OWNER TO {}").format(
-                sql.SQL(_ALTER[relkind]), sql.Identifier(schema, rel), sql.Identifier(name)))
+        steps = handover.plan(conn, name)
+        progress("postgres", f"handing {len(steps.statements)} objects over to role {name}")
+        handover.apply(conn, steps)
+    if steps.kept:
+        progress("postgres", "kept by their owners (no ALTER ... OWNER for them): "
+                 f"{', '.join(steps.kept)}; the worktree may use them but not ALTER, DROP or "
+                 "UPDATE them")
+    return steps.kept
 
 
 # A server that did not answer is not asked again for a while: `devd status` checks every
