@@ -180,6 +180,11 @@ def test_a_failed_postgres_step_never_leaves_a_path_to_mains_database(
     ran = devd.run("run", "--path", str(tree), "--", sys.executable, "-c", probe,
                    env={"DATABASE_URL": MAIN_URL, "PGHOST": "main-host"})
     assert "devd-postgres-failed" in ran.stdout and "shop_dev" not in ran.stdout
+    pg_js = ("new (require('pg').Client)({connectionString: process.env.DATABASE_URL})"
+             ".connect().catch(e => console.log(e.message))")
+    ran = devd.run("run", "--path", str(tree), "--", "node", "-e", pg_js,
+                   env={"NODE_PATH": str(node_modules)})
+    assert "ENOTFOUND devd-postgres-failed" in ran.stdout, ran.stdout
     entry = devd.worktree(tree)
     states = {r["kind"]: (r["state"], r["detail"]) for r in entry["resources"]}
     assert states["postgres"][0] == "failed"
@@ -298,3 +303,18 @@ def test_modes_of_copies_keep_only_owner_bits(devd: Devd, repo: Repo) -> None:
     assert stat.S_IMODE((tree / ".env.local").stat().st_mode) == 0o700
     assert subprocess.run(["git", "-C", str(tree), "status", "--porcelain"],
                           capture_output=True, text=True, check=True).stdout == ""
+
+
+@pytest.mark.xfail(reason="git.resolve splits git's output on newlines (issue 10 item 2, the "
+                   "paths work): devd may resolve the newline path to its first line")
+def test_a_newline_in_the_worktree_path_writes_nothing_outside_it(devd: Devd, repo: Repo,
+                                                                  tmp_path: Path) -> None:
+    victim = repo.main.parent / "victim"
+    victim.mkdir()
+    tree = repo.worktree("victim\nwt", "nl")
+    result = devd.run("provision", str(tree), check=False)
+    assert list(victim.iterdir()) == [], "devd wrote into a directory that is not the worktree"
+    assert str(victim) not in [w["path"] for w in devd.status()["worktrees"]]
+    if result.returncode == 0:
+        values = envloaders.shell("sh", tree / ".env", tmp_path)
+        assert "DEVD_WORKTREE" not in values  # refused: no spelling holds a newline
