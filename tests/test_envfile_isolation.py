@@ -114,6 +114,8 @@ def test_a_name_no_spelling_fits_fails_loudly_and_writes_the_rest(devd: Devd, re
         values = envloaders.shell(name, tree / ".env", tmp_path)
         assert "DEVD_WORKTREE" not in values and values["PORT"].isdigit()
     assert not list(tmp_path.glob("pwned*"))
+    printed = devd.run("env", str(tree), "--format", "dotenv", check=False)
+    assert printed.returncode == 1 and "DEVD_WORKTREE" in printed.stderr and not printed.stdout
     # The environment itself stays exact: no .env quoting is involved.
     assert json.loads(devd.run("env", str(tree), "--format", "json").stdout)[
         "DEVD_WORKTREE"] == str(tree)
@@ -233,6 +235,23 @@ def test_a_pending_postgres_step_already_has_failing_placeholders(
     wait_for(lambda: devd.worktree(tree)["state"] == "failed", timeout=60,
              what="provision to fail")
     assert "devd-postgres-failed" in (tree / ".env").read_text()
+
+
+def test_postgres_added_after_provisioning_gets_placeholders_until_provisioned(
+        devd: Devd, repo: Repo) -> None:
+    write_main_env(repo)
+    tree = repo.worktree("shop-n", "n")
+    devd.run("provision", str(tree))
+    assert "shop_dev" in (tree / ".env").read_text()  # no [postgres]: main's URL is the app's
+    (tree / "devd.toml").write_text('[postgres]\nmode = "schema"\n')  # the branch adds it
+    shown = devd.run("env", str(tree), "--format", "json")
+    assert "devd-postgres-not-provisioned" in json.loads(shown.stdout)["DATABASE_URL"]
+    assert "devd: warning: this worktree's Postgres is not-provisioned" in shown.stderr
+    envfile = [r for r in devd.worktree(tree)["resources"] if r["kind"] == "envfile"][0]
+    assert envfile["state"] == "failed" and "DATABASE_URL at .env:2" in envfile["detail"]
+    result = devd.run("provision", str(tree), check=False)  # no server: fails, but cleans
+    assert result.returncode == 1
+    assert "shop_dev" not in (tree / ".env").read_text() + (tree / ".env.local").read_text()
 
 
 def test_user_files_are_reported_not_rewritten(devd: Devd, repo: Repo) -> None:
