@@ -16,7 +16,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from devd import dotenv, git
 from devd.errors import ConfigError, DevdError, OwnershipConflict
@@ -58,11 +58,15 @@ class EnvFileProvisioner(Provisioner):
         detail = {"file": str(target), "created": created, "copies": copies,
                   "ignored": git.is_ignored(wt, rel)}
         if refused:
-            # Keep the record (teardown needs it), then fail naming each refused key.
-            ctx.registry.set_resource(ctx.worktree.id, self.kind, "pending", detail)
-            raise DevdError("; ".join(e.message for e in refused), refused[0].hint,
-                            code="env_value")
+            self._refuse(ctx, detail, refused)
         return detail
+
+    def _refuse(self, ctx: Context, detail: dict[str, Any], refused: list[DevdError]
+                ) -> NoReturn:
+        """Keep the record (teardown needs it), then fail naming each refused key."""
+        ctx.registry.set_resource(ctx.worktree.id, self.kind, "pending", detail)
+        raise DevdError("; ".join(e.message for e in refused), refused[0].hint,
+                        code="env_value")
 
     def _copy(self, ctx: Context, progress: Progress, managed: Callable[[str], bool]
               ) -> dict[str, Any]:
