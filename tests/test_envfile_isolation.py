@@ -153,6 +153,8 @@ def test_a_failed_postgres_step_never_leaves_a_path_to_mains_database(
     tree = repo.worktree("shop-a", "a")
     result = devd.run("provision", str(tree), check=False)
     assert result.returncode == 1 and "cannot connect to Postgres" in result.stderr
+    # devd's own block (the copied .env is also [env] file) is never taken for a copy's line.
+    assert "removed the main worktree's DEVD_WORKTREE" not in result.stderr
     env_file, local = tree / ".env", tree / ".env.local"
     for path in (env_file, local):
         text = path.read_text()

@@ -172,9 +172,14 @@ def neutralise_copy(target: Path, rel: str, managed: Callable[[str], bool]) -> l
     if not envguard.is_dotenv_name(rel) or target.is_symlink() or not target.is_file():
         return []
     text = target.read_text(encoding="utf-8", errors="surrogateescape")
-    new, removed = dotenv.neutralise(text, managed, _removed_comment)
+    found = _BLOCK.search(text)  # the copy may be [env] file: devd's block is not a copy's
+    parts = [text[:found.start()], found[0], text[found.end():]] if found else [text]
+    removed: list[str] = []
+    for index in range(0, len(parts), 2):
+        parts[index], keys = dotenv.neutralise(parts[index], managed, _removed_comment)
+        removed += keys
     if removed:
-        _write_atomic(target, new)
+        _write_atomic(target, "".join(parts))
     return removed
 
 
