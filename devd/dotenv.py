@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterator
 from devd.errors import DevdError
 
 _BARE = re.compile(r"^[A-Za-z0-9_./:@,+=-]*$")
-# A line defining KEY as any common loader reads it: `KEY=`, `export KEY =`, node's `KEY: `.
-_ASSIGN = re.compile(r"^[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_.-]*)(?:[ \t]*=|:[ \t])")
+# A line defining KEY as any common loader reads it: `KEY=`, `export KEY =`, python-dotenv's
+# `'KEY'=`, node's `KEY: value`, Compose v2's `KEY:value`.
+_ASSIGN = re.compile(r"^[ \t]*(?:export[ \t]+)?'?([A-Za-z_][A-Za-z0-9_.-]*)'?[ \t]*[=:]")
 # JavaScript line terminators: node's dotenv ends a line at these (and at \n, \r).
 _LINE_ENDS = {"\x85", "\u2028", "\u2029"}
 

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 from pgsupport import IMAGE, docker_client, unavailable
@@ -99,15 +100,20 @@ def compose_config(paths: list[Path], project: Path) -> dict[Path, dict[str, str
 
 def compose_run(paths: list[Path], project: Path, index: int) -> dict[str, str]:
     """The environment a container of service `index` really gets (compose run; env -0)."""
-    docker_client()
+    try:
+        docker_client().images.get(IMAGE)
+    except Exception as exc:  # noqa: BLE001 - not there, or the engine refuses: unavailable
+        unavailable(f"image {IMAGE} is not present (set DEVD_TEST_POSTGRES_IMAGE): {exc}")
     _compose_file(paths, project)
-    base = ["docker-compose", "--project-directory", str(project), "-p", project.name.lower(),
+    name = f"devd-envtest-{uuid.uuid4().hex[:8]}"  # parallel sessions share one engine
+    base = ["docker-compose", "--project-directory", str(project), "-p", name,
             "-f", str(project / "docker-compose.yml")]
     try:
         out = subprocess.run([*base, "run", "--rm", "-T", "--entrypoint", "env", f"s{index}",
-                              "-0"], capture_output=True, check=True, timeout=120)
+                              "-0"], capture_output=True, check=False, timeout=120)
     finally:
         subprocess.run([*base, "down"], capture_output=True, check=False, timeout=120)
+    assert out.returncode == 0, out.stderr.decode(errors="replace")
     pairs = (item.split(b"=", 1) for item in out.stdout.split(b"\0") if b"=" in item)
     return {k.decode(): v.decode() for k, v in pairs}
 

@@ -94,10 +94,14 @@ def test_hostile_worktree_names_read_back_through_every_loader(
         expected = json.loads(devd.run("env", str(tree), "--format", "json").stdout)
         assert expected["DEVD_WORKTREE"] == str(tree)
         assert_agree(read[path], expected)
-    # A container started by Compose 1.29 gets the same bytes.
-    index = HOSTILE.index("$(touch pwned)")
-    container = envloaders.compose_run(files, tmp_path / "compose-run", index)
-    assert container["DEVD_WORKTREE"] == str(trees[index])
+
+
+def test_a_compose_container_gets_the_same_bytes(devd: Devd, repo: Repo, tmp_path: Path
+                                                 ) -> None:
+    tree = repo.worktree("`touch pwned` $(touch pwned) \\ \"q\"", "c")
+    devd.run("provision", str(tree))
+    container = envloaders.compose_run([tree / ".env"], tmp_path / "compose-run", 0)
+    assert container["DEVD_WORKTREE"] == str(tree)
 
 
 def test_a_name_no_spelling_fits_fails_loudly_and_writes_the_rest(devd: Devd, repo: Repo,
@@ -126,12 +130,12 @@ def test_a_name_no_spelling_fits_fails_loudly_and_writes_the_rest(devd: Devd, re
 
 def test_neutralise_handles_export_spaces_twice_and_multi_line_values() -> None:
     text = ("A=1\nexport  PORT = 3000\nPORT=3001\nKEEP='x\ny'\nDATABASE_URL=\"a\nb\"\n"
-            "PORT: 3002\n# PORT=comment\nZ=2\n")
-    new, removed = dotenv.neutralise(text, {"PORT", "DATABASE_URL"}.__contains__,
-                                     lambda key: f"# {key} removed")
-    assert removed == ["PORT", "PORT", "DATABASE_URL", "PORT"]
+            "PORT: 3002\n# PORT=comment\nZ=2\n'PGHOST'=h\nPGPORT:1\n")
+    new, removed = dotenv.neutralise(text, {"PORT", "DATABASE_URL", "PGHOST", "PGPORT"}
+                                     .__contains__, lambda key: f"# {key} removed")
+    assert removed == ["PORT", "PORT", "DATABASE_URL", "PORT", "PGHOST", "PGPORT"]
     assert new == ("A=1\n# PORT removed\n# PORT removed\nKEEP='x\ny'\n# DATABASE_URL removed\n"
-                   "# PORT removed\n# PORT=comment\nZ=2\n")
+                   "# PORT removed\n# PORT=comment\nZ=2\n# PGHOST removed\n# PGPORT removed\n")
 
 
 def write_main_env(repo: Repo) -> None:
