@@ -256,7 +256,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_env(client: Client, args: argparse.Namespace) -> int:
-    env = _env_of(client, _abspath(args.path))
+    env = _env_reply(client, _abspath(args.path))["env"]
     if args.format == "json":
         _print_json(env)
     elif args.format == "dotenv":
@@ -273,20 +273,20 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
     if not argv:
         raise UsageError("no command given", "usage: devd run [--path P] -- CMD [ARG...]")
     path = _abspath(args.path)
-    env = _env_of(client, path)
+    result = _env_reply(client, path)
     from devd.watchers.run import run
 
     # Preflight warning on the watch budget, then exec with the output scanned for breaks.
-    return run(client, path, argv, {**os.environ, **env})
+    return run(client, path, argv, {**os.environ, **result["env"]})
 
 
-def _env_of(client: Client, path: str) -> dict[str, str]:
-    """The worktree's variables; what is wrong with them (a database that is not ready and
-    so points nowhere) goes to stderr, one line each, where it never mixes with the output."""
-    reply = client.call("env", {"path": path})
+def _env_reply(client: Client, path: str) -> dict[str, Any]:
+    """The `env` reply; what is wrong with the variables (a database that is not ready, so
+    they point nowhere) goes to stderr, one line each, where it never mixes with output."""
+    reply: dict[str, Any] = client.call("env", {"path": path})
     for warning in reply.get("warnings", []):
         print(safe(f"devd: warning: {warning}"), file=sys.stderr, flush=True)
-    return dict(reply["env"])
+    return reply
 
 
 def cmd_watchers(client: Client, args: argparse.Namespace) -> int:
