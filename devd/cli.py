@@ -277,7 +277,16 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
     from devd.watchers.run import run
 
     # Preflight warning on the watch budget, then exec with the output scanned for breaks.
-    return run(client, path, argv, {**os.environ, **result["env"]})
+    return run(client, path, argv, with_caller(result["env"]))
+
+
+def with_caller(env: dict[str, str]) -> dict[str, str]:
+    """The caller's environment under devd's. With a database of devd's, the caller's other
+    PG* go: PGHOSTADDR, PGSERVICE or PGPASSFILE from the main worktree's shell would lead
+    libpq to another server whatever DATABASE_URL says."""
+    drop = "DATABASE_URL" in env
+    kept = {k: v for k, v in os.environ.items() if not (drop and k.startswith("PG"))}
+    return kept | env
 
 
 def _env_reply(client: Client, path: str) -> dict[str, Any]:

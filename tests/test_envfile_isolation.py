@@ -185,9 +185,12 @@ def test_a_failed_postgres_step_never_leaves_a_path_to_mains_database(
     assert len(warnings) == 1 and "Postgres is failed" in warnings[0], shown.stderr
     probe = ("import os, psycopg\ntry:\n psycopg.connect(os.environ['DATABASE_URL'], "
              "connect_timeout=10)\nexcept psycopg.OperationalError as e:\n print(e)")
-    ran = devd.run("run", "--path", str(tree), "--", sys.executable, "-c", probe,
-                   env={"DATABASE_URL": MAIN_URL, "PGHOST": "main-host"})
+    caller = {"DATABASE_URL": MAIN_URL, "PGHOST": "main-host", "PGHOSTADDR": "127.0.0.1",
+              "PGSERVICE": "main"}  # the main worktree's shell
+    ran = devd.run("run", "--path", str(tree), "--", sys.executable, "-c", probe, env=caller)
     assert "devd-postgres-failed" in ran.stdout and "shop_dev" not in ran.stdout
+    seen = devd.run("run", "--path", str(tree), "--", "env", env=caller).stdout
+    assert "PGHOSTADDR=" not in seen and "PGSERVICE=" not in seen
     pg_js = ("new (require('pg').Client)({connectionString: process.env.DATABASE_URL})"
              ".connect().catch(e => console.log(e.message))")
     ran = devd.run("run", "--path", str(tree), "--", "node", "-e", pg_js,
