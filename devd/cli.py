@@ -268,7 +268,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_env(client: Client, args: argparse.Namespace) -> int:
-    env = client.call("env", {"path": _abspath(args.path)})["env"]
+    env = _env_reply(client, _abspath(args.path))["env"]
     if args.format == "json":
         _print_json(env)
     elif args.format == "dotenv":
@@ -285,11 +285,11 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
     if not argv:
         raise UsageError("no command given", "usage: devd run [--path P] -- CMD [ARG...]")
     path = _abspath(args.path)
-    result = client.call("env", {"path": path})
+    result = _env_reply(client, path)
     from devd.watchers.run import run
 
     # Preflight warning on the watch budget, then exec with the output scanned for breaks.
-    return run(client, path, argv, {**os.environ, **result["env"]},
+    return run(client, path, argv, with_caller(result["env"]),
                run_dir(Path(result["worktree"])))
 
 
@@ -303,6 +303,24 @@ def run_dir(root: Path) -> str:
     except OSError:  # the caller's directory was deleted
         return str(root)
     return str(here) if inside(here, root) else str(root)
+
+
+def with_caller(env: dict[str, str]) -> dict[str, str]:
+    """The caller's environment under devd's. With a database of devd's, the caller's other
+    PG* go: PGHOSTADDR, PGSERVICE or PGPASSFILE from the main worktree's shell would lead
+    libpq to another server whatever DATABASE_URL says."""
+    drop = "DATABASE_URL" in env
+    kept = {k: v for k, v in os.environ.items() if not (drop and k.startswith("PG"))}
+    return kept | env
+
+
+def _env_reply(client: Client, path: str) -> dict[str, Any]:
+    """The `env` reply; what is wrong with the variables (a database that is not ready, so
+    they point nowhere) goes to stderr, one line each, where it never mixes with output."""
+    reply: dict[str, Any] = client.call("env", {"path": path})
+    for warning in reply.get("warnings", []):
+        print(safe(f"devd: warning: {warning}"), file=sys.stderr, flush=True)
+    return reply
 
 
 def cmd_watchers(client: Client, args: argparse.Namespace) -> int:

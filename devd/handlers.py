@@ -15,7 +15,7 @@ from devd import __version__, git, instance, leftovers, naming, owners, processe
 from devd.errors import DevdError, NotRegistered, ProtocolError, ProvisionFailed, UsageError
 from devd.paths import Paths
 from devd.postgres import provisioner as postgres
-from devd.provisioners import Context, Progress, Provisioner, deps
+from devd.provisioners import Context, Progress, Provisioner, deps, envguard
 from devd.provisioners.deps import DepsProvisioner
 from devd.provisioners.dirs import DirsProvisioner
 from devd.provisioners.envfile import EnvFileProvisioner
@@ -40,9 +40,11 @@ def _quiet(phase: str, message: str, **extra: Any) -> None:
 
 def default_provisioners() -> list[Provisioner]:
     """In provisioning order. The env file follows everything that exports variables; deps
-    export none and can take minutes, so they come after it and the .env is ready at once."""
-    return [PortsProvisioner(), DirsProvisioner(), postgres.PostgresProvisioner(),
-            EnvFileProvisioner(), DepsProvisioner()]
+    export none and can take minutes, so they come after it and the .env is ready at once.
+    A first provision also writes it before Postgres (with placeholders that fail), so the
+    copies are never without devd's block while a database is being made."""
+    return [PortsProvisioner(), DirsProvisioner(), EnvFileProvisioner(early=True),
+            postgres.PostgresProvisioner(), EnvFileProvisioner(), DepsProvisioner()]
 
 
 class Service:
@@ -177,7 +179,8 @@ class Service:
             raise DevdError(f"worktree {wt.path} is not ready ({why.rstrip(': ')})",
                             "wait for it (`devd wait`), or fix the cause and run "
                             f"`devd provision {wt.path}`", code="not_ready")
-        return {"worktree": str(wt.path), "env": self.environment(wt)}
+        env, warnings = self.environment(wt)
+        return {"worktree": str(wt.path), "env": env, "warnings": warnings}
 
     def do_ports(self, progress: Progress) -> list[dict[str, Any]]:
         by_id = {wt.id: wt for wt in self.registry.worktrees()}
@@ -383,13 +386,16 @@ class Service:
             self._configs[key] = config
         return config
 
-    def environment(self, wt: Worktree) -> dict[str, str]:
+    def environment(self, wt: Worktree) -> tuple[dict[str, str], list[str]]:
+        """The worktree's variables, and warnings for a person (on stderr in the CLI)."""
         ctx = self.context(wt, strict=False)
         for resource in self.registry.resources(wt.id):
             provisioner = self._by_kind.get(resource.kind)
             if provisioner and resource.state == "ready":
                 ctx.env.update(provisioner.env(ctx, resource.detail))
-        return ctx.env
+        # No ready database: placeholders that fail, never the caller's or main's PG*.
+        placeholders, warning = envguard.postgres_guard(ctx, ctx.env)
+        return ctx.env | placeholders, [warning] if warning else []
 
     # -- discovery -------------------------------------------------------------
 

@@ -267,8 +267,10 @@ def _add_worktree(repo: Path, path: Path, branch: str) -> None:
 
 def _start_provisioning(client: Client, path: Path, say: Say) -> None:
     """Register and provision in the background; wait only for the copied files (.env,
-    .worktreeinclude), which the agent may read at once. A daemon problem never fails the
-    create: the worktree exists, and `devd provision` can finish the job."""
+    .worktreeinclude), which the agent may read at once. devd writes them, with its block,
+    before a Postgres step (whose values are placeholders that fail until it is ready), so
+    this wait never includes a database clone. A daemon problem never fails the create:
+    the worktree exists, and `devd provision` can finish the job."""
     try:
         client.call("provision", {"path": str(path), "background": True} | caller_overrides())
         wait_until(client, path, 30.0, _files_copied)

@@ -191,20 +191,40 @@ class CacheConfig(_Section):
 
 
 class EnvConfig(_Section):
+    """[env]: files copied from the main worktree, where devd's block goes, and the extra
+    keys whose main-worktree value a copy must not carry (NAME, or PREFIX* for a family)."""
+
     copy_files: list[str] = Field(default=[".env", ".env.local"], alias="copy")
     file: str = ".env"
+    managed: list[str] = []
 
     @field_validator("copy_files")
     @classmethod
     def _relative(cls, files: list[str]) -> list[str]:
         for name in files:
-            _check_relative(name)
+            _check_env_path(name)
         return files
 
     @field_validator("file")
     @classmethod
     def _relative_file(cls, name: str) -> str:
-        return _check_relative(name)
+        return _check_env_path(name)
+
+    @field_validator("managed")
+    @classmethod
+    def _valid_keys(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _ENV_NAME.match(name.removesuffix("*")):
+                raise ValueError(f"{name!r} is not a variable name (or a PREFIX* pattern)")
+        return names
+
+
+def _check_env_path(name: str) -> str:
+    """A path inside the worktree and outside git's own directory (any case: macOS)."""
+    _check_relative(name)
+    if any(part.casefold() == ".git" for part in Path(name).parts):
+        raise ValueError(f"{name!r} lies in .git; devd writes only the worktree's own files")
+    return name
 
 
 class PostgresConfig(_Section):

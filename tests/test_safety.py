@@ -110,7 +110,7 @@ def test_dotenv_values_read_back_exactly(devd: Devd, make_repo) -> None:
     from dotenv import dotenv_values
 
     odd = make_repo("odd $HOME 'q' dir")
-    tree = odd.worktree("odd $x 'it' ü", "a")
+    tree = odd.worktree("odd $x (it) ü", "a")
     devd.run("provision", str(tree))
     expected = json.loads(devd.run("env", str(tree), "--format", "json").stdout)
     parsed = dotenv_values(tree / ".env", interpolate=False)

@@ -1,6 +1,10 @@
 """The worktree's .env: copies of the main worktree's ignored files, plus devd's own block.
 
-devd writes only between its two marker lines; every other line is the user's.
+devd writes only between its two marker lines; every other line is the user's, except in the
+files devd copied from the main worktree, where each line defining a managed key (see
+envguard.py) is replaced by a comment: the main worktree's DATABASE_URL or PORT must never be
+what a worktree's app reads. Every file devd writes is private to the user (no group or other
+permissions): the block and the copies hold secrets.
 """
 
 from __future__ import annotations
@@ -10,45 +14,106 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from devd import dotenv, git
-from devd.errors import OwnershipConflict
+from devd.errors import ConfigError, DevdError, OwnershipConflict
+from devd.provisioners import envguard
 from devd.provisioners.base import Context, Health, Progress, Provisioner
+from devd.provisioners.envguard import BEGIN, END, inside
 
-BEGIN = "# >>> devd: managed block, rewritten by `devd provision`; edit outside it >>>"
-END = "# <<< devd <<<"
 _BLOCK = re.compile(rf"^{re.escape(BEGIN)}\n.*?^{re.escape(END)}\n?", re.M | re.S)
 INCLUDE_FILE = ".worktreeinclude"
+PRIVATE = 0o700  # the permission bits devd keeps on what it writes: the owner's only
 
 
 class EnvFileProvisioner(Provisioner):
+    """The .env block and the copies. An `early` instance runs before Postgres (which can
+    take a while) on a first provision, so the copies and a block with placeholders exist
+    at once (Claude Code's create hook waits for them); the last instance writes the truth."""
+
     kind = "envfile"
 
+    def __init__(self, early: bool = False) -> None:
+        self.early = early
+
+    def applies(self, ctx: Context) -> bool:
+        if not self.early:
+            return True
+        target = ctx.worktree.path / ctx.config.env.file
+        return envguard.has_postgres(ctx) and not _has_block(target)
+
     def ensure(self, ctx: Context, progress: Progress) -> dict[str, Any]:
+        wt, rel = ctx.worktree.path, ctx.config.env.file
+        target = inside(wt, rel)
+        refuse_tracked(wt, rel, "[env] file")
+        placeholders, warning = envguard.postgres_guard(ctx, ctx.env, pending=self.early)
+        env = ctx.env | placeholders
+        if warning:
+            progress("envfile", warning)
+        copies = self._copy(ctx, progress, envguard.managed_keys(ctx, env))
+        created, refused = write_block(target, env)
+        detail = {"file": str(target), "created": created, "copies": copies,
+                  "ignored": git.is_ignored(wt, rel)}
+        if refused:
+            self._refuse(ctx, detail, refused)
+        return detail
+
+    def _refuse(self, ctx: Context, detail: dict[str, Any], refused: list[DevdError]
+                ) -> NoReturn:
+        """Keep the record (teardown needs it), then fail naming each refused key."""
+        ctx.registry.set_resource(ctx.worktree.id, self.kind, "pending", detail)
+        raise DevdError("; ".join(e.message for e in refused), refused[0].hint,
+                        code="env_value")
+
+    def _copy(self, ctx: Context, progress: Progress, managed: Callable[[str], bool]
+              ) -> dict[str, Any]:
+        """Copy what is missing, then neutralise managed keys in every copy devd made."""
         wt, main = ctx.worktree.path, ctx.worktree.repo_main_path
         # Keep the records of earlier copies: drift is measured against the first copy.
         copies: dict[str, Any] = dict(ctx.recorded(self.kind).get("copies", {}))
-        if wt != main:
-            for rel in files_to_copy(ctx):
-                record = copy_if_missing(main / rel, inside(wt, rel))
-                if record:
-                    progress("envfile", f"copied {rel} from the main worktree")
-                    copies[rel] = record
-        target = inside(wt, ctx.config.env.file)
-        created = write_block(target, ctx.env)
-        ignored = git.is_ignored(wt, ctx.config.env.file)
-        return {"file": str(target), "created": created, "copies": copies, "ignored": ignored}
+        if wt == main:
+            return copies
+        for rel in files_to_copy(ctx):
+            record = copy_if_missing(main / rel, inside(wt, rel))
+            if record:
+                progress("envfile", f"copied {rel} from the main worktree")
+                copies[rel] = record
+        for rel in copies:
+            removed = neutralise_copy(inside(wt, rel), rel, managed)
+            if removed:
+                progress("envfile", f"removed the main worktree's {', '.join(removed)} "
+                         f"from {rel}: devd's values apply")
+        return copies
 
     def check(self, ctx: Context, detail: dict[str, Any]) -> Health:
-        drifted = [rel for rel, record in detail.get("copies", {}).items()
+        copies = detail.get("copies", {})
+        drifted = [rel for rel, record in copies.items()
                    if has_drifted(ctx.worktree.repo_main_path / rel, record)]
         notes = [f"main worktree's copy changed: {', '.join(drifted)}"] if drifted else []
         if detail.get("ignored") is False:
             # An untracked .env makes the worktree dirty: `git worktree remove` then refuses.
             notes.append(f"{Path(detail['file']).name} is not in .gitignore: add it there")
-        return Health(True, "; ".join(notes), {"drift": drifted})
+        warning = envguard.postgres_note(ctx)
+        if warning:
+            notes.append(warning)
+        shadowed = self._shadowed(ctx, detail, copies)
+        if shadowed:
+            notes.append(envguard.describe_shadowing(shadowed, ctx.config.env.file))
+        return Health(not shadowed, "; ".join(notes), {"drift": drifted, "shadowed": shadowed})
+
+    def _shadowed(self, ctx: Context, detail: dict[str, Any], copies: dict[str, Any]
+                  ) -> list[dict[str, Any]]:
+        target = Path(detail.get("file", ctx.worktree.path / ctx.config.env.file))
+        try:
+            text = target.read_text(encoding="utf-8", errors="surrogateescape")
+        except OSError:
+            text = ""
+        files = [*envguard.DEV_FILES, ctx.config.env.file, *copies,
+                 *ctx.config.env.copy_files]
+        return envguard.shadowing(ctx, files, target, envguard.block_keys(text))
 
     def check_teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
         self._readable(ctx, detail)
@@ -77,8 +142,11 @@ class EnvFileProvisioner(Provisioner):
 
 def files_to_copy(ctx: Context) -> list[str]:
     """[env] copy entries, plus the main worktree's ignored files matched by .worktreeinclude."""
-    wanted = list(ctx.config.env.copy_files)
-    main = ctx.worktree.repo_main_path
+    main, env = ctx.worktree.repo_main_path, ctx.config.env
+    wanted = list(env.copy_files)
+    if "copy_files" in env.model_fields_set:  # the defaults may be tracked: git has them
+        for rel in wanted:
+            refuse_tracked(main, rel, "[env] copy entry")
     if (main / INCLUDE_FILE).is_file():
         wanted += [rel for rel in _included(main) if rel not in wanted]
     return wanted
@@ -92,16 +160,13 @@ def _included(main: Path) -> list[str]:
     return sorted(ls(f"--exclude-from={main / INCLUDE_FILE}") & ls("--exclude-standard"))
 
 
-def inside(root: Path, rel: str) -> Path:
-    """root/rel, refusing a path that a symlinked directory leads out of root."""
-    path = root / rel
-    real_root = root.resolve()
-    if path.parent.resolve() != real_root and real_root not in path.parent.resolve().parents:
-        raise OwnershipConflict(
-            f"{path} leads outside {root} through a symlinked directory",
-            "devd writes only inside the worktree: replace the symlink with a real directory",
-        )
-    return path
+def refuse_tracked(worktree: Path, rel: str, what: str) -> None:
+    """devd writes only files git ignores: a tracked one would be committed, or break git."""
+    if git.run(worktree, "--literal-pathspecs", "ls-files", "-z", "--", rel):
+        raise ConfigError(f"{what} {rel!r} is tracked by git in {worktree}; devd will not "
+                          "write into a tracked file",
+                          "point it at an ignored file in devd.toml, e.g. [env] file = "
+                          "\".env.local\" (and add that to .gitignore)")
 
 
 def copy_if_missing(source: Path, target: Path) -> dict[str, Any] | None:
@@ -112,6 +177,27 @@ def copy_if_missing(source: Path, target: Path) -> dict[str, Any] | None:
     text = strip_block(source.read_bytes())
     _write_atomic(target, text.decode("utf-8", "surrogateescape"), like=source)
     return _fingerprint(source, text)
+
+
+def neutralise_copy(target: Path, rel: str, managed: Callable[[str], bool]) -> list[str]:
+    """Replace each definition of a managed key in a copied .env-style file by a comment."""
+    if not envguard.is_dotenv_name(rel) or target.is_symlink() or not target.is_file():
+        return []
+    text = target.read_text(encoding="utf-8", errors="surrogateescape")
+    found = _BLOCK.search(text)  # the copy may be [env] file: devd's block is not a copy's
+    parts = [text[:found.start()], found[0], text[found.end():]] if found else [text]
+    removed: list[str] = []
+    for index in range(0, len(parts), 2):
+        parts[index], keys = dotenv.neutralise(parts[index], managed, _removed_comment)
+        removed += keys
+    if removed:
+        _write_atomic(target, "".join(parts))
+    return removed
+
+
+def _removed_comment(key: str) -> str:
+    return (f"# {key}: the main worktree's value was removed by devd; this worktree gets "
+            "its own (see `devd env`)")
 
 
 def has_drifted(source: Path, record: dict[str, Any]) -> bool:
@@ -138,8 +224,16 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_block(target: Path, env: dict[str, str]) -> bool:
-    """Replace (or append) devd's block in `target`; True if devd created the file."""
+def _has_block(target: Path) -> bool:
+    try:
+        return BEGIN in target.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError:
+        return False
+
+
+def write_block(target: Path, env: dict[str, str]) -> tuple[bool, list[DevdError]]:
+    """Replace (or append) devd's block in `target`; returns whether devd created the file
+    and the values it refused to write (each left out of the block, named in a comment)."""
     if target.is_symlink():
         raise OwnershipConflict(
             f"{target} is a symlink (to {os.readlink(target)}); devd will not write through it",
@@ -148,14 +242,15 @@ def write_block(target: Path, env: dict[str, str]) -> bool:
     created = not target.exists()
     text = "" if created else target.read_text(encoding="utf-8", errors="surrogateescape")
     _check_block(target, text)
-    block = render_block(env)
+    lines, refused = dotenv.render_each(env)
+    block = "\n".join([BEGIN, *lines, END]) + "\n"
     if _BLOCK.search(text):
         new = _BLOCK.sub(lambda _: block, text, count=1)
     else:
         new = text + ("\n" if text and not text.endswith("\n") else "") + block
-    if new != text:
+    if new != text or _mode(target) & ~PRIVATE:
         _write_atomic(target, new)
-    return created
+    return created, refused
 
 
 def _check_block(target: Path, text: str) -> str:
@@ -170,13 +265,14 @@ def _check_block(target: Path, text: str) -> str:
     return text
 
 
-def render_block(env: dict[str, str]) -> str:
-    return "\n".join([BEGIN, *dotenv.render(env), END]) + "\n"
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777 if path.exists() else 0o600
 
 
 def _write_atomic(target: Path, text: str, like: Path | None = None) -> None:
-    """Write via a temp file and rename, so a crash or full disk never leaves half a file."""
-    mode = (like or target).stat().st_mode & 0o777 if (like or target).exists() else 0o600
+    """Write via a temp file and rename, so a crash or full disk never leaves half a file;
+    the result keeps only the owner's permission bits (of `like`, else of the old file)."""
+    mode = _mode(like or target) & PRIVATE
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".devd-tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as handle:
