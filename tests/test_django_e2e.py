@@ -103,9 +103,10 @@ def start_devd(devd_home: Devd) -> Iterator[Callable[[str | None], Devd]]:
 
 
 def three_worktrees(repo: Repo) -> tuple[Path, Path, Path]:
-    """A on main's migrations, B adds a column and a model, C branches off B (for failures)."""
+    """A on main's migrations, B adds a column and a model, C branches off B (for failures).
+    B's long name leaves a framework's `test_` prefix no room unless devd made some."""
     a = add_worktree(repo, "shop-a", "feat/a")
-    b = add_worktree(repo, "shop-b", "feat/b")
+    b = add_worktree(repo, "shop-b-reviews-and-skus-for-the-spring-catalogue-launch", "feat/b")
     commit_in(b, files(BRANCH_B), "Reviews and SKUs")
     return a, b, add_worktree(repo, "shop-c", "feat/c", "feat/b")
 
