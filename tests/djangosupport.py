@@ -74,7 +74,8 @@ def manage_together(trees: list[Path], *args: str, timeout: float = 180) -> list
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for tree in trees]
     try:
-        return [(proc.wait(timeout=timeout), proc.communicate()[0]) for proc in procs]
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]  # pipes never fill
+        return [(proc.returncode, output) for proc, output in zip(procs, outputs, strict=True)]
     finally:
         for proc in procs:  # a hung run must not outlive the test
             if proc.poll() is None:

@@ -121,7 +121,7 @@ def provision_two(devd: Devd, repo: Repo, main_url: str
 
 
 def devds_env(devd: Devd, tree: Path, main_url: str) -> dict[str, str]:
-    """devd's env for a worktree, after checking every loader of its .env reads the same."""
+    """devd's env for a worktree, once python-dotenv reads it and no other line defines it."""
     env = env_of(devd, tree)
     assert env["DATABASE_URL"] != main_url
     assert dotenv_values(tree / ".env")["DATABASE_URL"] == env["DATABASE_URL"]
