@@ -74,3 +74,16 @@ def query(url: str, text: str, *args: Any) -> list[tuple[Any, ...]]:
 
 def with_postgres(repo: Repo, body: str) -> None:
     repo.commit({"devd.toml": '[ports]\nnames = ["web"]\n\n[postgres]\n' + body})
+
+
+def remove_owned(client: Any, worktree_ids: set[str]) -> None:
+    """Remove the containers (with their volumes) and volumes devd made for these worktrees."""
+    from devd.postgres import names as pgnames
+
+    label = {"label": pgnames.LABEL_OWNER}
+    for container in client.containers.list(all=True, filters=label):
+        if container.labels.get(pgnames.LABEL_OWNER) in worktree_ids:
+            container.remove(force=True, v=True)
+    for volume in client.volumes.list(filters=label):
+        if (volume.attrs.get("Labels") or {}).get(pgnames.LABEL_OWNER) in worktree_ids:
+            volume.remove(force=True)

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import Devd, Repo, run_git
-from pgsupport import IMAGE, docker_client, env_of, query, with_postgres
+from pgsupport import IMAGE, docker_client, env_of, query, remove_owned, with_postgres
 
 from devd import naming
 from devd.postgres import names as pgnames
@@ -22,14 +22,7 @@ def dk(devd: Devd) -> Iterator[Any]:
     """The engine; afterwards every container and volume this test's worktrees got is removed."""
     client = docker_client()
     yield client
-    mine = {w["id"] for w in devd.status()["worktrees"]}
-    label = {"label": pgnames.LABEL_OWNER}
-    for container in client.containers.list(all=True, filters=label):
-        if container.labels.get(pgnames.LABEL_OWNER) in mine:
-            container.remove(force=True, v=True)
-    for volume in client.volumes.list(filters=label):
-        if (volume.attrs.get("Labels") or {}).get(pgnames.LABEL_OWNER) in mine:
-            volume.remove(force=True)
+    remove_owned(client, {w["id"] for w in devd.status()["worktrees"]})
 
 
 def docker_name(repo: Repo, tree: Path) -> str:
