@@ -126,6 +126,34 @@ def ensure_private_dir(path: Path) -> None:
         path.chmod(0o700)
 
 
+UNREPRESENTABLE = "unrepresentable_path"
+RENAME_HINT = ("rename it (git worktree move OLD NEW) to a UTF-8 path without control "
+               "characters")
+_CONTROL_NAMES = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab"}
+
+
+def faithful(path: str) -> str:
+    """`path` itself if devd can store, print and write it exactly; else a clear refusal
+    (a newline would split it in git's output and .env, a control character rewrites a
+    terminal, and bytes that are not UTF-8 cannot go into JSON or SQLite as they are)."""
+    bad = next((c for c in path if c < " " or "\x7f" <= c <= "\x9f"
+                or "\ud800" <= c <= "\udfff"), None)
+    if bad is None:
+        return path
+    from devd.errors import DevdError
+
+    what = "is not valid UTF-8" if bad >= "\ud800" else \
+        f"contains {_CONTROL_NAMES.get(bad, f'the control character {bad!r}')}"
+    raise DevdError(f"the path {shown(path)} {what}; devd cannot name it exactly",
+                    RENAME_HINT, code=UNREPRESENTABLE)
+
+
+def shown(path: str | Path) -> str:
+    """A path as printable text: control characters and undecodable bytes escaped."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def flock_held(path: Path) -> bool:
     """Whether another process holds an exclusive flock on `path` right now (a probe)."""
     import fcntl
