@@ -86,7 +86,8 @@ class DepsProvisioner(Provisioner):
         _rotate(runner.log_path(wt.id))
         failures: list[DevdError] = []
         with runner.job(wt.id, lambda: (wt.path / ".git").exists(),
-                        lambda text: progress("deps", text)) as job:
+                        lambda text: progress("deps", text),
+                        ctx.config.deps.timeout_seconds) as job:
             for plan in plans:
                 if _up_to_date(ctx, plan):  # another job may have finished it meanwhile
                     progress("deps", f"{plan.key}: up to date ({plan.tool})")
@@ -122,7 +123,12 @@ def status(state_base: Path, wt_id: str, worktree: Path, runner: JobRunner | Non
     if not records:
         return {}
     runner = runner or JobRunner(deps_state.state_dir(state_base))
-    return deps_state.describe(worktree, records, runner.busy(wt_id))
+    shown = deps_state.describe(worktree, records, runner.busy(wt_id))
+    if runner.adopted(wt_id):
+        for entry in shown.values():
+            if entry["state"] == "installing":
+                entry["note"] = "from the previous daemon"
+    return shown
 
 
 def _up_to_date(ctx: Context, plan: Plan) -> bool:
