@@ -172,9 +172,23 @@ def _not_safe_above(path: Path, uid: int) -> str:
     info = os.lstat(path)
     if info.st_uid not in (uid, 0):
         return f"{path} belongs to uid {info.st_uid}"
-    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+    others = 0o002 if _private_group(info.st_gid) else 0o022
+    if info.st_mode & others and not info.st_mode & stat.S_ISVTX:
         return f"{path} is writable by other users without the sticky bit"
     return ""
+
+
+def _private_group(gid: int) -> bool:
+    """Whether a group holds only us: a umask of 002 makes ~/.cache group-writable, which
+    is harmless when the group is the user's own (Debian's and Ubuntu's default)."""
+    import grp
+    import pwd
+
+    try:
+        me, members = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
+    return gid == os.getgid() and set(members) <= {me}
 
 
 def write_atomic(target: Path, data: bytes, mode: int = 0o600) -> None:

@@ -188,3 +188,16 @@ def test_a_devd_home_others_may_write_without_sticky_bit_is_refused(
     cache, _ = _dirs_of(devd_home, tree, repo)
     assert cache.stat().st_mode & 0o777 == 0o700
     devd_home.stop()
+
+
+def test_a_group_writable_parent_is_refused_only_when_the_group_is_shared(
+        devd_home: Devd, other_user: str, repo: Repo) -> None:
+    devd_home.home.chmod(0o775)  # a umask of 002 under the user's own group: harmless
+    devd_home.start()
+    tree = repo.worktree("shop-a", "a")
+    devd_home.run("provision", str(tree))
+    devd_home.run("release", str(tree))
+    os.chown(devd_home.home, -1, pwd.getpwnam(other_user).pw_gid)
+    result = devd_home.run("provision", str(tree), check=False)
+    assert result.returncode == 1 and "without the sticky bit" in result.stderr
+    devd_home.stop()
