@@ -131,6 +131,9 @@ def test_an_install_outlives_a_killed_daemon_and_the_next_one_waits_for_it(
     devd_home.start()
     state = _python_state(devd_home, tree)
     assert state["state"] == "installing" and "previous daemon" in state["note"]
+    refused = devd_home.run("release", str(tree), check=False)
+    assert refused.returncode == 1 and "from the previous daemon is still running" in \
+        refused.stderr
     log = devd_home.home / "provision.err"
     with open(log, "w") as err:
         second = subprocess.Popen([sys.executable, "-m", "devd", "provision", str(tree)],

@@ -112,7 +112,13 @@ class DepsProvisioner(Provisioner):
         return Health(not bad, "; ".join(notes), {"deps": shown})
 
     def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
-        # The trees live in the worktree and go with it; devd forgets only its records.
+        # The trees live in the worktree and go with it; devd forgets only its records. Not
+        # while a previous daemon's install runs: without its lock file, the next provision
+        # would start a second install beside it.
+        if self.runner(ctx).adopted(ctx.worktree.id):
+            raise DevdError("an install of this worktree from the previous daemon is still "
+                            "running", "wait until `devd status` no longer shows it "
+                            "installing, then release again", code="deps_busy")
         deps_state.remove(ctx.paths.state_dir, ctx.worktree.id)
 
 
