@@ -51,9 +51,14 @@ def resolve(path: Path) -> WorktreeInfo:
         raise NotAWorktree(f"{shown(path)} is not inside a git worktree ({err})",
                            "run devd inside a git checkout, or pass its path")
     _, common_text, git_dir, top_text = _lines(out, 4, path)
-    common, top = Path(faithful(common_text)).resolve(), Path(faithful(top_text)).resolve()
-    main = Path(faithful(str(_main_worktree(common, top))))
-    return WorktreeInfo(top, common, main, _branch_of(Path(git_dir)))
+    common, top = _exact(common_text), _exact(top_text)
+    return WorktreeInfo(top, common, _exact(str(_main_worktree(common, top))),
+                        _branch_of(Path(git_dir)))
+
+
+def _exact(text: str) -> Path:
+    """A real path as devd stores it, refused if devd cannot name it faithfully."""
+    return Path(faithful(str(Path(text).resolve())))
 
 
 def _lines(out: str, count: int, where: Path) -> list[str]:
