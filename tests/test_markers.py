@@ -79,7 +79,7 @@ def test_an_empty_marker_left_by_a_crash_is_adopted(devd: Devd, repo: Repo) -> N
     for path in (cache, profile):
         path.mkdir(parents=True, mode=0o700)
     (cache / ".devd-owner").touch()  # what the old non-atomic write left on a full disk
-    (profile / ".devd-owner.k2j4.devd-tmp").write_text('{"devd": 1, "ow')  # a cut temp file
+    (profile / "..devd-owner.k2j4.devd-tmp").write_text('{"devd": 1, "ow')  # a cut temp file
     devd.run("provision", str(tree))
     for path in (cache, profile):
         assert _marker_owner(path) == naming.worktree_id(repo.main, tree)

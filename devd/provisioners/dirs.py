@@ -96,20 +96,19 @@ def remove_owned_dir(path: Path, owner: str, root: Path) -> None:
     shutil.rmtree(path)
 
 
-def owned_by(path: Path, owner: str) -> bool:
-    """True if `path` is a real directory whose marker (a file of ours) names `owner`."""
-    return _marker(path) == owner
-
-
 def _claim(path: Path, owner: str, root: Path) -> str:
     """"ours" (marked for owner), "empty" (devd's, no marker yet) or "foreign"."""
     check_private_tree(path, root)
     found = _marker(path)
     if found == owner:
         return "ours"
-    leftovers = {e for e in os.listdir(path) if e.startswith(MARKER) and e.endswith(TMP_SUFFIX)}
-    unmarked = found == "" and set(os.listdir(path)) - leftovers <= {MARKER}
-    return "empty" if unmarked else "foreign"
+    rest = set(os.listdir(path)) - set(_leftovers(path))
+    return "empty" if found == "" and rest <= {MARKER} else "foreign"
+
+
+def _leftovers(path: Path) -> list[str]:
+    """Marker temp files a crash or a full disk left behind."""
+    return [e for e in os.listdir(path) if e.startswith(f".{MARKER}.") and e.endswith(TMP_SUFFIX)]
 
 
 def _ours_or_empty(path: Path, owner: str, root: Path) -> bool:
@@ -142,10 +141,9 @@ def _marker(path: Path) -> str | None:
 
 
 def _write_marker(path: Path, owner: str) -> None:
-    for entry in os.listdir(path):  # temp files a full disk or crash left behind
-        if entry.startswith(MARKER) and entry.endswith(TMP_SUFFIX):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path / entry)
+    for entry in _leftovers(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path / entry)
     write_atomic(path / MARKER, json.dumps({"devd": 1, "owner": owner}).encode() + b"\n")
 
 
