@@ -178,15 +178,32 @@ def _stop_holder(record: dict[str, Any]) -> bool:
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL, to the command and every child it started (its session)."""
-    if proc.poll() is not None:
-        return
+    """SIGTERM, then SIGKILL, to the command and whatever it left in its process group: a
+    leftover would go on writing into the tree, holding the lock it inherited."""
     for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        if not _group_alive(proc):
+            return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace)
-            return
+        deadline = time.monotonic() + grace
+        while _group_alive(proc) and time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(POLL / 4)
+
+
+def _group_alive(proc: subprocess.Popen[bytes]) -> bool:
+    """The leader runs, or a live process of ours is still in its group. (While one is,
+    the kernel keeps the group's id from being reused, so killpg hits only this group.)"""
+    import psutil
+
+    if proc.poll() is None:
+        return True
+    for pid in psutil.pids():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(pid) == proc.pid and \
+                    psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return True
+    return False
 
 
 class JobRunner:

@@ -182,3 +182,17 @@ def test_a_command_writes_its_log_itself_and_lines_still_reach_the_caller(tmp_pa
     assert lines == ["one", "café two", "three"]
     log = (tmp_path / "jobs" / "k.log").read_text()
     assert "one\ncafé two\nthree" in log
+
+
+def test_what_a_command_leaves_running_in_its_group_is_stopped_with_it(tmp_path: Path
+                                                                      ) -> None:
+    """A leftover (an install script's background child) would keep the inherited lock
+    and go on writing into the tree."""
+    from devd.jobs import JobRunner
+
+    runner, pid_file = JobRunner(tmp_path / "jobs"), tmp_path / "leftover.pid"
+    with runner.job("k", lambda: True) as job:
+        assert job.run(["sh", "-c", f"sleep 600 & echo $! > {pid_file}"], tmp_path, {},
+                       60) == 0
+    assert not _alive(int(pid_file.read_text())), "the leftover kept running"
+    assert not runner.busy("k"), "the leftover kept the worktree locked"
