@@ -64,19 +64,40 @@ class Job:
         """Run one command to its end; its output goes to the log (and to `on_line`)."""
         self.note(f"$ {' '.join(argv)}  (in {cwd})")
         follow = _Follower(self.log_path, on_line)
-        fds = (self.lock_fd,) if self.lock_fd >= 0 else ()
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                stdout=self.log, stderr=subprocess.STDOUT,
-                                start_new_session=True, pass_fds=fds)
-        if fds:
-            _name_holder(self.lock_fd, proc.pid)
         try:
-            code = self._wait(proc, argv[0], timeout, _ticks(follow, on_tick))
+            proc = self._spawn(argv, cwd, env)
+            try:
+                code = self._wait(proc, argv[0], timeout, _ticks(follow, on_tick))
+            finally:
+                _kill_group(proc)
         finally:
-            _kill_group(proc)
             follow.close()
         self.note(f"exit {code}")
         return code
+
+    def _spawn(self, argv: list[str], cwd: Path, env: dict[str, str]
+               ) -> subprocess.Popen[bytes]:
+        """Start the command in its own session, holding the lock and writing the log."""
+        fds = (self.lock_fd,) if self.lock_fd >= 0 else ()
+        try:
+            if not self.alive():
+                raise FileNotFoundError(cwd)
+            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=self.log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, pass_fds=fds)
+        except FileNotFoundError:
+            if not self.alive():  # deleted before the command could even start
+                raise self._deleted(argv[0]) from None
+            raise
+        if fds:
+            _name_holder(self.lock_fd, proc.pid)
+        return proc
+
+    def _deleted(self, name: str) -> JobStopped:
+        self.note("the worktree was deleted: stopping")
+        return JobStopped(f"{name} stopped: the worktree was deleted during the install",
+                          "nothing more was written; provision the worktree again if you "
+                          "recreate it")
 
     def _wait(self, proc: subprocess.Popen[bytes], name: str, timeout: float,
               on_tick: Callable[[float], None]) -> int:
@@ -86,10 +107,7 @@ class Job:
                 return proc.wait(POLL)
             elapsed = time.monotonic() - start
             if not self.alive():
-                self.note("the worktree was deleted: stopping")
-                raise JobStopped(f"{name} stopped: the worktree was deleted during the install",
-                                 "nothing more was written; provision the worktree again "
-                                 "if you recreate it")
+                raise self._deleted(name)
             if elapsed > timeout:
                 self.note(f"timed out after {timeout:.0f} s: stopping")
                 raise JobStopped(f"{name} timed out after {timeout:.0f} s; log: {self.log_path}",
