@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devd.errors import DevdError, NotAWorktree
+from devd.paths import RENAME_HINT, UNREPRESENTABLE, faithful, shown
 
 GIT_TIMEOUT = 15.0
 
@@ -35,24 +36,39 @@ class ListedWorktree:
 def resolve(path: Path) -> WorktreeInfo:
     """Resolve any path inside a worktree to the worktree, its repo and its branch."""
     if not path.exists():
-        raise NotAWorktree(f"{path} does not exist", "pass the path of a git worktree")
+        raise NotAWorktree(f"{shown(path)} does not exist", "pass the path of a git worktree")
     if not path.is_dir():
         path = path.parent
     # One git process for everything; --show-toplevel fails last in a bare repo.
     code, out, err = _run(path, "rev-parse", "--is-bare-repository", "--path-format=absolute",
                           "--git-common-dir", "--absolute-git-dir", "--show-toplevel")
-    lines = out.split("\n")
-    if lines[0] == "true":
+    if out.startswith("true\n"):
         raise NotAWorktree(
-            f"{path} is a bare repository, which has no working tree",
+            f"{shown(path)} is a bare repository, which has no working tree",
             "run devd in one of its worktrees (git worktree add ...)",
         )
-    if code != 0 or len(lines) < 4:
-        raise NotAWorktree(f"{path} is not inside a git worktree ({err})",
+    if code != 0:
+        raise NotAWorktree(f"{shown(path)} is not inside a git worktree ({err})",
                            "run devd inside a git checkout, or pass its path")
-    common = Path(lines[1]).resolve()
-    top = Path(lines[3]).resolve()
-    return WorktreeInfo(top, common, _main_worktree(common, top), _branch_of(Path(lines[2])))
+    _, common_text, git_dir, top_text = _lines(out, 4, path)
+    common, top = _exact(common_text), _exact(top_text)
+    return WorktreeInfo(top, common, _exact(str(_main_worktree(common, top))),
+                        _branch_of(Path(git_dir)))
+
+
+def _exact(text: str) -> Path:
+    """A real path as devd stores it, refused if devd cannot name it faithfully."""
+    return Path(faithful(str(Path(text).resolve())))
+
+
+def _lines(out: str, count: int, where: Path) -> list[str]:
+    """Exactly `count` newline-terminated values. rev-parse has no -z: one line too many
+    means a value holds a newline, and splitting it would name another directory."""
+    values = out.split("\n")
+    if len(values) != count + 1 or values[-1]:
+        raise DevdError(f"git's answer for {shown(where)} names a path with a newline in it; "
+                        "devd cannot name it exactly", RENAME_HINT, code=UNREPRESENTABLE)
+    return values[:-1]
 
 
 def _main_worktree(common: Path, fallback: Path) -> Path:
@@ -120,8 +136,10 @@ def _run(cwd: Path, *args: str) -> tuple[int, str, str]:
         raise DevdError("git is not installed", "install git and try again", code="no_git") from exc
     except subprocess.TimeoutExpired as exc:
         raise DevdError(f"git {args[0]} in {cwd} timed out", "check the repository") from exc
+    # stdout stays exact (no strip: a path may end in a space); undecodable bytes survive
+    # as surrogates, so faithful() can refuse them instead of a mangled name.
     out = result.stdout.decode(errors="surrogateescape")
-    return result.returncode, out.strip(), result.stderr.decode(errors="replace").strip()
+    return result.returncode, out, result.stderr.decode(errors="replace").strip()
 
 
 def is_ignored(worktree: Path, relpath: str) -> bool:
@@ -130,7 +148,8 @@ def is_ignored(worktree: Path, relpath: str) -> bool:
 
 
 def run(cwd: Path, *args: str) -> str:
-    """Run `git -C cwd ARGS...`; a failure means cwd is not a usable worktree."""
+    """Run `git -C cwd ARGS...` and return its exact output; a failure means cwd is not a
+    usable worktree."""
     return _git(cwd, *args)
 
 

@@ -333,8 +333,6 @@ def test_modes_of_copies_keep_only_owner_bits(devd: Devd, repo: Repo) -> None:
                           capture_output=True, text=True, check=True).stdout == ""
 
 
-@pytest.mark.xfail(reason="git.resolve splits git's output on newlines (issue 10 item 2, the "
-                   "paths work): devd may resolve the newline path to its first line")
 def test_a_newline_in_the_worktree_path_writes_nothing_outside_it(devd: Devd, repo: Repo,
                                                                   tmp_path: Path) -> None:
     victim = repo.main.parent / "victim"

@@ -86,7 +86,8 @@ class DepsProvisioner(Provisioner):
         _rotate(runner.log_path(wt.id))
         failures: list[DevdError] = []
         with runner.job(wt.id, lambda: (wt.path / ".git").exists(),
-                        lambda text: progress("deps", text)) as job:
+                        lambda text: progress("deps", text),
+                        ctx.config.deps.timeout_seconds) as job:
             for plan in plans:
                 if _up_to_date(ctx, plan):  # another job may have finished it meanwhile
                     progress("deps", f"{plan.key}: up to date ({plan.tool})")
@@ -111,7 +112,13 @@ class DepsProvisioner(Provisioner):
         return Health(not bad, "; ".join(notes), {"deps": shown})
 
     def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
-        # The trees live in the worktree and go with it; devd forgets only its records.
+        # The trees live in the worktree and go with it; devd forgets only its records. Not
+        # while a previous daemon's install runs: without its lock file, the next provision
+        # would start a second install beside it.
+        if self.runner(ctx).adopted(ctx.worktree.id):
+            raise DevdError("an install of this worktree from the previous daemon is still "
+                            "running", "wait until `devd status` no longer shows it "
+                            "installing, then release again", code="deps_busy")
         deps_state.remove(ctx.paths.state_dir, ctx.worktree.id)
 
 
@@ -122,7 +129,12 @@ def status(state_base: Path, wt_id: str, worktree: Path, runner: JobRunner | Non
     if not records:
         return {}
     runner = runner or JobRunner(deps_state.state_dir(state_base))
-    return deps_state.describe(worktree, records, runner.busy(wt_id))
+    shown = deps_state.describe(worktree, records, runner.busy(wt_id))
+    if runner.adopted(wt_id):
+        for entry in shown.values():
+            if entry["state"] == "installing":
+                entry["note"] = "from the previous daemon"
+    return shown
 
 
 def _up_to_date(ctx: Context, plan: Plan) -> bool:
