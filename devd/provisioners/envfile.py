@@ -55,6 +55,8 @@ class EnvFileProvisioner(Provisioner):
             progress("envfile", warning)
         copies = self._copy(ctx, progress, envguard.managed_keys(ctx, env))
         created, refused = write_block(target, env)
+        # The early pass may have made the file: it stays devd's to remove when emptied.
+        created = created or bool(ctx.recorded(self.kind).get("created"))
         detail = {"file": str(target), "created": created, "copies": copies,
                   "ignored": git.is_ignored(wt, rel)}
         if refused:
