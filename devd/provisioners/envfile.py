@@ -9,17 +9,16 @@ permissions): the block and the copies hold secrets.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 from devd import dotenv, git
 from devd.errors import ConfigError, DevdError, OwnershipConflict
+from devd.paths import write_atomic
 from devd.provisioners import envguard
 from devd.provisioners.base import Context, Health, Progress, Provisioner
 from devd.provisioners.envguard import BEGIN, END, inside
@@ -272,16 +271,6 @@ def _mode(path: Path) -> int:
 
 
 def _write_atomic(target: Path, text: str, like: Path | None = None) -> None:
-    """Write via a temp file and rename, so a crash or full disk never leaves half a file;
-    the result keeps only the owner's permission bits (of `like`, else of the old file)."""
-    mode = _mode(like or target) & PRIVATE
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".devd-tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as handle:
-            handle.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """paths.write_atomic, keeping only the owner's permission bits (of `like`, else of the
+    old file): these files carry secrets."""
+    write_atomic(target, text.encode("utf-8", "surrogateescape"), _mode(like or target) & PRIVATE)
