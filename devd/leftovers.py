@@ -109,7 +109,8 @@ def stop_gone(service: Service, gone: list[Worktree], progress: Progress
                 continue
             stopped[wt.id] = stop_runs(wt, service.registry, service.settings.kill_timeout)
         for entry in stopped[wt.id]:
-            progress("gc", f"pid {entry['pid']} of {wt.path}: {entry['outcome']}")
+            if entry["outcome"] != "already exited":  # a record of a run long over: noise
+                progress("gc", f"pid {entry['pid']} of {wt.path}: {entry['outcome']}")
     return stopped
 
 
