@@ -170,7 +170,11 @@ atexit.register(_PROGRESS.close)
 
 
 def _abspath(path: str) -> str:
-    return os.path.abspath(path)
+    try:
+        return os.path.abspath(path)
+    except FileNotFoundError:  # a relative path, and the shell's directory was removed
+        raise UsageError(f"the current directory no longer exists, so {path!r} names nothing",
+                         "cd into the worktree (or pass its absolute path)") from None
 
 
 def _print_json(data: Any) -> None:

@@ -15,6 +15,7 @@ from devd import __version__, git, instance, leftovers, naming, owners, processe
 from devd.errors import DevdError, NotRegistered, ProtocolError, ProvisionFailed, UsageError
 from devd.paths import Paths
 from devd.postgres import provisioner as postgres
+from devd.protocol import peer_holds
 from devd.provisioners import Context, Progress, Provisioner, deps
 from devd.provisioners.deps import DepsProvisioner
 from devd.provisioners.dirs import DirsProvisioner
@@ -76,6 +77,12 @@ class Service:
         """The pid of the process that sent this thread's request (SO_PEERCRED), if known."""
         return getattr(self.peer, "pid", None)
 
+    def peer_confirmed(self) -> bool:
+        """Asked after reading what the peer pid names: is it still the process that
+        connected (not one that got its pid after it exited, the connection handed on)?"""
+        sock, pid = getattr(self.peer, "sock", None), self.peer_pid()
+        return sock is None or pid is None or peer_holds(sock, pid)
+
     # -- requests ------------------------------------------------------------
 
     def do_ping(self, progress: Progress) -> dict[str, Any]:
@@ -96,7 +103,7 @@ class Service:
     def do_provision(self, progress: Progress, path: str, background: bool = False,
                      fix_deps: bool = False, postgres_url: str | None = None
                      ) -> dict[str, Any]:
-        info = git.resolve(Path(_text(path, "path")))
+        info = git.resolve(Path(_absolute(path)))
         wt_id = naming.worktree_id(info.main_path, info.path)
         self._check_path_free(info.path, wt_id)
         wt = self.registry.register(
@@ -219,7 +226,8 @@ class Service:
         peer = self.peer_pid()
         if not peer or peer < 0:  # no SO_PEERCRED here, or a pid outside our namespace
             return {"worktree": str(wt.path), "pid": None}
-        recorded, started = processes.record_run(self.registry, peer, wt.id)
+        recorded, started = processes.record_run(self.registry, peer, wt.id,
+                                                 self.peer_confirmed)
         watchers_api.run_started(self, wt, recorded, argv, cwd)
         return {"worktree": str(wt.path), "pid": recorded,
                 "token": self.run_tokens.issue(recorded, started, wt.id)}
@@ -429,7 +437,7 @@ class Service:
 
     def find(self, path: str | None) -> Worktree:
         """The registered worktree containing `path` (deepest wins: worktrees can nest)."""
-        target = Path(_text(path or ".", "path")).absolute()
+        target = Path(_absolute(path))
         candidates = self.registry.worktrees()
         for probe in (target, target.resolve()):
             match = owners.deepest_containing(str(probe), candidates)
@@ -502,3 +510,11 @@ def _text(value: Any, name: str) -> str:
                             "see docs/protocol.md")
     return value
 
+
+def _absolute(value: Any) -> str:
+    """A path parameter: absolute, since the daemon's directory is nobody's business."""
+    path = _text(value, "path")
+    if not os.path.isabs(path):
+        raise UsageError(f"parameter 'path' must be an absolute path, not {path[:200]!r}",
+                         "the CLI sends absolute paths; see docs/protocol.md")
+    return path
