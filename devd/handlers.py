@@ -60,6 +60,7 @@ class Service:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._background: list[threading.Thread] = []
+        self._queued: dict[str, dict[str, Any]] = {}  # background provisions not yet started
         self._configs: dict[tuple[Any, ...], RepoConfig] = {}
         self._orphans: tuple[float, list[dict[str, str]]] | None = None
         # The kernel's word on who sent the request being handled (one per thread).
@@ -489,9 +490,19 @@ class Service:
         return bool(lock and lock.locked())
 
     def _in_background(self, wt_id: str, options: dict[str, Any] | None = None) -> None:
+        """At most one background provision waits per worktree (a flood of requests would
+        queue a thread each); a later request only updates the options it will run with."""
+        with self._locks_guard:
+            waiting = wt_id in self._queued
+            self._queued[wt_id] = options or {}
+        if waiting:
+            return
+
         def run() -> None:
+            with self._lock(wt_id), self._locks_guard:  # from here on, a request queues anew
+                latest = self._queued.pop(wt_id)
             try:
-                self.provision(wt_id, _quiet, options)
+                self.provision(wt_id, _quiet, latest)
             except DevdError as exc:
                 log.warning("background provision of %s failed: %s", wt_id, exc.message)
         thread = threading.Thread(target=run, name=f"provision-{wt_id}", daemon=True)

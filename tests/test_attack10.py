@@ -259,3 +259,32 @@ def test_concurrent_gc_and_provision_of_a_recreated_worktree(devd: Devd, repo: R
         if entry["state"] == "ready":
             assert (tree / ".env").is_file(), entry
     assert ROOT.is_dir()
+
+
+def test_a_flood_of_background_provisions_queues_one_thread_per_worktree(
+        devd_home: Devd, repo: Repo) -> None:
+    # A Postgres that accepts connections and never answers: each provision waits out its
+    # connect timeout, so requests pile up behind the worktree's lock.
+    import psutil
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1024)
+    tree = repo.worktree("shop-feat-a", "feat/a")
+    (tree / "devd.toml").write_text(
+        '[postgres]\nmode = "schema"\n'
+        f'url = "postgresql://u:p@127.0.0.1:{silent.getsockname()[1]}/x"\n')
+    devd_home.start()
+    try:
+        request = {"path": str(tree), "background": True}
+        replies, _ = ask(devd_home, [("provision", request)] * 200)
+        assert all(reply["ok"] for reply in replies)
+        assert devd_home.proc is not None
+        threads = psutil.Process(devd_home.proc.pid).num_threads()
+        assert threads < 30, threads
+    finally:
+        assert devd_home.proc is not None
+        devd_home.proc.kill()
+        devd_home.proc.wait()
+        devd_home.proc = None
+        silent.close()
