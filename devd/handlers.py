@@ -523,9 +523,10 @@ def _text(value: Any, name: str) -> str:
 
 
 def _absolute(value: Any) -> str:
-    """A path parameter: absolute, since the daemon's directory is nobody's business."""
+    """A path parameter: absolute (the daemon's directory is nobody's business), no '..'."""
     path = _text(value, "path")
-    if not os.path.isabs(path):
-        raise UsageError(f"parameter 'path' must be an absolute path, not {path[:200]!r}",
-                         "the CLI sends absolute paths; see docs/protocol.md")
+    # '..' too: worktree matching is by components, so A/../B would count as inside A.
+    if not os.path.isabs(path) or ".." in Path(path).parts:
+        raise UsageError(f"parameter 'path' must be an absolute path without '..', not "
+                         f"{path[:200]!r}", "the CLI sends such paths; see docs/protocol.md")
     return path

@@ -214,7 +214,7 @@ def test_a_relative_path_in_a_request_is_refused(devd_home: Devd, repo: Repo) ->
         from conftest import _answers, wait_for
         wait_for(lambda: _answers(devd_home.paths.socket), what="daemon socket")
         devd_home.run("provision", str(tree))
-        for path in (".", "shop-feat-a", "/proc/self/cwd"):
+        for path in (".", "shop-feat-a", "/proc/self/cwd", f"{tree}/../not-a-checkout"):
             (reply,), _ = ask(devd_home, [("release", {"path": path, "yes": True})])
             assert not reply["ok"] and reply["error"]["code"] in ("usage", "not_a_worktree"), \
                 (path, reply)
