@@ -288,3 +288,15 @@ def test_a_flood_of_background_provisions_queues_one_thread_per_worktree(
         devd_home.proc.wait()
         devd_home.proc = None
         silent.close()
+
+
+@pytest.mark.parametrize("name", ["DEVD_REQUEST_TIMEOUT", "DEVD_KILL_TIMEOUT",
+                                  "DEVD_RECONCILE_INTERVAL", "DEVD_WATCHERS_FULL_INTERVAL"])
+def test_a_setting_in_seconds_too_large_for_select_is_refused_at_start(devd_home: Devd,
+                                                                        name: str) -> None:
+    # DEVD_REQUEST_TIMEOUT=1e9 was taken, and the first client that connected ended the
+    # serve loop (OverflowError from select); the others overflow a wait() the same way.
+    done = subprocess.run([sys.executable, "-m", "devd", "daemon"], capture_output=True,
+                          text=True, timeout=30, env={**devd_home.env, name: "1e9"})
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert name.removeprefix("DEVD_").lower() in done.stderr.lower(), done.stderr
