@@ -17,7 +17,7 @@ from typing import Any
 from devd import __version__, dotenv
 from devd.client import Client, caller_overrides, timeout_from
 from devd.errors import DaemonUnreachable, DevdError, UsageError, storage_error
-from devd.paths import Paths
+from devd.paths import Paths, current_dir
 from devd.progressbar import ProgressPrinter
 from devd.render import render_worktree, safe
 
@@ -170,11 +170,7 @@ atexit.register(_PROGRESS.close)
 
 
 def _abspath(path: str) -> str:
-    try:
-        return os.path.abspath(path)
-    except FileNotFoundError:  # a relative path, and the shell's directory was removed
-        raise UsageError(f"the current directory no longer exists, so {path!r} names nothing",
-                         "cd into the worktree (or pass its absolute path)") from None
+    return os.path.abspath(path if os.path.isabs(path) else os.path.join(current_dir(), path))
 
 
 def _print_json(data: Any) -> None:

@@ -186,12 +186,14 @@ def test_the_cli_in_a_deleted_directory_says_so(devd: Devd, tmp_path: Path) -> N
     doomed.mkdir()
     # A shell whose directory was removed under it (a worktree just removed): `cd` into
     # it, remove it, then run devd there.
-    for args in (["env"], ["provision"], ["run", "--", "true"], ["kill-port", "1"]):
+    env = {k: v for k, v in devd.env.items() if k != "CLAUDE_PROJECT_DIR"}
+    for args in (["env"], ["provision"], ["run", "--", "true"], ["kill-port", "1"],
+                 ["hook", "claude-create"]):
         script = f"cd {doomed} && rmdir {doomed} && exec {sys.executable} -m devd " + \
             " ".join(args)
         doomed.mkdir(exist_ok=True)
-        done = subprocess.run(["sh", "-c", script], env=devd.env, capture_output=True,
-                              text=True, timeout=30)
+        done = subprocess.run(["sh", "-c", script], env=env, capture_output=True,
+                              text=True, timeout=30, input='{"name": "x"}')
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert "current directory" in done.stderr, done.stderr
 
