@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, Devd, Repo, run_git
+from test_ports import listen, row
 from test_processes import REQUIRED, ask
 
 # Runs as pid 1 of a private pid namespace, with its own daemon. Process A connects to the
@@ -302,3 +303,25 @@ def test_a_setting_in_seconds_too_large_for_select_is_refused_at_start(devd_home
                           text=True, timeout=30, env={**devd_home.env, name: "1e9"})
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
     assert name.removeprefix("DEVD_").lower() in done.stderr.lower(), done.stderr
+
+
+def test_a_server_in_a_submodule_of_the_worktree_is_the_worktrees(devd: Devd, repo: Repo,
+                                                                   make_repo) -> None:
+    # A submodule's `.git` file made it "another checkout nested in the worktree": `ports`
+    # said "outside any worktree" and kill-port refused the worktree's own server.
+    lib = make_repo("lib", devd_toml=None)
+    run_git(repo.main, "-c", "protocol.file.allow=always", "submodule", "add", "-q",
+            str(lib.main), "packages/lib")
+    run_git(repo.main, "commit", "-q", "-m", "submodule")
+    tree = repo.worktree("shop-feat-a", "feat/a")
+    run_git(tree, "-c", "protocol.file.allow=always", "submodule", "update", "-q", "--init")
+    devd.run("provision", str(tree))
+    port = devd.worktree(tree)["ports"]["web"]
+    server = listen(port, tree / "packages" / "lib")
+    try:
+        assert row(devd, port)["owner_worktree"] == str(tree)
+        devd.run("kill-port", str(port), "--path", str(tree))
+        assert server.wait(timeout=20) is not None
+    finally:
+        server.kill()
+        server.wait()
