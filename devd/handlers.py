@@ -227,6 +227,7 @@ class Service:
         peer = self.peer_pid()
         if not peer or peer < 0:  # no SO_PEERCRED here, or a pid outside our namespace
             return {"worktree": str(wt.path), "pid": None}
+        processes.prune_runs(self.registry)  # else every `devd run` ever stays till gc
         recorded, started = processes.record_run(self.registry, peer, wt.id,
                                                  self.peer_confirmed)
         watchers_api.run_started(self, wt, recorded, argv, cwd)

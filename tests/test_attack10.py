@@ -325,3 +325,35 @@ def test_a_server_in_a_submodule_of_the_worktree_is_the_worktrees(devd: Devd, re
     finally:
         server.kill()
         server.wait()
+
+
+# 200 short-lived clients, each recorded as a run, each gone at once (a script looping
+# `devd run -- true`): every record stayed until gc, and each `ports` or `status` holder
+# lookup read them all (130 ms per holder with 100k records).
+SHORT_RUNS = """
+import json, os, socket, sys
+request = json.dumps({"v": 1, "method": "run_started",
+                      "params": {"path": sys.argv[2], "argv": ["true"]}}).encode() + b"\\n"
+for _ in range(200):
+    child = os.fork()
+    if child == 0:
+        s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(request)
+        while b"\\n" not in s.recv(65536):
+            pass
+        os._exit(0)
+    os.waitpid(child, 0)
+"""
+
+
+def test_records_of_exited_runs_do_not_pile_up(devd: Devd, repo: Repo) -> None:
+    from devd.registry import Registry
+
+    tree = repo.worktree("shop-feat-a", "feat/a")
+    devd.run("provision", str(tree))
+    subprocess.run([sys.executable, "-c", SHORT_RUNS, str(devd.paths.socket), str(tree)],
+                   check=True, timeout=120)
+    registry = Registry(devd.paths.registry)
+    try:
+        assert len(registry.processes()) <= 2
+    finally:
+        registry.close()
