@@ -13,6 +13,7 @@ import errno
 import json
 import math
 import os
+import signal
 import socket
 import struct
 import sys
@@ -158,18 +159,9 @@ def peer_holds(sock: socket.socket, pid: int) -> bool:
     except OSError as exc:
         return exc.errno == errno.ENOPROTOOPT  # else it exited (ESRCH, EINVAL): not it
     try:
-        return _pidfd_pid(fd) == pid
+        signal.pidfd_send_signal(fd, 0)  # alive, so it still holds its pid: the peer pid
+        return True
+    except ProcessLookupError:
+        return False
     finally:
         os.close(fd)
-
-
-def _pidfd_pid(fd: int) -> int | None:
-    """The pid a pidfd's process holds now (-1 once it was reaped), from /proc."""
-    try:
-        with open(f"/proc/self/fdinfo/{fd}") as info:
-            for line in info:
-                if line.startswith("Pid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
