@@ -17,7 +17,7 @@ from typing import Any
 from devd import __version__, dotenv
 from devd.client import Client, caller_overrides, timeout_from
 from devd.errors import DaemonUnreachable, DevdError, UsageError, storage_error
-from devd.paths import Paths, faithful
+from devd.paths import Paths, current_dir, faithful
 from devd.progressbar import ProgressPrinter
 from devd.render import render_worktree, safe
 
@@ -170,7 +170,9 @@ atexit.register(_PROGRESS.close)
 
 
 def _abspath(path: str) -> str:
-    return faithful(os.path.abspath(path))  # refused here: JSON cannot carry it exactly
+    # Refused here when JSON cannot carry it exactly.
+    return faithful(os.path.abspath(path if os.path.isabs(path)
+                                    else os.path.join(current_dir(), path)))
 
 
 def _print_json(data: Any) -> None:

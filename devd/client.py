@@ -23,6 +23,7 @@ AUTOSTART_TIMEOUT = 15.0
 # Seconds to wait for the daemon's next message (DEVD_TIMEOUT); it sends a heartbeat every
 # half second while a request runs, so this bounds a stopped daemon, never a slow request.
 DEFAULT_TIMEOUT = 5.0
+MAX_TIMEOUT = 86400.0  # a day; far more overflows a socket timeout (OverflowError)
 _UNREACHABLE = (FileNotFoundError, ConnectionRefusedError, NotADirectoryError)
 
 
@@ -124,9 +125,9 @@ def timeout_from(environ: dict[str, str] | os._Environ[str]) -> float:
         value = float(raw) if raw else DEFAULT_TIMEOUT
     except ValueError:
         value = math.nan
-    if not 0 < value < math.inf:
-        raise UsageError(f"DEVD_TIMEOUT={raw!r} is not a positive number of seconds",
-                         f"unset it for the default ({DEFAULT_TIMEOUT:g} s)")
+    if not 0 < value <= MAX_TIMEOUT:
+        raise UsageError(f"DEVD_TIMEOUT={raw!r} is not a number of seconds between 0 and "
+                         f"{MAX_TIMEOUT:g}", f"unset it for the default ({DEFAULT_TIMEOUT:g} s)")
     return value
 
 

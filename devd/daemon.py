@@ -63,6 +63,9 @@ class Daemon:
 
     def run(self) -> None:
         self._take_lock()
+        # A daemon started by hand in a worktree must not lend it to a request's relative
+        # path (or /proc/self/cwd), nor keep the directory busy.
+        os.chdir("/")
         # Each part is stopped only if it was started, in reverse order, whatever fails.
         with contextlib.ExitStack() as running:
             registry = Registry(self.paths.registry)
@@ -278,6 +281,7 @@ class Connection:
         with self.sock:
             try:
                 self.service.peer.pid = self.pid  # per thread: see Service.peer_pid
+                self.service.peer.sock = self.sock
                 message = protocol.decode(line)
                 method, params = protocol.parse_request(message)
                 with self._heartbeat(message.get("heartbeat") is True):

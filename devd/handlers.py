@@ -15,6 +15,7 @@ from devd import __version__, git, instance, leftovers, naming, owners, processe
 from devd.errors import DevdError, NotRegistered, ProtocolError, ProvisionFailed, UsageError
 from devd.paths import Paths
 from devd.postgres import provisioner as postgres
+from devd.protocol import peer_holds
 from devd.provisioners import Context, Progress, Provisioner, deps, envguard
 from devd.provisioners.deps import DepsProvisioner
 from devd.provisioners.dirs import DirsProvisioner
@@ -61,6 +62,7 @@ class Service:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._background: list[threading.Thread] = []
+        self._queued: dict[str, dict[str, Any]] = {}  # background provisions not yet started
         self._configs: dict[tuple[Any, ...], RepoConfig] = {}
         self._orphans: tuple[float, list[dict[str, str]]] | None = None
         # The kernel's word on who sent the request being handled (one per thread).
@@ -77,6 +79,12 @@ class Service:
     def peer_pid(self) -> int | None:
         """The pid of the process that sent this thread's request (SO_PEERCRED), if known."""
         return getattr(self.peer, "pid", None)
+
+    def peer_confirmed(self) -> bool:
+        """Asked after reading what the peer pid names: is it still the process that
+        connected (not one that got its pid after it exited, the connection handed on)?"""
+        sock, pid = getattr(self.peer, "sock", None), self.peer_pid()
+        return sock is None or pid is None or peer_holds(sock, pid)
 
     # -- requests ------------------------------------------------------------
 
@@ -98,7 +106,7 @@ class Service:
     def do_provision(self, progress: Progress, path: str, background: bool = False,
                      fix_deps: bool = False, postgres_url: str | None = None
                      ) -> dict[str, Any]:
-        info = git.resolve(Path(_text(path, "path")))
+        info = git.resolve(Path(_absolute(path)))
         wt_id = naming.worktree_id(info.main_path, info.path)
         self._check_path_free(info.path, wt_id)
         wt = self.registry.register(
@@ -222,7 +230,9 @@ class Service:
         peer = self.peer_pid()
         if not peer or peer < 0:  # no SO_PEERCRED here, or a pid outside our namespace
             return {"worktree": str(wt.path), "pid": None}
-        recorded, started = processes.record_run(self.registry, peer, wt.id)
+        processes.prune_runs(self.registry)  # else every `devd run` ever stays till gc
+        recorded, started = processes.record_run(self.registry, peer, wt.id,
+                                                 self.peer_confirmed)
         watchers_api.run_started(self, wt, recorded, argv, cwd)
         return {"worktree": str(wt.path), "pid": recorded,
                 "token": self.run_tokens.issue(recorded, started, wt.id)}
@@ -435,7 +445,7 @@ class Service:
 
     def find(self, path: str | None) -> Worktree:
         """The registered worktree containing `path` (deepest wins: worktrees can nest)."""
-        target = Path(_text(path or ".", "path")).absolute()
+        target = Path(_absolute(path))
         candidates = self.registry.worktrees()
         for probe in (target, target.resolve()):
             match = owners.deepest_containing(str(probe), candidates)
@@ -487,9 +497,19 @@ class Service:
         return bool(lock and lock.locked())
 
     def _in_background(self, wt_id: str, options: dict[str, Any] | None = None) -> None:
+        """At most one background provision waits per worktree (a flood of requests would
+        queue a thread each); a later request only updates the options it will run with."""
+        with self._locks_guard:
+            waiting = wt_id in self._queued
+            self._queued[wt_id] = options or {}
+        if waiting:
+            return
+
         def run() -> None:
+            with self._lock(wt_id), self._locks_guard:  # from here on, a request queues anew
+                latest = self._queued.pop(wt_id)
             try:
-                self.provision(wt_id, _quiet, options)
+                self.provision(wt_id, _quiet, latest)
             except DevdError as exc:
                 log.warning("background provision of %s failed: %s", wt_id, exc.message)
         thread = threading.Thread(target=run, name=f"provision-{wt_id}", daemon=True)
@@ -508,3 +528,12 @@ def _text(value: Any, name: str) -> str:
                             "see docs/protocol.md")
     return value
 
+
+def _absolute(value: Any) -> str:
+    """A path parameter: absolute (the daemon's directory is nobody's business), no '..'."""
+    path = _text(value, "path")
+    # '..' too: worktree matching is by components, so A/../B would count as inside A.
+    if not os.path.isabs(path) or ".." in Path(path).parts:
+        raise UsageError(f"parameter 'path' must be an absolute path without '..', not "
+                         f"{path[:200]!r}", "the CLI sends such paths; see docs/protocol.md")
+    return path

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from devd.client import Client, caller_overrides
 from devd.errors import DevdError, NotAWorktree, NotRegistered, OwnershipConflict, UsageError
+from devd.paths import current_dir
 
 Say = Callable[[str], None]
 BEGIN = "# >>> devd: provision new worktrees (devd hook install --git); edit outside it >>>"
@@ -235,7 +236,7 @@ def claude_config(repo: Path) -> dict[str, Any]:
 def claude_create(stream: IO[str], environ: dict[str, str], client: Client, say: Say) -> Path:
     """WorktreeCreate: make the worktree, start provisioning; return its absolute path."""
     name = worktree_name(read_hook_input(stream))
-    repo = toplevel(Path(environ.get("CLAUDE_PROJECT_DIR") or os.getcwd()).absolute())
+    repo = toplevel(Path(environ.get("CLAUDE_PROJECT_DIR") or current_dir()).absolute())
     place = Path(str(claude_config(repo).get("worktree_dir", ".claude/worktrees")))
     path = Path(os.path.normpath(repo / place.expanduser() / name))
     branch = f"worktree-{name}"

@@ -56,6 +56,28 @@ def nested_checkout_between(root: Path, probe: Path) -> bool:
     for directory in [probe, *probe.parents]:
         if directory == root:
             return False
-        if os.path.lexists(directory / ".git"):
+        if os.path.lexists(directory / ".git") and not _submodule_of(root, directory):
             return True
     return False
+
+
+def _submodule_of(root: Path, directory: Path) -> bool:
+    """Is `directory` a submodule of `root` (its git dir under root's own `modules/`)? A
+    submodule is part of the worktree's code, unlike a worktree or clone nested in it."""
+    own, inner = _git_dir(root), _git_dir(directory)
+    return own is not None and inner is not None and (own / "modules") in inner.parents
+
+
+def _git_dir(checkout: Path) -> Path | None:
+    """A checkout's own git dir: `.git` itself, or where a `.git` file points (gitdir:)."""
+    dot_git = checkout / ".git"
+    if dot_git.is_dir():
+        return dot_git.resolve()
+    try:
+        with open(dot_git, encoding="utf-8", errors="replace") as handle:
+            first = handle.readline(4096).strip()
+    except OSError:
+        return None
+    if not first.startswith("gitdir:"):
+        return None
+    return (checkout / first.removeprefix("gitdir:").strip()).resolve()

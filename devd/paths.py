@@ -255,3 +255,15 @@ def flock_held(path: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def current_dir() -> str:
+    """The process's directory; a usage error once it was removed (a shell left in a
+    worktree that was just removed)."""
+    from devd.errors import UsageError
+
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        raise UsageError("the current directory no longer exists",
+                         "cd into the worktree (or pass its absolute path)") from None

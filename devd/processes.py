@@ -6,6 +6,8 @@ import os
 import secrets
 import shlex
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -14,6 +16,8 @@ from devd import signals
 from devd.errors import DevdError, NotOwner
 from devd.owners import deepest_containing, owning, undeleted
 from devd.registry import Registry, Worktree
+
+TICKS = 0.02  # two start-time ticks: see record_run
 
 
 @dataclass(frozen=True)
@@ -203,15 +207,34 @@ def _recorded(registry: Registry, wt_id: str, pid: int, started: float) -> bool:
     return (pid, round(started, 2)) in {(p, t) for p, t, w in registry.processes() if w == wt_id}
 
 
-def record_run(registry: Registry, pid: int, wt_id: str) -> tuple[int, float]:
-    """Record `pid` (the kernel's word on who asked) as a `devd run` of the worktree."""
-    try:
-        proc = psutil.Process(pid)
-        key = (pid, round(proc.create_time(), 2))
-        registry.add_process(*key, wt_id, proc.cmdline())
-    except psutil.NoSuchProcess as exc:
-        raise DevdError(f"process {pid} exited before devd could record it", "") from exc
+def record_run(registry: Registry, pid: int, wt_id: str,
+               confirmed: Callable[[], bool] = lambda: True) -> tuple[int, float]:
+    """Record `pid` (the kernel's word on who asked) as a `devd run` of the worktree;
+    `confirmed`, asked after reading it, says the pid still names the process that asked."""
+    key = _start_of(pid)
+    # Start times have 10 ms ticks: a process that exits within its first tick leaves its
+    # (pid, start) to a stranger started in that tick. Seen alive after the tick, it is
+    # the only process that ever has that pair.
+    time.sleep(TICKS)
+    if key is None or _start_of(pid) != key or not confirmed():
+        raise DevdError(f"process {pid} exited before devd could record it",
+                        "`devd run` stays connected until it is recorded")
+    registry.add_process(*key, wt_id, _cmdline(pid))
     return key
+
+
+def _start_of(pid: int) -> tuple[int, float] | None:
+    try:
+        return pid, round(psutil.Process(pid).create_time(), 2)
+    except psutil.Error:
+        return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return []
 
 
 class RunTokens:

@@ -9,8 +9,11 @@ See docs/protocol.md.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import signal
 import socket
 import struct
 import sys
@@ -137,3 +140,28 @@ def peer_creds(sock: socket.socket) -> tuple[int | None, int | None]:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, _gid = struct.unpack("3i", creds)
     return int(pid), int(uid)
+
+
+# SO_PEERPIDFD (Linux 6.5): a pidfd of the process that connected, which a reused pid never
+# names. Python 3.11 lacks the constant.
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77) if sys.platform.startswith("linux") else None
+
+
+def peer_holds(sock: socket.socket, pid: int) -> bool:
+    """Does the process that connected still hold `pid`? Asked after reading what `pid`
+    names (its start time, its parents): True means that read was of the connecting process,
+    not of one that got its pid after it exited. Where the kernel cannot tell (Linux < 6.5,
+    macOS), True: the pid is then the kernel's word at connect time, as before."""
+    if SO_PEERPIDFD is None:
+        return True
+    try:
+        fd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as exc:
+        return exc.errno == errno.ENOPROTOOPT  # else it exited (ESRCH, EINVAL): not it
+    try:
+        signal.pidfd_send_signal(fd, 0)  # alive, so it still holds its pid: the peer pid
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)

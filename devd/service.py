@@ -8,7 +8,6 @@ autostart and these commands say so. Light imports only: the CLI calls this modu
 
 from __future__ import annotations
 
-import contextlib
 import os
 import plistlib
 import shutil
@@ -19,9 +18,13 @@ import time
 from collections.abc import Callable, Mapping
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from devd.errors import DaemonUnreachable, DevdError, OwnershipConflict
 from devd.paths import Paths
+
+if TYPE_CHECKING:
+    from devd.signals import Target
 
 UNITS = ("devd.socket", "devd.service")
 LABEL = "dev.devd"
@@ -150,19 +153,46 @@ def _remove_owned(target: Path, marker: str, say: Say) -> None:
 
 
 def stop_autostarted(paths: Paths, say: Say) -> None:
-    """Stop a daemon the CLI started, so the service manager's daemon can own the socket."""
+    """Stop a daemon the CLI started, so the service manager's daemon can own the socket:
+    only the process the kernel says listens there, and only if it says that pid itself."""
+    from devd import signals
     from devd.client import Client
 
     try:
         pid = int(Client(paths, autostart=False).call("ping")["pid"])
     except DaemonUnreachable:
         return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
+    meant = _listening(paths, pid)
+    try:
+        sent = meant is not None and signals.send_once(meant, signal.SIGTERM)
+    except signals.Refused:
+        sent = False
+    if not sent:
+        say(f"did not stop the daemon on {paths.socket}: it says it is pid {pid}, which is "
+            "not the process listening there (another pid namespace, or a service "
+            "manager's socket); stop it yourself")
+        return
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and paths.socket.exists():
         time.sleep(0.1)
     say(f"stopped the daemon the CLI had started (pid {pid}); the service manager runs it now")
+
+
+def _listening(paths: Paths, pid: int) -> Target | None:
+    """`pid` as a process to signal, if it is the one that listens on the socket (asked
+    after reading its start time, so that start time is the listener's)."""
+    import psutil
+
+    from devd import protocol, signals
+    from devd.client import connect
+
+    try:
+        meant = signals.target(psutil.Process(pid))
+        with connect(paths) as sock:
+            listener = protocol.peer_creds(sock)[0]
+    except (psutil.Error, OSError, DevdError):
+        return None
+    return meant if listener == pid else None
 
 
 # -- commands --------------------------------------------------------------------

@@ -36,18 +36,23 @@ MAX_STRING = 4096
 MAX_PORTS = 32
 
 
+# Bound on every setting in seconds: beyond ~24 days a select() or a wait() overflows (a
+# DEVD_REQUEST_TIMEOUT of 1e9 ended the serve loop at the first connection).
+DAY = 86400.0
+
+
 class Settings(BaseSettings):
     """Machine-wide settings: environment variables DEVD_* win over config.toml."""
 
     model_config = SettingsConfigDict(env_prefix="DEVD_", extra="forbid")
 
     port_range: str = "20000-29999"
-    reconcile_interval: float = Field(10.0, gt=0)
+    reconcile_interval: float = Field(10.0, gt=0, le=DAY)
     gc_grace: str = "24h"
     browser: str = ""
-    kill_timeout: float = Field(5.0, gt=0)
+    kill_timeout: float = Field(5.0, gt=0, le=DAY)
     # Seconds a client has to send its whole request line (DEVD_REQUEST_TIMEOUT).
-    request_timeout: float = Field(10.0, gt=0)
+    request_timeout: float = Field(10.0, gt=0, le=DAY)
     # Admin connection for [postgres] schema/database modes; wins over devd.toml's url.
     postgres_url: str = ""
     # How many worktrees install dependencies at once; 0 means the number of cores.
@@ -58,11 +63,11 @@ class Settings(BaseSettings):
     watchers_instances_warn: float = Field(0.80, gt=0, le=1)
     watchers_instances_critical: float = Field(0.95, gt=0, le=1)
     watchers_fds_warn: float = Field(0.80, gt=0, le=1)
-    watchers_cheap_interval: float = Field(5.0, gt=0)
-    watchers_full_interval: float = Field(45.0, gt=0)
+    watchers_cheap_interval: float = Field(5.0, gt=0, le=DAY)
+    watchers_full_interval: float = Field(45.0, gt=0, le=DAY)
     watchers_notify: bool = True
     watchers_partial_ratio: float = Field(0.5, ge=0, le=1)
-    watchers_settle: float = Field(20.0, ge=0)  # a watcher's start-up walk before `partial`
+    watchers_settle: float = Field(20.0, ge=0, le=DAY)  # a watcher's start-up walk before `partial`
     # Stop devd-started watchers of worktrees unused this long ("2h"; "" or "0": never).
     watchers_idle_stop: str = ""
 

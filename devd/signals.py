@@ -66,6 +66,13 @@ def stop(meant: Target, timeout: float, check: Check | None = None,
         return "killed"
 
 
+def send_once(meant: Target, sig: int, check: Check | None = None) -> bool:
+    """One signal to the very process meant, re-verified right before it; False if that
+    one exited. Raises Refused as `stop` does."""
+    with _pinned(meant.pid) as pin:
+        return pin is not None and pin.send(meant, sig, check)
+
+
 def _both(check: Check | None, first: Check | None) -> Check | None:
     if check is None or first is None:
         return check or first

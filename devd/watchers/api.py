@@ -69,7 +69,8 @@ def run_event(service: Service, wt: Worktree, signature: str, budget: str, line:
     """A break line, from a recorded run of `wt` or a descendant (its tee is a child): the
     kernel's peer pid and ancestry decide which run broke, never a pid the client sent;
     a scanner that outlived its run shows the token its run was given instead."""
-    run = processes.run_of(service.peer_pid(), service.registry, wt.id) \
+    by_ancestry = processes.run_of(service.peer_pid(), service.registry, wt.id)
+    run = (by_ancestry if service.peer_confirmed() else None) \
         or service.run_tokens.run(token, wt.id)
     if run is None:
         raise NotOwner(f"run_event for {wt.path} did not come from a `devd run` of it",
