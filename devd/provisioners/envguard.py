@@ -18,9 +18,10 @@ from devd.provisioners.base import Context
 
 DB_KEYS = ("DATABASE_URL", "PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE")
 # The files frameworks load in development besides [env] file and the copies (dotenv-flow,
-# Next.js, Vite): a definition of devd's key in any of them can win over devd's block.
+# Next.js, Vite; direnv's .envrc): a definition of devd's key in any of them can win over
+# devd's block.
 DEV_FILES = (".env", ".env.local", ".env.development", ".env.development.local",
-             ".env.test", ".env.test.local")
+             ".env.test", ".env.test.local", ".envrc")
 _NOT_DOTENV = (".json", ".yml", ".yaml", ".toml", ".js", ".cjs", ".mjs", ".ts", ".gpg",
                ".enc", ".age", ".example", ".sample", ".template")
 MAX_SCAN = 1 << 20  # bytes; bigger files are not .env files
@@ -70,7 +71,8 @@ def managed_keys(ctx: Context, keys: Iterable[str]) -> Callable[[str], bool]:
 def is_dotenv_name(rel: str) -> bool:
     """Whether a copied file is .env-style (its lines may be neutralised) by its name."""
     name = Path(rel).name
-    styled = name == ".env" or name.startswith(".env.") or name.endswith(".env")
+    # direnv's .envrc is shell: an `export KEY=...` line in it reads like a dotenv line.
+    styled = name in (".env", ".envrc") or name.startswith(".env.") or name.endswith(".env")
     return styled and not name.endswith(_NOT_DOTENV)
 
 
@@ -150,7 +152,7 @@ def _defined(path: Path, skip_block: bool) -> list[tuple[str, int]]:
 
 
 def _block_lines(text: str) -> range:
-    lines = text.split("\n")
+    lines = dotenv.split_lines(text)
     if BEGIN not in lines or END not in lines:
         return range(0)
     return range(lines.index(BEGIN), lines.index(END) + 1)
@@ -158,7 +160,7 @@ def _block_lines(text: str) -> range:
 
 def block_keys(text: str) -> list[str]:
     """The keys inside devd's block of a file's text."""
-    lines = text.split("\n")
+    lines = dotenv.split_lines(text)
     span = _block_lines(text)
     return [key for key, _, _ in dotenv.definitions("\n".join(lines[span.start:span.stop]))]
 

@@ -1,0 +1,99 @@
+"""Attacks on issue 9's isolation: main-worktree files spelt the way real editors and
+loaders allow, failures half-way, a second instance. Real git, daemon, loaders, Postgres.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import Devd, Repo
+from envloaders import SHELLS, compose_config, direnv, node, python_dotenv, shell
+from test_envfile_isolation import MAIN_URL, closed_port, node_modules
+
+from devd import dotenv
+
+__all__ = ["node_modules"]  # the session fixture, shared with test_envfile_isolation
+
+# Each is a main-worktree .env that python-dotenv and npm dotenv both read MAIN_URL from.
+TRICKS = {
+    # python-dotenv and npm dotenv close "C:\\" at its quote; a lone-backslash rule did not.
+    "escaped-backslash": f'WIN_DIR="C:\\\\"\nDATABASE_URL={MAIN_URL}\nOTHER="x"\n',
+    "bom": f"\ufeffDATABASE_URL={MAIN_URL}\nA=1\n",  # Windows editors write one
+    "cr-only": f"A=1\rDATABASE_URL={MAIN_URL}\rB=2\r",
+    "crlf": f"A=1\r\nexport DATABASE_URL={MAIN_URL}\r\nB=2\r\n",
+    "nbsp": f"\u00a0DATABASE_URL={MAIN_URL}\n",
+}
+
+
+def loaders(path: Path, modules: Path, scratch: Path) -> dict[str, dict[str, str]]:
+    """{loader: values}; a loader that refuses the file (direnv, Compose on a BOM) fails
+    loudly, which is no leak: it reads nothing."""
+    scratch.mkdir(exist_ok=True)
+    read = {"python-dotenv": python_dotenv(path), **node(modules, [path])[str(path)]}
+    readers = {"direnv": lambda: direnv(path),
+               "compose-1.29": lambda: compose_config([path], scratch / "c")[path],
+               **{name: (lambda name=name: shell(name, path, scratch)) for name in SHELLS}}
+    for name, reader in readers.items():
+        try:
+            read[name] = reader()
+        except subprocess.CalledProcessError:
+            read[name] = {}
+    return read
+
+
+def node_env_file(path: Path) -> str:
+    """What Node's own loaders (node --env-file, process.loadEnvFile) read for DATABASE_URL."""
+    flag = subprocess.run(["node", f"--env-file={path}", "-p", "process.env.DATABASE_URL"],
+                          capture_output=True, text=True, check=True).stdout
+    loaded = subprocess.run(["node", "-p", f"process.loadEnvFile({str(path)!r}); "
+                             "process.env.DATABASE_URL"], capture_output=True, text=True,
+                            check=True).stdout
+    return flag + loaded
+
+
+@pytest.mark.parametrize("trick", sorted(TRICKS))
+def test_tricky_spellings_are_neutralised_for_every_loader(
+        trick: str, node_modules: Path, tmp_path: Path) -> None:
+    original = TRICKS[trick]
+    before = tmp_path / "before.env"
+    before.write_text(original, newline="")
+    read = loaders(before, node_modules, tmp_path / "scratch")
+    assert read["python-dotenv"]["DATABASE_URL"] == read["dotenv"]["DATABASE_URL"] == MAIN_URL
+    new, removed = dotenv.neutralise(original, {"DATABASE_URL"}.__contains__,
+                                     lambda key: f"# {key} removed")
+    assert removed == ["DATABASE_URL"]
+    after = tmp_path / "after.env"
+    after.write_text(new, newline="")
+    read = loaders(after, node_modules, tmp_path / "scratch2")
+    for loader, values in read.items():
+        assert MAIN_URL not in values.get("DATABASE_URL", ""), loader
+    assert MAIN_URL not in node_env_file(after)
+    # The other lines keep their line endings.
+    assert new.count("\r") == original.count("\r")
+
+
+def test_copied_tricky_files_and_envrc_never_lead_to_main(
+        devd: Devd, repo: Repo, node_modules: Path, tmp_path: Path) -> None:
+    repo.commit({"devd.toml": '[postgres]\nmode = "database"\n'
+                 f'url = "postgresql://postgres@127.0.0.1:{closed_port()}/postgres"\n',
+                 ".worktreeinclude": ".env*\n", ".gitignore": ".env*\n"})
+    (repo.main / ".env").write_text(TRICKS["escaped-backslash"])
+    (repo.main / ".env.development.local").write_bytes(TRICKS["bom"].encode())
+    (repo.main / ".env.test").write_bytes(TRICKS["cr-only"].encode())
+    (repo.main / ".envrc").write_text(f"dotenv\nexport DATABASE_URL={MAIN_URL}\n")
+    os.chmod(repo.main / ".envrc", 0o644)
+    tree = repo.worktree("shop-t", "t")
+    assert devd.run("provision", str(tree), check=False).returncode == 1  # no server
+    files = [tree / name for name in (".env", ".env.development.local", ".env.test")]
+    for path in files:
+        for loader, values in loaders(path, node_modules, tmp_path / path.name).items():
+            assert MAIN_URL not in values.get("DATABASE_URL", ""), (path.name, loader)
+        assert MAIN_URL not in node_env_file(path), path.name
+    assert MAIN_URL not in (tree / ".envrc").read_text()
+    # A line added by hand after the copy is reported, in a file direnv loads.
+    (tree / ".envrc").write_text(f"export DATABASE_URL={MAIN_URL}\n")
+    envfile = [r for r in devd.worktree(tree)["resources"] if r["kind"] == "envfile"][0]
+    assert "DATABASE_URL at .envrc:1" in envfile["detail"], envfile["detail"]
