@@ -8,9 +8,13 @@ import os
 import subprocess
 from pathlib import Path
 
+import psycopg
 import pytest
+import test_pgownership
+import test_postgres
 from conftest import Devd, Repo
 from envloaders import SHELLS, compose_config, direnv, node, python_dotenv, shell
+from pgsupport import env_of, query, with_postgres
 from test_envfile_isolation import MAIN_URL, closed_port, node_modules
 
 from devd import dotenv
@@ -97,3 +101,32 @@ def test_copied_tricky_files_and_envrc_never_lead_to_main(
     (tree / ".envrc").write_text(f"export DATABASE_URL={MAIN_URL}\n")
     envfile = [r for r in devd.worktree(tree)["resources"] if r["kind"] == "envfile"][0]
     assert "DATABASE_URL at .envrc:1" in envfile["detail"], envfile["detail"]
+
+
+# -- Postgres ------------------------------------------------------------------------------
+
+pg_url = test_postgres.pg_url  # one server per session, shared with test_postgres.py
+PUBLIC_GRANTS = ["CREATE TABLE orders (id int, who text)", "INSERT INTO orders VALUES (1, 'main')",
+                 "GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public TO PUBLIC"]
+
+
+@pytest.mark.postgres
+def test_schema_mode_refuses_tables_every_role_may_read(devd_home: Devd, repo: Repo,
+                                                        pg_url: str) -> None:
+    app = test_pgownership.scratch_db(pg_url, PUBLIC_GRANTS)
+    devd_home.env["DEVD_POSTGRES_URL"] = app
+    devd_home.start()
+    with_postgres(repo, 'mode = "schema"\n')
+    tree = repo.worktree("shop-pub", "feat/pub")
+    result = devd_home.run("provision", str(tree), check=False)
+    if result.returncode == 0:  # then the worktree must at least not reach main's rows
+        url = env_of(devd_home, tree)["DATABASE_URL"]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            query(url, "SELECT * FROM public.orders")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            query(url, "INSERT INTO public.orders VALUES (2, 'worktree')")
+    assert result.returncode == 1 and "schema mode cannot isolate" in result.stderr
+    assert "public.orders" in result.stderr and "FROM PUBLIC" in result.stderr
+    assert ".invalid" in env_of(devd_home, tree)["DATABASE_URL"]
+    assert query(app, "SELECT * FROM orders") == [(1, "main")]
+    assert devd_home.stop() == 0, devd_home.log()

@@ -40,6 +40,20 @@ SELECT nspname FROM pg_namespace WHERE nspname NOT IN ('pg_catalog', 'informatio
   AND has_schema_privilege('public', oid, 'CREATE') ORDER BY 1
 """
 
+# Relations outside extensions that every role may read or write (a GRANT ... TO PUBLIC):
+# reachable qualified (public.orders) from a schema-mode worktree, whatever its search path.
+_PUBLIC_RELATIONS = """
+SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
+  AND n.nspname <> %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+  AND has_schema_privilege('public', n.oid, 'USAGE')
+  AND (has_table_privilege('public', c.oid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE')
+       OR c.relkind <> 'S' AND has_any_column_privilege('public', c.oid, 'SELECT, INSERT, UPDATE'))
+  AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
+ORDER BY 1
+"""
+
 
 def ensure_sql(ctx: Context, progress: Progress, mode: str) -> dict[str, Any]:
     url, wt_id, recorded = admin_url(ctx), ctx.worktree.id, ctx.recorded("postgres")
@@ -54,6 +68,7 @@ def ensure_sql(ctx: Context, progress: Progress, mode: str) -> dict[str, Any]:
         superuser = server.require(conn, *needs)
         if mode == "schema":
             _refuse_open_schemas(conn, name)
+            _refuse_public_relations(conn, name)
         dbname = recorded.get("database") or (conn.info.dbname if mode == "schema" else name)
         record_intent(ctx, mode=mode, name=name, admin_url=url, database=dbname,
                       password=password)
@@ -101,6 +116,20 @@ def _refuse_open_schemas(conn: psycopg.Connection[Any], name: str) -> None:
             f"{', '.join(open_schemas)} (the PostgreSQL <= 14 default for public), so a "
             "worktree could write beside the app's tables",
             f"as the database owner: {fix} (or use mode = \"database\")", code="postgres_privilege")
+
+
+def _refuse_public_relations(conn: psycopg.Connection[Any], name: str) -> None:
+    """A table every role may read or write would let the worktree reach main's rows."""
+    shared = [row[0] for row in conn.execute(_PUBLIC_RELATIONS, (name,))]
+    if shared:
+        fix = " ".join(f"REVOKE ALL ON {relation} FROM PUBLIC;" for relation in shared[:5])
+        more = f" (and {len(shared) - 5} more)" if len(shared) > 5 else ""
+        raise DevdError(
+            f"schema mode cannot isolate this database: every role may read or write "
+            f"{', '.join(shared[:5])}{more} (granted to PUBLIC), so a worktree could reach "
+            "the app's rows by their qualified names",
+            f"as their owner: {fix}{more} (or use mode = \"database\")",
+            code="postgres_privilege")
 
 
 def _schema_statements(name: str, wt_id: str, exists: bool, dbname: str,
