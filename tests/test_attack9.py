@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
 import pytest
 import test_pgownership
 import test_postgres
-from conftest import Devd, Repo
+from conftest import Devd, Repo, wait_for
 from envloaders import SHELLS, compose_config, direnv, node, python_dotenv, shell
 from pgsupport import env_of, query, with_postgres
 from test_envfile_isolation import MAIN_URL, closed_port, node_modules
@@ -129,4 +130,42 @@ def test_schema_mode_refuses_tables_every_role_may_read(devd_home: Devd, repo: R
     assert "public.orders" in result.stderr and "FROM PUBLIC" in result.stderr
     assert ".invalid" in env_of(devd_home, tree)["DATABASE_URL"]
     assert query(app, "SELECT * FROM orders") == [(1, "main")]
+    assert devd_home.stop() == 0, devd_home.log()
+
+
+def dump_waiting(admin: str) -> bool:
+    return bool(query(admin, "SELECT 1 FROM pg_stat_activity WHERE application_name = "
+                      "'pg_dump' AND wait_event_type = 'Lock'"))
+
+
+@pytest.mark.postgres
+def test_a_write_during_the_release_dump_is_never_dropped_unseen(
+        devd_home: Devd, repo: Repo, pg_url: str) -> None:
+    app = test_pgownership.scratch_db(pg_url, [])
+    devd_home.env["DEVD_POSTGRES_URL"] = app
+    devd_home.start()
+    with_postgres(repo, 'mode = "schema"\n')
+    tree = repo.worktree("shop-race", "feat/race")
+    devd_home.run("provision", str(tree))
+    env = env_of(devd_home, tree)
+    query(env["DATABASE_URL"], "CREATE TABLE slow (x int); CREATE TABLE jobs (x int)")
+    # Another role's lock holds pg_dump at one table: the window a big dump has anyway.
+    with psycopg.connect(app) as holder:
+        holder.execute(f'LOCK TABLE "{env["PGUSER"]}".slow IN ACCESS EXCLUSIVE MODE')
+        release = subprocess.Popen([sys.executable, "-m", "devd", "release", str(tree), "--yes"],
+                                   env=devd_home.env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: dump_waiting(app), timeout=30, what="pg_dump to wait on the lock")
+        try:  # a worker of the app writes a row and disconnects, as apps do
+            query(env["DATABASE_URL"], "INSERT INTO jobs VALUES (42)")
+            written = True
+        except psycopg.OperationalError:
+            written = False  # refused loudly while the release runs: nothing to lose
+    out, err = release.communicate(timeout=60)
+    if release.returncode == 0 and written:
+        devd_home.run("provision", str(tree))
+        devd_home.run("restore", str(tree))
+        rows = query(env_of(devd_home, tree)["DATABASE_URL"], "SELECT * FROM jobs")
+        assert rows == [(42,)], "a row written during the release is in neither place"
+    assert release.returncode == 0 and not written, (out, err)
     assert devd_home.stop() == 0, devd_home.log()

@@ -280,17 +280,37 @@ def teardown_sql(ctx: Context, detail: dict[str, Any]) -> None:
         try:
             conn.execute("SET lock_timeout = '10s'")
             present, role, tests = _claims(ctx, conn, detail)
-            _release_sessions(ctx, conn, detail, tests)
-            if present and ctx.backup:
-                _dump(ctx, detail)
-            records.mark_dropping(ctx)
-            for test in tests:
-                conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(test)))
-                ctx.outputs.setdefault("test_databases_dropped", []).append(test)
-            _drop(conn, mode, name, present, role)
+            # The app logs in as the role: closed first, no session can start after the
+            # check and write what the dump no longer sees (reopened if the release stops).
+            _set_login(conn, name, role, False)
+            try:
+                _dump_and_drop(ctx, conn, detail, (present, role, tests))
+            except BaseException:
+                _set_login(conn, name, role, True)
+                raise
         except psycopg.Error as exc:
             raise server.translate(exc, f"dropping Postgres {mode} {name}") from exc
     dump.prune(ctx.paths)
+
+
+def _dump_and_drop(ctx: Context, conn: psycopg.Connection[Any], detail: dict[str, Any],
+                   claims: tuple[bool, bool, list[str]]) -> None:
+    present, role, tests = claims
+    _release_sessions(ctx, conn, detail, tests)
+    if present and ctx.backup:
+        _dump(ctx, detail)
+    records.mark_dropping(ctx)
+    for test in tests:
+        conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(test)))
+        ctx.outputs.setdefault("test_databases_dropped", []).append(test)
+    _drop(conn, detail["mode"], detail["name"], present, role)
+
+
+def _set_login(conn: psycopg.Connection[Any], name: str, role: bool, login: bool) -> None:
+    """Allow or refuse new logins of the worktree's role (sessions already open stay)."""
+    if role and not conn.closed and not conn.broken:
+        conn.execute(sql.SQL("ALTER ROLE {} " + ("LOGIN" if login else "NOLOGIN")).format(
+            sql.Identifier(name)))
 
 
 def _admin(detail: dict[str, Any]) -> psycopg.Connection[Any]:
