@@ -169,3 +169,30 @@ def test_a_write_during_the_release_dump_is_never_dropped_unseen(
         assert rows == [(42,)], "a row written during the release is in neither place"
     assert release.returncode == 0 and not written, (out, err)
     assert devd_home.stop() == 0, devd_home.log()
+
+
+pgdevd = test_postgres.pgdevd
+
+
+@pytest.mark.postgres
+def test_a_restore_failing_after_large_objects_is_rolled_back(
+        pgdevd: Devd, repo: Repo, pg_url: str, tmp_path: Path) -> None:
+    with_postgres(repo, 'mode = "database"\n')
+    tree = repo.worktree("shop-lo", "feat/lo")
+    pgdevd.run("provision", str(tree))
+    url = env_of(pgdevd, tree)["DATABASE_URL"]
+    query(url, "CREATE TABLE keep (id int, v text)")
+    query(url, "INSERT INTO keep VALUES (1, 'current')")
+    # pg_restore wraps large objects in BEGIN/COMMIT; the event trigger after them (post-data,
+    # superuser only) fails when loaded as the worktree role.
+    foreign = test_pgownership.scratch_db(pg_url, [
+        "CREATE TABLE keep (id int, v text)", "INSERT INTO keep VALUES (9, 'dump')",
+        "SELECT lo_create(4243)",
+        "CREATE FUNCTION et() RETURNS event_trigger LANGUAGE plpgsql AS 'BEGIN END'",
+        "CREATE EVENT TRIGGER et ON ddl_command_start EXECUTE FUNCTION et()"])
+    dumped = tmp_path / "lo.dump"
+    subprocess.run([test_pgownership.PG_DUMP, "-Fc", "-f", str(dumped), foreign], check=True)
+    failed = pgdevd.run("restore", str(tree), "--dump", str(dumped), check=False)
+    assert failed.returncode == 1 and "exactly as before" in failed.stderr, failed.stderr
+    assert query(url, "SELECT * FROM keep") == [(1, "current")]
+    assert query(url, "SELECT count(*) FROM pg_largeobject_metadata") == [(0,)]
