@@ -108,7 +108,9 @@ def test_copied_tricky_files_and_envrc_never_lead_to_main(
 
 pg_url = test_postgres.pg_url  # one server per session, shared with test_postgres.py
 PUBLIC_GRANTS = ["CREATE TABLE orders (id int, who text)", "INSERT INTO orders VALUES (1, 'main')",
-                 "GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public TO PUBLIC"]
+                 "GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public TO PUBLIC",
+                 "CREATE FUNCTION archive() RETURNS void LANGUAGE sql SECURITY DEFINER "
+                 "AS 'DELETE FROM orders'"]
 
 
 @pytest.mark.postgres
@@ -126,8 +128,11 @@ def test_schema_mode_refuses_tables_every_role_may_read(devd_home: Devd, repo: R
             query(url, "SELECT * FROM public.orders")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             query(url, "INSERT INTO public.orders VALUES (2, 'worktree')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            query(url, "SELECT public.archive()")
     assert result.returncode == 1 and "schema mode cannot isolate" in result.stderr
     assert "public.orders" in result.stderr and "FROM PUBLIC" in result.stderr
+    assert "REVOKE ALL ON FUNCTION public.archive() FROM PUBLIC" in result.stderr
     assert ".invalid" in env_of(devd_home, tree)["DATABASE_URL"]
     assert query(app, "SELECT * FROM orders") == [(1, "main")]
     assert devd_home.stop() == 0, devd_home.log()

@@ -40,9 +40,10 @@ SELECT nspname FROM pg_namespace WHERE nspname NOT IN ('pg_catalog', 'informatio
   AND has_schema_privilege('public', oid, 'CREATE') ORDER BY 1
 """
 
-# Relations outside extensions that every role may read or write (a GRANT ... TO PUBLIC):
-# reachable qualified (public.orders) from a schema-mode worktree, whatever its search path.
-_PUBLIC_RELATIONS = """
+# Relations outside extensions that every role may read or write (a GRANT ... TO PUBLIC),
+# and SECURITY DEFINER routines it may run: reachable qualified (public.orders) from a
+# schema-mode worktree, whatever its search path.
+_SHARED_WITH_PUBLIC = """
 SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
@@ -51,6 +52,13 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LI
   AND (has_table_privilege('public', c.oid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE')
        OR c.relkind <> 'S' AND has_any_column_privilege('public', c.oid, 'SELECT, INSERT, UPDATE'))
   AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
+UNION ALL  -- a SECURITY DEFINER routine anyone may run acts as its owner: as main's app
+SELECT format('%%I.%%I(%%s)', n.nspname, p.proname, pg_get_function_identity_arguments(p.oid))
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE p.prosecdef AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname <> %s AND has_schema_privilege('public', n.oid, 'USAGE')
+  AND has_function_privilege('public', p.oid, 'EXECUTE')
+  AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')
 ORDER BY 1
 """
 
@@ -68,7 +76,7 @@ def ensure_sql(ctx: Context, progress: Progress, mode: str) -> dict[str, Any]:
         superuser = server.require(conn, *needs)
         if mode == "schema":
             _refuse_open_schemas(conn, name)
-            _refuse_public_relations(conn, name)
+            _refuse_shared_with_public(conn, name)
         dbname = recorded.get("database") or (conn.info.dbname if mode == "schema" else name)
         record_intent(ctx, mode=mode, name=name, admin_url=url, database=dbname,
                       password=password)
@@ -118,14 +126,16 @@ def _refuse_open_schemas(conn: psycopg.Connection[Any], name: str) -> None:
             f"as the database owner: {fix} (or use mode = \"database\")", code="postgres_privilege")
 
 
-def _refuse_public_relations(conn: psycopg.Connection[Any], name: str) -> None:
-    """A table every role may read or write would let the worktree reach main's rows."""
-    shared = [row[0] for row in conn.execute(_PUBLIC_RELATIONS, (name,))]
+def _refuse_shared_with_public(conn: psycopg.Connection[Any], name: str) -> None:
+    """A table (or definer routine) every role may use would let the worktree reach main's
+    rows."""
+    shared = [row[0] for row in conn.execute(_SHARED_WITH_PUBLIC, (name, name))]
     if shared:
-        fix = " ".join(f"REVOKE ALL ON {relation} FROM PUBLIC;" for relation in shared[:5])
+        fix = " ".join(f"REVOKE ALL ON {'FUNCTION ' if '(' in what else ''}{what} FROM PUBLIC;"
+                       for what in shared[:5])
         more = f" (and {len(shared) - 5} more)" if len(shared) > 5 else ""
         raise DevdError(
-            f"schema mode cannot isolate this database: every role may read or write "
+            f"schema mode cannot isolate this database: every role may use "
             f"{', '.join(shared[:5])}{more} (granted to PUBLIC), so a worktree could reach "
             "the app's rows by their qualified names",
             f"as their owner: {fix}{more} (or use mode = \"database\")",
