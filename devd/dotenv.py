@@ -114,6 +114,13 @@ def _value_end(lines: list[str], first: int, start: int) -> int:
     return number
 
 
+def keys_with(text: str, pattern: re.Pattern[str]) -> set[str]:
+    """Keys whose definition (key and value, every line of it) matches `pattern`."""
+    lines = split_lines(text)
+    return {key for key, first, last in definitions(text)
+            if pattern.search("\n".join(lines[first:last + 1]))}
+
+
 def neutralise(text: str, managed: Callable[[str], bool], comment: Callable[[str], str]
                ) -> tuple[str, list[str]]:
     """`text` with every definition of a managed key replaced by comment(key): the value is

@@ -104,6 +104,25 @@ def test_copied_tricky_files_and_envrc_never_lead_to_main(
     assert "DATABASE_URL at .envrc:1" in envfile["detail"], envfile["detail"]
 
 
+def test_postgres_urls_under_other_names_are_removed_from_copies(
+        devd: Devd, repo: Repo, node_modules: Path, tmp_path: Path) -> None:
+    repo.commit({"devd.toml": '[postgres]\nmode = "database"\n'
+                 f'url = "postgresql://postgres@127.0.0.1:{closed_port()}/postgres"\n'})
+    main_db = MAIN_URL.split("://", 1)[1]
+    (repo.main / ".env").write_text(  # Prisma, Vercel Postgres, SQLAlchemy, JDBC spellings
+        f"DIRECT_URL={MAIN_URL}\nPOSTGRES_PRISMA_URL=\"postgres://{main_db}?pgbouncer=true\"\n"
+        f"SQLALCHEMY_URL=postgresql+psycopg://{main_db}\nJDBC=jdbc:postgresql://{main_db}\n"
+        "REDIS_URL=redis://main:6379/0\n# docs: postgres://example\n")
+    tree = repo.worktree("shop-u", "u")
+    assert devd.run("provision", str(tree), check=False).returncode == 1  # no server
+    text = (tree / ".env").read_text()
+    assert main_db not in text and "REDIS_URL=redis://main:6379/0" in text, text
+    assert "# docs: postgres://example" in text and "DIRECT_URL: the main worktree's Postgres" \
+        in text
+    for loader, values in loaders(tree / ".env", node_modules, tmp_path).items():
+        assert not [k for k, v in values.items() if main_db in v], loader
+
+
 # -- Postgres ------------------------------------------------------------------------------
 
 pg_url = test_postgres.pg_url  # one server per session, shared with test_postgres.py

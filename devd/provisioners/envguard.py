@@ -8,6 +8,7 @@ only definition in the worktree.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ DEV_FILES = (".env", ".env.local", ".env.development", ".env.development.local",
              ".env.test", ".env.test.local", ".envrc")
 _NOT_DOTENV = (".json", ".yml", ".yaml", ".toml", ".js", ".cjs", ".mjs", ".ts", ".gpg",
                ".enc", ".age", ".example", ".sample", ".template")
+# postgres://, postgresql://, SQLAlchemy's postgresql+psycopg://, jdbc:postgresql://
+_POSTGRES_URL = re.compile(r"postgres(?:ql)?(?:\+\w+)?://", re.IGNORECASE)
 MAX_SCAN = 1 << 20  # bytes; bigger files are not .env files
 BEGIN = "# >>> devd: managed block, rewritten by `devd provision`; edit outside it >>>"
 END = "# <<< devd <<<"
@@ -66,6 +69,14 @@ def managed_keys(ctx: Context, keys: Iterable[str]) -> Callable[[str], bool]:
         (prefixes.append(name[:-1]) if name.endswith("*") else exact.add(name))
     starts = tuple(prefixes)
     return lambda key: ours(key) or key in exact or key.startswith(starts)
+
+
+def url_keys(ctx: Context) -> Callable[[str], set[str]]:
+    """Under [postgres], the keys of a copy's text whose value is a Postgres URL (Prisma's
+    DIRECT_URL, Vercel's POSTGRES_PRISMA_URL, ...): main's database by another name."""
+    if not has_postgres(ctx):
+        return lambda text: set()
+    return lambda text: dotenv.keys_with(text, _POSTGRES_URL)
 
 
 def is_dotenv_name(rel: str) -> bool:
