@@ -7,6 +7,7 @@ Teardown always dumps (pg_dump -Fc) before it drops, unless the caller opts out.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -296,7 +297,8 @@ def teardown_sql(ctx: Context, detail: dict[str, Any]) -> None:
             try:
                 _dump_and_drop(ctx, conn, detail, (present, role, tests))
             except BaseException:
-                _set_login(conn, name, role, True)
+                with contextlib.suppress(psycopg.Error):  # the server went: provision reopens
+                    _set_login(conn, name, role, True)
                 raise
         except psycopg.Error as exc:
             raise server.translate(exc, f"dropping Postgres {mode} {name}") from exc
