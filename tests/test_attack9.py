@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -220,3 +221,40 @@ def test_a_restore_failing_after_large_objects_is_rolled_back(
     assert failed.returncode == 1 and "exactly as before" in failed.stderr, failed.stderr
     assert query(url, "SELECT * FROM keep") == [(1, "current")]
     assert query(url, "SELECT count(*) FROM pg_largeobject_metadata") == [(0,)]
+
+
+def evil_dump(pg_url: str, tmp_path: Path, role: str, schema: str) -> Path:
+    """A real -Fc archive whose one TOC entry's SQL was edited (same length) to leave the
+    restoring role: a dump from a stranger, a CI artifact, a bug report."""
+    comment = "X" * 60
+    source = test_pgownership.scratch_db(pg_url, [
+        f'CREATE SCHEMA IF NOT EXISTS "{schema}"', f'CREATE TABLE "{schema}".keep (id int)',
+        f"COMMENT ON TABLE \"{schema}\".keep IS '{comment}'"])
+    path = tmp_path / "evil.dump"
+    subprocess.run([test_pgownership.PG_DUMP, "-Fc", "-f", str(path), source], check=True)
+    old = f"'{comment}';".encode()
+    new = f"'x'; RESET ROLE; CREATE ROLE {role};--".encode().ljust(len(old))
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+    return path
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("mode", ["database", pytest.param("schema", marks=pytest.mark.xfail(
+    strict=True, reason="schema mode loads as the admin after SET ROLE (it must recreate its "
+    "schema in a database the role may not create in): a dump's RESET ROLE escapes"))])
+def test_a_hostile_dump_cannot_act_as_the_admin(pgdevd: Devd, repo: Repo, pg_url: str,
+                                                tmp_path: Path, mode: str) -> None:
+    with_postgres(repo, f'mode = "{mode}"\n')
+    tree = repo.worktree(f"shop-evil-{mode}", f"evil-{mode}")
+    pgdevd.run("provision", str(tree))
+    role = f"devd_pwned_{uuid.uuid4().hex[:8]}"
+    schema = env_of(pgdevd, tree)["PGUSER"] if mode == "schema" else "public"
+    done = pgdevd.run("restore", str(tree), "--dump",
+                      str(evil_dump(pg_url, tmp_path, role, schema)), check=False)
+    made = query(pg_url, "SELECT count(*) FROM pg_roles WHERE rolname = %s", role) == [(1,)]
+    if made:
+        query(pg_url, f'DROP ROLE "{role}"')
+    assert not made, done.stderr
+    assert done.returncode == 1 and "exactly as before" in done.stderr, done.stderr
