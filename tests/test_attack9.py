@@ -122,6 +122,11 @@ def test_postgres_urls_under_other_names_are_removed_from_copies(
         in text
     for loader, values in loaders(tree / ".env", node_modules, tmp_path).items():
         assert not [k for k, v in values.items() if main_db in v], loader
+        # Failing, not absent: an app falling back to DATABASE_URL (its dev database) for
+        # TEST_DATABASE_URL or DIRECT_URL would run its tests or migrations there.
+        assert ".invalid" in values["DIRECT_URL"] and ".invalid" in values["JDBC"], loader
+    again = devd.run("provision", str(tree), check=False)
+    assert (tree / ".env").read_text() == text and "DIRECT_URL" not in again.stderr
 
 
 # -- Postgres ------------------------------------------------------------------------------

@@ -203,8 +203,7 @@ def neutralise_copy(target: Path, rel: str, managed: Callable[[str], bool],
 
 def _removed_comment(key: str, devds: bool = True) -> str:
     if not devds:  # a Postgres URL under another name: devd has no value of its own for it
-        return (f"# {key}: the main worktree's Postgres URL was removed by devd; set it to "
-                "this worktree's (`devd env` shows DATABASE_URL), or map it in [env]")
+        return envguard.removed_url_line(key)
     return (f"# {key}: the main worktree's value was removed by devd; this worktree gets "
             "its own (see `devd env`)")
 

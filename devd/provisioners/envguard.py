@@ -27,6 +27,10 @@ _NOT_DOTENV = (".json", ".yml", ".yaml", ".toml", ".js", ".cjs", ".mjs", ".ts", 
                ".enc", ".age", ".example", ".sample", ".template")
 # postgres://, postgresql://, SQLAlchemy's postgresql+psycopg://, jdbc:postgresql://
 _POSTGRES_URL = re.compile(r"postgres(?:ql)?(?:\+\w+)?://", re.IGNORECASE)
+_REMOVED_WORD = "devd-removed-main-url"
+REMOVED_URL = (f"postgresql://{_REMOVED_WORD}@{_REMOVED_WORD}-see-devd-status.invalid:5432/"
+               f"{_REMOVED_WORD}")
+_REMOVED = re.compile(re.escape(_REMOVED_WORD))
 MAX_SCAN = 1 << 20  # bytes; bigger files are not .env files
 BEGIN = "# >>> devd: managed block, rewritten by `devd provision`; edit outside it >>>"
 END = "# <<< devd <<<"
@@ -73,10 +77,21 @@ def managed_keys(ctx: Context, keys: Iterable[str]) -> Callable[[str], bool]:
 
 def url_keys(ctx: Context) -> Callable[[str], set[str]]:
     """Under [postgres], the keys of a copy's text whose value is a Postgres URL (Prisma's
-    DIRECT_URL, Vercel's POSTGRES_PRISMA_URL, ...): main's database by another name."""
+    DIRECT_URL, Vercel's POSTGRES_PRISMA_URL, ...): main's database by another name. Those
+    devd already replaced by REMOVED_URL are left as they are."""
     if not has_postgres(ctx):
         return lambda text: set()
-    return lambda text: dotenv.keys_with(text, _POSTGRES_URL)
+    return lambda text: (dotenv.keys_with(text, _POSTGRES_URL)
+                         - dotenv.keys_with(text, _REMOVED))
+
+
+def removed_url_line(key: str) -> str:
+    """What replaces a copy's Postgres URL under another name: a comment and a URL that
+    fails at once, so the app does not fall back to another URL (say, the dev database for
+    its tests) but names devd."""
+    return (f"# {key}: the main worktree's Postgres URL was removed by devd; set it to this "
+            f"worktree's (`devd env` shows DATABASE_URL), or map it in [env]\n"
+            f"{key}={REMOVED_URL}")
 
 
 def is_dotenv_name(rel: str) -> bool:
