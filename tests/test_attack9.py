@@ -129,6 +129,29 @@ def test_postgres_urls_under_other_names_are_removed_from_copies(
     assert (tree / ".env").read_text() == text and "DIRECT_URL" not in again.stderr
 
 
+def test_lowercase_keys_pydantic_settings_reads_are_neutralised(
+        devd: Devd, repo: Repo, tmp_path: Path) -> None:
+    from pydantic_settings import BaseSettings, SettingsConfigDict
+
+    repo.commit({"devd.toml": '[postgres]\nmode = "database"\n'
+                 f'url = "postgresql://postgres@127.0.0.1:{closed_port()}/postgres"\n'})
+    (repo.main / ".env.local").write_text(f"database_url={MAIN_URL}\nPgPassword=main-secret\n")
+    tree = repo.worktree("shop-l", "l")
+    assert devd.run("provision", str(tree), check=False).returncode == 1  # no server
+
+    class Settings(BaseSettings):  # FastAPI's usual settings, case-insensitive by default
+        model_config = SettingsConfigDict(env_file=(tree / ".env", tree / ".env.local"),
+                                          extra="ignore")
+        database_url: str
+        pgpassword: str
+
+    read = Settings()
+    assert ".invalid" in read.database_url and read.pgpassword != "main-secret"
+    (tree / ".env.local").write_text(f"database_url={MAIN_URL}\n")  # the user's own now
+    envfile = [r for r in devd.worktree(tree)["resources"] if r["kind"] == "envfile"][0]
+    assert "database_url at .env.local:1" in envfile["detail"], envfile["detail"]
+
+
 # -- Postgres ------------------------------------------------------------------------------
 
 pg_url = test_postgres.pg_url  # one server per session, shared with test_postgres.py

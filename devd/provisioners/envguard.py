@@ -58,21 +58,23 @@ def has_postgres(ctx: Context, keys: Iterable[str] = ()) -> bool:
 def devd_keys(ctx: Context, keys: Iterable[str]) -> Callable[[str], bool]:
     """Keys devd itself defines: its block's, plus DATABASE_URL and every PG* under
     [postgres] (PGHOSTADDR or PGSERVICE alone would lead libpq elsewhere)."""
-    exact = set(keys)
+    exact = {key.upper() for key in keys}
     pg = has_postgres(ctx, exact)
-    return lambda key: key in exact or (pg and (key in DB_KEYS or key.startswith("PG")))
+    # Any case: pydantic-settings (and Windows) read `database_url` as DATABASE_URL.
+    return lambda key: (key.upper() in exact
+                        or (pg and (key.upper() in DB_KEYS or key.upper().startswith("PG"))))
 
 
 def managed_keys(ctx: Context, keys: Iterable[str]) -> Callable[[str], bool]:
     """Keys whose main-worktree value must not reach a worktree: devd's own, PORT, PORT_*,
     DEVD_*, the cache variables and [env] managed (NAME or PREFIX*)."""
     ours = devd_keys(ctx, keys)
-    exact = {"PORT", *ctx.config.cache.env}
+    exact = {"PORT", *(name.upper() for name in ctx.config.cache.env)}
     prefixes = ["PORT_", "DEVD_"]
     for name in ctx.config.env.managed:
-        (prefixes.append(name[:-1]) if name.endswith("*") else exact.add(name))
+        (prefixes.append(name[:-1].upper()) if name.endswith("*") else exact.add(name.upper()))
     starts = tuple(prefixes)
-    return lambda key: ours(key) or key in exact or key.startswith(starts)
+    return lambda key: ours(key) or key.upper() in exact or key.upper().startswith(starts)
 
 
 def url_keys(ctx: Context) -> Callable[[str], set[str]]:
