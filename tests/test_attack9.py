@@ -4,11 +4,15 @@ loaders allow, failures half-way, a second instance. Real git, daemon, loaders, 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -16,7 +20,7 @@ import test_pgownership
 import test_postgres
 from conftest import Devd, Repo, wait_for
 from envloaders import SHELLS, compose_config, direnv, node, python_dotenv, shell
-from pgsupport import env_of, query, with_postgres
+from pgsupport import IMAGE, TEST_LABEL, docker_client, env_of, query, unavailable, with_postgres
 from test_envfile_isolation import MAIN_URL, closed_port, node_modules
 
 from devd import dotenv
@@ -286,3 +290,62 @@ def test_a_hostile_dump_cannot_act_as_the_admin(pgdevd: Devd, repo: Repo, pg_url
         query(pg_url, f'DROP ROLE "{role}"')
     assert not made, done.stderr
     assert done.returncode == 1 and "exactly as before" in done.stderr, done.stderr
+
+
+@pytest.fixture
+def own_server() -> Iterator[Any]:
+    """A server of this test's own, which it may freeze and stop."""
+    docker_client()
+    try:
+        from testcontainers.community.postgres import PostgresContainer
+    except ImportError:
+        from testcontainers.postgres import PostgresContainer
+    container = PostgresContainer(IMAGE, username="postgres", password="devd-test-pw",
+                                  dbname="postgres", driver=None)
+    container.with_kwargs(labels={TEST_LABEL: "postgres-server"})
+    try:
+        container.start()
+    except Exception as exc:  # noqa: BLE001 - image missing, engine refusing: unavailable
+        container.stop()
+        unavailable(f"cannot start {IMAGE}: {exc}")
+    try:
+        yield container
+    finally:
+        with contextlib.suppress(Exception):
+            container.get_wrapped_container().unpause()
+        container.stop()
+
+
+@pytest.mark.postgres
+def test_a_server_frozen_then_stopped_mid_clone_never_leads_to_main(
+        devd_home: Devd, repo: Repo, own_server: Any, node_modules: Path,
+        tmp_path: Path) -> None:
+    url = own_server.get_connection_url()
+    query(url, "CREATE DATABASE shop_tpl")
+    query(psycopg.conninfo.make_conninfo(url, dbname="shop_tpl"),
+          "CREATE TABLE big AS SELECT g, md5(g::text) m FROM generate_series(1, 400000) g")
+    devd_home.env["DEVD_POSTGRES_URL"] = url
+    devd_home.start()
+    with_postgres(repo, 'mode = "database"\ntemplate = "shop_tpl"\n')
+    (repo.main / ".env").write_text(f"DATABASE_URL={MAIN_URL}\nPGDATABASE=shop_dev\n")
+    tree = repo.worktree("shop-frozen", "frozen")
+    devd_home.run("provision", "--background", str(tree))
+    wait_for(lambda: query(url, "SELECT 1 FROM pg_stat_activity WHERE query LIKE "
+                                "'CREATE DATABASE%%TEMPLATE%%' AND pid <> pg_backend_pid()"),
+             timeout=60, what="the clone to start")
+    own_server.get_wrapped_container().pause()  # frozen mid-clone
+    snapshot = tmp_path / "frozen.env"
+    snapshot.write_text((tree / ".env").read_text())
+    for loader, values in loaders(snapshot, node_modules, tmp_path / "s1").items():
+        assert MAIN_URL not in values.get("DATABASE_URL", "") and values.get(
+            "PGDATABASE") != "shop_dev", loader
+    assert "devd-postgres-pending" in snapshot.read_text()
+    own_server.get_wrapped_container().unpause()
+    own_server.get_wrapped_container().kill()  # and then gone
+    wait_for(lambda: devd_home.worktree(tree)["state"] == "failed", timeout=120,
+             what="provision to fail")
+    text = (tree / ".env").read_text()
+    assert "devd-postgres-failed" in text and "shop_dev" not in text, text
+    shown = devd_home.run("env", str(tree), "--format", "json")
+    assert ".invalid" in json.loads(shown.stdout)["DATABASE_URL"] and "failed" in shown.stderr
+    assert devd_home.stop() == 0, devd_home.log()
