@@ -22,8 +22,10 @@ from devd.errors import DevdError
 
 _BARE = re.compile(r"^[A-Za-z0-9_./:@,+=-]*$")
 # A line defining KEY as any common loader reads it: `KEY=`, `export KEY =`, python-dotenv's
-# `'KEY'=`, node's `KEY: value`, Compose v2's `KEY:value`.
-_ASSIGN = re.compile(r"^[ \t]*(?:export[ \t]+)?'?([A-Za-z_][A-Za-z0-9_.-]*)'?[ \t]*[=:]")
+# `'KEY'=`, node's `KEY: value`, Compose v2's `KEY:value`. python-dotenv and npm dotenv skip
+# any Unicode space (NBSP, U+2000...) and a BOM before the key, and end lines at \r too.
+_ASSIGN = re.compile(r"^[\s\ufeff]*(?:export\s+)?'?([A-Za-z_][A-Za-z0-9_.-]*)'?\s*[=:]")
+_NEWLINE = re.compile(r"(\r\n|\r|\n)")
 # JavaScript line terminators: node's dotenv ends a line at these (and at \n, \r).
 _LINE_ENDS = {"\x85", "\u2028", "\u2029"}
 
@@ -76,10 +78,15 @@ def render_each(env: dict[str, str]) -> tuple[list[str], list[DevdError]]:
     return lines, errors
 
 
+def split_lines(text: str) -> list[str]:
+    """The lines of `text` as loaders see them: \n, \r\n and a lone \r end a line."""
+    return _NEWLINE.split(text)[0::2]
+
+
 def definitions(text: str) -> Iterator[tuple[str, int, int]]:
     """(key, first line, last line) of every assignment, 0-based; a quoted value may span
     lines (python-dotenv, node and Compose read those)."""
-    lines = text.split("\n")
+    lines = split_lines(text)
     number = 0
     while number < len(lines):
         match = _ASSIGN.match(lines[number])
@@ -96,7 +103,8 @@ def _value_end(lines: list[str], first: int, start: int) -> int:
     rest = lines[first][start:].lstrip(" \t")
     if not rest or rest[0] not in "'\"`":
         return first
-    closing = re.compile(rf"(?<!\\){re.escape(rest[0])}")
+    # A quote closes unless an odd number of backslashes precede it: `"C:\\"` is closed.
+    closing = re.compile(rf"(?<!\\)(?:\\\\)*{re.escape(rest[0])}")
     body, number = rest[1:], first
     while not closing.search(body):
         number += 1
@@ -106,14 +114,22 @@ def _value_end(lines: list[str], first: int, start: int) -> int:
     return number
 
 
+def keys_with(text: str, pattern: re.Pattern[str]) -> set[str]:
+    """Keys whose definition (key and value, every line of it) matches `pattern`."""
+    lines = split_lines(text)
+    return {key for key, first, last in definitions(text)
+            if pattern.search("\n".join(lines[first:last + 1]))}
+
+
 def neutralise(text: str, managed: Callable[[str], bool], comment: Callable[[str], str]
                ) -> tuple[str, list[str]]:
     """`text` with every definition of a managed key replaced by comment(key): the value is
-    dropped, not kept in a comment. Returns the new text and the keys removed."""
-    lines = text.split("\n")
+    dropped, not kept in a comment. Returns the new text and the keys removed; line endings
+    (\n, \r\n, \r) are kept."""
+    parts = _NEWLINE.split(text)  # line, ending, line, ending, ..., last line
     removed: list[str] = []
     for key, first, last in reversed(list(definitions(text))):
         if managed(key):
-            lines[first:last + 1] = [comment(key)]
+            parts[2 * first:2 * last + 1] = [comment(key)]
             removed.append(key)
-    return "\n".join(lines), removed[::-1]
+    return "".join(parts), removed[::-1]

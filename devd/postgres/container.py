@@ -331,8 +331,9 @@ def restore(ctx: Context, detail: dict[str, Any], source: Path) -> Path:
     _backup(ctx, dk, container, detail, before)
     container.put_archive("/tmp", _tar({"devd-restore.dump": source.read_bytes(),
                                         "devd-prologue.sql": plan.CONTAINER_PROLOGUE.encode()}))
-    _exec(container, ["pg_restore", "--no-owner", "--no-acl", "-f", "/tmp/devd-restore.sql",
-                      "/tmp/devd-restore.dump"], "nothing was changed")
+    # --single-transaction keeps large objects' own COMMIT out of psql's one transaction.
+    _exec(container, ["pg_restore", "--single-transaction", "--no-owner", "--no-acl", "-f",
+                      "/tmp/devd-restore.sql", "/tmp/devd-restore.dump"], "nothing was changed")
     _exec(container, ["psql", "-X", "-q", "-U", SUPERUSER, "-d", DBNAME, "--single-transaction",
                       "-v", "ON_ERROR_STOP=1", "-f", "/tmp/devd-prologue.sql",
                       "-f", "/tmp/devd-restore.sql"],

@@ -100,8 +100,10 @@ def restore_script(source: Path, target: Path, skip_schema: str | None = None) -
     Left out: in schema mode the schema itself (devd makes it), and comments on extensions
     (CREATE EXTENSION sets them; only the extension's owner may change them)."""
     listing = _list_without(source, skip_schema)
-    argv = [binary("pg_restore"), "--no-owner", "--no-acl", "-L", str(listing), "-f",
-            str(target), str(source)]
+    # --single-transaction: else large objects come in their own BEGIN/COMMIT, whose COMMIT
+    # would end psql's one transaction half-way (the drops committed, the rest not).
+    argv = [binary("pg_restore"), "--single-transaction", "--no-owner", "--no-acl", "-L",
+            str(listing), "-f", str(target), str(source)]
     try:
         _run(argv, dict(os.environ), f"reading {source}", target, RESTORE_FAILURE)
     finally:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from devd.postgres import dump, server
 from devd.provisioners.base import Context
@@ -31,8 +32,16 @@ def restore_sql(ctx: Context, detail: dict[str, Any], source: Path) -> Path:
         script = dump.restore_script(source, Path(scratch) / "restore.sql", skip_schema=schema)
         prologue = Path(scratch) / "prologue.sql"
         prologue.write_text(_prologue(name, ctx.worktree.id, schema))
-        dump.run_psql(url, dbname, [prologue, script])
+        # Database mode loads over the role's own login: a dump is SQL, and a RESET ROLE in
+        # it would otherwise run the rest as the admin. Schema mode must recreate its schema
+        # in a database the role may not create in, so it still loads via SET ROLE.
+        dump.run_psql(url if schema else _as_role(url, detail), dbname, [prologue, script])
     return before
+
+
+def _as_role(url: str, detail: dict[str, Any]) -> str:
+    """The admin URL with the worktree role's credentials (same host, port, TLS options)."""
+    return make_conninfo(url, user=detail["name"], password=detail["password"])
 
 
 def _prologue(role: str, wt_id: str, schema: str | None) -> str:

@@ -7,6 +7,7 @@ Teardown always dumps (pg_dump -Fc) before it drops, unless the caller opts out.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -40,6 +41,28 @@ SELECT nspname FROM pg_namespace WHERE nspname NOT IN ('pg_catalog', 'informatio
   AND has_schema_privilege('public', oid, 'CREATE') ORDER BY 1
 """
 
+# Relations outside extensions that every role may read or write (a GRANT ... TO PUBLIC),
+# and SECURITY DEFINER routines it may run: reachable qualified (public.orders) from a
+# schema-mode worktree, whatever its search path.
+_SHARED_WITH_PUBLIC = """
+SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
+  AND n.nspname <> %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+  AND has_schema_privilege('public', n.oid, 'USAGE')
+  AND (has_table_privilege('public', c.oid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE')
+       OR c.relkind <> 'S' AND has_any_column_privilege('public', c.oid, 'SELECT, INSERT, UPDATE'))
+  AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
+UNION ALL  -- a SECURITY DEFINER routine anyone may run acts as its owner: as main's app
+SELECT format('%%I.%%I(%%s)', n.nspname, p.proname, pg_get_function_identity_arguments(p.oid))
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE p.prosecdef AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname <> %s AND has_schema_privilege('public', n.oid, 'USAGE')
+  AND has_function_privilege('public', p.oid, 'EXECUTE')
+  AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')
+ORDER BY 1
+"""
+
 
 def ensure_sql(ctx: Context, progress: Progress, mode: str) -> dict[str, Any]:
     url, wt_id, recorded = admin_url(ctx), ctx.worktree.id, ctx.recorded("postgres")
@@ -54,6 +77,7 @@ def ensure_sql(ctx: Context, progress: Progress, mode: str) -> dict[str, Any]:
         superuser = server.require(conn, *needs)
         if mode == "schema":
             _refuse_open_schemas(conn, name)
+            _refuse_shared_with_public(conn, name)
         dbname = recorded.get("database") or (conn.info.dbname if mode == "schema" else name)
         record_intent(ctx, mode=mode, name=name, admin_url=url, database=dbname,
                       password=password)
@@ -101,6 +125,22 @@ def _refuse_open_schemas(conn: psycopg.Connection[Any], name: str) -> None:
             f"{', '.join(open_schemas)} (the PostgreSQL <= 14 default for public), so a "
             "worktree could write beside the app's tables",
             f"as the database owner: {fix} (or use mode = \"database\")", code="postgres_privilege")
+
+
+def _refuse_shared_with_public(conn: psycopg.Connection[Any], name: str) -> None:
+    """A table (or definer routine) every role may use would let the worktree reach main's
+    rows."""
+    shared = [row[0] for row in conn.execute(_SHARED_WITH_PUBLIC, (name, name))]
+    if shared:
+        fix = " ".join(f"REVOKE ALL ON {'FUNCTION ' if '(' in what else ''}{what} FROM PUBLIC;"
+                       for what in shared[:5])
+        more = f" (and {len(shared) - 5} more)" if len(shared) > 5 else ""
+        raise DevdError(
+            f"schema mode cannot isolate this database: every role may use "
+            f"{', '.join(shared[:5])}{more} (granted to PUBLIC), so a worktree could reach "
+            "the app's rows by their qualified names",
+            f"as their owner: {fix}{more} (or use mode = \"database\")",
+            code="postgres_privilege")
 
 
 def _schema_statements(name: str, wt_id: str, exists: bool, dbname: str,
@@ -251,17 +291,38 @@ def teardown_sql(ctx: Context, detail: dict[str, Any]) -> None:
         try:
             conn.execute("SET lock_timeout = '10s'")
             present, role, tests = _claims(ctx, conn, detail)
-            _release_sessions(ctx, conn, detail, tests)
-            if present and ctx.backup:
-                _dump(ctx, detail)
-            records.mark_dropping(ctx)
-            for test in tests:
-                conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(test)))
-                ctx.outputs.setdefault("test_databases_dropped", []).append(test)
-            _drop(conn, mode, name, present, role)
+            # The app logs in as the role: closed first, no session can start after the
+            # check and write what the dump no longer sees (reopened if the release stops).
+            _set_login(conn, name, role, False)
+            try:
+                _dump_and_drop(ctx, conn, detail, (present, role, tests))
+            except BaseException:
+                with contextlib.suppress(psycopg.Error):  # the server went: provision reopens
+                    _set_login(conn, name, role, True)
+                raise
         except psycopg.Error as exc:
             raise server.translate(exc, f"dropping Postgres {mode} {name}") from exc
     dump.prune(ctx.paths)
+
+
+def _dump_and_drop(ctx: Context, conn: psycopg.Connection[Any], detail: dict[str, Any],
+                   claims: tuple[bool, bool, list[str]]) -> None:
+    present, role, tests = claims
+    _release_sessions(ctx, conn, detail, tests)
+    if present and ctx.backup:
+        _dump(ctx, detail)
+    records.mark_dropping(ctx)
+    for test in tests:
+        conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(test)))
+        ctx.outputs.setdefault("test_databases_dropped", []).append(test)
+    _drop(conn, detail["mode"], detail["name"], present, role)
+
+
+def _set_login(conn: psycopg.Connection[Any], name: str, role: bool, login: bool) -> None:
+    """Allow or refuse new logins of the worktree's role (sessions already open stay)."""
+    if role and not conn.closed and not conn.broken:
+        conn.execute(sql.SQL("ALTER ROLE {} " + ("LOGIN" if login else "NOLOGIN")).format(
+            sql.Identifier(name)))
 
 
 def _admin(detail: dict[str, Any]) -> psycopg.Connection[Any]:

@@ -82,8 +82,9 @@ class EnvFileProvisioner(Provisioner):
             if record:
                 progress("envfile", f"copied {rel} from the main worktree")
                 copies[rel] = record
+        urls = envguard.url_keys(ctx)
         for rel in copies:
-            removed = neutralise_copy(inside(wt, rel), rel, managed)
+            removed = neutralise_copy(inside(wt, rel), rel, managed, urls)
             if removed:
                 progress("envfile", f"removed the main worktree's {', '.join(removed)} "
                          f"from {rel}: devd's values apply")
@@ -180,23 +181,30 @@ def copy_if_missing(source: Path, target: Path) -> dict[str, Any] | None:
     return _fingerprint(source, text)
 
 
-def neutralise_copy(target: Path, rel: str, managed: Callable[[str], bool]) -> list[str]:
-    """Replace each definition of a managed key in a copied .env-style file by a comment."""
+def neutralise_copy(target: Path, rel: str, managed: Callable[[str], bool],
+                    urls: Callable[[str], set[str]] = lambda text: set()) -> list[str]:
+    """Replace each definition of a managed key (or of a key `urls` finds in the text) in a
+    copied .env-style file by a comment."""
     if not envguard.is_dotenv_name(rel) or target.is_symlink() or not target.is_file():
         return []
     text = target.read_text(encoding="utf-8", errors="surrogateescape")
     found = _BLOCK.search(text)  # the copy may be [env] file: devd's block is not a copy's
     parts = [text[:found.start()], found[0], text[found.end():]] if found else [text]
     removed: list[str] = []
+    extra = urls(text)  # devd's block holds only managed keys: its own count for nothing here
     for index in range(0, len(parts), 2):
-        parts[index], keys = dotenv.neutralise(parts[index], managed, _removed_comment)
+        parts[index], keys = dotenv.neutralise(
+            parts[index], lambda key: managed(key) or key in extra,
+            lambda key: _removed_comment(key, managed(key)))
         removed += keys
     if removed:
         _write_atomic(target, "".join(parts))
     return removed
 
 
-def _removed_comment(key: str) -> str:
+def _removed_comment(key: str, devds: bool = True) -> str:
+    if not devds:  # a Postgres URL under another name: devd has no value of its own for it
+        return envguard.removed_url_line(key)
     return (f"# {key}: the main worktree's value was removed by devd; this worktree gets "
             "its own (see `devd env`)")
 

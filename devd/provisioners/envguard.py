@@ -8,6 +8,7 @@ only definition in the worktree.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,18 @@ from devd.provisioners.base import Context
 
 DB_KEYS = ("DATABASE_URL", "PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE")
 # The files frameworks load in development besides [env] file and the copies (dotenv-flow,
-# Next.js, Vite): a definition of devd's key in any of them can win over devd's block.
+# Next.js, Vite; direnv's .envrc): a definition of devd's key in any of them can win over
+# devd's block.
 DEV_FILES = (".env", ".env.local", ".env.development", ".env.development.local",
-             ".env.test", ".env.test.local")
+             ".env.test", ".env.test.local", ".envrc")
 _NOT_DOTENV = (".json", ".yml", ".yaml", ".toml", ".js", ".cjs", ".mjs", ".ts", ".gpg",
                ".enc", ".age", ".example", ".sample", ".template")
+# postgres://, postgresql://, SQLAlchemy's postgresql+psycopg://, jdbc:postgresql://
+_POSTGRES_URL = re.compile(r"postgres(?:ql)?(?:\+\w+)?://", re.IGNORECASE)
+_REMOVED_WORD = "devd-removed-main-url"
+REMOVED_URL = (f"postgresql://{_REMOVED_WORD}@{_REMOVED_WORD}-see-devd-status.invalid:5432/"
+               f"{_REMOVED_WORD}")
+_REMOVED = re.compile(re.escape(_REMOVED_WORD))
 MAX_SCAN = 1 << 20  # bytes; bigger files are not .env files
 BEGIN = "# >>> devd: managed block, rewritten by `devd provision`; edit outside it >>>"
 END = "# <<< devd <<<"
@@ -50,27 +58,49 @@ def has_postgres(ctx: Context, keys: Iterable[str] = ()) -> bool:
 def devd_keys(ctx: Context, keys: Iterable[str]) -> Callable[[str], bool]:
     """Keys devd itself defines: its block's, plus DATABASE_URL and every PG* under
     [postgres] (PGHOSTADDR or PGSERVICE alone would lead libpq elsewhere)."""
-    exact = set(keys)
+    exact = {key.upper() for key in keys}
     pg = has_postgres(ctx, exact)
-    return lambda key: key in exact or (pg and (key in DB_KEYS or key.startswith("PG")))
+    # Any case: pydantic-settings (and Windows) read `database_url` as DATABASE_URL.
+    return lambda key: (key.upper() in exact
+                        or (pg and (key.upper() in DB_KEYS or key.upper().startswith("PG"))))
 
 
 def managed_keys(ctx: Context, keys: Iterable[str]) -> Callable[[str], bool]:
     """Keys whose main-worktree value must not reach a worktree: devd's own, PORT, PORT_*,
     DEVD_*, the cache variables and [env] managed (NAME or PREFIX*)."""
     ours = devd_keys(ctx, keys)
-    exact = {"PORT", *ctx.config.cache.env}
+    exact = {"PORT", *(name.upper() for name in ctx.config.cache.env)}
     prefixes = ["PORT_", "DEVD_"]
     for name in ctx.config.env.managed:
-        (prefixes.append(name[:-1]) if name.endswith("*") else exact.add(name))
+        (prefixes.append(name[:-1].upper()) if name.endswith("*") else exact.add(name.upper()))
     starts = tuple(prefixes)
-    return lambda key: ours(key) or key in exact or key.startswith(starts)
+    return lambda key: ours(key) or key.upper() in exact or key.upper().startswith(starts)
+
+
+def url_keys(ctx: Context) -> Callable[[str], set[str]]:
+    """Under [postgres], the keys of a copy's text whose value is a Postgres URL (Prisma's
+    DIRECT_URL, Vercel's POSTGRES_PRISMA_URL, ...): main's database by another name. Those
+    devd already replaced by REMOVED_URL are left as they are."""
+    if not has_postgres(ctx):
+        return lambda text: set()
+    return lambda text: (dotenv.keys_with(text, _POSTGRES_URL)
+                         - dotenv.keys_with(text, _REMOVED))
+
+
+def removed_url_line(key: str) -> str:
+    """What replaces a copy's Postgres URL under another name: a comment and a URL that
+    fails at once, so the app does not fall back to another URL (say, the dev database for
+    its tests) but names devd."""
+    return (f"# {key}: the main worktree's Postgres URL was removed by devd; set it to this "
+            f"worktree's (`devd env` shows DATABASE_URL), or map it in [env]\n"
+            f"{key}={REMOVED_URL}")
 
 
 def is_dotenv_name(rel: str) -> bool:
     """Whether a copied file is .env-style (its lines may be neutralised) by its name."""
     name = Path(rel).name
-    styled = name == ".env" or name.startswith(".env.") or name.endswith(".env")
+    # direnv's .envrc is shell: an `export KEY=...` line in it reads like a dotenv line.
+    styled = name in (".env", ".envrc") or name.startswith(".env.") or name.endswith(".env")
     return styled and not name.endswith(_NOT_DOTENV)
 
 
@@ -150,7 +180,7 @@ def _defined(path: Path, skip_block: bool) -> list[tuple[str, int]]:
 
 
 def _block_lines(text: str) -> range:
-    lines = text.split("\n")
+    lines = dotenv.split_lines(text)
     if BEGIN not in lines or END not in lines:
         return range(0)
     return range(lines.index(BEGIN), lines.index(END) + 1)
@@ -158,7 +188,7 @@ def _block_lines(text: str) -> range:
 
 def block_keys(text: str) -> list[str]:
     """The keys inside devd's block of a file's text."""
-    lines = text.split("\n")
+    lines = dotenv.split_lines(text)
     span = _block_lines(text)
     return [key for key, _, _ in dotenv.definitions("\n".join(lines[span.start:span.stop]))]
 
