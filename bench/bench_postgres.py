@@ -29,6 +29,7 @@ from typing import Any
 import docker
 import psycopg
 
+from devd import instance
 from devd.paths import Paths
 from devd.postgres import container as pgcontainer
 from devd.postgres import provisioner as postgres
@@ -88,6 +89,7 @@ class Bench:
 
     def __init__(self, home: Path, admin_url: str) -> None:
         self.home, self.paths = home, Paths.under(home)
+        instance.bind(self.paths.state_dir)  # markers name the devd instance
         self.registry = Registry(self.paths.registry)
         self.settings = Settings(postgres_url=admin_url, port_range="41000-41999")
 

@@ -18,7 +18,7 @@ from devd.owners import owning
 from devd.registry import Registry, Worktree
 
 if TYPE_CHECKING:
-    from devd.handlers import Service
+    from devd.handlers.core import ServiceCore as Service
     from devd.provisioners import Progress
 
 

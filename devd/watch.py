@@ -12,7 +12,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 
 if TYPE_CHECKING:
-    from devd.handlers import Service
+    from devd.handlers.core import ServiceCore as Service
 
 log = logging.getLogger("devd")
 # Several events arrive per `git worktree add/remove`; one reconcile after they settle.

@@ -10,7 +10,7 @@ from devd.watchers import advice
 from devd.watchers.monitor import WatcherMonitor
 
 if TYPE_CHECKING:
-    from devd.handlers import Service
+    from devd.handlers.core import ServiceCore as Service
     from devd.registry import Worktree
 
 

@@ -1,0 +1,20 @@
+"""One method per request (`do_<method>`), grouped by family; the only place that
+orchestrates provisioners.
+
+    core.py       the shared state: registry, provisioners, locks, find/describe a worktree
+    worktrees.py  status, provision, release, restore, gc, env
+    processes.py  ports, kill-port, the records of `devd run`
+    watchers.py   the watcher budget
+"""
+
+from devd.handlers.core import default_provisioners
+from devd.handlers.processes import ProcessRequests
+from devd.handlers.watchers import WatcherRequests
+from devd.handlers.worktrees import WorktreeRequests
+
+
+class Service(WorktreeRequests, ProcessRequests, WatcherRequests):
+    """The daemon's state and every request handler."""
+
+
+__all__ = ["Service", "default_provisioners"]

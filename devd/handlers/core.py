@@ -1,0 +1,226 @@
+"""The state every request family shares: settings, registry, provisioners, locks, and how a
+path becomes a registered worktree, its context and its description."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from devd import git, instance, owners, processes
+from devd.errors import DevdError, NotRegistered, ProtocolError, UsageError
+from devd.paths import Paths
+from devd.postgres import provisioner as postgres
+from devd.protocol import peer_holds
+from devd.provisioners import Context, Provisioner, deps, envguard
+from devd.provisioners.deps import DepsProvisioner
+from devd.provisioners.dirs import DirsProvisioner
+from devd.provisioners.envfile import EnvFileProvisioner
+from devd.provisioners.ports import PortsProvisioner
+from devd.registry import Registry, Resource, Worktree
+from devd.settings import (
+    REPO_CONFIG,
+    RepoConfig,
+    Settings,
+    load_repo_config,
+)
+
+log = logging.getLogger("devd")
+
+
+def default_provisioners() -> list[Provisioner]:
+    """In provisioning order. The env file follows everything that exports variables; deps
+    export none and can take minutes, so they come after it and the .env is ready at once.
+    A first provision also writes it before Postgres (with placeholders that fail), so the
+    copies are never without devd's block while a database is being made."""
+    return [PortsProvisioner(), DirsProvisioner(), EnvFileProvisioner(early=True),
+            postgres.PostgresProvisioner(), EnvFileProvisioner(), DepsProvisioner()]
+
+
+class ServiceCore:
+    """The daemon's state; the request families in this package add the handlers."""
+
+    def __init__(self, settings: Settings, paths: Paths, registry: Registry,
+                 provisioners: list[Provisioner] | None = None) -> None:
+        self.settings = settings
+        self.paths = paths
+        self.registry = registry
+        instance.bind(paths.state_dir)  # markers and labels name this devd instance
+        self.provisioners = provisioners or default_provisioners()
+        self._by_kind = {p.kind: p for p in self.provisioners}
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._background: list[threading.Thread] = []
+        self._queued: dict[str, dict[str, Any]] = {}  # background provisions not yet started
+        self._configs: dict[tuple[Any, ...], RepoConfig] = {}
+        self._orphans: tuple[float, list[dict[str, str]]] | None = None
+        # The kernel's word on who sent the request being handled (one per thread).
+        self.peer = threading.local()
+        self.run_tokens = processes.RunTokens()  # see do_run_started
+        # Set by the daemon: wakes the reconcile loop so a new repo gets its watch at once.
+        self.on_register: Callable[[], None] = lambda: None
+        # Set by the daemon: the watcher-budget monitor (devd/watchers/monitor.py).
+        self.watchers: Any = None
+
+    def handler(self, method: str) -> Callable[..., Any] | None:
+        return getattr(self, f"do_{method}", None)
+
+    def peer_pid(self) -> int | None:
+        """The pid of the process that sent this thread's request (SO_PEERCRED), if known."""
+        return getattr(self.peer, "pid", None)
+
+    def peer_confirmed(self) -> bool:
+        """Asked after reading what the peer pid names: is it still the process that
+        connected (not one that got its pid after it exited, the connection handed on)?"""
+        sock, pid = getattr(self.peer, "sock", None), self.peer_pid()
+        return sock is None or pid is None or peer_holds(sock, pid)
+
+    def _holds_data(self, kind: str) -> bool:
+        provisioner = self._by_kind.get(kind)
+        return bool(provisioner and provisioner.holds_data)
+
+    def context(self, wt: Worktree, strict: bool = True) -> Context:
+        ctx = Context(wt, self._config(wt, strict), self.settings, self.paths, self.registry)
+        ctx.env.update({"DEVD_WORKTREE": str(wt.path), "DEVD_WORKTREE_ID": wt.id})
+        return ctx
+
+    def _config(self, wt: Worktree, strict: bool) -> RepoConfig:
+        """The worktree's own devd.toml (it may differ per branch), else the main one's."""
+        root = wt.path if wt.path.is_dir() else wt.repo_main_path
+        try:
+            return self._cached_config(root)
+        except DevdError:
+            if strict:
+                raise
+            return RepoConfig()
+
+    def _cached_config(self, root: Path) -> RepoConfig:
+        """Parsed once per file version: status reads every worktree's config."""
+        try:
+            stat = (root / REPO_CONFIG).stat()
+            key: tuple[Any, ...] = (root, stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            key = (root, None)
+        config = self._configs.get(key)
+        if config is None:
+            config = load_repo_config(root)
+            self._configs = {k: v for k, v in self._configs.items() if k[0] != root}
+            self._configs[key] = config
+        return config
+
+    def environment(self, wt: Worktree) -> tuple[dict[str, str], list[str]]:
+        """The worktree's variables, and warnings for a person (on stderr in the CLI)."""
+        ctx = self.context(wt, strict=False)
+        for resource in self.registry.resources(wt.id):
+            provisioner = self._by_kind.get(resource.kind)
+            if provisioner and resource.state == "ready":
+                ctx.env.update(provisioner.env(ctx, resource.detail))
+        # No ready database: placeholders that fail, never the caller's or main's PG*.
+        placeholders, warning = envguard.postgres_guard(ctx, ctx.env)
+        return ctx.env | placeholders, [warning] if warning else []
+
+    def notice_missing(self) -> list[Worktree]:
+        """A stat per worktree: a deleted directory means gone, whoever deleted it.
+        Returns the worktrees as they are now."""
+        worktrees = self.registry.worktrees()
+        missing = [wt for wt in worktrees if wt.state != "gone" and not os.path.isdir(wt.path)]
+        for wt in missing:
+            log.info("worktree %s is gone (directory missing)", wt.path)
+            self.registry.set_state(wt.id, "gone")
+        return self.registry.worktrees() if missing else worktrees
+
+    def reconcile(self) -> None:
+        """Compare each known repo with `git worktree list`; what git no longer lists is gone."""
+        by_repo: dict[Path, list[Worktree]] = {}
+        for wt in self.registry.worktrees():
+            if wt.state != "gone":
+                by_repo.setdefault(wt.repo_common_dir, []).append(wt)
+        for common_dir, worktrees in by_repo.items():
+            listed = self._listed(common_dir)
+            for wt in worktrees:
+                if listed is not None and wt.path not in listed and not self._busy(wt.id):
+                    log.info("worktree %s is gone (git no longer lists it)", wt.path)
+                    self.registry.set_state(wt.id, "gone")
+
+    def _listed(self, common_dir: Path) -> set[Path] | None:
+        if not common_dir.is_dir():
+            return set()
+        try:
+            return {w.path.resolve() for w in git.list_worktrees(common_dir) if not w.prunable}
+        except (DevdError, OSError) as exc:
+            log.warning("cannot list worktrees of %s: %s", common_dir, exc)
+            return None
+
+    def find(self, path: str | None) -> Worktree:
+        """The registered worktree containing `path` (deepest wins: worktrees can nest)."""
+        target = Path(absolute(path))
+        candidates = self.registry.worktrees()
+        for probe in (target, target.resolve()):
+            match = owners.deepest_containing(str(probe), candidates)
+            if match and not owners.nested_checkout_between(match.path, probe):
+                if self.watchers is not None:
+                    self.watchers.touch(match.id)  # in use: see devd/watchers/idle.py
+                return match
+        info = git.resolve(target)
+        raise NotRegistered(f"worktree {info.path} is not registered with devd",
+                            f"run `devd provision {info.path}` first")
+
+    def describe(self, wt: Worktree, resources: list[Resource]) -> dict[str, Any]:
+        ctx: Context | None = None
+        details = {r.kind: r.detail for r in resources}
+        shown, checked = [], {}
+        for resource in resources:
+            state, note = resource.state, resource.detail.get("error", "")
+            provisioner = self._by_kind.get(resource.kind)
+            if provisioner and state == "ready" and wt.state != "gone":
+                ctx = ctx or self.context(wt, strict=False)
+                health = checked[resource.kind] = provisioner.check(ctx, resource.detail)
+                note = health.message
+                state = state if health.ok else "failed"
+            shown.append({"kind": resource.kind, "state": state, "detail": note})
+        dirs, envfile = details.get("dirs", {}), details.get("envfile", {})
+        return {
+            "id": wt.id, "path": str(wt.path), "repo": str(wt.repo_main_path),
+            "branch": wt.branch, "state": wt.state, "error": wt.error, "gone_at": wt.gone_at,
+            "ports": details.get("ports", {}).get("ports", {}),
+            "cache_dir": dirs.get("cache_dir"), "browser_profile": dirs.get("browser_profile"),
+            "env_file": envfile.get("file"), "resources": shown,
+            "deps": deps.status(self.paths.state_dir, wt.id, wt.path),
+        } | postgres.status_entry(details, checked)
+
+    def _describe_id(self, wt_id: str) -> dict[str, Any]:
+        wt = self.registry.worktree(wt_id)
+        assert wt is not None
+        return self.describe(wt, self.registry.resources(wt_id))
+
+    @contextmanager
+    def _lock(self, wt_id: str) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._locks.setdefault(wt_id, threading.Lock())
+        with lock:
+            yield
+
+    def _busy(self, wt_id: str) -> bool:
+        lock = self._locks.get(wt_id)
+        return bool(lock and lock.locked())
+
+def _text(value: Any, name: str) -> str:
+    """A string parameter from the wire; anything else is the client's mistake, not a bug."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ProtocolError(f"parameter {name!r} must be a non-empty string",
+                            "see docs/protocol.md")
+    return value
+
+
+def absolute(value: Any) -> str:
+    """A path parameter: absolute (the daemon's directory is nobody's business), no '..'."""
+    path = _text(value, "path")
+    # '..' too: worktree matching is by components, so A/../B would count as inside A.
+    if not os.path.isabs(path) or ".." in Path(path).parts:
+        raise UsageError(f"parameter 'path' must be an absolute path without '..', not "
+                         f"{path[:200]!r}", "the CLI sends such paths; see docs/protocol.md")
+    return path

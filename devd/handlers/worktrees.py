@@ -1,0 +1,255 @@
+"""Requests about worktrees as a whole: status, provision, release, restore, gc, env."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from devd import __version__, git, leftovers, naming, processes, teardown
+from devd.errors import DevdError, NotRegistered, ProvisionFailed, UsageError
+from devd.handlers.core import ServiceCore, absolute
+from devd.postgres import provisioner as postgres
+from devd.provisioners import Context, Progress, Provisioner
+from devd.registry import Worktree
+from devd.settings import parse_duration
+from devd.watchers import api as watchers_api
+
+log = logging.getLogger("devd")
+ORPHAN_SCAN_MAX_AGE = 30.0  # seconds
+
+
+def _quiet(phase: str, message: str, **extra: Any) -> None:
+    log.debug("%s: %s", phase, message)
+
+
+class WorktreeRequests(ServiceCore):
+    """Registering, provisioning and releasing worktrees, one at a time per worktree."""
+
+    def do_ping(self, progress: Progress) -> dict[str, Any]:
+        return {"pid": os.getpid(), "version": __version__}
+
+    def do_status(self, progress: Progress, path: str | None = None) -> dict[str, Any]:
+        worktrees = self.notice_missing()
+        chosen = [self.find(path)] if path else worktrees
+        resources = self.registry.all_resources()
+        return watchers_api.add_to_status(self, {
+            "daemon": {"pid": os.getpid(), "version": __version__,
+                       "socket": str(self.paths.socket)},
+            "worktrees": leftovers.add_to_status(
+                self, [self.describe(wt, resources.get(wt.id, [])) for wt in chosen], chosen),
+            "orphans": self.orphans(max_age=ORPHAN_SCAN_MAX_AGE),
+        })
+
+    def do_provision(self, progress: Progress, path: str, background: bool = False,
+                     fix_deps: bool = False, postgres_url: str | None = None
+                     ) -> dict[str, Any]:
+        info = git.resolve(Path(absolute(path)))
+        wt_id = naming.worktree_id(info.main_path, info.path)
+        self._check_path_free(info.path, wt_id)
+        wt = self.registry.register(
+            wt_id, info.path, info.branch,
+            info.common_dir, info.main_path, naming.repo_name(info.main_path),
+        )
+        self.on_register()
+        # The caller's DEVD_POSTGRES_URL (sent by the CLI) wins over the daemon's own.
+        options = {"fix_deps": bool(fix_deps), "postgres_url": postgres_url or ""}
+        if background:
+            self._in_background(wt.id, options)
+            return self.describe(wt, self.registry.resources(wt.id))
+        self.provision(wt.id, progress, options)
+        return self._describe_id(wt.id)
+
+    def do_release(self, progress: Progress, path: str, yes: bool = False,
+                   no_backup: bool = False, force: bool = False) -> dict[str, Any]:
+        wt = self.find(path)
+        outputs = self.release(wt, progress, yes=yes, backup=not no_backup, force=force)
+        return {"released": wt.id, "path": str(wt.path)} | outputs
+
+    def do_restore(self, progress: Progress, path: str, dump: str | None = None
+                   ) -> dict[str, Any]:
+        wt = self.find(path)
+        with self._lock(wt.id):
+            ctx = self.context(wt, strict=False)
+            progress("postgres", "restoring")
+            return postgres.restore(ctx, ctx.recorded("postgres"), dump)
+
+    def orphans(self, max_age: float = 0.0) -> list[dict[str, str]]:
+        """Objects carrying devd's marker that no registered worktree owns. Status accepts a
+        scan up to `max_age` seconds old: it connects to servers, and one that is down costs
+        its timeout, which a prompt calling `devd status` must not pay every time."""
+        known = {wt.id for wt in self.registry.worktrees()}
+        now = time.monotonic()
+        if self._orphans is None or now - self._orphans[0] > max_age:
+            self._orphans = (now, postgres.orphans(self.paths, known))
+        return [found for found in self._orphans[1] if found["worktree_id"] not in known]
+
+    def do_gc(self, progress: Progress, grace: str | None = None, dry_run: bool = False,
+              no_backup: bool = False) -> dict[str, Any]:
+        try:
+            seconds = parse_duration(grace or self.settings.gc_grace)
+        except ValueError as exc:
+            raise UsageError(str(exc), "e.g. --grace 24h, --grace 30m, --grace 0") from exc
+        self.reconcile()
+        self.notice_missing()
+        cutoff = time.time() - seconds
+        due = [wt for wt in self.registry.worktrees()
+               if wt.state == "gone" and (wt.gone_at or 0) <= cutoff]
+        stopped = {} if dry_run else leftovers.stop_gone(self, due, progress)
+        results = []
+        for wt in due:
+            entry: dict[str, Any] = {"id": wt.id, "path": str(wt.path), "released": False,
+                                     "stopped": stopped.get(wt.id, [])}
+            if not dry_run:
+                try:
+                    entry |= self.release(wt, progress, yes=True, backup=not no_backup,
+                                          only_if_gone=True)
+                    entry["released"] = True
+                except DevdError as exc:
+                    entry["skipped" if exc.code == "not_gone" else "error"] = exc.to_dict()
+            results.append(entry)
+        processes.prune_runs(self.registry)
+        return {"dry_run": dry_run, "grace_seconds": seconds, "worktrees": results,
+                "orphans": self.orphans()}
+
+    def do_env(self, progress: Progress, path: str) -> dict[str, Any]:
+        wt = self.find(path)
+        if wt.state == "gone":
+            raise NotRegistered(f"worktree {wt.path} is gone",
+                                "recreate it and run `devd provision`")
+        ports = next((r for r in self.registry.resources(wt.id) if r.kind == "ports"), None)
+        if ports is None or ports.state != "ready":
+            # Without PORT a dev server falls back to 3000: the collision devd exists to stop.
+            why = f"ports are {ports.state}: {ports.detail.get('error', '')}" if ports \
+                else "it has no ports yet"
+            raise DevdError(f"worktree {wt.path} is not ready ({why.rstrip(': ')})",
+                            "wait for it (`devd wait`), or fix the cause and run "
+                            f"`devd provision {wt.path}`", code="not_ready")
+        env, warnings = self.environment(wt)
+        return {"worktree": str(wt.path), "env": env, "warnings": warnings}
+
+    def provision(self, wt_id: str, progress: Progress,
+                  options: dict[str, Any] | None = None) -> None:
+        """Ensure every resource of a worktree, one provision per worktree at a time."""
+        with self._lock(wt_id):
+            wt = self.registry.worktree(wt_id)
+            if wt is None:
+                raise NotRegistered(f"worktree {wt_id} was released while this provision "
+                                    "waited", "provision it again if you still want it")
+            self.registry.set_state(wt_id, "provisioning")
+            try:
+                ctx = self.context(wt)
+            except DevdError as exc:
+                self.registry.set_state(wt_id, "failed", exc.message)
+                raise
+            ctx.options.update(options or {})
+            failures = [f for p in self.provisioners
+                        if p.applies(ctx) and (f := self._ensure(p, ctx, progress))]
+            self.registry.set_state(wt_id, "failed" if failures else "ready",
+                                    "; ".join(f.message for f in failures) or None)
+        if failures:
+            raise ProvisionFailed(
+                f"{wt.path}: " + "; ".join(f"{f.code}: {f.message}" for f in failures),
+                " ".join(f.hint for f in failures if f.hint) or "see `devd status`",
+            )
+
+    def _ensure(self, provisioner: Provisioner, ctx: Context, progress: Progress
+                ) -> DevdError | None:
+        kind, wt_id = provisioner.kind, ctx.worktree.id
+        self.registry.set_resource(wt_id, kind, "pending")
+        progress(kind, "ensuring")
+        try:
+            detail = provisioner.ensure(ctx, progress)
+        except DevdError as exc:
+            failure = exc
+        except OSError as exc:
+            log.exception("%s of %s failed", kind, wt_id)
+            failure = DevdError(f"{kind}: {exc}", "check free disk space and permissions",
+                                code="os_error")
+        else:
+            self.registry.set_resource(wt_id, kind, "ready", detail)
+            ctx.env.update(provisioner.env(ctx, detail))
+            progress(kind, "ready")
+            return None
+        # Keep what was recorded before: teardown still needs it to find what exists.
+        self.registry.set_resource(wt_id, kind, "failed", ctx.recorded(kind) | {
+            "error": failure.message, "hint": failure.hint})
+        progress(kind, f"failed: {failure.message}")
+        return failure
+
+    def release(self, wt: Worktree, progress: Progress, *, yes: bool, backup: bool = True,
+                force: bool = False, only_if_gone: bool = False) -> dict[str, Any]:
+        """Tear down every resource, all or nothing (devd/teardown.py); returns what the
+        teardowns report (e.g. dump paths). `only_if_gone`: gc's re-check under the lock."""
+        with self._lock(wt.id):
+            if only_if_gone:
+                self._check_still_gone(wt)
+            # Read under the lock: a provision in flight may still be adding resources.
+            recorded = self.registry.resources(wt.id)
+            data = [r.kind for r in recorded if self._holds_data(r.kind)]
+            if data and not yes:
+                raise UsageError(f"{wt.path} has data-bearing resources: {', '.join(data)}",
+                                 "pass --yes to release them (devd keeps a dump where it can)")
+            ctx = self.context(wt, strict=False)
+            ctx.backup, ctx.force = backup, force
+            order = sorted(reversed(recorded), key=lambda r: not self._holds_data(r.kind))
+            teardown.check_all(self._by_kind, ctx, order)
+            teardown.run_all(self._by_kind, ctx, order, progress)
+            self.registry.forget(wt.id)
+        return ctx.outputs
+
+    def _check_still_gone(self, wt: Worktree) -> None:
+        """gc listed `wt` as gone before it got the lock: if it came back meanwhile, it is
+        not gc's to take."""
+        why = self._why_not_gone(wt)
+        if why:
+            raise DevdError(f"{wt.path} {why}; gc left it alone", "", code="not_gone")
+
+    def _why_not_gone(self, wt: Worktree) -> str | None:
+        now, listed = self.registry.worktree(wt.id), self._listed(wt.repo_common_dir)
+        if now is None:
+            return "was released meanwhile"
+        if listed is None:
+            return "cannot be listed by git now"
+        if now.state != "gone" or os.path.isdir(wt.path) or wt.path in listed:
+            return "is back (re-created or provisioned while gc ran)"
+        return None
+
+    def _check_path_free(self, path: Path, wt_id: str) -> None:
+        """A path registered under another id: the old worktree (another repo, or a moved
+        main repo) must be released first, or its leftovers would never be found again."""
+        old = self.registry.worktree_at(path)
+        if old is not None and old.id != wt_id:
+            raise DevdError(
+                f"{path} is still registered for a worktree of {old.repo_main_path} "
+                f"({old.id}, {old.state})",
+                f"run `devd release {path}` (or `devd gc --grace 0` once it is gone) first",
+                code="path_conflict",
+            )
+
+    def _in_background(self, wt_id: str, options: dict[str, Any] | None = None) -> None:
+        """At most one background provision waits per worktree (a flood of requests would
+        queue a thread each); a later request only updates the options it will run with."""
+        with self._locks_guard:
+            waiting = wt_id in self._queued
+            self._queued[wt_id] = options or {}
+        if waiting:
+            return
+
+        def run() -> None:
+            with self._lock(wt_id), self._locks_guard:  # from here on, a request queues anew
+                latest = self._queued.pop(wt_id)
+            try:
+                self.provision(wt_id, _quiet, latest)
+            except DevdError as exc:
+                log.warning("background provision of %s failed: %s", wt_id, exc.message)
+        thread = threading.Thread(target=run, name=f"provision-{wt_id}", daemon=True)
+        thread.start()
+        self._background = [t for t in self._background if t.is_alive()] + [thread]
+
+    def join_background(self, timeout: float) -> None:
+        for thread in self._background:
+            thread.join(timeout)
