@@ -53,32 +53,36 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     command("daemon", "run the daemon in the foreground (logs to stderr)")
     cmd = command("provision", "register a worktree and ensure all its resources", True)
-    cmd.add_argument("path", nargs="?", default=".")
+    _path(cmd)
     cmd.add_argument("--background", action="store_true", help="return at once; work goes on")
     cmd.add_argument("--wait", action="store_true", help="with --background: return when the "
                      "background provision ends (exit 1 if it failed); else a no-op")
     cmd.add_argument("--fix-deps", action="store_true",
                      help="replace a symlinked node_modules/.venv with the worktree's own tree")
     cmd = command("release", "tear down what devd made for a worktree", True)
-    cmd.add_argument("path", nargs="?", default=".")
+    _path(cmd)
     cmd.add_argument("--yes", action="store_true", help="also release data-bearing resources")
     cmd.add_argument("--no-backup", action="store_true", help="drop databases without a dump")
     cmd.add_argument("--force", action="store_true", help="end sessions holding the database")
     cmd = command("gc", "release worktrees that have been gone longer than the grace", True)
     cmd.add_argument("--dry-run", action="store_true", help="only list what would be released")
-    cmd.add_argument("--grace", help="e.g. 24h (default), 30m, 0 for now")
+    cmd.add_argument("--grace", help="how long a worktree must be gone, e.g. 30m, 2h, 0 for "
+                     "now (default: 24h, or DEVD_GC_GRACE)")
     cmd.add_argument("--no-backup", action="store_true", help="drop databases without a dump")
     cmd = command("restore", "load a worktree's last Postgres dump (or --dump FILE) back", True)
-    cmd.add_argument("path", nargs="?", default=".")
+    _path(cmd)
     cmd.add_argument("--dump", help="a dump file (default: the worktree's newest)")
     cmd = command("status", "show registered worktrees and their resources", True)
-    cmd.add_argument("path", nargs="?")
+    cmd.add_argument("path", nargs="?", help="only this worktree (default: all)")
     cmd = command("env", "print a worktree's environment")
-    cmd.add_argument("path", nargs="?", default=".")
-    cmd.add_argument("--format", choices=("sh", "dotenv", "json"), default="sh")
+    _path(cmd)
+    cmd.add_argument("--format", choices=("sh", "dotenv", "json"), default="sh",
+                     help="sh: export lines to eval; dotenv: KEY=value lines; json: an object "
+                     "(default: sh)")
     cmd = command("run", "run a command with the worktree's environment")
-    cmd.add_argument("--path", default=".")
-    cmd.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    _path(cmd, option=True)
+    cmd.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...",
+                     help="the command and its arguments, after --")
     cmd = command("watchers", "inotify watch budget: limits, use, top consumers per worktree",
                   True)
     cmd.add_argument("--restart", action="store_true", help="start failed devd-started "
@@ -90,20 +94,43 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                      help="apply the sysctl fix (only when run as root)")
     command("ports", "list leased ports and who holds them", True)
     cmd = command("kill-port", "stop the process holding a port, if it is this worktree's", True)
-    cmd.add_argument("port", type=int)
-    cmd.add_argument("--path", default=".")
+    cmd.add_argument("port", type=port_number, help="a TCP port, 1-65535")
+    _path(cmd, option=True)
     cmd = command("browser", "open Chromium/Chrome with the worktree's own profile")
-    cmd.add_argument("url", nargs="?")
-    cmd.add_argument("--path", default=".")
+    cmd.add_argument("url", nargs="?",
+                     help="the page to open (default: http://localhost:$PORT/ of the worktree)")
+    _path(cmd, option=True)
     cmd = command("init", "write a commented starter devd.toml")
-    cmd.add_argument("path", nargs="?", default=".")
+    cmd.add_argument("path", nargs="?", default=".",
+                     help="the directory to write devd.toml in (default: .)")
     cmd = command("wait", "block until a worktree's (background) provisioning ends", True)
-    cmd.add_argument("path", nargs="?", default=".")
+    _path(cmd)
     cmd.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
     cmd = command("service", "install, remove or inspect devd's user service")
-    cmd.add_argument("action", choices=("install", "uninstall", "status"))
+    cmd.add_argument("action", choices=("install", "uninstall", "status"),
+                     help="install and start it, stop and remove it, or show its state")
     _hook_parser(command("hook", "install hooks; entry points called by git and Claude Code"))
     return parser
+
+
+def _path(cmd: argparse.ArgumentParser, option: bool = False) -> None:
+    """The worktree argument most commands take: positional, or `--path` where it is not."""
+    help_text = "a directory in the worktree (default: ., the current directory)"
+    if option:
+        cmd.add_argument("--path", default=".", help=help_text)
+    else:
+        cmd.add_argument("path", nargs="?", default=".", help=help_text)
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1-65535 (99999 is a typo, not a port nothing holds)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
+    return port
 
 
 def _hook_parser(cmd: argparse.ArgumentParser) -> None:
@@ -111,13 +138,16 @@ def _hook_parser(cmd: argparse.ArgumentParser) -> None:
     install = sub.add_parser("install", help="add devd to a repo's git and/or Claude Code hooks")
     install.add_argument("--git", action="store_true", help="post-checkout hook (all worktrees)")
     install.add_argument("--claude", action="store_true", help=".claude/settings.json hooks")
-    install.add_argument("path", nargs="?", default=".")
+    _path(install)
     sub.add_parser("claude-create", help="Claude Code WorktreeCreate (JSON on stdin)")
     sub.add_parser("claude-remove", help="Claude Code WorktreeRemove (JSON on stdin)")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # a newcomer typing `devd` wants the command list, not an error
+        build_parser().print_help(sys.stderr)
+        return EXIT_USAGE
     only = argv[0] if argv and (argv[0] in COMMANDS or argv[0] == "daemon") else None
     args = build_parser(only).parse_args(argv)
     paths = Paths.resolve()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from devd import processes
-from devd.errors import DevdError
+from devd.errors import DevdError, UsageError
 from devd.handlers.core import ServiceCore
 from devd.provisioners import Progress
 from devd.watchers import api as watchers_api
@@ -39,6 +39,8 @@ class ProcessRequests(ServiceCore):
         return rows
 
     def do_kill_port(self, progress: Progress, port: int, path: str) -> dict[str, Any]:
+        if not 1 <= port <= 65535:  # a typo, not a port nothing listens on
+            raise UsageError(f"port {port} is out of range (1-65535)", "give a TCP port")
         asked = self.find(path)
         holder = processes.listeners().get(int(port))
         if holder is None:
