@@ -417,10 +417,30 @@ def cmd_browser(client: Client, args: argparse.Namespace) -> int:
     url = args.url or (f"http://localhost:{env['PORT']}/" if "PORT" in env else "about:blank")
     command = [*browser, f"--user-data-dir={env['DEVD_BROWSER_PROFILE']}", "--no-first-run",
                "--no-default-browser-check", url]
-    subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError as exc:
+        raise DevdError(f"cannot start the browser {browser[0]}: {exc.strerror}",
+                        "install Chromium or Chrome, or set DEVD_BROWSER to a browser command "
+                        "that accepts --user-data-dir", code="no_browser") from None
+    _check_started(proc, browser[0])
     print(safe(f"opened {url} in {browser[0]} with profile {env['DEVD_BROWSER_PROFILE']}"))
     return EXIT_OK
+
+
+def _check_started(proc: Any, name: str, grace: float = 0.5) -> None:
+    """Raise if the browser failed at once. Exit 0 is a success: Chromium hands the URL
+    to the instance already running on that profile and exits."""
+    import subprocess
+
+    try:
+        code = proc.wait(grace)
+    except subprocess.TimeoutExpired:  # still running: it opened
+        return
+    if code != 0:
+        raise DevdError(f"the browser {name} exited at once (status {code})",
+                        "run it by hand to see why, or set DEVD_BROWSER", code="browser_failed")
 
 
 def find_browser() -> list[str]:
@@ -444,7 +464,11 @@ def cmd_init(client: Client, args: argparse.Namespace) -> int:
     target = Path(args.path) / "devd.toml"
     if target.exists():
         raise UsageError(f"{target} already exists", "edit it, or remove it to start over")
-    target.write_text(files("devd.templates").joinpath("devd.toml").read_text())
+    try:
+        target.write_text(files("devd.templates").joinpath("devd.toml").read_text())
+    except OSError as exc:
+        raise DevdError(f"cannot write {target}: {exc.strerror}",
+                        "give an existing directory you can write to") from None
     print(f"wrote {target}")
     return EXIT_OK
 

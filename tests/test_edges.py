@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import Devd, Repo
 
@@ -38,3 +40,33 @@ def test_kill_port_out_of_range_refused_by_the_daemon(devd: Devd, repo: Repo) ->
     with pytest.raises(UsageError, match="out of range"):
         Client(devd.paths, autostart=False).call(
             "kill_port", {"port": 99999, "path": str(repo.main)})
+
+
+def test_browser_that_does_not_exist_is_an_error_not_a_traceback(devd: Devd, repo: Repo) -> None:
+    devd.run("provision", str(repo.main))
+    result = devd.run("browser", "--path", str(repo.main), check=False,
+                      env={"DEVD_BROWSER": "/nonexistent"})
+    assert result.returncode == 1, result.stderr
+    assert "cannot start the browser /nonexistent" in result.stderr
+    assert "Traceback" not in result.stderr and "opened" not in result.stdout
+
+
+def test_browser_dying_at_once_is_not_opened(devd: Devd, repo: Repo) -> None:
+    devd.run("provision", str(repo.main))
+    result = devd.run("browser", "--path", str(repo.main), check=False,
+                      env={"DEVD_BROWSER": "sh -c 'exit 3' browser"})
+    assert result.returncode == 1 and "opened" not in result.stdout
+    assert "exited at once (status 3)" in result.stderr
+
+
+@pytest.mark.parametrize("browser", ["sh -c 'sleep 1' browser", "true"])
+def test_browser_running_or_handing_off_is_opened(devd: Devd, repo: Repo, browser: str) -> None:
+    devd.run("provision", str(repo.main))
+    result = devd.run("browser", "--path", str(repo.main), env={"DEVD_BROWSER": browser})
+    assert result.stdout.startswith("opened http://localhost:")
+
+
+def test_init_in_a_missing_directory_is_an_error(devd_home: Devd, tmp_path: Path) -> None:
+    result = devd_home.run("init", str(tmp_path / "nonexistent" / "x"), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot write" in result.stderr and "No such file" in result.stderr
