@@ -70,3 +70,12 @@ def test_init_in_a_missing_directory_is_an_error(devd_home: Devd, tmp_path: Path
     result = devd_home.run("init", str(tmp_path / "nonexistent" / "x"), check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "cannot write" in result.stderr and "No such file" in result.stderr
+
+
+@pytest.mark.parametrize("dump", [[], ["--dump", "/nonexistent.dump"]])
+def test_restore_without_postgres_is_an_error_not_usage(devd: Devd, repo: Repo,
+                                                        dump: list[str]) -> None:
+    devd.run("provision", str(repo.main))
+    result = devd.run("restore", str(repo.main), *dump, check=False)
+    assert result.returncode == 1, result.stderr
+    assert "has no Postgres provisioned; nothing was changed" in result.stderr

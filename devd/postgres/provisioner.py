@@ -87,21 +87,19 @@ def _tolerating_intent(detail: dict[str, Any], step: Step | None, ctx: Context) 
 def restore(ctx: Context, detail: dict[str, Any], source: str | None) -> dict[str, Any]:
     """Load a dump (the worktree's latest by default) into its provisioned Postgres; the data
     it replaces is dumped first, and a failure leaves that data exactly as it was."""
+    mode = detail.get("mode", "none")
+    if mode != "container" and mode not in SQL_MODES:  # an error, not a usage one: exit 1
+        raise DevdError(f"{ctx.worktree.path} has no Postgres provisioned; nothing was changed",
+                        "set [postgres] mode in devd.toml and run `devd provision` first",
+                        code="no_postgres")
     found = Path(source) if source else dump.latest(ctx.paths, ctx.worktree.id)
     if found is None:
         raise DevdError(f"no dump of worktree {ctx.worktree.id} found in "
                         f"{dump.dumps_dir(ctx.paths)}; nothing was changed",
-                        "pass the dump's path: devd restore --dump FILE", code="usage")
+                        "pass the dump's path: devd restore --dump FILE", code="dump_not_found")
     path = dump.verify(found, dump.RESTORE_FAILURE)
-    mode = detail.get("mode", "none")
-    if mode == "container":
-        before = container.restore(ctx, detail, path)
-    elif mode in SQL_MODES:
-        before = restore_sql(ctx, detail, path)
-    else:
-        raise DevdError(f"{ctx.worktree.path} has no Postgres provisioned",
-                        "set [postgres] mode in devd.toml and run `devd provision` first",
-                        code="usage")
+    restorer = container.restore if mode == "container" else restore_sql
+    before = restorer(ctx, detail, path)
     return {"restored": str(path), "mode": mode, "name": detail.get("name"),
             "before": str(before)}
 
