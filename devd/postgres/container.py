@@ -66,13 +66,15 @@ def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
     dk, wt_id = client(), ctx.worktree.id
     name, port = names.docker_name(wt_id), lease_internal(ctx, PORT_LEASE)
     server.remember(ctx.paths, server.DOCKER)
+    # Read before record_intent names the volume: a first provision has no data to lose.
+    had_data = _had_data(ctx.recorded("postgres"))
     record_intent(ctx, mode="container", name=name, container=name, volume=name, port=port,
                   host="127.0.0.1", image=ctx.config.postgres.image)
     try:
         # Both names claimed before anything is made: a conflict leaves nothing behind.
         container = _owned(dk.containers, name, wt_id)
         if _owned(dk.volumes, name, wt_id) is None:
-            if ctx.recorded("postgres").get("volume"):
+            if had_data:
                 progress("postgres", f"volume {name} was deleted: starting with an empty one")
             dk.volumes.create(name, labels=labels(wt_id))
         if container is not None and _published_port(container) != port:
@@ -96,6 +98,11 @@ def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
             "user": SUPERUSER, "database": DBNAME, "password": password,
             "image": ctx.config.postgres.image, "container": name, "volume": name,
             "initialized": True}
+
+
+def _had_data(recorded: dict[str, Any]) -> bool:
+    """A volume was recorded and a server came up on it: its loss is news, not a first run."""
+    return bool(recorded.get("volume") and recorded.get("initialized"))
 
 
 def _owned(collection: Any, name: str, wt_id: str) -> Any:
