@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Devd, Repo
@@ -79,3 +80,29 @@ def test_restore_without_postgres_is_an_error_not_usage(devd: Devd, repo: Repo,
     result = devd.run("restore", str(repo.main), *dump, check=False)
     assert result.returncode == 1, result.stderr
     assert "has no Postgres provisioned; nothing was changed" in result.stderr
+
+
+EMPTY_NPM_LOCK = {"name": "x", "version": "1.0.0", "lockfileVersion": 3, "requires": True,
+                  "packages": {"": {"name": "x", "version": "1.0.0"}}}
+
+
+def test_a_lockfile_without_dependencies_is_ready_and_not_reinstalled(
+        make_repo: Any, devd: Devd) -> None:
+    import json
+    import shutil
+
+    if not shutil.which("npm"):
+        pytest.skip("npm is not installed")
+    repo = make_repo("front", devd_toml=None)
+    repo.commit({".gitignore": "node_modules/\n.env\n.env.local\n",
+                 "package.json": '{"name": "x", "version": "1.0.0"}\n',
+                 "package-lock.json": json.dumps(EMPTY_NPM_LOCK)})
+    first = devd.run("provision", str(repo.main), timeout=300)
+    assert "node: ready (npm" in first.stderr, first.stderr
+    assert not (repo.main / "node_modules").exists()
+    node = devd.worktree(repo.main)["deps"]["node"]
+    assert node["state"] == "ready" and node["note"] == "", node
+    shown = {r["kind"]: r for r in devd.worktree(repo.main)["resources"]}
+    assert shown["deps"]["state"] == "ready", shown
+    again = devd.run("provision", str(repo.main), timeout=300)
+    assert "node: up to date" in again.stderr and "npm ci" not in again.stderr

@@ -186,8 +186,9 @@ class Install:
             self._clean_if_deleted()
             raise self._fail(exc.message, exc.hint, exc.code) from exc
         seconds = round(time.monotonic() - start, 2)
+        # A lockfile without dependencies: npm ci makes no node_modules, and that is ready.
         self.record(state="ready", lock_hash=digest, strategy=strategy, seconds=seconds,
-                    saved_seconds=saved)
+                    saved_seconds=saved, empty=not plan.tree.is_dir())
         note = f", saved ~{saved:.1f} s" if saved else ""
         self.progress("deps", f"{self.label}: ready ({plan.tool}, {strategy}, {seconds:.1f} s"
                       f"{note})")

@@ -92,7 +92,7 @@ def current(worktree: Path, record: dict[str, Any], busy: bool) -> tuple[str, st
         return "symlinked", problem + "; run `devd provision --fix-deps`"
     if recorded in ("failed", "symlinked"):
         return "failed", str(record.get("error", ""))
-    if not tree.is_dir() and not _plug_n_play(root, record):
+    if not tree.is_dir() and not _plug_n_play(root, record) and not record.get("empty"):
         return "missing", f"{tree} does not exist"
     inputs = tuple(record.get("inputs", ()))
     if recorded == "ready" and lock_hash(root, inputs) != record.get("lock_hash"):
