@@ -166,10 +166,20 @@ def check_killable(port: int, holder: Holder, owner: Worktree | None, asked: Wor
                        f"{holder.uid}, not yours", "devd never touches another user's process")
     if owner is None or owner.id != asked.id:
         where = f"worktree {owner.path}" if owner else f"no worktree (cwd {holder.cwd})"
-        hint = f"run `devd kill-port {port} --path {shlex.quote(str(owner.path))}`" \
-            if owner else "stop it yourself if it is yours"
+        if owner and owner.state == "gone":
+            where = f"gone worktree {owner.path}"
         raise NotOwner(f"port {port} is held by pid {holder.pid} `{holder.command}` of {where}",
-                       hint)
+                       _refusal_hint(port, holder, owner))
+
+
+def _refusal_hint(port: int, holder: Holder, owner: Worktree | None) -> str:
+    """What to do instead: ask from the owning worktree, or stop it by hand where there is
+    no live worktree to ask from (devd stops only a worktree's own processes)."""
+    if owner is not None and owner.state != "gone":
+        return f"it is that worktree's: `devd kill-port {port} --path " \
+            f"{shlex.quote(str(owner.path))}`"
+    why = "its worktree is gone" if owner else "it runs in no worktree devd knows"
+    return f"{why}, so devd leaves it alone; if it is yours, stop it: `kill {holder.pid}`"
 
 
 def stop_run(registry: Registry, wt_id: str, pid: int, started: float, timeout: float) -> str:

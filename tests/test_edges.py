@@ -106,3 +106,35 @@ def test_a_lockfile_without_dependencies_is_ready_and_not_reinstalled(
     assert shown["deps"]["state"] == "ready", shown
     again = devd.run("provision", str(repo.main), timeout=300)
     assert "node: up to date" in again.stderr and "npm ci" not in again.stderr
+
+
+def test_kill_port_hint_fits_where_the_holder_runs(devd: Devd, repo: Repo, tmp_path: Path
+                                                   ) -> None:
+    from conftest import run_git, wait_for
+    from test_ports import listen
+
+    a, b, c = (repo.worktree(f"shop-{n}", n) for n in "abc")
+    for tree in (a, b, c):
+        devd.run("provision", str(tree))
+    ports = devd.worktree(a)["ports"]
+    (tmp_path / "elsewhere").mkdir()
+    holders = [listen(ports["web"], b), listen(ports["api"], tmp_path / "elsewhere"),
+               listen(devd.worktree(c)["ports"]["web"], c)]
+    try:
+        def hint(port: int) -> str:
+            refused = devd.run("kill-port", str(port), "--path", str(a), check=False)
+            assert refused.returncode == 1
+            return refused.stderr
+        assert f"`devd kill-port {ports['web']} --path {b}`" in hint(ports["web"])
+        outside = hint(ports["api"])
+        assert "runs in no worktree devd knows" in outside and "--path" not in outside
+        assert f"kill {holders[1].pid}" in outside
+        run_git(repo.main, "worktree", "remove", "--force", str(c))
+        wait_for(lambda: devd.worktree(c)["state"] == "gone", what="c gone")
+        gone = hint(devd.worktree(c)["ports"]["web"])
+        assert "gone worktree" in gone and "its worktree is gone" in gone, gone
+        assert f"kill {holders[2].pid}" in gone and "--path" not in gone.split("hint:")[1]
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
