@@ -106,6 +106,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     cmd = command("wait", "block until a worktree's (background) provisioning ends", True)
     _path(cmd)
     cmd.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+    command("stop", "stop the daemon gracefully (SIGTERM); one a service manager runs is "
+            "left to it")
     cmd = command("service", "install, remove or inspect devd's user service")
     cmd.add_argument("action", choices=("install", "uninstall", "status"),
                      help="install and start it, stop and remove it, or show its state")
@@ -493,6 +495,12 @@ def cmd_service(client: Client, args: argparse.Namespace) -> int:
     return action(dict(os.environ), lambda line: print(safe(line)))
 
 
+def cmd_stop(client: Client, args: argparse.Namespace) -> int:
+    from devd import service
+
+    return service.stop_daemon(client.paths, lambda line: print(safe(line)))
+
+
 def cmd_hook(client: Client, args: argparse.Namespace) -> int:
     from devd import hooks
 
@@ -522,5 +530,5 @@ COMMANDS = {
     "restore": cmd_restore,
     "env": cmd_env, "run": cmd_run, "ports": cmd_ports, "kill-port": cmd_kill_port,
     "browser": cmd_browser, "init": cmd_init, "wait": cmd_wait, "service": cmd_service,
-    "hook": cmd_hook, "watchers": cmd_watchers, "doctor": cmd_doctor,
+    "hook": cmd_hook, "stop": cmd_stop, "watchers": cmd_watchers, "doctor": cmd_doctor,
 }

@@ -78,7 +78,9 @@ class Daemon:
             service.on_register = watcher.nudge
             budget = WatcherMonitor(registry, self.settings)
             service.watchers = budget
-            self._listener = self._adopt() or self._bind()
+            adopted = self._adopt()
+            self._listener = adopted or self._bind()
+            service.manager = _manager(adopted is not None or bool(self._notifier.address))
             running.callback(self._unbind)
             self._install_signals()
             watcher.start()
@@ -355,6 +357,15 @@ def _unexpected(exc: Exception) -> dict[str, str]:
     # The type and a short message only: a repr can carry file contents.
     return {"code": "internal", "message": f"internal error: {type(exc).__name__}: "
             f"{str(exc)[:200]}", "hint": "this is a devd bug; the daemon log has the traceback"}
+
+
+def _manager(systemd: bool) -> str | None:
+    """Which service manager runs this daemon: `devd stop` leaves stopping to it."""
+    from devd.service import LABEL
+
+    if systemd:
+        return "systemd"
+    return "launchd" if os.environ.get("XPC_SERVICE_NAME") == LABEL else None
 
 
 def main(paths: Paths | None = None) -> int:

@@ -155,13 +155,46 @@ def _remove_owned(target: Path, marker: str, say: Say) -> None:
 def stop_autostarted(paths: Paths, say: Say) -> None:
     """Stop a daemon the CLI started, so the service manager's daemon can own the socket:
     only the process the kernel says listens there, and only if it says that pid itself."""
-    from devd import signals
     from devd.client import Client
 
     try:
         pid = int(Client(paths, autostart=False).call("ping")["pid"])
     except DaemonUnreachable:
         return
+    if _terminate(paths, pid, say):
+        say(f"stopped the daemon the CLI had started (pid {pid}); the service manager runs "
+            "it now")
+
+
+def stop_daemon(paths: Paths, say: Say) -> int:
+    """`devd stop`: SIGTERM to the verified daemon, then wait for its socket to go. One a
+    service manager runs is left to that manager: it would start it again on the next
+    request (socket activation, KeepAlive) and its own state would say "failed"."""
+    from devd.client import Client
+
+    try:
+        reply = Client(paths, autostart=False).call("ping")
+    except DaemonUnreachable:
+        say(f"no daemon running on {paths.socket}")
+        return 0
+    if reply.get("manager"):
+        raise DevdError(f"the daemon (pid {reply['pid']}) runs under {reply['manager']}",
+                        f"stop it there: {MANAGER_STOP[reply['manager']]}", code="managed")
+    if not _terminate(paths, int(reply["pid"]), say):
+        return 1
+    say(f"stopped the daemon (pid {reply['pid']})")
+    return 0
+
+
+MANAGER_STOP = {"systemd": "`systemctl --user stop devd.socket devd.service`",
+                "launchd": f"`launchctl bootout gui/$(id -u)/{LABEL}`"}
+
+
+def _terminate(paths: Paths, pid: int, say: Say, timeout: float = 15.0) -> bool:
+    """SIGTERM to `pid` only if it is the process the kernel says listens on the socket;
+    True once the socket is gone (the daemon removes it as its last act)."""
+    from devd import signals
+
     meant = _listening(paths, pid)
     try:
         sent = meant is not None and signals.send_once(meant, signal.SIGTERM)
@@ -171,11 +204,15 @@ def stop_autostarted(paths: Paths, say: Say) -> None:
         say(f"did not stop the daemon on {paths.socket}: it says it is pid {pid}, which is "
             "not the process listening there (another pid namespace, or a service "
             "manager's socket); stop it yourself")
-        return
-    deadline = time.monotonic() + 15
+        return False
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and paths.socket.exists():
         time.sleep(0.1)
-    say(f"stopped the daemon the CLI had started (pid {pid}); the service manager runs it now")
+    if paths.socket.exists():
+        say(f"sent SIGTERM to the daemon (pid {pid}); it is still finishing after "
+            f"{timeout:g} s (see {paths.daemon_log})")
+        return False
+    return True
 
 
 def _listening(paths: Paths, pid: int) -> Target | None:

@@ -35,7 +35,8 @@ def test_socket_and_dir_are_private(devd: Devd) -> None:
 
 def test_ping_over_raw_socket(devd: Devd) -> None:
     replies = request(devd, b'{"v": 1, "method": "ping", "params": {}}\n')
-    assert replies == [{"ok": True, "result": {"pid": devd.proc.pid, "version": "0.1.0"}}]
+    assert replies == [{"ok": True, "result": {"pid": devd.proc.pid, "version": "0.1.0",
+                                                   "manager": None}}]
 
 
 def test_second_daemon_refuses_with_clear_message(devd: Devd) -> None:

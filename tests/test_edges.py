@@ -138,3 +138,28 @@ def test_kill_port_hint_fits_where_the_holder_runs(devd: Devd, repo: Repo, tmp_p
         for holder in holders:
             holder.kill()
             holder.wait()
+
+
+def test_stop_without_a_daemon_says_so_and_succeeds(devd_home: Devd) -> None:
+    result = devd_home.run("stop", env={"DEVD_NO_AUTOSTART": "0"})
+    assert "no daemon running" in result.stdout
+    assert not devd_home.paths.socket.exists()  # and it started none
+
+
+def test_stop_ends_the_daemon_gracefully(devd: Devd) -> None:
+    assert devd.proc is not None
+    result = devd.run("stop")
+    assert f"stopped the daemon (pid {devd.proc.pid})" in result.stdout
+    assert devd.proc.wait(timeout=15) == 0 and not devd.paths.socket.exists()
+    assert "devd daemon stopping" in devd.log()
+    devd.proc = None
+
+
+def test_stop_leaves_a_managed_daemon_to_its_manager(devd_home: Devd, tmp_path: Path) -> None:
+    devd_home.env["NOTIFY_SOCKET"] = str(tmp_path / "no-manager-here")  # as systemd sets it
+    devd_home.start()
+    result = devd_home.run("stop", check=False)
+    assert result.returncode == 1 and "runs under systemd" in result.stderr
+    assert "systemctl --user stop devd.socket devd.service" in result.stderr
+    assert devd_home.proc is not None and devd_home.proc.poll() is None
+    assert devd_home.stop() == 0

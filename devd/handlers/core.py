@@ -58,6 +58,7 @@ class ServiceCore:
         self._queued: dict[str, dict[str, Any]] = {}  # background provisions not yet started
         self._configs: dict[tuple[Any, ...], RepoConfig] = {}
         self._orphans: tuple[float, list[dict[str, str]]] | None = None
+        self.manager: str | None = None  # "systemd" or "launchd" when one runs the daemon
         # The kernel's word on who sent the request being handled (one per thread).
         self.peer = threading.local()
         self.run_tokens = processes.RunTokens()  # see do_run_started

@@ -30,7 +30,7 @@ class WorktreeRequests(ServiceCore):
     """Registering, provisioning and releasing worktrees, one at a time per worktree."""
 
     def do_ping(self, progress: Progress) -> dict[str, Any]:
-        return {"pid": os.getpid(), "version": __version__}
+        return {"pid": os.getpid(), "version": __version__, "manager": self.manager}
 
     def do_status(self, progress: Progress, path: str | None = None) -> dict[str, Any]:
         worktrees = self.notice_missing()
