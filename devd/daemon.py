@@ -280,6 +280,7 @@ class Connection:
         self.sock.settimeout(SEND_TIMEOUT)
 
     def handle(self, line: bytes) -> None:
+        started, method, params = time.monotonic(), "?", dict[str, Any]()
         with self.sock:
             try:
                 self.service.peer.pid = self.pid  # per thread: see Service.peer_pid
@@ -289,10 +290,14 @@ class Connection:
                 with self._heartbeat(message.get("heartbeat") is True):
                     result = self._dispatch(method, params)
                 self._send({"ok": True, "result": result})
+                outcome = "ok"
             except DevdError as exc:
                 self._send({"ok": False, "error": exc.to_dict()})
+                outcome = f"error {exc.code}"
             except Exception as exc:  # a bug must not kill the daemon; log it and say so
                 self._send({"ok": False, "error": _unexpected(exc)})
+                outcome = "error internal"
+        _log_request(method, params, self.pid, outcome, time.monotonic() - started)
 
     def refuse_busy(self) -> None:
         with self.sock:
@@ -341,6 +346,21 @@ class Connection:
             except OSError as exc:
                 log.debug("client went away: %s", exc)
                 self._alive = False
+
+
+def _log_request(method: str, params: dict[str, Any], pid: int | None, outcome: str,
+                 seconds: float) -> None:
+    """One INFO line per request: method, worktree, caller, outcome. Never other parameters
+    or error messages (they can carry a dump path's or a URL's secrets); names are repr'd
+    where they could forge a log line."""
+    path = params.get("path")
+    where = f" {_loggable(path)}" if isinstance(path, str) else ""
+    log.info("request %s%s (pid %s): %s in %.0f ms", _loggable(method), where, pid or "?",
+             outcome, seconds * 1000)
+
+
+def _loggable(text: str) -> str:
+    return text if text.isprintable() and len(text) < 300 else repr(text[:300])
 
 
 def _unexpected(exc: Exception) -> dict[str, str]:

@@ -9,7 +9,7 @@ import pytest
 from conftest import Devd, Repo
 
 from devd.client import Client
-from devd.errors import UsageError
+from devd.errors import DevdError, UsageError
 
 
 def test_bare_devd_prints_usage_and_commands(devd_home: Devd) -> None:
@@ -163,3 +163,21 @@ def test_stop_leaves_a_managed_daemon_to_its_manager(devd_home: Devd, tmp_path: 
     assert "systemctl --user stop devd.socket devd.service" in result.stderr
     assert devd_home.proc is not None and devd_home.proc.poll() is None
     assert devd_home.stop() == 0
+
+
+def test_daemon_log_has_one_line_per_request(devd: Devd, repo: Repo, tmp_path: Path) -> None:
+    devd.run("provision", str(repo.main))
+    devd.run("status")
+    with pytest.raises(DevdError):  # the CLI refuses such a path; another client may not
+        Client(devd.paths, autostart=False).call("env", {"path": "/x\nINFO request forged"})
+    devd.run("restore", str(repo.main), "--dump", str(tmp_path / "secret-token-123"),
+             check=False)
+    lines = [line for line in devd.log().splitlines() if " request " in line]
+    assert any(f"INFO request provision {repo.main} (pid " in line and ": ok in " in line
+               for line in lines), lines
+    assert any("request status (pid" in line and ": ok in" in line for line in lines)
+    assert any(f"request restore {repo.main}" in line and "error no_postgres" in line
+               for line in lines)
+    assert any("request env '" in line and "x\\nINFO request forged" in line for line in lines)
+    assert not any(line.startswith("INFO request forged") for line in devd.log().splitlines())
+    assert "secret-token-123" not in devd.log()
