@@ -22,6 +22,7 @@ from devd.progressbar import ProgressPrinter
 from devd.render import render_worktree, safe
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+PROGRESSING = ("provision", "release", "gc", "restore", "kill-port")  # they take -v
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable",
             "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
             "/Applications/Chromium.app/Contents/MacOS/Chromium")
@@ -49,6 +50,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         if json_flag:
             cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        if name in PROGRESSING:
+            cmd.add_argument("-v", "--verbose", action="store_true", help="every progress "
+                             "line (default on a terminal: one line redrawn in place)")
         return cmd
 
     command("daemon", "run the daemon in the foreground (logs to stderr)")
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     only = argv[0] if argv and (argv[0] in COMMANDS or argv[0] == "daemon") else None
     args = build_parser(only).parse_args(argv)
+    _PROGRESS.verbose = getattr(args, "verbose", False)
     paths = Paths.resolve()
     if args.command == "daemon":
         from devd.daemon import main as daemon_main

@@ -181,3 +181,76 @@ def test_daemon_log_has_one_line_per_request(devd: Devd, repo: Repo, tmp_path: P
     assert any("request env '" in line and "x\\nINFO request forged" in line for line in lines)
     assert not any(line.startswith("INFO request forged") for line in devd.log().splitlines())
     assert "secret-token-123" not in devd.log()
+
+
+def _on_a_terminal(devd: Devd, *args: str) -> str:
+    """stderr of `devd ARGS` written to a real pseudo-terminal, as a user sees it."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "devd", *args], env=devd.env,
+                                stdout=subprocess.DEVNULL, stderr=follower)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        os.close(leader)
+    return b"".join(chunks).decode()
+
+
+def test_progress_collapses_on_a_terminal_and_stays_full_with_v_or_a_pipe(
+        devd: Devd, repo: Repo) -> None:
+    plain = devd.run("provision", str(repo.main)).stderr.splitlines()
+    assert len(plain) >= 3 and all(line.startswith("  ") for line in plain)
+    collapsed = _on_a_terminal(devd, "provision", str(repo.main))
+    assert "\r\x1b[K" in collapsed
+    verbose = _on_a_terminal(devd, "provision", "-v", str(repo.main))
+    assert "\x1b[K" not in verbose
+    assert len(verbose.splitlines()) == len(devd.run("provision", str(repo.main)
+                                                     ).stderr.splitlines())
+    shown = [part for line in collapsed.split("\r\n") for part in line.split("\r\x1b[K")]
+    assert {line.strip() for line in verbose.splitlines()} <= {p.strip() for p in shown}
+
+
+class _Terminal:
+    """A stream that says it is a terminal, with a clock the test moves."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def test_quick_phases_are_redrawn_and_slow_ones_or_warnings_kept(monkeypatch) -> None:
+    from devd import progressbar
+
+    now = [0.0]
+    monkeypatch.setattr(progressbar.time, "monotonic", lambda: now[0])
+    terminal = _Terminal()
+    printer = progressbar.ProgressPrinter(str, terminal)  # type: ignore[arg-type]
+    for message, took in (("a", 0.01), ("slow", 2.0), ("b", 0.01), ("c", 0.01)):
+        printer({"phase": "p", "message": message})
+        now[0] += took
+    printer({"phase": "p", "message": "lost volume", "level": "warning"})
+    printer.close()
+    kept = [line.rsplit("\r\x1b[K", 1)[-1] for line in terminal.text.split("\n")[:-1]]
+    assert kept == ["  p: slow", "  p: c", "  p: lost volume"], terminal.text

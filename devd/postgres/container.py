@@ -75,7 +75,8 @@ def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
         container = _owned(dk.containers, name, wt_id)
         if _owned(dk.volumes, name, wt_id) is None:
             if had_data:
-                progress("postgres", f"volume {name} was deleted: starting with an empty one")
+                progress("postgres", f"volume {name} was deleted: starting with an empty one",
+                         level="warning")
             dk.volumes.create(name, labels=labels(wt_id))
         if container is not None and _published_port(container) != port:
             progress("postgres", f"container {name} publishes another port: recreating it "
