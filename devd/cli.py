@@ -281,9 +281,22 @@ def cmd_gc(client: Client, args: argparse.Namespace) -> int:
     for orphan in result.get("orphans", []):
         print(safe(f"orphan {orphan['kind']} {orphan['name']} (worktree {orphan['worktree_id']}, "
                    f"{orphan['where']}): not in the registry; remove it by hand if unwanted"))
+    for entry in result.get("not_due", []):
+        print(safe(f"{entry['path']}: gone {span(entry['gone_seconds'])}, due in "
+                   f"{span(entry['due_in_seconds'])}; `devd gc --grace 0` releases it now"))
     if not result["worktrees"]:
-        print("nothing to collect")
+        print("nothing to collect" + (" yet" if result.get("not_due") else ""))
     return EXIT_ERROR if any("error" in e for e in result["worktrees"]) else EXIT_OK
+
+
+def span(seconds: float) -> str:
+    """A duration for people, its two largest units: '45s', '3m', '23h 57m', '2d 4h'."""
+    left, parts = int(seconds), list[str]()
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m"), (1, "s")):
+        if left >= size or (size == 1 and not parts):
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return " ".join(parts[:2])
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:

@@ -254,3 +254,24 @@ def test_quick_phases_are_redrawn_and_slow_ones_or_warnings_kept(monkeypatch) ->
     printer.close()
     kept = [line.rsplit("\r\x1b[K", 1)[-1] for line in terminal.text.split("\n")[:-1]]
     assert kept == ["  p: slow", "  p: c", "  p: lost volume"], terminal.text
+
+
+def test_gc_says_what_is_not_due_yet_and_when(devd: Devd, repo: Repo) -> None:
+    from conftest import run_git, wait_for
+
+    tree = repo.worktree("shop-a", "a")
+    devd.run("provision", str(tree))
+    run_git(repo.main, "worktree", "remove", "--force", str(tree))
+    wait_for(lambda: devd.worktree(tree)["state"] == "gone", what="gone")
+    out = devd.run("gc").stdout.splitlines()
+    assert out[-1] == "nothing to collect yet", out
+    line = next(line for line in out if line.startswith(f"{tree}: gone "))
+    import re
+
+    assert re.search(r"gone \d+s, due in (1d|23h 5\dm);", line), line
+    assert line.endswith("`devd gc --grace 0` releases it now")
+    pending = devd.json("gc", "--dry-run")["not_due"]
+    assert [p["path"] for p in pending] == [str(tree)]
+    assert 0 < pending[0]["due_in_seconds"] <= 86400
+    assert f"released {tree}" in devd.run("gc", "--grace", "0").stdout
+    assert devd.run("gc").stdout.strip() == "nothing to collect"

@@ -26,6 +26,13 @@ def _quiet(phase: str, message: str, **extra: Any) -> None:
     log.debug("%s: %s", phase, message)
 
 
+def not_due(wt: Worktree, now: float, grace: float) -> dict[str, Any]:
+    """A gone worktree gc keeps for now: since when, and in how many seconds it is due."""
+    gone_for = max(0.0, now - (wt.gone_at or now))
+    return {"id": wt.id, "path": str(wt.path), "gone_seconds": round(gone_for),
+            "due_in_seconds": round(max(0.0, grace - gone_for))}
+
+
 class WorktreeRequests(ServiceCore):
     """Registering, provisioning and releasing worktrees, one at a time per worktree."""
 
@@ -95,9 +102,9 @@ class WorktreeRequests(ServiceCore):
             raise UsageError(str(exc), "e.g. --grace 24h, --grace 30m, --grace 0") from exc
         self.reconcile()
         self.notice_missing()
-        cutoff = time.time() - seconds
-        due = [wt for wt in self.registry.worktrees()
-               if wt.state == "gone" and (wt.gone_at or 0) <= cutoff]
+        now = time.time()
+        gone = [wt for wt in self.registry.worktrees() if wt.state == "gone"]
+        due = [wt for wt in gone if (wt.gone_at or 0) <= now - seconds]
         stopped = {} if dry_run else leftovers.stop_gone(self, due, progress)
         results = []
         for wt in due:
@@ -113,6 +120,7 @@ class WorktreeRequests(ServiceCore):
             results.append(entry)
         processes.prune_runs(self.registry)
         return {"dry_run": dry_run, "grace_seconds": seconds, "worktrees": results,
+                "not_due": [not_due(wt, now, seconds) for wt in gone if wt not in due],
                 "orphans": self.orphans()}
 
     def do_env(self, progress: Progress, path: str) -> dict[str, Any]:
