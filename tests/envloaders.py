@@ -15,7 +15,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from pgsupport import IMAGE, docker_client, unavailable
+from pgsupport import IMAGE, image_client, unavailable
 
 SHELLS = ("sh", "dash", "bash")
 NODE_PACKAGES = ["dotenv", "dotenv16@npm:dotenv@16", "pg"]
@@ -100,10 +100,7 @@ def compose_config(paths: list[Path], project: Path) -> dict[Path, dict[str, str
 
 def compose_run(paths: list[Path], project: Path, index: int) -> dict[str, str]:
     """The environment a container of service `index` really gets (compose run; env -0)."""
-    try:
-        docker_client().images.get(IMAGE)
-    except Exception as exc:  # noqa: BLE001 - not there, or the engine refuses: unavailable
-        unavailable(f"image {IMAGE} is not present (set DEVD_TEST_POSTGRES_IMAGE): {exc}")
+    image_client()
     _compose_file(paths, project)
     name = f"devd-envtest-{uuid.uuid4().hex[:8]}"  # parallel sessions share one engine
     base = ["docker-compose", "--project-directory", str(project), "-p", name,

@@ -34,6 +34,21 @@ def docker_client() -> Any:
     return client
 
 
+def image_client() -> Any:
+    """The engine with the test image present (pulled if it can be): where it is absent the
+    container tests skip locally like the others, and fail on CI, instead of erroring."""
+    client = docker_client()
+    try:
+        client.images.get(IMAGE)
+    except Exception:  # noqa: BLE001 - not present: try the registry once
+        try:
+            client.images.pull(IMAGE)
+        except Exception as exc:  # noqa: BLE001 - no network, no such image: unavailable
+            unavailable(f"image {IMAGE} is not present and cannot be pulled "
+                        f"(set DEVD_TEST_POSTGRES_IMAGE to one you have): {exc}")
+    return client
+
+
 def start_server() -> Iterator[str]:
     """A Postgres admin URL: DEVD_TEST_DATABASE_URL, else a testcontainers PostgresContainer."""
     url = os.environ.get("DEVD_TEST_DATABASE_URL")

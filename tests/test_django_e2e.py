@@ -36,8 +36,8 @@ from djangosupport import (
 from dotenv import dotenv_values
 from pgsupport import (
     IMAGE,
-    docker_client,
     env_of,
+    image_client,
     query,
     remove_owned,
     start_server,
@@ -255,7 +255,7 @@ def restore_after_gc(devd: Devd, repo: Repo, tree: Path, main_url: str) -> None:
 @pytest.fixture
 def engine(devd_home: Devd) -> Iterator[Any]:
     """The Docker engine; afterwards every container and volume of this test's worktrees goes."""
-    client = docker_client()
+    client = image_client()
     yield client
     if devd_home.proc is not None:
         remove_owned(client, {w["id"] for w in devd_home.status()["worktrees"]})

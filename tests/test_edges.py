@@ -275,3 +275,33 @@ def test_gc_says_what_is_not_due_yet_and_when(devd: Devd, repo: Repo) -> None:
     assert 0 < pending[0]["due_in_seconds"] <= 86400
     assert f"released {tree}" in devd.run("gc", "--grace", "0").stdout
     assert devd.run("gc").stdout.strip() == "nothing to collect"
+
+
+@pytest.mark.parametrize("required", ["", "1"])
+def test_container_tests_skip_where_the_image_is_absent(tmp_path: Path, required: str) -> None:
+    """As the README's test command runs them: with Docker up and no such image, skipped
+    locally (not errors), failed when DEVD_REQUIRE_INTEGRATION=1."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEVD_")}
+    env |= {"DEVD_TEST_POSTGRES_IMAGE": "devd-test-absent/postgres:0",
+            "DEVD_REQUIRE_INTEGRATION": required}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_pgcontainer.py", "tests/test_edges_pg.py::"
+                           "test_first_container_provision_does_not_say_the_volume_was_deleted",
+                           "-rs"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if "Docker engine not reachable" in done.stdout:
+        pytest.skip("no Docker engine here")
+    summary = done.stdout.strip().splitlines()[-1]
+    if required:
+        # pytest.fail in a fixture counts as an error: either way, not a silent skip
+        assert done.returncode == 1 and "skipped" not in summary, summary
+        assert "DEVD_REQUIRE_INTEGRATION=1: integration tests must run" in done.stdout
+    else:
+        assert done.returncode == 0 and "3 skipped" in summary, done.stdout[-3000:]
+        assert "devd-test-absent/postgres:0 is not present and cannot be pulled" in done.stdout

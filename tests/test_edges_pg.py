@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from conftest import Devd, Repo
-from pgsupport import IMAGE, docker_client, remove_owned, start_server, with_postgres
+from pgsupport import IMAGE, image_client, remove_owned, start_server, with_postgres
 
 from devd import naming
 from devd.postgres import names as pgnames
@@ -38,7 +38,7 @@ def test_restore_of_a_missing_dump_says_not_found(devd_home: Devd, repo: Repo,
 @pytest.fixture
 def dk(devd: Devd) -> Iterator[Any]:
     """The engine; afterwards every container and volume this test's worktrees got is removed."""
-    client = docker_client()
+    client = image_client()
     yield client
     remove_owned(client, {w["id"] for w in devd.status()["worktrees"]})
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Devd, _kill_daemons_of
-from pgsupport import IMAGE, docker_client, env_of, query, start_server, with_postgres
+from pgsupport import IMAGE, env_of, image_client, query, start_server, with_postgres
 
 from devd import instance, naming
 from devd.errors import DevdError
@@ -120,7 +120,7 @@ def test_an_old_form_marker_is_adopted_and_rewritten(two: tuple[Devd, Devd], mak
 def test_two_instances_on_one_engine_never_take_each_others_volumes(
         two: tuple[Devd, Devd], make_repo) -> None:
     a, b = two
-    dk = docker_client()
+    dk = image_client()
     repo = make_repo("shop")
     with_postgres(repo, f'mode = "container"\nimage = "{IMAGE}"\n')
     tree, other = repo.worktree("shop-c", "c"), repo.worktree("shop-d", "d")
@@ -161,7 +161,7 @@ def test_two_instances_on_one_engine_never_take_each_others_volumes(
 @pytest.mark.docker
 def test_an_unreachable_engine_refuses_release_and_touches_nothing(devd_home: Devd,
                                                                    repo) -> None:
-    docker_client()
+    image_client()
     with_postgres(repo, f'mode = "container"\nimage = "{IMAGE}"\n')
     tree = repo.worktree("shop-e", "e")
     devd_home.start()

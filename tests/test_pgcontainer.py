@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import Devd, Repo, run_git
-from pgsupport import IMAGE, docker_client, env_of, query, remove_owned, with_postgres
+from pgsupport import IMAGE, env_of, image_client, query, remove_owned, with_postgres
 
 from devd import naming
 from devd.postgres import names as pgnames
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.docker
 @pytest.fixture
 def dk(devd: Devd) -> Iterator[Any]:
     """The engine; afterwards every container and volume this test's worktrees got is removed."""
-    client = docker_client()
+    client = image_client()
     yield client
     remove_owned(client, {w["id"] for w in devd.status()["worktrees"]})
 
