@@ -305,3 +305,37 @@ def test_container_tests_skip_where_the_image_is_absent(tmp_path: Path, required
     else:
         assert done.returncode == 0 and "3 skipped" in summary, done.stdout[-3000:]
         assert "devd-test-absent/postgres:0 is not present and cannot be pulled" in done.stdout
+
+
+def test_readme_walkthrough_runs_line_by_line(devd_home: Devd, tmp_path: Path) -> None:
+    """The quick start's 'in any git repository' block, each line in a fresh repo through
+    a real shell, with `devd` on PATH and the daemon autostarted as for a newcomer."""
+    import os
+    import re
+    import stat
+    import subprocess
+    import sys
+
+    from conftest import ROOT, run_git
+
+    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    walkthrough = next(b for b in blocks if "git worktree add ../shop-feat-a" in b)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "devd"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m devd "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    run_git(shop, "init", "-q", "-b", "main")
+    run_git(shop, "commit", "-q", "--allow-empty", "-m", "init")
+    env = devd_home.env | {"DEVD_NO_AUTOSTART": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+                           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    for line in walkthrough.strip().splitlines():
+        done = subprocess.run(["sh", "-c", line], cwd=shop, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
+    assert "devd.toml" in run_git(shop, "ls-files")
+    assert run_git(shop, "show", "HEAD:devd.toml") == (shop / "devd.toml").read_text()
+    assert not devd_home.paths.socket.exists()  # `devd stop` ended the autostarted daemon
