@@ -17,8 +17,10 @@ from devd.render import safe
 WIDTH = 100  # when stdout is not a terminal: what the one-screen promise is measured at
 LISTENING = "+"  # after a port something listens on
 HERE = "*"  # before the worktree the caller stands in
+FLOOR = 10  # cells a column keeps however narrow the terminal
 STATE = 2  # the state column of a status row: the one coloured
 COLOURS = {"ready": "32", "provisioning": "33", "failed": "31", "degraded": "31", "gone": "90"}
+PG_MODES = {"database": "pg-db", "schema": "pg-schema", "container": "pg-docker"}
 # Which per-tree deps state speaks for the whole, worst first.
 DEPS_WORST = ("failed", "missing", "stale", "symlinked", "installing", "ready")
 
@@ -120,7 +122,7 @@ def ports_word(wt: dict[str, Any]) -> str:
 
 def postgres_word(wt: dict[str, Any]) -> str:
     pg = wt.get("postgres")
-    return f"pg:{pg.get('mode')}:{pg.get('state')}" if pg else "-"
+    return f"{PG_MODES.get(pg.get('mode'), pg.get('mode'))}:{pg.get('state')}" if pg else "-"
 
 
 def deps_word(wt: dict[str, Any]) -> str:
@@ -155,22 +157,24 @@ def status_rows(result: dict[str, Any], cwd: str | None, now: float
             for repo, rows in sorted(groups.items())]
 
 
-def fit(widths: list[int], limit: int, shrinkable: tuple[int, ...]) -> list[int]:
-    """Narrow the widest shrinkable column, one cell at a time, until the row fits."""
+def fit(widths: list[int], limit: int, tiers: tuple[tuple[int, ...], ...]) -> list[int]:
+    """Narrow columns until the row fits: the widest of the first tier, one cell at a time,
+    down to FLOOR, then the next tier's (names and branches give way before ports)."""
     widths = list(widths)
-    floor = 6
-    while sum(widths) > limit:
-        wide = max(shrinkable, key=lambda i: widths[i])
-        if widths[wide] <= floor:
-            break
-        widths[wide] -= 1
+    for tier in tiers:
+        while sum(widths) > limit:
+            wide = max(tier, key=lambda i: widths[i])
+            if widths[wide] <= FLOOR:
+                break
+            widths[wide] -= 1
     return widths
 
 
-def table(rows: list[list[str]], limit: int, shrinkable: tuple[int, ...]) -> list[int]:
+def table(rows: list[list[str]], limit: int, tiers: tuple[tuple[int, ...], ...]
+          ) -> list[int]:
     """Column widths for `rows`, fitted to `limit` cells in all (gaps of two included)."""
     natural = [max(cells(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return fit(natural, limit - 2 * (len(natural) - 1), shrinkable)
+    return fit(natural, limit - 2 * (len(natural) - 1), tiers)
 
 
 def line(row: list[str], widths: list[int], paint: Painter | None = None,
@@ -190,7 +194,7 @@ def render_status(result: dict[str, Any], cwd: str | None, paint: Painter,
     groups = status_rows(result, cwd, now)
     out = [summary(result)]
     every = [row for _, rows in groups for row in rows]
-    widths = table(every, width, (0, 1, 3)) if every else []
+    widths = table(every, width, ((0, 1), (3,))) if every else []
     for repo, rows in groups:
         out.append(paint(safe(tilde(repo)), "1"))
         for row in rows:
@@ -211,7 +215,8 @@ def summary(result: dict[str, Any]) -> str:
 
 def warnings(result: dict[str, Any]) -> list[str]:
     """What needs a look, gathered at the bottom: one line each."""
-    found = [w for wt in result["worktrees"] for w in _worktree_warnings(wt)]
+    ordered = sorted(result["worktrees"], key=lambda w: (w.get("repo") or "", w["path"]))
+    found = [w for wt in ordered for w in _worktree_warnings(wt)]
     found += [f"orphan {o['kind']} {o['name']} ({o['where']}, worktree {o['worktree_id']}): "
               "no registered worktree owns it; remove it by hand if unwanted"
               for o in result.get("orphans", [])]
@@ -258,5 +263,5 @@ def render_ports(rows: list[dict[str, Any]], width: int = WIDTH) -> str:
     shown = [PORT_HEADER] + [[safe(str(c)) for c in (
         r["port"], r["name"], tilde(r["worktree"]), "yes" if r["listening"] else "no",
         r.get("pid") or "-", r.get("command") or "-", port_owner(r))] for r in rows]
-    widths = table(shown, width, (2, 5, 6))
+    widths = table(shown, width, ((2, 5), (6,)))
     return "\n".join(line(row, widths, keep_end=(2,)) for row in shown)
