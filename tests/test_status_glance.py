@@ -7,11 +7,16 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 from conftest import Devd, Repo
+from pgsupport import query, start_server, with_postgres
 
+from devd import naming
+from devd.postgres import names as pgnames
 from devd.render_status import cells
 
 WIDE = "機能テスト"  # East Asian wide: two cells a character
@@ -151,3 +156,35 @@ def test_ports_has_a_header_and_aligned_columns(devd: Devd, repo: Repo) -> None:
     starts = lines[0].index("LISTENING")
     assert all(line[starts:starts + 3] in ("yes", "no ") for line in lines[1:]), lines
     assert devd.json("ports")[0]["worktree_state"] == "ready"  # still a list, as before
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    yield from start_server()
+
+
+def test_postgres_in_a_word_and_its_loss_warned(devd_home: Devd, repo: Repo,
+                                                pg_url: str) -> None:
+    devd_home.env["DEVD_POSTGRES_URL"] = pg_url
+    devd_home.start()
+    try:
+        with_postgres(repo, 'mode = "schema"\n')
+        tree = repo.worktree("shop-pg", "pg")
+        devd_home.run("provision", str(tree))
+        row = _row(devd_home.run("status").stdout, "shop-pg")
+        assert "pg-schema:ready" in row and " ready " in row
+        # Someone drops the schema behind devd's back: the row and a warning say so.
+        schema = pgnames.identifier(naming.worktree_id(repo.main, tree))
+        query(pg_url, f'DROP SCHEMA "{schema}" CASCADE')
+        text = devd_home.run("status").stdout
+        row = _row(text, "shop-pg")
+        assert "degraded" in row and "pg-schema:ready" not in row, text
+        assert text.rstrip("\n").split("\n")[-1].startswith("! shop-pg: postgres failed"), text
+    finally:
+        devd_home.run("release", str(repo.main.parent / "shop-pg"), "--yes", "--no-backup",
+                      check=False)
+        devd_home.stop()
+
+
+def _row(text: str, name: str) -> str:
+    return next(line for line in text.splitlines() if line[2:].startswith(name + " "))
