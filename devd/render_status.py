@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 import unicodedata
-from datetime import datetime
 from typing import Any
 
 from devd.render import safe
@@ -77,6 +76,8 @@ def epoch(value: Any) -> float | None:
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, str):
+        from datetime import datetime  # only gone rows pay its import (`devd status` is hot)
+
         return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     return None
 
