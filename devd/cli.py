@@ -77,7 +77,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     _path(cmd)
     cmd.add_argument("--dump", help="a dump file (default: the worktree's newest)")
     cmd = command("status", "show registered worktrees and their resources", True)
-    cmd.add_argument("path", nargs="?", help="only this worktree (default: all)")
+    cmd.add_argument("path", nargs="?", help="one worktree, in full (default: all, a row each)")
+    cmd.add_argument("-v", "--verbose", action="store_true", help="every worktree in full")
     cmd = command("env", "print a worktree's environment")
     _path(cmd)
     cmd.add_argument("--format", choices=("sh", "dotenv", "json"), default="sh",
@@ -300,23 +301,39 @@ def span(seconds: float) -> str:
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    from devd import render_status
+
     params = {"path": _abspath(args.path)} if args.path else {}
     result = client.call("status", params)
     if args.json:
         _print_json(result)
-        return EXIT_OK
-    daemon = result["daemon"]
-    worktrees = result["worktrees"]
-    print(f"devd {daemon['version']} · daemon pid {daemon['pid']} · "
-          f"{len(worktrees)} worktree{'s' * (len(worktrees) != 1)}")
-    budget = result.get("watchers") or {}
-    if budget.get("max_watches"):
-        print(safe(f"watcher budget {budget.get('level')}: {budget.get('watches')} of "
-                   f"{budget['max_watches']} inotify watches (details: `devd watchers`)"))
-    for wt in worktrees:
-        print()
-        print(render_worktree(wt))
+    elif args.path or args.verbose:
+        print(render_status.summary(result))
+        for wt in result["worktrees"]:
+            print()
+            print(render_worktree(wt))
+    else:
+        paint = render_status.Painter.for_stream(sys.stdout, dict(os.environ))
+        print(render_status.render_status(result, _cwd(), paint, _width()))
     return EXIT_OK
+
+
+def _cwd() -> str | None:
+    try:
+        return current_dir()
+    except (OSError, UsageError):  # the caller's directory was deleted: no mark
+        return None
+
+
+def _width() -> int:
+    """The terminal's columns; the default width when output goes elsewhere."""
+    from devd.render_status import WIDTH
+
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() \
+            else WIDTH
+    except (OSError, ValueError):
+        return WIDTH
 
 
 def cmd_env(client: Client, args: argparse.Namespace) -> int:
@@ -400,21 +417,13 @@ def cmd_doctor(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_ports(client: Client, args: argparse.Namespace) -> int:
+    from devd.render_status import render_ports
+
     rows = client.call("ports")
     if args.json:
         _print_json(rows)
-        return EXIT_OK
-    if not rows:
-        print("no ports leased")
-    for row in rows:
-        holder = f"pid {row['pid']} {row['command']}" if row["listening"] else "free"
-        owner, gone = row["owner_worktree"], row.get("owner_state") == "gone"
-        if row["listening"] and owner != row["worktree"]:
-            holder += f" (of {'gone worktree ' * gone}{owner})" if owner \
-                else " (outside any worktree)"
-        elif row["listening"] and gone:
-            holder += " (its worktree is gone)"
-        print(safe(f"{row['port']:>5}  {row['name']:<10} {holder:<32} {row['worktree']}"))
+    else:
+        print(render_ports(rows, _width()))
     return EXIT_OK
 
 

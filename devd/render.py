@@ -7,7 +7,9 @@ from typing import Any
 
 
 def render_worktree(wt: dict[str, Any]) -> str:
-    ports = " ".join(f"{name}={port}" for name, port in wt.get("ports", {}).items())
+    listening = wt.get("listening") or {}
+    ports = " ".join(f"{name}={port}" + " (listening)" * bool(listening.get(name))
+                     for name, port in wt.get("ports", {}).items())
     lines = [f"{wt['id']}  {wt['state']}  {wt.get('branch') or '(detached HEAD)'}",
              f"  path     {wt['path']}"]
     for label, value in (("ports", ports), ("cache", wt.get("cache_dir")),
@@ -15,7 +17,9 @@ def render_worktree(wt: dict[str, Any]) -> str:
         if value:
             lines.append(f"  {label:<8} {value}")
     if wt.get("gone_at"):
-        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(wt["gone_at"]))
+        from devd.render_status import epoch
+
+        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch(wt["gone_at"])))
         lines.append(f"  gone     since {since}; its resources are held until `devd gc`")
     for proc in wt.get("processes", []):
         on = f" on port {proc['port']}" if proc.get("port") else ""

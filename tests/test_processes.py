@@ -326,7 +326,8 @@ def test_a_gone_worktrees_devd_run_server_is_shown_then_stopped_by_gc(
         assert (server, port, True) in shown, entry["processes"]
         assert row(pdevd, port)["owner_worktree"] == str(feat)
         assert "(its worktree is gone)" in pdevd.run("ports").stdout
-        assert f"running  pid {server}" in pdevd.run("status").stdout
+        assert f"gone, but pid {server} " in pdevd.run("status").stdout  # a warning
+        assert f"running  pid {server}" in pdevd.run("status", "-v").stdout
         gc = pdevd.json("gc", "--grace", "0")
         assert gc["worktrees"][0]["released"], gc
         assert gc["worktrees"][0]["stopped"] == [{"pid": run.pid, "outcome": outcome}]

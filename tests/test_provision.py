@@ -119,7 +119,7 @@ def test_detached_head(devd: Devd, repo: Repo) -> None:
     entry = devd.worktree(tree)
     assert entry["branch"] is None and entry["state"] == "ready"
     text = devd.run("status").stdout
-    assert "(detached HEAD)" in text and "watcher budget" in text
+    assert "(detached HEAD)" in text and "watchers ok" in text
 
 
 @pytest.mark.parametrize("kind", ["missing", "plain-dir", "bare"])

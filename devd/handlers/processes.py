@@ -29,7 +29,8 @@ class ProcessRequests(ServiceCore):
                 if holder else None
             rows.append({
                 "port": port, "name": name, "worktree": str(by_id[wt_id].path),
-                "worktree_id": wt_id, "listening": holder is not None,
+                "worktree_id": wt_id, "worktree_state": by_id[wt_id].state,
+                "listening": holder is not None,
                 "pid": holder.pid if holder else None,
                 "command": holder.command if holder else None,
                 "cwd": holder.cwd if holder else None,

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,29 @@ from devd.watchers import api as watchers_api
 
 log = logging.getLogger("devd")
 ORPHAN_SCAN_MAX_AGE = 30.0  # seconds
+STATUS_SCHEMA = 1  # bumped only when a key of `status --json` changes meaning or goes
+
+
+def iso_utc(epoch: float | None) -> str | None:
+    """An epoch time as ISO 8601 UTC (`2026-12-03T15:14:03Z`), None kept."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="seconds") \
+        .replace("+00:00", "Z")
+
+
+def shaped_status(result: dict[str, Any], listening: set[int]) -> dict[str, Any]:
+    """Status as the wire shows it: ISO times, `listening` per port name, and the watcher
+    summary without its top list (that is `devd watchers`' to show)."""
+    for entry in result["worktrees"]:
+        entry["gone_at"] = iso_utc(entry.get("gone_at"))
+        entry["listening"] = {name: port in listening
+                              for name, port in entry.get("ports", {}).items()}
+    budget = result.get("watchers")
+    if budget:
+        budget.pop("top", None)
+        budget["sampled_at"] = iso_utc(budget.get("sampled_at"))
+    return result
 
 
 def _quiet(phase: str, message: str, **extra: Any) -> None:
@@ -43,13 +67,21 @@ class WorktreeRequests(ServiceCore):
         worktrees = self.notice_missing()
         chosen = [self.find(path)] if path else worktrees
         resources = self.registry.all_resources()
-        return watchers_api.add_to_status(self, {
+        result = watchers_api.add_to_status(self, {
+            "schema": STATUS_SCHEMA,
             "daemon": {"pid": os.getpid(), "version": __version__,
-                       "socket": str(self.paths.socket)},
+                       "socket": str(self.paths.socket), "gc_grace_seconds": self._grace()},
             "worktrees": leftovers.add_to_status(
                 self, [self.describe(wt, resources.get(wt.id, [])) for wt in chosen], chosen),
             "orphans": self.orphans(max_age=ORPHAN_SCAN_MAX_AGE),
         })
+        return shaped_status(result, set(processes.listeners()))
+
+    def _grace(self) -> float | None:
+        try:
+            return parse_duration(self.settings.gc_grace)
+        except ValueError:  # a bad config value is gc's to report, not status'
+            return None
 
     def do_provision(self, progress: Progress, path: str, background: bool = False,
                      fix_deps: bool = False, postgres_url: str | None = None

@@ -1,0 +1,268 @@
+"""`devd status` and `devd ports` at a glance: one aligned row per item, warnings at the bottom.
+
+Widths are terminal cells: East Asian wide characters count two, combining marks none
+(unicodedata), so a CJK or emoji branch name keeps the columns aligned in most terminals.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import unicodedata
+from typing import Any
+
+from devd.render import safe
+
+WIDTH = 100  # when stdout is not a terminal: what the one-screen promise is measured at
+LISTENING = "+"  # after a port something listens on
+HERE = "*"  # before the worktree the caller stands in
+FLOOR = 10  # cells a column keeps however narrow the terminal
+STATE = 2  # the state column of a status row: the one coloured
+COLOURS = {"ready": "32", "provisioning": "33", "failed": "31", "degraded": "31", "gone": "90"}
+PG_MODES = {"database": "pg-db", "schema": "pg-schema", "container": "pg-docker"}
+# Which per-tree deps state speaks for the whole, worst first.
+DEPS_WORST = ("failed", "missing", "stale", "symlinked", "installing", "ready")
+
+
+def cells(text: str) -> int:
+    """How many terminal cells `text` takes."""
+    return sum(_cell(ch) for ch in text)
+
+
+def _cell(ch: str) -> int:
+    if unicodedata.combining(ch):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def clip(text: str, width: int, keep_end: bool = False) -> str:
+    """`text` cut to `width` cells, with an ellipsis where it was cut (`keep_end`: at the
+    start, for paths, whose end names them)."""
+    if cells(text) <= width:
+        return text
+    chars = reversed(text) if keep_end else iter(text)
+    out, used = [], 0
+    for ch in chars:
+        if used + _cell(ch) > width - 1:
+            break
+        out.append(ch)
+        used += _cell(ch)
+    return "…" + "".join(reversed(out)) if keep_end else "".join(out) + "…"
+
+
+def pad(text: str, width: int) -> str:
+    return text + " " * max(0, width - cells(text))
+
+
+def tilde(path: str) -> str:
+    """`path` with the home directory shown as `~`."""
+    home = os.path.expanduser("~").rstrip("/")
+    if home and (path == home or path.startswith(home + "/")):
+        return "~" + path[len(home):]
+    return path
+
+
+def ago(seconds: float) -> str:
+    """3m, 5h, 2d: the largest unit that fits."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def epoch(value: Any) -> float | None:
+    """An ISO 8601 time (status' schema 1) or an epoch number as epoch seconds."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        from datetime import datetime  # only gone rows pay its import (`devd status` is hot)
+
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return None
+
+
+class Painter:
+    """ANSI colour on a terminal only; NO_COLOR (any value) turns it off."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    @classmethod
+    def for_stream(cls, stream: Any, environ: dict[str, str]) -> Painter:
+        return cls(bool(getattr(stream, "isatty", lambda: False)()) and not environ.get("NO_COLOR"))
+
+    def __call__(self, text: str, code: str | None) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.enabled and code else text
+
+
+# -- status --------------------------------------------------------------------
+
+
+def state_word(wt: dict[str, Any], grace: float | None, now: float) -> str:
+    """`ready`, `degraded` (a resource failed its check), or `gone 3m · gc in 23h`."""
+    if wt["state"] == "gone":
+        since = epoch(wt.get("gone_at"))
+        if since is None:
+            return "gone"
+        gone = f"gone {ago(now - since)}"
+        if grace is None:
+            return gone
+        left = since + grace - now
+        return f"{gone} · gc {'in ' + ago(left) if left > 0 else 'due'}"
+    if wt["state"] == "ready" and any(r["state"] == "failed" for r in wt.get("resources", [])):
+        return "degraded"
+    return str(wt["state"])
+
+
+def ports_word(wt: dict[str, Any]) -> str:
+    listening = wt.get("listening") or {}
+    return " ".join(f"{name}={port}{LISTENING * bool(listening.get(name))}"
+                    for name, port in wt.get("ports", {}).items()) or "-"
+
+
+def postgres_word(wt: dict[str, Any]) -> str:
+    pg = wt.get("postgres")
+    return f"{PG_MODES.get(pg.get('mode'), pg.get('mode'))}:{pg.get('state')}" if pg else "-"
+
+
+def deps_word(wt: dict[str, Any]) -> str:
+    states = {d.get("state") for d in (wt.get("deps") or {}).values()}
+    if not states:
+        return "-"
+    worst = next((s for s in DEPS_WORST if s in states), sorted(map(str, states))[0])
+    return f"deps:{worst}"
+
+
+def here_of(cwd: str | None, worktrees: list[dict[str, Any]]) -> str | None:
+    """The path of the deepest worktree containing `cwd` (they can nest)."""
+    if not cwd:
+        return None
+    inside = [w["path"] for w in worktrees
+              if cwd == w["path"] or cwd.startswith(w["path"].rstrip("/") + "/")]
+    return max(inside, key=len, default=None)
+
+
+def status_rows(result: dict[str, Any], cwd: str | None, now: float
+                ) -> list[tuple[str, list[list[str]]]]:
+    """(repo heading, rows of cells) per repo, repos and rows sorted by path."""
+    grace = (result.get("daemon") or {}).get("gc_grace_seconds")
+    here = here_of(cwd, result["worktrees"])
+    groups: dict[str, list[list[str]]] = {}
+    for wt in sorted(result["worktrees"], key=lambda w: w["path"]):
+        groups.setdefault(wt.get("repo") or "?", []).append([
+            f"{HERE if wt['path'] == here else ' '} {os.path.basename(wt['path']) or wt['path']}",
+            wt.get("branch") or "(detached HEAD)", state_word(wt, grace, now), ports_word(wt),
+            postgres_word(wt), deps_word(wt)])
+    return [(repo, [[safe(c) for c in row] for row in rows])
+            for repo, rows in sorted(groups.items())]
+
+
+def fit(widths: list[int], limit: int, tiers: tuple[tuple[int, ...], ...]) -> list[int]:
+    """Narrow columns until the row fits: the widest of the first tier, one cell at a time,
+    down to FLOOR, then the next tier's (names and branches give way before ports)."""
+    widths = list(widths)
+    for tier in tiers:
+        while sum(widths) > limit:
+            wide = max(tier, key=lambda i: widths[i])
+            if widths[wide] <= FLOOR:
+                break
+            widths[wide] -= 1
+    return widths
+
+
+def table(rows: list[list[str]], limit: int, tiers: tuple[tuple[int, ...], ...]
+          ) -> list[int]:
+    """Column widths for `rows`, fitted to `limit` cells in all (gaps of two included)."""
+    natural = [max(cells(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return fit(natural, limit - 2 * (len(natural) - 1), tiers)
+
+
+def line(row: list[str], widths: list[int], paint: Painter | None = None,
+         colour: str | None = None, keep_end: tuple[int, ...] = ()) -> str:
+    """One row: every cell clipped and padded to its column, the state cell coloured."""
+    shown = [pad(clip(c, w, i in keep_end), w)
+             for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+    if paint is not None:
+        shown[STATE] = paint(shown[STATE], colour)
+    return "  ".join(shown).rstrip()
+
+
+def render_status(result: dict[str, Any], cwd: str | None, paint: Painter,
+                  width: int = WIDTH, now: float | None = None) -> str:
+    """The at-a-glance table: a summary line, a heading per repo, one row per worktree."""
+    now = time.time() if now is None else now
+    groups = status_rows(result, cwd, now)
+    out = [summary(result)]
+    every = [row for _, rows in groups for row in rows]
+    widths = table(every, width, ((0, 1), (3,))) if every else []
+    for repo, rows in groups:
+        out.append(paint(safe(tilde(repo)), "1"))
+        for row in rows:
+            out.append(line(row, widths, paint, COLOURS.get(row[STATE].split(" ")[0])))
+    return "\n".join(out + warnings(result))
+
+
+def summary(result: dict[str, Any]) -> str:
+    daemon, count = result["daemon"], len(result["worktrees"])
+    text = f"devd {daemon['version']} · pid {daemon['pid']} · {count} " \
+        f"worktree{'s' * (count != 1)}"
+    budget = result.get("watchers") or {}
+    if budget.get("max_watches"):
+        text += f" · watchers {budget.get('level')} {budget.get('watches')}/" \
+            f"{budget['max_watches']}"
+    return safe(text)
+
+
+def warnings(result: dict[str, Any]) -> list[str]:
+    """What needs a look, gathered at the bottom: one line each."""
+    ordered = sorted(result["worktrees"], key=lambda w: (w.get("repo") or "", w["path"]))
+    found = [w for wt in ordered for w in _worktree_warnings(wt)]
+    found += [f"orphan {o['kind']} {o['name']} ({o['where']}, worktree {o['worktree_id']}): "
+              "no registered worktree owns it; remove it by hand if unwanted"
+              for o in result.get("orphans", [])]
+    return [safe(f"! {text}") for text in found]
+
+
+def _worktree_warnings(wt: dict[str, Any]) -> list[str]:
+    name = os.path.basename(wt["path"]) or wt["path"]
+    found = [f"{name}: {wt['error']}"] if wt.get("error") else []
+    found += [f"{name}: {r['kind']} {r['state']} {r.get('detail') or ''}".rstrip()
+              for r in wt.get("resources", []) if r["state"] != "ready"]
+    found += [f"{name}: gone, but pid {p['pid']} {p['command']} still runs"
+              + (f" on port {p['port']}" if p.get("port") else "")
+              for p in wt.get("processes", [])]
+    watch = wt.get("watchers") or {}
+    if watch.get("state") in ("broken", "partial", "critical"):
+        found.append(f"{name}: watchers {watch['state']} {watch.get('reason') or ''}".rstrip())
+    return found
+
+
+# -- ports ---------------------------------------------------------------------
+
+PORT_HEADER = ["PORT", "NAME", "WORKTREE", "LISTENING", "PID", "COMMAND", "OWNER"]
+
+
+def port_owner(row: dict[str, Any]) -> str:
+    """Whose process holds the port, flagged when a gone worktree's still does."""
+    if not row["listening"]:
+        return "-"
+    owner, gone = row.get("owner_worktree"), row.get("owner_state") == "gone"
+    if owner is None:
+        return "(outside any worktree)"
+    if owner != row["worktree"]:
+        return f"{'! gone worktree ' * gone}{tilde(owner)}"
+    if gone or row.get("worktree_state") == "gone":
+        return "! (its worktree is gone)"
+    return "this worktree"
+
+
+def render_ports(rows: list[dict[str, Any]], width: int = WIDTH) -> str:
+    """A header and aligned columns, one row per leased port."""
+    if not rows:
+        return "no ports leased"
+    shown = [PORT_HEADER] + [[safe(str(c)) for c in (
+        r["port"], r["name"], tilde(r["worktree"]), "yes" if r["listening"] else "no",
+        r.get("pid") or "-", r.get("command") or "-", port_owner(r))] for r in rows]
+    widths = table(shown, width, ((2, 5), (6,)))
+    return "\n".join(line(row, widths, keep_end=(2,)) for row in shown)
