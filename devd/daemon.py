@@ -62,6 +62,9 @@ class Daemon:
         self._notifier = sdnotify.Notifier.from_environ()
 
     def run(self) -> None:
+        # First: a client may connect (and a supervisor signal) as soon as the socket exists,
+        # and a stop asked for during startup must end in the same graceful shutdown.
+        self._install_signals()
         self._take_lock()
         # A daemon started by hand in a worktree must not lend it to a request's relative
         # path (or /proc/self/cwd), nor keep the directory busy.
@@ -82,7 +85,6 @@ class Daemon:
             self._listener = adopted or self._bind()
             service.manager = _manager(adopted is not None or bool(self._notifier.address))
             running.callback(self._unbind)
-            self._install_signals()
             watcher.start()
             running.callback(watcher.stop)
             budget.start()
