@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import io
 import tarfile
+import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import psycopg
 
@@ -337,8 +338,9 @@ def restore(ctx: Context, detail: dict[str, Any], source: Path) -> Path:
                         "run `devd provision` first", code="docker_error")
     before = dump.new_dump_path(ctx.paths, ctx.worktree.id, plan.BEFORE)
     _backup(ctx, dk, container, detail, before)
-    container.put_archive("/tmp", _tar({"devd-restore.dump": source.read_bytes(),
-                                        "devd-prologue.sql": plan.CONTAINER_PROLOGUE.encode()}))
+    with _tar({"devd-restore.dump": source,
+               "devd-prologue.sql": plan.CONTAINER_PROLOGUE.encode()}) as archive:
+        container.put_archive("/tmp", archive)
     # --single-transaction keeps large objects' own COMMIT out of psql's one transaction.
     _exec(container, ["pg_restore", "--single-transaction", "--no-owner", "--no-acl", "-f",
                       "/tmp/devd-restore.sql", "/tmp/devd-restore.dump"], "nothing was changed")
@@ -349,14 +351,22 @@ def restore(ctx: Context, detail: dict[str, Any], source: Path) -> Path:
     return before
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
-    archive = io.BytesIO()
+def _tar(files: dict[str, Path | bytes]) -> IO[bytes]:
+    """A tar of `files` in a temp file (a dump can be gigabytes: streamed, never in memory)."""
+    archive = tempfile.TemporaryFile()  # noqa: SIM115 - returned; the caller closes it
     with tarfile.open(fileobj=archive, mode="w") as tar:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return archive.getvalue()
+            info.mode = 0o644
+            if isinstance(data, Path):
+                info.size = data.stat().st_size
+                with open(data, "rb") as source:
+                    tar.addfile(info, source)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    archive.seek(0)
+    return archive
 
 
 def orphans(known_ids: set[str]) -> list[dict[str, str]]:

@@ -132,32 +132,9 @@ def _conflict(kind: str, name: str, wt_id: str, comment: str | None) -> Ownershi
     )
 
 
-def claim(conn: psycopg.Connection[Any], kind: str, name: str, wt_id: str,
-          owner_role: str | None = None) -> bool:
-    """True if `name` exists and is ours; False if absent; OwnershipConflict otherwise.
-
-    A database that lacks the marker but is owned by our marked role is adopted: a crash
-    between CREATE DATABASE and COMMENT ON DATABASE (not one transaction) leaves exactly that.
-    """
-    row = lookup(conn, kind, name)
-    if row is None:
-        return False
-    if names.owner_of_marker(row[0]) == wt_id:
-        return True
-    if kind == "database" and owner_role and row[0] is None and _owned_by(conn, name, owner_role):
-        return True
-    raise _conflict(kind, name, wt_id, row[0])
-
-
 def lookup(conn: psycopg.Connection[Any], kind: str, name: str) -> tuple[Any, ...] | None:
     """(comment,) of a role, database or schema, or None if there is no such object."""
     return conn.execute(_LOOKUP[kind], (name,)).fetchone()
-
-
-def _owned_by(conn: psycopg.Connection[Any], dbname: str, role: str) -> bool:
-    row = conn.execute("SELECT pg_get_userbyid(datdba) = %s FROM pg_database WHERE datname = %s",
-                       (role, dbname)).fetchone()
-    return bool(row and row[0])
 
 
 def mark(kind: str, name: str, wt_id: str) -> sql.Composed:

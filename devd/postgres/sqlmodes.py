@@ -269,9 +269,7 @@ def check_teardown(ctx: Context, detail: dict[str, Any]) -> None:
     with _admin(detail) as conn:
         try:
             present, role, tests = _claims(ctx, conn, detail)
-            sessions = _sessions(conn, detail, tests)
-            if sessions and not ctx.force:
-                raise _in_use(ctx, detail, sessions)
+            _refuse_sessions(ctx, conn, detail, tests)
             if present and ctx.backup:
                 dump.binary("pg_dump")
                 dump.dumps_dir(ctx.paths)  # a private dir to write it to
@@ -335,10 +333,10 @@ def _claims(ctx: Context, conn: psycopg.Connection[Any], detail: dict[str, Any]
             ) -> tuple[bool, bool, list[str]]:
     """Whether the schema/database and the role exist (ours, else OwnershipConflict), and
     the role's test databases."""
-    name, wt_id = detail["name"], ctx.worktree.id
-    present = server.claim(conn, detail["mode"], name, wt_id, owner_role=name)
-    role = server.claim(conn, "role", name, wt_id)
-    return present, role, dependents.test_databases(conn, name) if role else []
+    name, mode = detail["name"], detail["mode"]
+    ours = server.claim_all(conn, name, ctx.worktree.id, (mode, "role"))
+    role = "role" in ours
+    return mode in ours, role, dependents.test_databases(conn, name) if role else []
 
 
 def _dump(ctx: Context, detail: dict[str, Any]) -> None:
@@ -375,13 +373,19 @@ def _sessions(conn: psycopg.Connection[Any], detail: dict[str, Any],
     return found + [s for test in tests for s in server.sessions_on(conn, test)]
 
 
-def _release_sessions(ctx: Context, conn: psycopg.Connection[Any], detail: dict[str, Any],
-                      tests: list[str]) -> None:
-    """Name the holders of blocking sessions; end them only with --force."""
+def _refuse_sessions(ctx: Context, conn: psycopg.Connection[Any], detail: dict[str, Any],
+                     tests: list[str]) -> list[server.Session]:
+    """The blocking sessions, naming their holders; refused unless --force."""
     sessions = _sessions(conn, detail, tests)
     if sessions and not ctx.force:
         raise _in_use(ctx, detail, sessions)
-    server.terminate(conn, sessions)
+    return sessions
+
+
+def _release_sessions(ctx: Context, conn: psycopg.Connection[Any], detail: dict[str, Any],
+                      tests: list[str]) -> None:
+    """End the blocking sessions, which only --force allows."""
+    server.terminate(conn, _refuse_sessions(ctx, conn, detail, tests))
 
 
 def _in_use(ctx: Context, detail: dict[str, Any], sessions: list[server.Session]
