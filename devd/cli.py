@@ -264,6 +264,8 @@ def cmd_restore(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_gc(client: Client, args: argparse.Namespace) -> int:
+    from devd.render_status import span
+
     params = {"grace": args.grace, "dry_run": args.dry_run}
     result = client.call("gc", params | ({"no_backup": True} if args.no_backup else {}),
                          _progress)
@@ -288,16 +290,6 @@ def cmd_gc(client: Client, args: argparse.Namespace) -> int:
     if not result["worktrees"]:
         print("nothing to collect" + (" yet" if result.get("not_due") else ""))
     return EXIT_ERROR if any("error" in e for e in result["worktrees"]) else EXIT_OK
-
-
-def span(seconds: float) -> str:
-    """A duration for people, its two largest units: '45s', '3m', '23h 57m', '2d 4h'."""
-    left, parts = int(seconds), list[str]()
-    for size, unit in ((86400, "d"), (3600, "h"), (60, "m"), (1, "s")):
-        if left >= size or (size == 1 and not parts):
-            parts.append(f"{left // size}{unit}")
-            left %= size
-    return " ".join(parts[:2])
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
@@ -367,11 +359,8 @@ def run_dir(root: Path) -> str:
     a checkout nested in it), else the worktree's root: never another checkout's code."""
     from devd.owners import inside
 
-    try:
-        here = Path(os.getcwd())
-    except OSError:  # the caller's directory was deleted
-        return str(root)
-    return str(here) if inside(here, root) else str(root)
+    here = _cwd()
+    return here if here and inside(Path(here), root) else str(root)
 
 
 def with_caller(env: dict[str, str]) -> dict[str, str]:

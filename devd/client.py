@@ -220,7 +220,9 @@ def _lock_held_by_other(paths: Paths) -> bool:
 
 def _tail(paths: Paths, lines: int = 5) -> str:
     try:
-        text = paths.daemon_log.read_text(errors="replace").strip().splitlines()
+        with open(paths.daemon_log, "rb") as log:  # only its end: the log grows for life
+            log.seek(max(0, log.seek(0, os.SEEK_END) - 16384))
+            text = log.read().decode(errors="replace").strip().splitlines()
     except OSError:
         return "(no log)"
     return " | ".join(text[-lines:])

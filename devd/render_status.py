@@ -62,13 +62,19 @@ def tilde(path: str) -> str:
     return path
 
 
+def span(seconds: float) -> str:
+    """A duration for people, its two largest units: '45s', '3m', '23h 57m', '2d 4h'."""
+    left, parts = max(0, int(seconds)), list[str]()
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m"), (1, "s")):
+        if left >= size or (size == 1 and not parts):
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return " ".join(parts[:2])
+
+
 def ago(seconds: float) -> str:
     """3m, 5h, 2d: the largest unit that fits."""
-    seconds = max(0, int(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+    return span(seconds).split()[0]
 
 
 def epoch(value: Any) -> float | None:
