@@ -216,6 +216,12 @@ def _group_alive(proc: subprocess.Popen[bytes]) -> bool:
 
     if proc.poll() is None:
         return True
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return False  # the group is empty: no need to look at every process
+    except PermissionError:
+        pass
     for pid in psutil.pids():
         with contextlib.suppress(psutil.Error, OSError):
             if os.getpgid(pid) == proc.pid and \
@@ -268,7 +274,7 @@ class JobRunner:
     def _wait_for_lock(self, fd: int, key: str, waiting: Callable[[str], None],
                        timeout: float | None) -> None:
         record = _holder(self.lock_path(key))
-        previous = bool(record) and record.get("daemon") != os.getpid()
+        previous = _previous(record)
         waiting(f"installing (from the previous daemon, pid {record.get('pid')}); waiting "
                 "for it" if previous else
                 "another install of this worktree is running; waiting for it")
@@ -297,7 +303,13 @@ class JobRunner:
 
     def adopted(self, key: str) -> bool:
         """Whether the lock is held by a command a previous daemon started."""
-        return self.busy(key) and _holder(self.lock_path(key)).get("daemon") != os.getpid()
+        return self.busy(key) and _previous(_holder(self.lock_path(key)))
+
+
+def _previous(record: dict[str, Any]) -> bool:
+    """Whether a lock's holder record names another daemon's command. An empty record is
+    ours: the lock file is emptied when a job of this daemon takes it."""
+    return bool(record) and record.get("daemon") != os.getpid()
 
 
 def _try_lock(fd: int) -> bool:

@@ -196,3 +196,14 @@ def test_what_a_command_leaves_running_in_its_group_is_stopped_with_it(tmp_path:
                        60) == 0
     assert not _alive(int(pid_file.read_text())), "the leftover kept running"
     assert not runner.busy("k"), "the leftover kept the worktree locked"
+
+
+def test_a_job_of_this_daemon_is_never_taken_for_the_previous_daemons(tmp_path: Path) -> None:
+    """Before its first command names itself in the lock file, the file is empty: that is
+    this daemon's job, not an install adopted from a crashed one (status said so, and
+    release refused with deps_busy)."""
+    from devd.jobs import JobRunner
+
+    runner = JobRunner(tmp_path / "jobs")
+    with runner.job("k", lambda: True):
+        assert runner.busy("k") and not runner.adopted("k")
