@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from devd import processes, signals
+from devd import processes
 from devd.owners import owning
 from devd.registry import Registry, Worktree
 
@@ -74,13 +74,8 @@ def _cwd_by_psutil(pid: int) -> list[tuple[int, str]]:
 
 def _run_family(pid: int, started: float) -> set[int]:
     """A recorded run, if it still lives, and everything it started."""
-    try:
-        proc = psutil.Process(pid)
-        if not signals.same_start(proc.create_time(), started):
-            return set()
-        return {pid} | {child.pid for child in proc.children(recursive=True)}
-    except psutil.Error:
-        return set()
+    descendants = processes.family(pid, started)
+    return set() if descendants is None else {pid, *(t.pid for t in descendants)}
 
 
 def _port(pid: int) -> int | None:

@@ -185,8 +185,8 @@ def _refusal_hint(port: int, holder: Holder, owner: Worktree | None) -> str:
 def stop_run(registry: Registry, wt_id: str, pid: int, started: float, timeout: float) -> str:
     """Stop one `devd run` of worktree `wt_id` and its descendants, only while the registry
     records that run (records come from the kernel's peer pid, see record_run)."""
-    family = _family(pid, started)
-    if family is None:
+    descendants = family(pid, started)
+    if descendants is None:
         return signals.EXITED
     if not _recorded(registry, wt_id, pid, started):
         return "not a recorded run"  # never signalled: no `devd run` of this worktree
@@ -196,11 +196,11 @@ def stop_run(registry: Registry, wt_id: str, pid: int, started: float, timeout: 
                                else "its run record is gone")
     except signals.Refused:
         return "not ours"  # a recorded pid now held by another user: never touched
-    signals.stop_all(family, timeout)
+    signals.stop_all(descendants, timeout)
     return outcome
 
 
-def _family(pid: int, started: float) -> list[signals.Target] | None:
+def family(pid: int, started: float) -> list[signals.Target] | None:
     """The descendants of the live process meant (None if it is gone), listed while it
     provably lives: a reused pid's children are never taken for its own."""
     try:
