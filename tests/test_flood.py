@@ -91,10 +91,14 @@ def test_accept_failing_for_lack_of_fds_is_logged_once_and_backed_off(devd: Devd
     waiting = []
     try:  # below the limit every fd is taken: the next accept gets EMFILE
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
-        for _ in range(3):  # nothing waits to be dropped: accept has no fd to give
+        # The daemon's threads open and close fds of their own, so a hole may open below the
+        # limit after the snapshot: keep connecting until the holes are full and accept has
+        # no fd to give (each accepted client holds one while it waits).
+        def connect_one() -> bool:
             waiting.append(socket.socket(socket.AF_UNIX))
             waiting[-1].connect(str(devd.paths.socket))
-        wait_for(lambda: "accept failed" in devd.log(), what="the accept failure in the log")
+            return "accept failed" in devd.log()
+        wait_for(connect_one, what="the accept failure in the log")
         wait_for(lambda: devd.log().count("pausing new connections") == 1
                  and devd.proc.poll() is None, what="the daemon to go on")
     finally:
