@@ -23,6 +23,7 @@ from devd.render import render_worktree, safe
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 PROGRESSING = ("provision", "release", "gc", "restore", "kill-port")  # they take -v
+SERVICE_COMMANDS = ("up", "down", "restart", "logs")  # devd/services/commands.py
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable",
             "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
             "/Applications/Chromium.app/Contents/MacOS/Chromium")
@@ -117,6 +118,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     cmd.add_argument("action", choices=("install", "uninstall", "status"),
                      help="install and start it, stop and remove it, or show its state")
     _hook_parser(command("hook", "install hooks; entry points called by git and Claude Code"))
+    if only is None or only in SERVICE_COMMANDS:
+        from devd.services import commands as service_commands
+
+        service_commands.add_parsers(command)
     return parser
 
 
@@ -155,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:  # a newcomer typing `devd` wants the command list, not an error
         build_parser().print_help(sys.stderr)
         return EXIT_USAGE
-    only = argv[0] if argv and (argv[0] in COMMANDS or argv[0] == "daemon") else None
+    known = argv[0] in COMMANDS or argv[0] in SERVICE_COMMANDS or argv[0] == "daemon"
+    only = argv[0] if known else None
     args = build_parser(only).parse_args(argv)
     _PROGRESS.verbose = getattr(args, "verbose", False)
     paths = Paths.resolve()
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = Client(paths, autostart=os.environ.get("DEVD_NO_AUTOSTART", "") in ("", "0"),
                         on_autostart=_starting, timeout=timeout_from(os.environ))
-        return COMMANDS[args.command](client, args)
+        return _command(args.command)(client, args)
     except DaemonUnreachable as exc:
         return _fail(exc, EXIT_UNREACHABLE, args)
     except UsageError as exc:
@@ -183,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         if (storage := storage_error(exc)) is None:
             raise
         return _fail(storage, EXIT_ERROR, args)
+
+
+def _command(name: str) -> Any:
+    if name in SERVICE_COMMANDS:
+        from devd.services import commands as service_commands
+
+        return getattr(service_commands, f"cmd_{name}")
+    return COMMANDS[name]
 
 
 def _starting(paths: Paths) -> None:

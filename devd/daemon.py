@@ -77,6 +77,8 @@ class Daemon:
                 log.warning("%d provision(s) were interrupted by the last stop", interrupted)
             service = Service(self.settings, self.paths, registry)
             running.callback(service.join_background, timeout=5.0)
+            service.services.start_watching()
+            running.callback(service.services.close)  # services stop with the daemon
             watcher = RepoWatcher(service, self.settings.reconcile_interval)
             service.on_register = watcher.nudge
             budget = WatcherMonitor(registry, self.settings)

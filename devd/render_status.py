@@ -20,6 +20,7 @@ FLOOR = 10  # cells a column keeps however narrow the terminal
 STATE = 2  # the state column of a status row: the one coloured
 COLOURS = {"ready": "32", "provisioning": "33", "failed": "31", "degraded": "31", "gone": "90"}
 PG_MODES = {"database": "pg-db", "schema": "pg-schema", "container": "pg-docker"}
+SERVICES_LISTED = 3  # more services than this are counted on the row, listed with -v
 # Which per-tree deps state speaks for the whole, worst first.
 DEPS_WORST = ("failed", "missing", "stale", "symlinked", "installing", "ready")
 
@@ -140,6 +141,17 @@ def deps_word(wt: dict[str, Any]) -> str:
     return f"deps:{worst}"
 
 
+def services_word(wt: dict[str, Any]) -> str:
+    """`web:up api:crashed`, or for many services a count: `svc 4/6 up, 1 crashed`."""
+    shown = wt.get("services") or []
+    words = {"running": "up", "stopped": "down"}
+    states = [words.get(s["state"], s["state"]) for s in shown]
+    if len(shown) <= SERVICES_LISTED:
+        return " ".join(f"{s['name']}:{state}" for s, state in zip(shown, states, strict=True))
+    bad = [s for s in states if s not in ("up", "down")]
+    return f"svc {states.count('up')}/{len(states)} up" + (f", {len(bad)} {bad[0]}" * bool(bad))
+
+
 def here_of(cwd: str | None, worktrees: list[dict[str, Any]]) -> str | None:
     """The path of the deepest worktree containing `cwd` (they can nest)."""
     if not cwd:
@@ -154,12 +166,13 @@ def status_rows(result: dict[str, Any], cwd: str | None, now: float
     """(repo heading, rows of cells) per repo, repos and rows sorted by path."""
     grace = (result.get("daemon") or {}).get("gc_grace_seconds")
     here = here_of(cwd, result["worktrees"])
+    with_services = any(wt.get("services") for wt in result["worktrees"])
     groups: dict[str, list[list[str]]] = {}
     for wt in sorted(result["worktrees"], key=lambda w: w["path"]):
         groups.setdefault(wt.get("repo") or "?", []).append([
             f"{HERE if wt['path'] == here else ' '} {os.path.basename(wt['path']) or wt['path']}",
             wt.get("branch") or "(detached HEAD)", state_word(wt, grace, now), ports_word(wt),
-            postgres_word(wt), deps_word(wt)])
+            postgres_word(wt), deps_word(wt)] + [services_word(wt)] * with_services)
     return [(repo, [[safe(c) for c in row] for row in rows])
             for repo, rows in sorted(groups.items())]
 
@@ -238,6 +251,9 @@ def _worktree_warnings(wt: dict[str, Any]) -> list[str]:
     found += [f"{name}: gone, but pid {p['pid']} {p['command']} still runs"
               + (f" on port {p['port']}" if p.get("port") else "")
               for p in wt.get("processes", [])]
+    found += [f"{name}: service {s['name']} {s['state']}: {s.get('error') or ''}".rstrip(": ")
+              + (f" | {s['log_tail'][-1]}" if s.get("log_tail") else "")
+              for s in wt.get("services") or [] if s["state"] in ("crashed", "failed")]
     watch = wt.get("watchers") or {}
     if watch.get("state") in ("broken", "partial", "critical"):
         found.append(f"{name}: watchers {watch['state']} {watch.get('reason') or ''}".rstrip())

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from devd.errors import ConfigError
 from devd.paths import Paths
+from devd.services import config as services_config
 
 REPO_CONFIG = "devd.toml"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -290,6 +291,12 @@ class RepoConfig(_Section):
     deps: DepsConfig = DepsConfig()
     claude: ClaudeConfig = ClaudeConfig()
     watchers: WatchersConfig = WatchersConfig()
+    services: dict[str, services_config.ServiceConfig] = {}
+
+    @model_validator(mode="after")
+    def _services_refer_to_ports(self) -> RepoConfig:
+        services_config.check(self.services, self.ports.names)
+        return self
 
 
 def _check_relative(name: str) -> str:

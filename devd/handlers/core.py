@@ -22,6 +22,7 @@ from devd.provisioners.dirs import DirsProvisioner
 from devd.provisioners.envfile import EnvFileProvisioner
 from devd.provisioners.ports import PortsProvisioner
 from devd.registry import Registry, Resource, Worktree
+from devd.services.supervisor import Supervisor
 from devd.settings import (
     REPO_CONFIG,
     RepoConfig,
@@ -66,6 +67,19 @@ class ServiceCore:
         self.on_register: Callable[[], None] = lambda: None
         # Set by the daemon: the watcher-budget monitor (devd/watchers/monitor.py).
         self.watchers: Any = None
+        # Declared dev servers; the daemon starts its watch thread (devd/services/).
+        self.services = Supervisor(paths.state_dir, settings.kill_timeout)
+        # Called with each worktree that goes `gone` (its services stop, its routes go).
+        self.gone_listeners: list[Callable[[Worktree], None]] = [self._stop_services_of]
+
+    def _stop_services_of(self, wt: Worktree) -> None:
+        """Overridden by the services family (devd/handlers/services.py)."""
+
+    def mark_gone(self, wt: Worktree, why: str) -> None:
+        log.info("worktree %s is gone (%s)", wt.path, why)
+        self.registry.set_state(wt.id, "gone")
+        for listener in self.gone_listeners:
+            listener(wt)
 
     def handler(self, method: str) -> Callable[..., Any] | None:
         return getattr(self, f"do_{method}", None)
@@ -124,14 +138,28 @@ class ServiceCore:
         placeholders, warning = envguard.postgres_guard(ctx, ctx.env)
         return ctx.env | placeholders, [warning] if warning else []
 
+    def ready_environment(self, wt: Worktree) -> tuple[dict[str, str], list[str]]:
+        """`environment`, refused while the worktree is gone or its ports are not ready."""
+        if wt.state == "gone":
+            raise NotRegistered(f"worktree {wt.path} is gone",
+                                "recreate it and run `devd provision`")
+        ports = next((r for r in self.registry.resources(wt.id) if r.kind == "ports"), None)
+        if ports is None or ports.state != "ready":
+            # Without PORT a dev server falls back to 3000: the collision devd exists to stop.
+            why = f"ports are {ports.state}: {ports.detail.get('error', '')}" if ports \
+                else "it has no ports yet"
+            raise DevdError(f"worktree {wt.path} is not ready ({why.rstrip(': ')})",
+                            "wait for it (`devd wait`), or fix the cause and run "
+                            f"`devd provision {wt.path}`", code="not_ready")
+        return self.environment(wt)
+
     def notice_missing(self) -> list[Worktree]:
         """A stat per worktree: a deleted directory means gone, whoever deleted it.
         Returns the worktrees as they are now."""
         worktrees = self.registry.worktrees()
         missing = [wt for wt in worktrees if wt.state != "gone" and not os.path.isdir(wt.path)]
         for wt in missing:
-            log.info("worktree %s is gone (directory missing)", wt.path)
-            self.registry.set_state(wt.id, "gone")
+            self.mark_gone(wt, "directory missing")
         return self.registry.worktrees() if missing else worktrees
 
     def reconcile(self) -> None:
@@ -144,8 +172,7 @@ class ServiceCore:
             listed = self._listed(common_dir)
             for wt in worktrees:
                 if listed is not None and wt.path not in listed and not self._busy(wt.id):
-                    log.info("worktree %s is gone (git no longer lists it)", wt.path)
-                    self.registry.set_state(wt.id, "gone")
+                    self.mark_gone(wt, "git no longer lists it")
 
     def _listed(self, common_dir: Path) -> set[Path] | None:
         if not common_dir.is_dir():

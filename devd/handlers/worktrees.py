@@ -12,6 +12,7 @@ from typing import Any
 
 from devd import __version__, git, leftovers, naming, processes, teardown
 from devd.errors import DevdError, NotRegistered, ProvisionFailed, UsageError
+from devd.handlers import services as services_api
 from devd.handlers.core import ServiceCore, absolute
 from devd.postgres import provisioner as postgres
 from devd.provisioners import Context, Progress, Provisioner
@@ -71,8 +72,9 @@ class WorktreeRequests(ServiceCore):
             "schema": STATUS_SCHEMA,
             "daemon": {"pid": os.getpid(), "version": __version__,
                        "socket": str(self.paths.socket), "gc_grace_seconds": self._grace()},
-            "worktrees": leftovers.add_to_status(
+            "worktrees": services_api.add_to_status(self, leftovers.add_to_status(
                 self, [self.describe(wt, resources.get(wt.id, [])) for wt in chosen], chosen),
+                chosen),
             "orphans": self.orphans(max_age=ORPHAN_SCAN_MAX_AGE),
         })
         return shaped_status(result, set(processes.listeners()))
@@ -157,18 +159,7 @@ class WorktreeRequests(ServiceCore):
 
     def do_env(self, progress: Progress, path: str) -> dict[str, Any]:
         wt = self.find(path)
-        if wt.state == "gone":
-            raise NotRegistered(f"worktree {wt.path} is gone",
-                                "recreate it and run `devd provision`")
-        ports = next((r for r in self.registry.resources(wt.id) if r.kind == "ports"), None)
-        if ports is None or ports.state != "ready":
-            # Without PORT a dev server falls back to 3000: the collision devd exists to stop.
-            why = f"ports are {ports.state}: {ports.detail.get('error', '')}" if ports \
-                else "it has no ports yet"
-            raise DevdError(f"worktree {wt.path} is not ready ({why.rstrip(': ')})",
-                            "wait for it (`devd wait`), or fix the cause and run "
-                            f"`devd provision {wt.path}`", code="not_ready")
-        env, warnings = self.environment(wt)
+        env, warnings = self.ready_environment(wt)
         return {"worktree": str(wt.path), "env": env, "warnings": warnings}
 
     def provision(self, wt_id: str, progress: Progress,
@@ -233,6 +224,7 @@ class WorktreeRequests(ServiceCore):
             if data and not yes:
                 raise UsageError(f"{wt.path} has data-bearing resources: {', '.join(data)}",
                                  "pass --yes to release them (devd keeps a dump where it can)")
+            self.services.stop(wt.id)  # its servers hold its ports
             ctx = self.context(wt, strict=False)
             ctx.backup, ctx.force = backup, force
             order = sorted(reversed(recorded), key=lambda r: not self._holds_data(r.kind))
