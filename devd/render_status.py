@@ -12,6 +12,7 @@ import unicodedata
 from typing import Any
 
 from devd.render import safe
+from devd.services.logs import output_of
 
 WIDTH = 100  # when stdout is not a terminal: what the one-screen promise is measured at
 LISTENING = "+"  # after a port something listens on
@@ -149,7 +150,8 @@ def services_word(wt: dict[str, Any]) -> str:
     if len(shown) <= SERVICES_LISTED:
         return " ".join(f"{s['name']}:{state}" for s, state in zip(shown, states, strict=True))
     bad = [s for s in states if s not in ("up", "down")]
-    return f"svc {states.count('up')}/{len(states)} up" + (f", {len(bad)} {bad[0]}" * bool(bad))
+    return f"svc {states.count('up')}/{len(states)} up" + (f", {len(bad)} {bad[0]}"
+                                                            if bad else "")
 
 
 def here_of(cwd: str | None, worktrees: list[dict[str, Any]]) -> str | None:
@@ -252,7 +254,7 @@ def _worktree_warnings(wt: dict[str, Any]) -> list[str]:
               + (f" on port {p['port']}" if p.get("port") else "")
               for p in wt.get("processes", [])]
     found += [f"{name}: service {s['name']} {s['state']}: {s.get('error') or ''}".rstrip(": ")
-              + (f" | {s['log_tail'][-1]}" if s.get("log_tail") else "")
+              + "".join(f" | {line}" for line in output_of(s.get("log_tail") or [])[-1:])
               for s in wt.get("services") or [] if s["state"] in ("crashed", "failed")]
     watch = wt.get("watchers") or {}
     if watch.get("state") in ("broken", "partial", "critical"):

@@ -98,6 +98,10 @@ class ServiceRequests(ServiceCore):
               ) -> Spec:
         ports = {n: p for p, n, _ in self.registry.leases(wt.id)}
         port = ports.get(cfg.port) if cfg.port else None
+        if cfg.port and port is None:
+            raise DevdError(f"{name}: port {cfg.port!r} has no lease yet (devd.toml changed "
+                            "since the last provision)", f"run `devd provision {wt.path}`",
+                            code="not_ready")
         cwd = service_dir(wt, name, cfg.dir)
         own = {k: service_config.expand(v, ports, env) for k, v in cfg.env.items()}
         injected = portflags.inject(cfg.command, port, cwd, cfg.port_arg) if port \
@@ -130,7 +134,8 @@ class ServiceRequests(ServiceCore):
         for unit in units:
             self.services.wait(unit, time.monotonic() + unit.spec.timeout + 15, tick)
             if unit.state == "running":
-                progress("up", f"{unit.spec.name}: ready at {unit.spec.url or 'no port'}")
+                progress("up", f"{unit.spec.name}: ready" + (f" at {unit.spec.url}"
+                                                                 if unit.spec.url else ""))
 
     def _stop_services_of(self, wt: Worktree) -> None:
         """A worktree went: its services go too (in the background: reconcile goes on)."""
@@ -186,13 +191,13 @@ def entry(name: str, unit: Unit | None, cfg: ServiceConfig | None, ports: dict[s
     if unit is not None:
         shown["command"], shown["log"] = unit.spec.command, str(unit.spec.log)
         if unit.state in ("crashed", "failed"):
-            shown["log_tail"] = logs.tail(unit.spec.log)
+            shown["log_tail"] = logs.last_run(unit.spec.log)
     return shown
 
 
 def failure(unit: Unit) -> str:
     """Why a service is down, with the end of its log."""
-    tail = "\n".join(f"  | {line}" for line in logs.tail(unit.spec.log, 10))
+    tail = "\n".join(f"  | {line}" for line in logs.last_run(unit.spec.log, 10))
     return f"{unit.spec.name}: {unit.error or unit.state}" + (f"\n{tail}" if tail else "")
 
 

@@ -70,6 +70,19 @@ def tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
     return text.splitlines()[-lines:] if lines > 0 else []
 
 
+def last_run(path: Path, lines: int = TAIL_LINES) -> list[str]:
+    """The end of the log's last run: the lines since devd's last `start` note."""
+    found = tail(path, 400)
+    starts = [i for i, line in enumerate(found) if line.startswith("[devd ") and
+              "] start `" in line]
+    return found[starts[-1]:][-lines:] if starts else found[-lines:]
+
+
+def output_of(lines: list[str]) -> list[str]:
+    """The service's own lines, without devd's notes."""
+    return [line for line in lines if not line.startswith("[devd ")]
+
+
 def follow(path: Path, stop: Callable[[], bool] = lambda: False, poll: float = 0.2
            ) -> Iterator[str]:
     """What is appended to `path` from now on, as it comes (`devd logs -f`); a truncated

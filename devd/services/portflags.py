@@ -120,7 +120,7 @@ def script_of(words: list[str], cwd: Path) -> tuple[str | None, bool]:
     rest = [w for w in words[1:] if not w.startswith("-")]
     if rest[:1] in (["run"], ["run-script"]):
         rest = rest[1:]
-    if not rest:
+    if not rest or rest[0] in ("exec", "dlx", "x"):  # a package's binary, not a script
         return None, False
     scripts = _scripts(cwd)
     name = rest[0]
@@ -143,7 +143,7 @@ def detect(words: list[str]) -> Tool | None:
     """The tool a simple command runs: its first word after env assignments and runners,
     with a tool's sub-command where it has one (`astro dev`, `ng serve`)."""
     rest = [w for w in words if "=" not in w.split("/")[0] or w.startswith("-")]
-    while rest and (_base(rest[0]) in RUNNERS or rest[0].startswith("-")):
+    while rest and (_base(rest[0]) in RUNNERS | SCRIPT_RUNNERS or rest[0].startswith("-")):
         rest = rest[1:]
     if not rest:
         return None

@@ -33,7 +33,7 @@ MAX_FAILURES = 5
 STABLE = 10.0  # a run this long resets the failure count
 BACKOFF = (0.25, 30.0)  # first delay, doubled per failure up to the cap
 SETTLE = 2.0  # listening elsewhere this long (and not on its port) fails it
-FAST_TICK, SLOW_TICK, IDLE_EVERY = 0.05, 0.5, 5.0
+FAST_TICK, SLOW_TICK, IDLE_EVERY = 0.05, 0.5, 2.0
 UP = ("starting", "running", "backoff")
 
 
@@ -262,7 +262,7 @@ class Supervisor:
             if spec.ready == "port" or _answers(spec.port, spec.ready):
                 self._ready(unit)
             return None
-        if spec.port in table:
+        if table.get(spec.port) is not None:  # None: bound too recently to say by whom
             return self._fail(unit, f"port {spec.port} was taken by another process "
                               f"(pid {table[spec.port]}) while it started")
         if mine:
