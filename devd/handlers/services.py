@@ -30,13 +30,11 @@ class ServiceRequests(ServiceCore):
               restart: bool = False, caller_path: str | None = None) -> dict[str, Any]:
         wt = self.find(path)
         declared = self._declared(wt, services)
-        env = self._env_of(wt)
-        if caller_path:  # the caller's node and python, not the daemon's
-            env["PATH"] = caller_path
+        env = self._env_of(wt, caller_path)
         specs = [self._spec(wt, name, cfg, env) for name, cfg in declared.items()]
         if restart:
             self.services.stop(wt.id, list(declared))
-        units = [self.start(wt, spec, progress) for spec in specs]
+        units = [self._start(wt, spec, progress) for spec in specs]
         self._wait_all(units, progress)
         failed = [u for u in units if u.state in DOWN]
         if failed:
@@ -62,8 +60,14 @@ class ServiceRequests(ServiceCore):
         rotated = sorted(str(p) for p in log.parent.glob(f"{service}.log.*"))
         return {"service": service, "log": str(log), "rotated": rotated}
 
-    def start(self, wt: Worktree, spec: Spec, progress: Progress) -> Unit:
-        """Start one service unless it runs (the hook a waking proxy calls)."""
+    def start(self, wt: Worktree, name: str, progress: Progress = lambda *_, **__: None
+              ) -> Unit:
+        """Start one declared service unless it runs, without waiting: the hook a proxy
+        calls to wake a stopped (idle) service on a request; `services.wait` then waits."""
+        cfg = self._declared(wt, [name])[name]
+        return self._start(wt, self._spec(wt, name, cfg, self._env_of(wt)), progress)
+
+    def _start(self, wt: Worktree, spec: Spec, progress: Progress) -> Unit:
         unit = self.services.unit(wt.id, spec.name)
         if unit is None or unit.state in DOWN:
             self._check_port_free(wt, spec)
@@ -88,11 +92,14 @@ class ServiceRequests(ServiceCore):
                              f"declared: {', '.join(declared)}")
         return {n: declared[n] for n in (names or declared)}
 
-    def _env_of(self, wt: Worktree) -> dict[str, str]:
+    def _env_of(self, wt: Worktree, caller_path: str | None = None) -> dict[str, str]:
         """The daemon's environment under the worktree's (ports must be ready: without
-        them a dev server falls back to its default port)."""
+        them a dev server falls back to its default port), with the caller's PATH (its
+        node and python, not the daemon's); a later wake keeps the PATH of the last up."""
         env, _ = self.ready_environment(wt)
-        return dict(os.environ) | env | {"BROWSER": "none"}
+        last = self.services.units(wt.id)
+        path = caller_path or (last[0].spec.env.get("PATH") if last else None)
+        return dict(os.environ) | env | {"BROWSER": "none"} | ({"PATH": path} if path else {})
 
     def _spec(self, wt: Worktree, name: str, cfg: ServiceConfig, env: dict[str, str]
               ) -> Spec:
@@ -154,7 +161,8 @@ def entries_of(core: ServiceCore, wt: Worktree, names: list[str] | None = None,
     chosen = names or list(dict.fromkeys([*declared, *known]))
     listening = set(processes.listener_pids()) if listening is None else listening
     ports = {n: p for p, n, _ in core.registry.leases(wt.id)}
-    return [entry(name, known.get(name), declared.get(name), ports, listening)
+    env = core.environment(wt)[0] if wt.state != "gone" else {}
+    return [entry(name, known.get(name), declared.get(name), ports, listening, env)
             for name in chosen]
 
 
@@ -176,14 +184,14 @@ def service_dir(wt: Worktree, name: str, rel: str) -> Path:
 
 
 def entry(name: str, unit: Unit | None, cfg: ServiceConfig | None, ports: dict[str, int],
-          listening: set[int]) -> dict[str, Any]:
+          listening: set[int], env: dict[str, str]) -> dict[str, Any]:
     """A service as `status` and `up` show it."""
     port_name = unit.spec.port_name if unit else cfg.port if cfg else None
     port = ports.get(port_name) if port_name else None
     shown: dict[str, Any] = {
         "name": name, "state": unit.state if unit else "stopped",
         "pid": unit.pid if unit else None, "port": port, "port_name": port_name,
-        "url": unit.spec.url if unit else (f"http://127.0.0.1:{port}" if port else None),
+        "url": service_config.url_of(port_name, ports, env),
         "listening": port in listening if port else False,
         "restarts": unit.restarts if unit else 0,
         "error": unit.error if unit else None,

@@ -137,9 +137,10 @@ class Supervisor:
         """Block until the unit is up or down for good (or the deadline, a safety net: the
         watch thread fails it at its own timeout); `tick` each second meanwhile."""
         with unit.changed:
-            while unit.state in ("starting", "stopping") and time.monotonic() < deadline:
+            while unit.state in ("starting", "stopping", "backoff") and \
+                    time.monotonic() < deadline:
                 unit.changed.wait(1.0)
-                if unit.state == "starting":
+                if unit.state in ("starting", "backoff"):
                     tick(unit)
 
     def stop(self, wt_id: str, names: list[str] | None = None) -> list[tuple[Unit, str]]:
@@ -187,12 +188,15 @@ class Supervisor:
         return [(u, results.get(i, "?")) for i, u in enumerate(chosen)]
 
     def _stop_one(self, unit: Unit, state: str = "stopped") -> str:
-        group = unit.group
-        if group is None or unit.state in ("stopped", "idle", "stopping"):
-            unit.set(state if unit.state in ("backoff", "crashed", "failed") else unit.state,
-                     unit.error if state == "stopped" else None)
-            return "not running"
-        unit.set("stopping")
+        """Stop a running or starting unit (a pending restart is cancelled; a crashed or
+        failed one keeps its state and reason)."""
+        with unit.changed:  # no restart can slip in between this check and `stopping`
+            group = unit.group
+            if unit.state == "backoff":
+                unit.set(state)
+            if group is None or unit.state not in ("starting", "running"):
+                return "not running"
+            unit.set("stopping")
         outcome = group.stop(self.kill_timeout)
         groups.forget(self._record(unit))
         logs.note(unit.spec.log, f"stopped by devd ({outcome})")
@@ -217,18 +221,22 @@ class Supervisor:
         starting = [u for u in units if u.state == "starting"]
         table = processes.listener_pids() if starting else {}
         for unit in units:
-            if unit.state in ("starting", "running"):
-                self._check_exit(unit, now)
-            if unit.state == "starting":
-                self._probe(unit, table, now)
-            elif unit.state == "backoff" and now >= unit.next_start:
-                unit.restarts += 1
-                self._spawn(unit)
-            if unit.state in UP:
-                logs.rotate_if_big(unit.spec.log)
+            with unit.changed:  # a stop in another thread waits for this unit's turn
+                self._tick_one(unit, table, now)
         if now - self._idle_checked >= IDLE_EVERY:
             self._idle_checked = now
             self._idle([u for u in units if u.state == "running" and u.spec.idle])
+
+    def _tick_one(self, unit: Unit, table: dict[int, int | None], now: float) -> None:
+        if unit.state in ("starting", "running"):
+            self._check_exit(unit, now)
+        if unit.state == "starting":
+            self._probe(unit, table, now)
+        elif unit.state == "backoff" and now >= unit.next_start:
+            unit.restarts += 1
+            self._spawn(unit)
+        if unit.state in UP:
+            logs.rotate_if_big(unit.spec.log)
 
     def _check_exit(self, unit: Unit, now: float) -> None:
         assert unit.group is not None

@@ -1,4 +1,5 @@
-"""Framework-aware port flags: what devd appends to each kind of dev-server command."""
+"""Framework-aware port flags (what devd appends to each kind of dev-server command) and
+service logs, without processes."""
 
 from __future__ import annotations
 
@@ -74,3 +75,28 @@ def test_port_arg_overrides(tmp_path: Path) -> None:
     assert inject("npm run dev", 20001, cwd, "--listen :{port}").command == \
         "npm run dev -- --listen :20001"
     assert inject("vite", 20001, cwd, "").command == "vite"  # "": the command handles it
+
+
+def test_log_rotation_keeps_an_appending_writer_going(tmp_path: Path) -> None:
+    """copytruncate: the service's O_APPEND descriptor writes on at the new end."""
+    import os
+
+    from devd.services import logs
+
+    path = tmp_path / "web.log"
+    fd = logs.open_for_service(path)
+    try:
+        for n in range(logs.KEEP + 2):
+            os.write(fd, f"run {n}\n".encode() * 100)
+            assert logs.rotate_if_big(path, limit=10)
+        os.write(fd, b"after\n")
+    finally:
+        os.close(fd)
+    assert path.read_text() == "after\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        ["web.log", "web.log.1", "web.log.2", "web.log.3"]
+    assert (tmp_path / "web.log.1").read_text().startswith(f"run {logs.KEEP + 1}")
+    logs.note(path, "start `vite` in /x")
+    with open(path, "a") as handle:
+        handle.write("VITE ready\n")
+    assert logs.output_of(logs.last_run(path)) == ["VITE ready"]
