@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 import urllib.request
@@ -58,13 +59,21 @@ def vite_modules(tmp_path_factory: pytest.TempPathFactory) -> Path:
         unavailable("npm is not installed (the Vite service tests install Vite with it)")
     home = tmp_path_factory.mktemp("vite")
     (home / "package.json").write_text('{"name": "v", "private": true}')
-    done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "vite@8"], cwd=home,
+    done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", vite_for_node()],
+                          cwd=home,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "npm_config_cache": str(home / "npm-cache"),
                                "npm_config_update_notifier": "false"})
     if done.returncode != 0:
         unavailable(f"npm install vite failed: {done.stderr[-500:]}")
     return home / "node_modules"
+
+
+def vite_for_node() -> str:
+    """Vite 8 needs Node 20.19 or later; an older Node (a distribution's) gets Vite 5."""
+    out = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout
+    major, minor = (int(n) for n in out.strip().lstrip("v").split(".")[:2])
+    return "vite@8" if (major, minor) >= (20, 19) else "vite@5"
 
 
 def vite_app(root: Path, modules: Path) -> None:
@@ -262,6 +271,41 @@ def test_daemon_stop_and_kill(devd: Devd, make_repo) -> None:
     devd.start()
     wait_for(lambda: gone(pid), 30, "the leftover service to be stopped")
     assert services(devd, repo.main)["web"]["state"] == "stopped"
+
+
+def test_restart_follow_and_release(devd: Devd, make_repo) -> None:
+    repo = make_repo("cycle", PORTS + service("web", "python3 -u -m http.server"))
+    devd.run("provision", str(repo.main))
+    first = up(devd, repo.main)["services"][0]
+    follow = subprocess.Popen([sys.executable, "-m", "devd", "logs", "web", "-f", "-n", "200",
+                               "--path", str(repo.main)], env=devd.env, stdout=subprocess.PIPE,
+                              text=True)
+    seen = collect(follow)
+    try:
+        again = devd.run("restart", "--path", str(repo.main))
+        assert "web  running" in again.stdout and gone(first["pid"])
+        wait_for(lambda: any("stopped by devd (terminated)" in line for line in seen), 30,
+                 "`devd logs -f` to show the restart")
+    finally:
+        follow.terminate()
+        follow.wait()
+    (repo.main / "devd.toml").write_text(PORTS + service("web", "python3 -m http.server 0"))
+    changed = devd.run("up", "--path", str(repo.main))
+    assert "devd.toml changed since it started" in changed.stderr
+    pid = services(devd, repo.main)["web"]["pid"]
+    log_dir = Path(services(devd, repo.main)["web"]["log"]).parent
+    devd.run("release", str(repo.main))
+    assert gone(pid) and not log_dir.exists()
+
+
+def collect(proc: subprocess.Popen[str]) -> list[str]:
+    """The lines `proc` prints, gathered by a thread as they come."""
+    import threading
+
+    lines: list[str] = []
+    assert proc.stdout is not None
+    threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True).start()
+    return lines
 
 
 @pytest.fixture(autouse=True)

@@ -71,6 +71,9 @@ class ServiceRequests(ServiceCore):
         unit = self.services.unit(wt.id, spec.name)
         if unit is None or unit.state in DOWN:
             self._check_port_free(wt, spec)
+        elif (unit.spec.command, unit.spec.cwd) != (spec.command, spec.cwd):
+            progress("up", f"{spec.name}: devd.toml changed since it started; "
+                     f"`devd restart {spec.name}` applies it", level="warning")
         unit = self.services.start(spec)
         progress("up", f"{spec.name}: {unit.state} `{unit.spec.command}`"
                  + (f" ({spec.tool}: port flags added)" if spec.tool else ""))

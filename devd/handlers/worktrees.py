@@ -231,6 +231,7 @@ class WorktreeRequests(ServiceCore):
             teardown.check_all(self._by_kind, ctx, order)
             teardown.run_all(self._by_kind, ctx, order, progress)
             self.registry.forget(wt.id)
+            self.services.forget(wt.id)  # stopped above; now their logs go too
         return ctx.outputs
 
     def _check_still_gone(self, wt: Worktree) -> None:

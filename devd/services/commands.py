@@ -69,11 +69,12 @@ def cmd_down(client: Client, args: argparse.Namespace) -> int:
 def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     result = client.call("logs", {"path": cli._abspath(args.path), "service": args.service})
     path = Path(result["log"])
-    for line in logs.tail(path, max(args.lines, 0)):
+    end = logs.size(path)  # the tail ends here and -f goes on from here: no line lost
+    for line in logs.tail(path, max(args.lines, 0), end):
         print(safe(line))
     if args.follow:
         sys.stdout.flush()
-        for line in logs.follow(path):
+        for line in logs.follow(path, end):
             print(safe(line), flush=True)
     elif not path.exists():
         print(f"devd: {args.service} has no log yet ({path})", file=sys.stderr)

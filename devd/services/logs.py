@@ -59,12 +59,20 @@ def rotate_if_big(path: Path, limit: int = MAX_BYTES) -> bool:
     return True
 
 
-def tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
-    """The last `lines` lines of a log (reading only its end: logs grow)."""
+def size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def tail(path: Path, lines: int = TAIL_LINES, end: int | None = None) -> list[str]:
+    """The last `lines` lines of a log (up to byte `end`; only its end is read: logs grow)."""
     try:
         with open(path, "rb") as handle:
-            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 64 * 1024))
-            text = handle.read().decode("utf-8", "replace")
+            stop = handle.seek(0, os.SEEK_END) if end is None else end
+            handle.seek(max(0, stop - 64 * 1024))
+            text = handle.read(stop - handle.tell()).decode("utf-8", "replace")
     except OSError:
         return []
     return text.splitlines()[-lines:] if lines > 0 else []
@@ -83,23 +91,19 @@ def output_of(lines: list[str]) -> list[str]:
     return [line for line in lines if not line.startswith("[devd ")]
 
 
-def follow(path: Path, stop: Callable[[], bool] = lambda: False, poll: float = 0.2
-           ) -> Iterator[str]:
-    """What is appended to `path` from now on, as it comes (`devd logs -f`); a truncated
-    file (rotation) is read again from its start."""
-    offset = path.stat().st_size if path.exists() else 0
+def follow(path: Path, offset: int, stop: Callable[[], bool] = lambda: False,
+           poll: float = 0.2) -> Iterator[str]:
+    """What is appended to `path` after byte `offset`, as it comes (`devd logs -f`); a
+    truncated file (rotation) is read again from its start."""
     rest = b""
     while not stop():
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            size = 0
-        if size < offset:
+        now = size(path)
+        if now < offset:
             offset = 0
-        if size > offset:
+        if now > offset:
             with open(path, "rb") as handle:
                 handle.seek(offset)
-                chunk = handle.read(size - offset)
+                chunk = handle.read(now - offset)
             offset += len(chunk)
             *done, rest = (rest + chunk).split(b"\n")
             yield from (line.decode("utf-8", "replace") for line in done)

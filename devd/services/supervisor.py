@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 import urllib.error
@@ -147,6 +148,14 @@ class Supervisor:
         """Stop the worktree's services (all, or those named); (unit, outcome) each."""
         chosen = [u for u in self.units(wt_id) if names is None or u.spec.name in names]
         return self._stop_many(chosen)
+
+    def forget(self, wt_id: str) -> None:
+        """A released worktree: stop its services, drop them and their logs."""
+        self.stop(wt_id)
+        with self._guard:
+            for key in [k for k in self._units if k[0] == wt_id]:
+                del self._units[key]
+        shutil.rmtree(logs.log_dir(self.root.parent, wt_id), ignore_errors=True)
 
     def mark_used(self, wt_id: str) -> None:
         """A request through the proxy counts as use for idle_stop."""
