@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from devd import signals
+from devd import processes, signals
 
 log = logging.getLogger("devd")
 TOKEN = "DEVD_SERVICE_TOKEN"  # in every service's environment: how a leftover is known
@@ -75,13 +75,68 @@ def spawn(command: str, cwd: Path, env: dict[str, str], log_fd: int) -> Group:
     return Group(proc, signals.Target(proc.pid, started), token)
 
 
-def ports_of(pgid: int, table: dict[int, int | None]) -> set[int]:
-    """The ports of `table` (port → pid) whose holder is in process group `pgid`."""
+class Listeners:
+    """Who listens where, taken once per watch tick for every starting service.
+
+    On Linux from /proc/net/tcp{,6}, then the process groups, then only the fds of the
+    groups asked about, in that order (a socket in the table was made before its owner
+    was listed); psutil's socket table reads every process's fds, ten times the cost."""
+
+    def __init__(self) -> None:
+        self.table = _listen_table()
+        self.every: set[int] = set(self.table.values()) if self.table is not None else set()
+        self.pids: dict[int, int | None] = {}
+        self.by_group: dict[int, list[int]] = {}
+        if self.table is None:  # no /proc (macOS): psutil's table, pids included
+            self.pids = processes.listener_pids()
+            self.every = set(self.pids)
+            return
+        for pid in psutil.pids():
+            with contextlib.suppress(OSError):
+                self.by_group.setdefault(os.getpgid(pid), []).append(pid)
+
+    def of_group(self, pgid: int) -> set[int]:
+        """The TCP ports processes of group `pgid` listen on."""
+        if self.table is None:
+            return {port for port, pid in self.pids.items()
+                    if pid is not None and _in_group(pid, pgid)}
+        inodes = {i for pid in self.by_group.get(pgid, []) for i in _socket_inodes(pid)}
+        return {port for inode, port in self.table.items() if inode in inodes}
+
+
+def _in_group(pid: int, pgid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pgid
+    except OSError:
+        return False
+
+
+def _listen_table() -> dict[str, int] | None:
+    """{socket inode: port} of every listening TCP socket, or None without /proc."""
+    found: dict[str, int] = {}
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name, encoding="ascii") as table:
+                rows = table.read().splitlines()[1:]
+        except FileNotFoundError:
+            if name.endswith("6"):
+                continue
+            return None
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
+                found[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
+    return found
+
+
+def _socket_inodes(pid: int) -> set[str]:
     found = set()
-    for port, pid in table.items():
-        with contextlib.suppress(OSError):
-            if pid is not None and os.getpgid(pid) == pgid:
-                found.add(port)
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    found.add(link[8:-1])
     return found
 
 

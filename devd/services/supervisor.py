@@ -227,20 +227,19 @@ class Supervisor:
 
     def _tick(self, units: list[Unit]) -> None:
         now = time.monotonic()
-        starting = [u for u in units if u.state == "starting"]
-        table = processes.listener_pids() if starting else {}
+        seen = groups.Listeners() if any(u.state == "starting" for u in units) else None
         for unit in units:
             with unit.changed:  # a stop in another thread waits for this unit's turn
-                self._tick_one(unit, table, now)
+                self._tick_one(unit, now, seen)
         if now - self._idle_checked >= IDLE_EVERY:
             self._idle_checked = now
             self._idle([u for u in units if u.state == "running" and u.spec.idle])
 
-    def _tick_one(self, unit: Unit, table: dict[int, int | None], now: float) -> None:
+    def _tick_one(self, unit: Unit, now: float, seen: groups.Listeners | None) -> None:
         if unit.state in ("starting", "running"):
             self._check_exit(unit, now)
-        if unit.state == "starting":
-            self._probe(unit, table, now)
+        if unit.state == "starting" and seen is not None:
+            self._probe(unit, now, seen)
         elif unit.state == "backoff" and now >= unit.next_start:
             unit.restarts += 1
             self._spawn(unit)
@@ -267,22 +266,24 @@ class Supervisor:
         unit.next_start = now + min(BACKOFF[0] * 2 ** (unit.failures - 1), BACKOFF[1])
         unit.set("backoff", how)
 
-    def _probe(self, unit: Unit, table: dict[int, int | None], now: float) -> None:
+    def _probe(self, unit: Unit, now: float, seen: groups.Listeners) -> None:
         """Ready once its group listens on its port (and its path answers); failed if it
-        listens only elsewhere for SETTLE seconds, or not at all by its timeout."""
+        listens only elsewhere, or another process holds its port, for SETTLE seconds, or
+        it does not listen by its timeout."""
         spec, group = unit.spec, unit.group
         assert group is not None
         if spec.port is None:
             return self._ready(unit)
-        mine = groups.ports_of(group.pgid, table)
+        mine, every = seen.of_group(group.pgid), seen.every
         if spec.port in mine:
             if spec.ready == "port" or _answers(spec.port, spec.ready):
                 self._ready(unit)
             return None
-        if table.get(spec.port) is not None:  # None: bound too recently to say by whom
-            return self._fail(unit, f"port {spec.port} was taken by another process "
-                              f"(pid {table[spec.port]}) while it started")
-        if mine:
+        if spec.port in every:
+            unit.elsewhere_since = unit.elsewhere_since or now
+            if now - unit.elsewhere_since >= SETTLE:
+                return self._fail(unit, taken(spec.port))
+        elif mine:
             unit.elsewhere_since = unit.elsewhere_since or now
             if now - unit.elsewhere_since >= SETTLE:
                 return self._fail(unit, wrong_port(spec, mine))
@@ -322,6 +323,13 @@ class Supervisor:
                          unit.spec.wt_id, now - unit.last_used)
                 threading.Thread(target=self._stop_one, args=(unit, "idle"), daemon=True,
                                  name="devd-service-idle").start()
+
+
+def taken(port: int) -> str:
+    holder = processes.listeners().get(port)
+    who = f"pid {holder.pid} `{holder.command}`" if holder and holder.pid else "a process " \
+        "devd may not inspect"
+    return f"port {port} was taken by another process ({who}) while it started"
 
 
 def wrong_port(spec: Spec, mine: set[int]) -> str:
