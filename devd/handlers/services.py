@@ -14,7 +14,7 @@ from devd.owners import inside
 from devd.provisioners import Progress
 from devd.registry import Worktree
 from devd.services import config as service_config
-from devd.services import logs, portflags
+from devd.services import groups, logs, portflags
 from devd.services.supervisor import Spec, Unit
 
 if TYPE_CHECKING:
@@ -125,10 +125,9 @@ class ServiceRequests(ServiceCore):
 
     def _check_port_free(self, wt: Worktree, spec: Spec) -> None:
         """A port something else holds: say whose (as kill-port does), start nothing."""
-        held = processes.listener_pids() if spec.port else {}
-        if spec.port is None or spec.port not in held:
-            return
-        pid = held[spec.port]
+        if spec.port is None or spec.port not in groups.Listeners(groups_too=False).every:
+            return  # the common case, from /proc/net/tcp alone: no fd of anyone read
+        pid = processes.listener_pids().get(spec.port)
         holder = processes.describe(pid)
         owner = processes.owner_of(holder, self.registry.worktrees(), self.registry)
         where = f"worktree {owner.path}" if owner else "no worktree devd knows"
@@ -162,7 +161,7 @@ def entries_of(core: ServiceCore, wt: Worktree, names: list[str] | None = None,
     declared = core._config(wt, strict=False).services
     known = {u.spec.name: u for u in core.services.units(wt.id)}
     chosen = names or list(dict.fromkeys([*declared, *known]))
-    listening = set(processes.listener_pids()) if listening is None else listening
+    listening = groups.Listeners(groups_too=False).every if listening is None else listening
     ports = {n: p for p, n, _ in core.registry.leases(wt.id)}
     env = core.environment(wt)[0] if wt.state != "gone" else {}
     return [entry(name, known.get(name), declared.get(name), ports, listening, env)
@@ -214,10 +213,12 @@ def failure(unit: Unit) -> str:
 
 def add_to_status(service: ServiceCore, entries: list[dict[str, Any]],
                   chosen: list[Worktree]) -> list[dict[str, Any]]:
-    """Each worktree with declared (or running) services gets "services"."""
+    """Each worktree gets "services": its declared (or still known) ones, or []."""
     listening: set[int] | None = None
     for wt, shown in zip(chosen, entries, strict=True):
+        shown["services"] = []
         if service._config(wt, strict=False).services or service.services.units(wt.id):
-            listening = set(processes.listener_pids()) if listening is None else listening
+            listening = groups.Listeners(groups_too=False).every if listening is None \
+                else listening
             shown["services"] = entries_of(service, wt, listening=listening)
     return entries

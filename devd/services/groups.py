@@ -82,7 +82,7 @@ class Listeners:
     groups asked about, in that order (a socket in the table was made before its owner
     was listed); psutil's socket table reads every process's fds, ten times the cost."""
 
-    def __init__(self) -> None:
+    def __init__(self, groups_too: bool = True) -> None:
         self.table = _listen_table()
         self.every: set[int] = set(self.table.values()) if self.table is not None else set()
         self.pids: dict[int, int | None] = {}
@@ -91,7 +91,7 @@ class Listeners:
             self.pids = processes.listener_pids()
             self.every = set(self.pids)
             return
-        for pid in psutil.pids():
+        for pid in psutil.pids() if groups_too else ():
             with contextlib.suppress(OSError):
                 self.by_group.setdefault(os.getpgid(pid), []).append(pid)
 
