@@ -48,6 +48,7 @@ env = { VITE_API_URL = "{url:api}", VITE_API_PORT = "{port:api}" }
 [services.api]
 command = "python3 api.py"
 port = "api"
+ready = "/health"
 env = { WEB_ORIGIN = "{url:web}" }
 """
 
@@ -210,10 +211,17 @@ def test_bad_input(devd: Devd, make_repo, tmp_path: Path) -> None:
     assert "exited with status 1 before it was ready" in err and "| boom" in err
     err = bad(devd, repo.main, PORTS + service("web", "sleep 60", ready_timeout="1s"))
     assert f"did not listen on port {port} within 1 s" in err
+    unwell = ("python3 -c 'import http.server as h, os\nclass H(h.BaseHTTPRequestHandler):\n"
+              "    def do_GET(self): self.send_error(503)\n"
+              "h.HTTPServer((\"127.0.0.1\", int(os.environ[\"PORT\"])), H).serve_forever()'")
+    err = bad(devd, repo.main, PORTS + service("web", unwell, ready="/health",
+                                               ready_timeout="2s"))
+    assert f"did not answer http://127.0.0.1:{port}/health within 2 s" in err
     other = free_port()
     err = bad(devd, repo.main, PORTS + service("web", f"python3 -m http.server {other}"))
     assert f"listens on {other} instead of its port {port}" in err
     with socket.socket() as squatter:  # a foreign process (this test) holds the port
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # probes' TIME_WAIT
         squatter.bind(("127.0.0.1", port))
         squatter.listen()
         err = bad(devd, repo.main, PORTS + service("web", "python3 -m http.server"))

@@ -138,7 +138,9 @@ class ServiceRequests(ServiceCore):
     def _wait_all(self, units: list[Unit], progress: Progress) -> None:
         def tick(unit: Unit) -> None:
             waited = time.monotonic() - unit.started
-            progress("up", f"{unit.spec.name}: waiting for port {unit.spec.port} "
+            what = f"port {unit.spec.port}" if unit.spec.ready == "port" else \
+                f"http://127.0.0.1:{unit.spec.port}{unit.spec.ready}"
+            progress("up", f"{unit.spec.name}: waiting for {what} "
                      f"({waited:.0f} s of {unit.spec.timeout:g})", elapsed=round(waited, 1))
         for unit in units:
             self.services.wait(unit, time.monotonic() + unit.spec.timeout + 15, tick)

@@ -277,9 +277,8 @@ class Supervisor:
         mine, every = seen.of_group(group.pgid), seen.every
         if spec.port in mine:
             if spec.ready == "port" or _answers(spec.port, spec.ready):
-                self._ready(unit)
-            return None
-        if spec.port in every:
+                return self._ready(unit)
+        elif spec.port in every:
             unit.elsewhere_since = unit.elsewhere_since or now
             if now - unit.elsewhere_since >= SETTLE:
                 return self._fail(unit, taken(spec.port))
