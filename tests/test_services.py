@@ -316,6 +316,26 @@ def collect(proc: subprocess.Popen[str]) -> list[str]:
     return lines
 
 
+STUBBORN = ("python3 -c 'import os, signal, socket; signal.signal(signal.SIGTERM, "
+            "signal.SIG_IGN); s = socket.socket(); s.bind((\"127.0.0.1\", "
+            "int(os.environ[\"PORT\"]))); s.listen(); signal.pause()'")
+
+
+def test_term_ignored_then_killed_and_concurrent_ups(devd_home: Devd, make_repo) -> None:
+    devd_home.env["DEVD_KILL_TIMEOUT"] = "1"
+    devd_home.start()
+    repo = make_repo("stubborn", PORTS + service("web", STUBBORN))
+    devd_home.run("provision", str(repo.main))
+    ups = [subprocess.Popen([sys.executable, "-m", "devd", "up", "--json", "--path",
+                             str(repo.main)], env=devd_home.env, stdout=subprocess.PIPE,
+                            text=True) for _ in range(3)]
+    pids = {json.loads(p.communicate(timeout=120)[0])["services"][0]["pid"] for p in ups}
+    assert len(pids) == 1  # three `up`s at once started it once
+    down = json.loads(devd_home.run("down", "--json", "--path", str(repo.main)).stdout)
+    assert down["services"][0]["outcome"] == "killed" and gone(pids.pop())
+    assert devd_home.stop() == 0
+
+
 @pytest.fixture(autouse=True)
 def _no_leftovers() -> Iterator[None]:
     """No service of a test survives it (each daemon stops its own; this checks)."""

@@ -125,12 +125,13 @@ class Supervisor:
     def start(self, spec: Spec) -> Unit:
         """Spawn the service unless it is already up (idempotent); the watch thread takes it
         from there. The clean entry point for whoever wakes a service (the proxy)."""
-        with self._guard:
+        with self._guard:  # two `up`s at once: one spawns, the other gets its unit
             unit = self._units.get((spec.wt_id, spec.name))
             if unit is not None and unit.state in UP + ("stopping",):
                 return unit
-            unit = self._units[(spec.wt_id, spec.name)] = Unit(spec)
-        self._spawn(unit)
+            unit = Unit(spec)
+            self._spawn(unit)
+            self._units[unit.key] = unit
         self._wake.set()
         return unit
 
