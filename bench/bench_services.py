@@ -140,7 +140,10 @@ def main() -> None:
                                                               plain_s)):
         print(f"| {name} | {statistics.median(values) * 1000:.0f} ms | "
               f"{min(values) * 1000:.0f} ms | {max(values) * 1000:.0f} ms |")
+    paired = [a / b for a, b in zip(devd_s, plain_s, strict=True)]  # neighbours in time
     print(f"| ratio (medians) | **{d / p:.2f}** | | |")
+    print(f"| ratio (median of the {len(paired)} paired runs) | **{statistics.median(paired):.2f}"
+          f"** | {min(paired):.2f} | {max(paired):.2f} |")
 
 
 if __name__ == "__main__":

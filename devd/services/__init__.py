@@ -5,6 +5,7 @@
     logs.py       per-service log files in the state dir, size-rotated
     groups.py     process groups: spawn, listeners, stop (TERM, grace, KILL), leftovers
     supervisor.py the units: start, wait until ready, restart with backoff, idle stop
+    commands.py   `devd up/down/restart/logs` (the CLI side)
 
-Only config.py imports pydantic (for the daemon); the CLI imports none of these but logs.
+Only config.py imports pydantic (for the daemon); the CLI imports only commands.py and logs.py.
 """

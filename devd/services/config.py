@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import PurePosixPath
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -137,7 +136,3 @@ def url_of(port_name: str | None, ports: Mapping[str, int], env: Mapping[str, st
     if port_name is None or port_name not in ports:
         return None
     return expand(f"{{url:{port_name}}}", ports, env)
-
-
-def as_dict(services: Mapping[str, ServiceConfig]) -> dict[str, Any]:
-    return {name: s.model_dump() for name, s in services.items()}

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devd import processes
+from devd.errors import DevdError
 from devd.services import groups, logs
 
 log = logging.getLogger("devd")
@@ -108,7 +109,8 @@ class Supervisor:
 
     def close(self) -> None:
         """The daemon stops: every service goes with it (see the module docstring)."""
-        self._stop.set()
+        with self._guard:
+            self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
@@ -126,6 +128,9 @@ class Supervisor:
         """Spawn the service unless it is already up (idempotent); the watch thread takes it
         from there. The clean entry point for whoever wakes a service (the proxy)."""
         with self._guard:  # two `up`s at once: one spawns, the other gets its unit
+            if self._stop.is_set():  # close() has listed what it stops: nothing new now
+                raise DevdError("the daemon is stopping", "run `devd up` again in a moment",
+                                code="busy")
             unit = self._units.get((spec.wt_id, spec.name))
             if unit is not None and unit.state in UP + ("stopping",):
                 return unit
