@@ -34,9 +34,11 @@ class ServiceRequests(ServiceCore):
         specs = [self._spec(wt, name, cfg, env) for name, cfg in declared.items()]
         if restart:
             self.services.stop(wt.id, list(declared))
+        for spec in specs:  # all checked before any starts: a refusal starts nothing
+            self._check_port_free(wt, spec)
         units = [self._start(wt, spec, progress) for spec in specs]
         self._wait_all(units, progress)
-        failed = [u for u in units if u.state in DOWN]
+        failed = [u for u in units if u.state != "running"]
         if failed:
             raise DevdError("; ".join(failure(u) for u in failed),
                             "see `devd logs " + failed[0].spec.name + "`; fix it and run "
@@ -65,13 +67,14 @@ class ServiceRequests(ServiceCore):
         """Start one declared service unless it runs, without waiting: the hook a proxy
         calls to wake a stopped (idle) service on a request; `services.wait` then waits."""
         cfg = self._declared(wt, [name])[name]
-        return self._start(wt, self._spec(wt, name, cfg, self._env_of(wt)), progress)
+        spec = self._spec(wt, name, cfg, self._env_of(wt))
+        self._check_port_free(wt, spec)
+        return self._start(wt, spec, progress)
 
     def _start(self, wt: Worktree, spec: Spec, progress: Progress) -> Unit:
         unit = self.services.unit(wt.id, spec.name)
-        if unit is None or unit.state in DOWN:
-            self._check_port_free(wt, spec)
-        elif (unit.spec.command, unit.spec.cwd) != (spec.command, spec.cwd):
+        if unit is not None and unit.state not in DOWN and \
+                (unit.spec.command, unit.spec.cwd) != (spec.command, spec.cwd):
             progress("up", f"{spec.name}: devd.toml changed since it started; "
                      f"`devd restart {spec.name}` applies it", level="warning")
         unit = self.services.start(spec)
@@ -124,7 +127,11 @@ class ServiceRequests(ServiceCore):
             cfg.idle_seconds, injected.tool if injected.added else None)
 
     def _check_port_free(self, wt: Worktree, spec: Spec) -> None:
-        """A port something else holds: say whose (as kill-port does), start nothing."""
+        """A port something else holds: say whose (as kill-port does), start nothing. (A
+        service of devd's own that is up holds it rightly.)"""
+        unit = self.services.unit(wt.id, spec.name)
+        if unit is not None and unit.state not in DOWN:
+            return
         if spec.port is None or spec.port not in groups.Listeners(groups_too=False).every:
             return  # the common case, from /proc/net/tcp alone: no fd of anyone read
         pid = processes.listener_pids().get(spec.port)
