@@ -77,8 +77,6 @@ class Daemon:
                 log.warning("%d provision(s) were interrupted by the last stop", interrupted)
             service = Service(self.settings, self.paths, registry)
             running.callback(service.join_background, timeout=5.0)
-            service.services.start_watching()
-            running.callback(service.services.close)  # services stop with the daemon
             watcher = RepoWatcher(service, self.settings.reconcile_interval)
             service.on_register = watcher.nudge
             budget = WatcherMonitor(registry, self.settings)
@@ -87,6 +85,10 @@ class Daemon:
             self._listener = adopted or self._bind()
             service.manager = _manager(adopted is not None or bool(self._notifier.address))
             running.callback(self._unbind)
+            service.services.start_watching()
+            # Services stop with the daemon, before its socket goes: `devd stop` returns
+            # once they are down.
+            running.callback(service.services.close)
             watcher.start()
             running.callback(watcher.stop)
             budget.start()
