@@ -70,10 +70,7 @@ class ServiceConfig(BaseModel):
     @field_validator("idle_stop", "ready_timeout")
     @classmethod
     def _duration(cls, value: str) -> str:
-        if value.strip():
-            from devd.settings import parse_duration  # settings imports this module
-
-            parse_duration(value)
+        _seconds(value)  # a malformed duration raises
         return value
 
     @property
@@ -86,7 +83,7 @@ class ServiceConfig(BaseModel):
 
 
 def _seconds(value: str) -> float:
-    from devd.settings import parse_duration
+    from devd.settings import parse_duration  # settings imports this module
 
     return parse_duration(value) if value.strip() else 0.0
 
