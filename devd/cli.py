@@ -117,6 +117,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     cmd.add_argument("action", choices=("install", "uninstall", "status"),
                      help="install and start it, stop and remove it, or show its state")
     _hook_parser(command("hook", "install hooks; entry points called by git and Claude Code"))
+    cmd = command("skill", "install the devd skill for Claude Code (.claude/skills/devd)")
+    cmd.add_argument("action", choices=("install",), help="write .claude/skills/devd/SKILL.md")
+    _path(cmd)
     return parser
 
 
@@ -560,10 +563,18 @@ def _claude_hook(client: Client, hook: str) -> int:
     return EXIT_OK
 
 
+def cmd_skill(client: Client, args: argparse.Namespace) -> int:
+    from devd.skill import install_skill
+
+    install_skill(Path(_abspath(args.path)), lambda line: print(safe(line)))
+    return EXIT_OK
+
+
 COMMANDS = {
     "provision": cmd_provision, "release": cmd_release, "gc": cmd_gc, "status": cmd_status,
     "restore": cmd_restore,
     "env": cmd_env, "run": cmd_run, "ports": cmd_ports, "kill-port": cmd_kill_port,
     "browser": cmd_browser, "init": cmd_init, "wait": cmd_wait, "service": cmd_service,
     "hook": cmd_hook, "stop": cmd_stop, "watchers": cmd_watchers, "doctor": cmd_doctor,
+    "skill": cmd_skill,
 }
