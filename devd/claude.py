@@ -312,7 +312,7 @@ def claude_env(stream: IO[str], environ: dict[str, str], client: Client, say: Sa
         raise UsageError("need an absolute cwd in the hook input and CLAUDE_ENV_FILE set",
                          "install it with `devd hook install --claude` (SessionStart)")
     try:
-        wt = wait_until(client, Path(where), ENV_TIMEOUT, _ports_settled, register_grace=2.0)
+        wt = wait_until(client, Path(where), ENV_TIMEOUT, _ports_settled, register_grace=0.0)
         env = client.call("env", {"path": str(wt["path"])})["env"]
     except NotRegistered:
         return ""  # not a worktree devd knows: nothing to say
