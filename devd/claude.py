@@ -1,6 +1,6 @@
 """Claude Code's hooks: WorktreeCreate/WorktreeRemove make and remove worktrees exactly as
 Claude Code does without a hook (observed with its CLI, see tests/test_claude_code.py), and
-SessionStart/CwdChanged give its Bash tool the worktree's environment.
+SessionStart gives its Bash tool the environment of the worktree each command runs in.
 
 Contracts (each one a trap when broken):
 - WorktreeCreate *replaces* Claude's own creation: stdout carries exactly one line, the
@@ -8,7 +8,8 @@ Contracts (each one a trap when broken):
   is checked before any side effect and a failed create leaves nothing behind.
 - WorktreeRemove: exit 0 means "removed"; non-zero makes Claude keep the worktree and show
   our stderr, so it is non-zero exactly when the worktree is still there.
-- SessionStart/CwdChanged: never fail a session; stdout goes to the model as context.
+- SessionStart: never fail a session; stdout goes to the model as context. (CwdChanged is
+  not used: Claude does not fire it in `-p` mode, and the script below covers it.)
 Every hook gets 600 s from Claude; devd's own bounds are far shorter.
 Light imports only: these run from hooks, where every millisecond is someone's wait.
 """
@@ -302,30 +303,51 @@ def _release(client: Client, path: Path, say: Say) -> None:
 
 
 def claude_env(stream: IO[str], environ: dict[str, str], client: Client, say: Say) -> str:
-    """SessionStart/CwdChanged: append the exports of the worktree the session works in to
-    $CLAUDE_ENV_FILE, which Claude sources before each Bash command. Returns a line for the
-    model (stdout is its context); problems are said there too, never fail the session."""
+    """SessionStart: append to $CLAUDE_ENV_FILE (which Claude sources before each Bash
+    command) a script giving each command the environment of the worktree it runs in: the
+    session's worktree's exports inline, and, for a worktree Claude makes later under the
+    worktree dir (EnterWorktree, a subagent's), `devd env` at that moment (about 0.1 s).
+    Returns a line for the model (stdout is its context); never fails the session."""
     data = read_hook_input(stream)
-    where = data.get("new_cwd") or data.get("cwd") or environ.get("CLAUDE_PROJECT_DIR")
+    where = data.get("cwd") or environ.get("CLAUDE_PROJECT_DIR")
     target = environ.get("CLAUDE_ENV_FILE")
     if not isinstance(where, str) or not os.path.isabs(where) or not target:
         raise UsageError("need an absolute cwd in the hook input and CLAUDE_ENV_FILE set",
                          "install it with `devd hook install --claude` (SessionStart)")
+    repo = main_root(Path(where))
+    place = Path(str(claude_config(repo).get("worktree_dir", ".claude/worktrees")))
+    later = Path(os.path.normpath(repo / place.expanduser()))
+    cases = [(later, 'eval "$(DEVD_NO_AUTOSTART=1 devd env 2>/dev/null)"')]
+    note = ""
     try:
         wt = wait_until(client, Path(where), ENV_TIMEOUT, _ports_settled, register_grace=0.0)
         env = client.call("env", {"path": str(wt["path"])})["env"]
     except NotRegistered:
-        return ""  # not a worktree devd knows: nothing to say
+        env = {}  # not a worktree devd knows (yet): only later ones get theirs
     except DevdError as exc:
         say(f"devd: {exc.message}")
-        return (f"devd could not load this worktree's environment ({exc.message}); PORT and "
-                "DATABASE_URL are not set for Bash: run `devd provision` and retry")
+        env, note = {}, (f"devd could not load this worktree's environment ({exc.message}); "
+                         "PORT and DATABASE_URL are not set for Bash: run `devd provision`")
+    if env:
+        mine = (Path(wt["path"]), "; ".join(f"export {k}={shlex.quote(v)}"
+                                            for k, v in env.items()))
+        # The more specific directory first: a worktree under the worktree dir, or the
+        # worktree dir inside the (main) worktree.
+        cases.insert(1 if later.is_relative_to(mine[0]) else 0, mine)
+        shown = ", ".join(f"{k}={env[k]}" for k in ("PORT", "DEVD_WORKTREE") if k in env)
+        note = (f"devd: Bash commands here get this worktree's environment ({shown}"
+                f"{', DATABASE_URL' if 'DATABASE_URL' in env else ''}); see `devd status`")
     with open(target, "a", encoding="utf-8") as handle:
-        handle.write("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()))
-    shown = ", ".join(f"{k}={env[k]}" for k in ("PORT", "DEVD_WORKTREE") if k in env)
-    return (f"devd: Bash commands here get this worktree's environment ({shown}"
-            f"{', DATABASE_URL' if 'DATABASE_URL' in env else ''}); "
-            "see `devd status` and the devd skill")
+        handle.write(env_script(cases))
+    return note
+
+
+def env_script(cases: list[tuple[Path, str]]) -> str:
+    """A `case` on $PWD: the first directory containing it gives its commands."""
+    arms = "".join(f"  {shlex.quote(str(path) + '/')}*) {command};;\n"
+                   for path, command in cases)
+    return f'# devd: the environment of the worktree each command runs in\ncase "$PWD/" in\n' \
+           f"{arms}esac\n"
 
 
 def _ports_settled(wt: dict[str, Any]) -> bool:

@@ -151,8 +151,8 @@ def _hook_parser(cmd: argparse.ArgumentParser) -> None:
     _path(install)
     sub.add_parser("claude-create", help="Claude Code WorktreeCreate (JSON on stdin)")
     sub.add_parser("claude-remove", help="Claude Code WorktreeRemove (JSON on stdin)")
-    sub.add_parser("claude-env", help="Claude Code SessionStart/CwdChanged: the worktree's "
-                   "env into $CLAUDE_ENV_FILE (JSON on stdin)")
+    sub.add_parser("claude-env", help="Claude Code SessionStart: the worktree's env into "
+                   "$CLAUDE_ENV_FILE (JSON on stdin)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,11 +42,10 @@ esac
 """
 SHELLS = ("sh", "bash", "dash", "zsh", "ksh")
 # WorktreeRemove's exit status is Claude's word for "removed" (non-zero: it keeps the
-# worktree and shows stderr); SessionStart and CwdChanged load the worktree's env for Bash.
+# worktree and shows stderr); SessionStart loads the worktree's env for Bash.
 CLAUDE_COMMANDS = {"WorktreeCreate": "devd hook claude-create",
                    "WorktreeRemove": "devd hook claude-remove",
-                   "SessionStart": "devd hook claude-env",
-                   "CwdChanged": "devd hook claude-env"}
+                   "SessionStart": "devd hook claude-env"}
 # What older devd installed: replaced in place by `hook install --claude`.
 LEGACY_COMMANDS = {"devd hook claude-remove || true": "devd hook claude-remove"}
 MAX_INPUT = 1 << 20

@@ -173,8 +173,9 @@ def test_devd_hooks_give_claudes_native_outcomes(claude_cli: Claude, devd_home: 
 
 def test_bash_tool_sees_the_worktrees_env(claude_cli: Claude, devd_home: Devd,
                                           devd_path: dict[str, str], tmp_path: Path) -> None:
-    """SessionStart puts the worktree's PORT and DEVD_WORKTREE into Claude's Bash tool;
-    CwdChanged (EnterWorktree) switches them to the new worktree's."""
+    """SessionStart gives Claude's Bash tool the PORT and DEVD_WORKTREE of the worktree each
+    command runs in: the session's (`-w`), one entered later, a subagent's; none in the
+    main checkout devd does not manage here."""
     base = tmp_path / "env"
     base.mkdir()
     probe = tmp_path / "probe"
@@ -185,13 +186,28 @@ def test_bash_tool_sees_the_worktrees_env(claude_cli: Claude, devd_home: Devd,
     main, _ = make_project(base, NATIVE_SETTINGS | settings)
     devd_home.start()
     echo = "echo \"PORT=$PORT WT=$DEVD_WORKTREE\""
-    claude_cli.stand_in.play([tool_use("Bash", {"command": echo}, "first")],
-                             [tool_use("EnterWorktree", {"name": "second"}, "enter")],
-                             [tool_use("Bash", {"command": echo}, "second")])
+    claude_cli.stand_in.play([tool_use("Bash", {"command": echo}, "first")])
     done = claude_cli.run(main, "-w", "envy", env=devd_path)
     assert done.returncode == 0, done.stderr
     results = claude_cli.stand_in.tool_results()
-    for ident, name in (("first", "envy"), ("second", "second")):
-        wt = devd_home.worktree(main / ".claude" / "worktrees" / name)
+    claude_cli.stand_in.play([tool_use("Bash", {"command": echo}, "main")],
+                             [tool_use("EnterWorktree", {"name": "second"}, "enter")],
+                             [tool_use("Bash", {"command": echo}, "second")],
+                             [tool_use("ExitWorktree", {"action": "keep"}, "exit")],
+                             [tool_use("Bash", {"command": echo}, "back")],
+                             [tool_use("Agent", {"description": "a", "prompt": "a",
+                                                 "isolation": "worktree"}, "agent")],
+                             [tool_use("Bash", {"command": echo}, "sub")])
+    done = claude_cli.run(main, env=devd_path)
+    assert done.returncode == 0, done.stderr
+    results |= claude_cli.stand_in.tool_results()
+    agent = re.search(r"worktreePath: (\S+)", results["agent"])
+    assert agent is not None, results["agent"]
+    for ident, path in (("first", main / ".claude" / "worktrees" / "envy"),
+                        ("second", main / ".claude" / "worktrees" / "second"),
+                        ("sub", Path(agent[1]))):
+        wt = devd_home.worktree(path)
         assert results[ident].strip() == f"PORT={wt['ports']['web']} WT={wt['path']}"
+    # The main worktree is not devd's here: nothing set there, before and after.
+    assert results["main"].strip() == results["back"].strip() == "PORT= WT="
     devd_home.stop()
