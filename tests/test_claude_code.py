@@ -22,15 +22,13 @@ What Claude Code 2.1.197 does natively, observed with these scenarios (no hook):
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.claudecode import Claude, StandIn, claude_binary, claude_cli, stand_in, tool_use
+from tests.claudecode import Claude, claude_binary, claude_cli, stand_in, tool_use
 from tests.conftest import Devd, run_git, wait_for
 
 __all__ = ["claude_binary", "claude_cli", "stand_in"]  # fixtures, used by name
