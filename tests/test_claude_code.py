@@ -120,16 +120,17 @@ def scenario(claude: Claude, base: Path, main: Path, names: dict[str, str],
     step("pr", "-w", "#7")
     linked = base / "linked"
     run_git(main, "worktree", "add", "-q", "-b", "linked", str(linked))
-    step("from linked", "-w", "from-linked", cwd=linked)
-    step("enter, exit", play=([tool_use("EnterWorktree", {"name": "ew"})],
-                              [tool_use("ExitWorktree", {"action": "remove",
-                                                         "discard_changes": True})]))
-    step("agent kept", cwd=linked, play=(
+    done = [{"type": "text", "text": "done"}]  # a subagent's last turn
+    step("agents, enter, exit", cwd=linked, play=(
         [tool_use("Agent", {"description": "edit", "prompt": "edit", "isolation": "worktree"})],
-        [tool_use("Bash", {"command": "echo hi > new.txt"})]))
-    step("agent unchanged", play=(
+        [tool_use("Bash", {"command": "echo hi > new.txt"})], done,
         [tool_use("Agent", {"description": "look", "prompt": "look", "isolation": "worktree"})],
-        [tool_use("Bash", {"command": "git status --short"})]))
+        [tool_use("Bash", {"command": "git status --short"})], done,
+        [tool_use("EnterWorktree", {"name": "ew"})],
+        [tool_use("ExitWorktree", {"action": "remove", "discard_changes": True})]))
+    results = list(claude.stand_in.tool_results().values())
+    assert sum("agentId:" in r for r in results) == 2, results  # both subagents ran
+    assert any(r.startswith("Exited and removed worktree") for r in results), results
     return steps
 
 
@@ -182,6 +183,7 @@ def test_bash_tool_sees_the_worktrees_env(claude_cli: Claude, devd_home: Devd,
     devd_home.run("hook", "install", "--claude", str(probe))
     settings = json.loads((probe / ".claude" / "settings.json").read_text())
     main, _ = make_project(base, NATIVE_SETTINGS | settings)
+    assert "wrote" in devd_home.run("skill", "install", str(main)).stdout
     devd_home.start()
     echo = "echo \"PORT=$PORT WT=$DEVD_WORKTREE\""
     claude_cli.stand_in.play([tool_use("Bash", {"command": echo}, "first")])
@@ -199,6 +201,8 @@ def test_bash_tool_sees_the_worktrees_env(claude_cli: Claude, devd_home: Devd,
     done = claude_cli.run(main, env=devd_path)
     assert done.returncode == 0, done.stderr
     results |= claude_cli.stand_in.tool_results()
+    # Claude offers the model the devd skill (from .claude/skills/devd/SKILL.md).
+    assert "tests and databases in this git worktree" in json.dumps(claude_cli.stand_in.requests)
     agent = re.search(r"worktreePath: (\S+)", results["agent"])
     assert agent is not None, results["agent"]
     for ident, path in (("first", main / ".claude" / "worktrees" / "envy"),

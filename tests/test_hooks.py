@@ -322,3 +322,20 @@ def test_claude_remove_of_a_path_inside_a_worktree_releases_nothing(devd: Devd, 
     result = claude(devd, "claude-remove", payload, repo.main, cwd=tmp_path)
     assert result.returncode == 1 and "not the root of a git worktree" in result.stderr
     assert devd.worktree(tree)["state"] == "ready" and tree.is_dir()
+
+
+def test_skill_install_writes_an_agent_skill(devd_home: Devd, repo: Repo) -> None:
+    target = repo.main / ".claude" / "skills" / "devd" / "SKILL.md"
+    assert "wrote" in devd_home.run("skill", "install", str(repo.main)).stdout
+    text = target.read_text()
+    front, body = text.split("\n---\n", 1)
+    assert front.startswith("---\nname: devd\ndescription: ") and len(front) < 1024
+    for topic in ("devd ports", "devd kill-port", "DATABASE_URL", "node_modules", "Vite",
+                  ".env", "DEVD_CACHE_DIR", "devd browser", "devd watchers", "devd up",
+                  "devd logs"):
+        assert topic in body, topic
+    assert "up to date" in devd_home.run("skill", "install", str(repo.main)).stdout
+    target.write_text("---\nname: mine\n---\n")
+    refused = devd_home.run("skill", "install", str(repo.main), check=False)
+    assert refused.returncode == 1 and "not devd's skill" in refused.stderr
+    assert target.read_text() == "---\nname: mine\n---\n"
