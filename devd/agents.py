@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("devd")
 GIT_TIMEOUT = 30.0
 LOCAL_SETTINGS = ".claude/settings.local.json"
+_warned: set[str] = set()  # worktree ids whose failed release was logged (once, not per pass)
 
 
 def sweep(service: Service, grace: float, now: float | None = None) -> list[Path]:
@@ -98,7 +99,9 @@ def _remove(service: Service, wt: Worktree) -> bool:
     try:
         service.release(wt, lambda *a, **k: None, yes=True, backup=True)
     except DevdError as exc:
-        log.warning("agent worktree %s kept: release failed: %s", wt.path, exc.message)
+        if wt.id not in _warned:
+            _warned.add(wt.id)
+            log.warning("agent worktree %s kept: release failed: %s", wt.path, exc.message)
         return False
     common = str(wt.repo_common_dir)
     branch = _git(wt.path, "branch", "--show-current")

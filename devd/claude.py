@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from devd.client import Client, caller_overrides
-from devd.errors import DevdError, NotRegistered, UsageError
+from devd.errors import DevdError, NotAWorktree, NotRegistered, UsageError
 from devd.hooks import (
     RELEASE_DEADLINE,
     Say,
@@ -45,7 +45,7 @@ SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 PR_NAME = re.compile(r"pr-([0-9]+)")
 # Subagents with `isolation: "worktree"` get agent-<agent id>; Claude never removes a hook
 # made one, so the daemon does (devd/agents.py) when it is unchanged.
-AGENT_NAME = re.compile(r"agent-[0-9a-f]{6,64}")
+AGENT_NAME = re.compile(r"agent-a[0-9a-f]{16}")
 # In the worktree's git dir: what claude-create made (the daemon's agent policy reads it).
 MARK = "devd-claude.json"
 FILES_TIMEOUT = 30.0
@@ -72,15 +72,15 @@ def worktree_slug(data: dict[str, Any]) -> str:
     return slug
 
 
-def main_root(start: Path) -> Path:
-    """The main worktree's root, even from a linked worktree: Claude puts every worktree
-    (sessions' and agents') under the main repo."""
+def main_root(start: Path) -> tuple[Path, Path]:
+    """The main worktree's root and the repo's common git dir, even from a linked worktree:
+    Claude puts every worktree (sessions' and agents') under the main repo."""
     if not start.is_dir():
-        raise DevdError(f"{start} is not a directory", "pass a path inside a git repository",
-                        code="not_a_worktree")
-    top, common = git(start, "rev-parse", "--path-format=absolute", "--show-toplevel",
-                      "--git-common-dir").stdout.splitlines()[:2]
-    return Path(common).parent.resolve() if Path(common).name == ".git" else Path(top).resolve()
+        raise NotAWorktree(f"{start} is not a directory", "pass a path inside a git repository")
+    top, common = (Path(line).resolve() for line in git(
+        start, "rev-parse", "--path-format=absolute", "--show-toplevel", "--git-common-dir")
+        .stdout.splitlines()[:2])
+    return (common.parent if common.name == ".git" else top), common
 
 
 # -- create ------------------------------------------------------------------------------
@@ -91,10 +91,10 @@ def claude_create(stream: IO[str], environ: dict[str, str], client: Client, say:
     provisioning; return its absolute path."""
     data = read_hook_input(stream)
     slug = worktree_slug(data)
-    repo = main_root(Path(environ.get("CLAUDE_PROJECT_DIR") or current_dir()).absolute())
+    repo, common = main_root(Path(environ.get("CLAUDE_PROJECT_DIR") or current_dir()).absolute())
     place = Path(str(claude_config(repo).get("worktree_dir", ".claude/worktrees")))
     path = Path(os.path.normpath(repo / place.expanduser() / slug))
-    if _linked_worktree(path):
+    if _linked_worktree(path, common):
         say(f"resuming worktree {path}")
     elif path.exists() or path.is_symlink():
         raise UsageError(f"{path} exists but is not a worktree of this repository",
@@ -121,7 +121,10 @@ def _make(repo: Path, path: Path, slug: str, data: dict[str, Any], environ: dict
         raise DevdError(f"git worktree add {path} failed: {result.stderr.strip()}",
                         "see git's message above", code="git_failed")
     say(f"created worktree {path} on branch {branch} from {base}")
-    _copy_local_settings(repo, path, say)
+    try:  # the worktree exists: what follows must not fail the create
+        _copy_local_settings(repo, path, say)
+    except OSError as exc:
+        say(f"warning: could not copy .claude/settings.local.json: {exc}")
     _mark(path, {"name": slug, "agent": bool(AGENT_NAME.fullmatch(slug)),
                  "base": git(path, "rev-parse", "HEAD").stdout.strip(), "created": time.time(),
                  "session_id": data.get("session_id"),
@@ -163,7 +166,7 @@ def _fetch(repo: Path, ref: str) -> Any:
 
 def _claude_setting(repo: Path, environ: dict[str, str], *keys: str) -> Any:
     """A Claude Code setting, as it merges them: local over project over user."""
-    config = Path(environ.get("CLAUDE_CONFIG_DIR") or Path.home() / ".claude")
+    config = Path(environ.get("CLAUDE_CONFIG_DIR") or os.path.expanduser("~/.claude"))
     for source in (repo / ".claude" / "settings.local.json",
                    repo / ".claude" / "settings.json", config / "settings.json"):
         try:
@@ -204,16 +207,21 @@ def _git_dir(path: Path) -> Path | None:
     return found if found.is_dir() else None
 
 
-def _linked_worktree(path: Path) -> bool:
-    """A live linked worktree at `path` (what `claude -w NAME` resumes)."""
+def _linked_worktree(path: Path, common: Path) -> bool:
+    """A live linked worktree of this repo at `path` (what `claude -w NAME` resumes)."""
     gitdir = _git_dir(path)
-    return gitdir is not None and (gitdir / "HEAD").is_file()
+    return gitdir is not None and gitdir.parent == common / "worktrees" \
+        and (gitdir / "HEAD").is_file()
 
 
 def _mark(path: Path, record: dict[str, Any]) -> None:
+    """Record what claude-create made; without it the daemon never takes it for an agent's."""
     gitdir = _git_dir(path)
-    if gitdir is not None:
-        (gitdir / MARK).write_text(json.dumps(record) + "\n", encoding="utf-8")
+    try:
+        if gitdir is not None:
+            (gitdir / MARK).write_text(json.dumps(record) + "\n", encoding="utf-8")
+    except OSError:
+        pass
 
 
 def read_mark(path: Path) -> dict[str, Any] | None:
@@ -314,7 +322,10 @@ def claude_env(stream: IO[str], environ: dict[str, str], client: Client, say: Sa
     if not isinstance(where, str) or not os.path.isabs(where) or not target:
         raise UsageError("need an absolute cwd in the hook input and CLAUDE_ENV_FILE set",
                          "install it with `devd hook install --claude` (SessionStart)")
-    repo = main_root(Path(where))
+    try:
+        repo, _ = main_root(Path(where))
+    except NotAWorktree:
+        return ""  # a session outside any git repo: nothing of devd's
     place = Path(str(claude_config(repo).get("worktree_dir", ".claude/worktrees")))
     later = Path(os.path.normpath(repo / place.expanduser()))
     cases = [(later, 'eval "$(DEVD_NO_AUTOSTART=1 devd env 2>/dev/null)"')]

@@ -24,10 +24,11 @@ def create(devd: Devd, repo: Repo, name: str) -> Path:
 
 def test_only_unchanged_idle_agent_worktrees_are_removed(devd: Devd, repo: Repo) -> None:
     unchanged = create(devd, repo, "agent-a1b2c3d4e5f6a7b8c")
-    edited = create(devd, repo, "agent-b1b2c3d4e5f6a7b8c")
-    committed = create(devd, repo, "agent-c1b2c3d4e5f6a7b8c")
-    busy = create(devd, repo, "agent-d1b2c3d4e5f6a7b8c")
-    session = create(devd, repo, "not-an-agent")  # a session's own worktree: Claude's to remove
+    edited = create(devd, repo, "agent-a2b2c3d4e5f6a7b8c")
+    committed = create(devd, repo, "agent-a3b2c3d4e5f6a7b8c")
+    busy = create(devd, repo, "agent-a4b2c3d4e5f6a7b8c")
+    # A session's own worktree is Claude's to remove, even named like an agent's.
+    session = create(devd, repo, "agent-a5")
     (edited / "README.md").write_text("changed\n")
     (committed / "new.txt").write_text("x")
     run_git(committed, "add", "new.txt")
@@ -39,11 +40,12 @@ def test_only_unchanged_idle_agent_worktrees_are_removed(devd: Devd, repo: Repo)
         devd.stop()
         devd.env["DEVD_CLAUDE_AGENT_GRACE"] = "0"
         devd.start()
-        wait_for(lambda: not unchanged.exists(), timeout=60,
-                 what="the daemon to remove the unchanged agent worktree")
+        wait_for(lambda: "worktree-agent-a1b2" not in run_git(repo.main, "branch"), timeout=60,
+                 what="the daemon to remove the unchanged agent worktree and its branch")
+        assert not unchanged.exists()
         assert all(p.is_dir() for p in (edited, committed, busy, session))
         branches = run_git(repo.main, "branch")
-        assert "worktree-agent-a1b2" not in branches and "worktree-agent-b1b2" in branches
+        assert "worktree-agent-a1b2" not in branches and "worktree-agent-a2b2" in branches
         registered = {w["path"] for w in devd.status()["worktrees"]}
         assert str(unchanged) not in registered and str(busy) in registered  # released
         assert "removed unchanged Claude Code agent worktree" in devd.log()

@@ -157,8 +157,12 @@ def test_devd_hooks_give_claudes_native_outcomes(claude_cli: Claude, devd_home: 
     devd_home.env["DEVD_CLAUDE_AGENT_GRACE"] = "0"
     devd_home.start()
     before = len(hooked[-1][2]["worktrees"])  # type: ignore[arg-type]
-    wait_for(lambda: len(outcome(hooked_base, main, names)["worktrees"]) < before,  # type: ignore[arg-type]
-             timeout=60, what="the daemon to remove the unchanged agent worktree")
+
+    def removed() -> bool:  # the worktree, then its branch
+        now = outcome(hooked_base, main, names)
+        return len(now["worktrees"]) < before and \
+            now["branches"].count("worktree-agent-*") == 1  # type: ignore[arg-type,attr-defined]
+    wait_for(removed, timeout=60, what="the daemon to remove the unchanged agent worktree")
     hooked[-1] = (hooked[-1][0], hooked[-1][1], outcome(hooked_base, main, names))
     for (label, code, seen), (_, hooked_code, hooked_seen) in zip(native, hooked, strict=True):
         assert [label, hooked_code, *json.dumps(hooked_seen, indent=1).splitlines()] == \
