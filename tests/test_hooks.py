@@ -339,3 +339,24 @@ def test_skill_install_writes_an_agent_skill(devd_home: Devd, repo: Repo) -> Non
     refused = devd_home.run("skill", "install", str(repo.main), check=False)
     assert refused.returncode == 1 and "not devd's skill" in refused.stderr
     assert target.read_text() == "---\nname: mine\n---\n"
+
+
+def test_claude_env_never_fails_a_session(devd_home: Devd, repo: Repo, tmp_path: Path) -> None:
+    """SessionStart: a bad call is one line and a status; no repo, or no daemon, is no
+    failure (stdout tells the model what it lacks)."""
+    env_file = tmp_path / "env.sh"
+    payload = json.dumps({"hook_event_name": "SessionStart", "cwd": str(repo.main)})
+    missing = claude(devd_home, "claude-env", payload, repo.main, cwd=repo.main)
+    assert missing.returncode == 2 and len(missing.stderr.splitlines()) == 1
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    outside = claude(devd_home, "claude-env", json.dumps({"cwd": str(plain)}), plain,
+                     cwd=plain, env={"CLAUDE_ENV_FILE": str(env_file)})
+    assert outside.returncode == 0 and outside.stdout.strip() == "" and not env_file.exists()
+    tree = repo.worktree("shop-a", "a")
+    down = claude(devd_home, "claude-env", json.dumps({"cwd": str(tree)}), repo.main,
+                  cwd=tree, env={"CLAUDE_ENV_FILE": str(env_file)})
+    assert down.returncode == 0 and "could not load" in down.stdout, down.stderr
+    script = env_file.read_text()  # later worktrees still get theirs through `devd env`
+    assert "devd env" in script and "export PORT" not in script
+    assert subprocess.run(["sh", "-n", str(env_file)]).returncode == 0
