@@ -160,6 +160,8 @@ def base_ref(repo: Path, slug: str, environ: dict[str, str]) -> str:
 
 
 def _fetch(repo: Path, ref: str) -> Any:
+    """`git fetch origin REF`, never waiting for a password nobody can type in a hook."""
+    os.environ.setdefault("GIT_TERMINAL_PROMPT", "0")
     return git(repo, "-c", "credential.interactive=never", "fetch", "--quiet", "origin", ref,
                check=False)
 

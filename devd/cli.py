@@ -551,8 +551,8 @@ def _claude_hook(client: Client, hook: str) -> int:
             print(claude.claude_create(sys.stdin, dict(os.environ), client, say), flush=True)
         elif hook == "claude-remove":
             return claude.claude_remove(sys.stdin, client, say)
-        else:
-            print(claude.claude_env(sys.stdin, dict(os.environ), client, say), flush=True)
+        elif note := claude.claude_env(sys.stdin, dict(os.environ), client, say):
+            print(note, flush=True)
     except DevdError as exc:
         say(f"devd: error: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else ""))
         return EXIT_USAGE if isinstance(exc, UsageError) else \
