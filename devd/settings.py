@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     watchers_settle: float = Field(20.0, ge=0, le=DAY)  # a watcher's start-up walk before `partial`
     # Stop devd-started watchers of worktrees unused this long ("2h"; "" or "0": never).
     watchers_idle_stop: str = ""
+    # Named URLs (devd/proxy): Caddy on this loopback port; next to portless' 1355, so both
+    # can run. `proxy = false` turns it off; `proxy_tls`: https with Caddy's local CA.
+    proxy: bool = True
+    proxy_port: int = Field(1356, ge=1, le=65535)
+    proxy_tls: bool = False
+    caddy: str = ""  # the caddy binary (DEVD_CADDY); empty: beside python, then on PATH
 
     @field_validator("port_range")
     @classmethod

@@ -21,6 +21,7 @@ from devd.provisioners.deps import DepsProvisioner
 from devd.provisioners.dirs import DirsProvisioner
 from devd.provisioners.envfile import EnvFileProvisioner
 from devd.provisioners.ports import PortsProvisioner
+from devd.proxy.provisioner import UrlsProvisioner
 from devd.registry import Registry, Resource, Worktree
 from devd.settings import (
     REPO_CONFIG,
@@ -37,7 +38,8 @@ def default_provisioners() -> list[Provisioner]:
     export none and can take minutes, so they come after it and the .env is ready at once.
     A first provision also writes it before Postgres (with placeholders that fail), so the
     copies are never without devd's block while a database is being made."""
-    return [PortsProvisioner(), DirsProvisioner(), EnvFileProvisioner(early=True),
+    return [PortsProvisioner(), UrlsProvisioner(), DirsProvisioner(),
+            EnvFileProvisioner(early=True),
             postgres.PostgresProvisioner(), EnvFileProvisioner(), DepsProvisioner()]
 
 
@@ -66,6 +68,9 @@ class ServiceCore:
         self.on_register: Callable[[], None] = lambda: None
         # Set by the daemon: the watcher-budget monitor (devd/watchers/monitor.py).
         self.watchers: Any = None
+        # Set by the daemon: the Caddy child (devd/proxy/child.py); on_change nudges it.
+        self.proxy: Any = None
+        self.on_change: Callable[[], None] = lambda: None
 
     def handler(self, method: str) -> Callable[..., Any] | None:
         return getattr(self, f"do_{method}", None)

@@ -1,0 +1,53 @@
+"""What the proxy adds to `status`: a top-level "proxy" object, and each worktree's URLs."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from devd.paths import ensure_private_dir
+from devd.proxy.routes import base_url, build, sites
+
+
+def add_to_status(service: Any, result: dict[str, Any]) -> dict[str, Any]:
+    settings = service.settings
+    proxy = getattr(service, "proxy", None)
+    table = build(sites(service.registry), base_url(settings.proxy_port, settings.proxy_tls)) \
+        if settings.proxy else None
+    for entry in result["worktrees"]:
+        entry["url"] = table.short.get(entry["id"]) if table else None
+        entry["urls"] = table.urls.get(entry["id"], {}) if table else {}
+    result["proxy"] = proxy.status() if proxy is not None else {
+        "enabled": bool(settings.proxy), "state": "disabled" if not settings.proxy
+        else "not_started", "port": settings.proxy_port, "error": None, "hint": None}
+    return result
+
+
+def start(service: Any, running: contextlib.ExitStack) -> None:
+    """The dashboard, then Caddy in front of it, each stopped in reverse order on the way
+    out. With `proxy = false`, neither."""
+    if not service.settings.proxy:
+        return
+    from devd.proxy.child import CaddyProxy
+    from devd.proxy.dashboard import Dashboard
+
+    paths = service.paths
+    ensure_private_dir(paths.runtime_dir)
+    dashboard = Dashboard(paths.runtime_dir / "dashboard.sock",
+                          lambda: service.do_status(_quiet), log_tail=service_log_tail)
+    dashboard.start()
+    running.callback(dashboard.stop)
+    proxy = CaddyProxy(service.settings, paths, service.registry, dashboard.socket_path)
+    service.proxy, service.on_change = proxy, proxy.nudge
+    proxy.start()
+    running.callback(proxy.stop)
+
+
+def service_log_tail(wt_id: str, name: str, lines: int) -> str | None:
+    """The seam for declared services (devd/services): their log's tail, or None. Until
+    they are merged there is none, and the dashboard says "no services"."""
+    return None
+
+
+def _quiet(phase: str, message: str, **extra: Any) -> None:
+    return None
