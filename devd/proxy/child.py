@@ -78,6 +78,9 @@ class CaddyProxy:
         with self._guard:
             state = dict(self._state)
         proc = self._proc
+        if state["state"] == "running" and (proc is None or proc.poll() is not None):
+            state = {"state": "crashed", "error": "caddy exited; devd restarts it",
+                     "hint": f"see {self.log_path}"}
         return state | {
             "enabled": True, "port": self.port, "tls": self.tls, "restarts": self.restarts,
             "pid": proc.pid if proc is not None and proc.poll() is None else None,
@@ -216,6 +219,8 @@ class CaddyProxy:
             self.admin_socket.unlink()
 
     def _terminate(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._config_file.unlink()
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return

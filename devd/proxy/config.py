@@ -41,6 +41,11 @@ def _server(table: Table, port: int, tls: bool, dashboard: Path) -> dict[str, An
                    _route([host(DASHBOARD)], f"unix/{dashboard}"),
                    *not_found(table)],
     }
+    # A route whose dev server does not answer: say so, keeping the status (502 and the like).
+    server["errors"] = {"routes": [{"handle": [_static(
+        "{http.error.status_code}", "devd: nothing answers behind {http.request.host} "
+        "({http.error.status_code}); is its dev server running? See `devd ports`.\n",
+        "text/plain")]}]}
     server["automatic_https"] = {"disable_redirects": True} if tls else {"disable": True}
     if tls:
         server["tls_connection_policies"] = [{}]
@@ -56,12 +61,15 @@ def _route(hosts: list[str], dial: str) -> dict[str, Any]:
 def not_found(table: Table) -> list[dict[str, Any]]:
     """Unknown names under .localhost get a page listing what exists; any other Host (a
     DNS-rebinding page on 127.0.0.1) a bare 404, which tells it nothing."""
-    listing = {"match": [{"host": ["*.localhost", "localhost"]}], "terminal": True,
+    # A regexp, not a host matcher: Caddy would get a *.localhost certificate for a host
+    # matcher with TLS on, which clients refuse (and would serve it for short names).
+    local = {"vars_regexp": {"{http.request.host}": {"pattern": r"(^|\.)localhost$"}}}
+    listing = {"match": [local], "terminal": True,
                "handle": [_static(404, not_found_page(table))]}
     return [listing, {"handle": [_static(404, "not found\n", "text/plain")]}]
 
 
-def _static(status: int, body: str, kind: str = "text/html") -> dict[str, Any]:
+def _static(status: int | str, body: str, kind: str = "text/html") -> dict[str, Any]:
     return {"handler": "static_response", "status_code": status, "body": body,
             "headers": {"Content-Type": [f"{kind}; charset=utf-8"],
                         "Content-Security-Policy": ["default-src 'none'"]}}
