@@ -137,13 +137,17 @@ def wait_proxy(env: dict[str, str]) -> None:
     raise SystemExit("the proxy did not come up")
 
 
-def report(http_p50: tuple[float, float], ws_p50: tuple[float, float], samples: int) -> None:
+def machine(what: str) -> str:
     caddy = subprocess.run([str(Path(sys.executable).parent / "caddy"), "version"],
                            capture_output=True, text=True).stdout.split()[:1]
-    print(f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: "
-          f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} "
-          f"{platform.release()}; Python {platform.python_version()}; caddy "
-          f"{' '.join(caddy) or '?'}; {samples} samples each, load {os.getloadavg()[0]:.1f}\n")
+    return (f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: "
+            f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} "
+            f"{platform.release()}; Python {platform.python_version()}; caddy "
+            f"{' '.join(caddy) or '?'}; {what}, load {os.getloadavg()[0]:.1f}")
+
+
+def report(http_p50: tuple[float, float], ws_p50: tuple[float, float], samples: int) -> None:
+    print(machine(f"{samples} samples each") + "\n")
     print("| measure | direct p50 | through the proxy p50 | overhead | ratio | target |")
     print("|---|---|---|---|---|---|")
     for name, (direct, proxied), target in (
