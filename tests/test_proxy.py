@@ -169,6 +169,23 @@ def test_hosts_short_forms_and_clashes() -> None:
     assert base_url(443, True).format("x") == "https://x"
 
 
+def test_page_escapes_services_and_links_only_http() -> None:
+    from devd.proxy.page import page
+
+    hostile = '<img src=x onerror=alert(1)>'
+    html = page({"daemon": {"version": "0", "pid": 1}, "worktrees": [{
+        "id": hostile, "path": f"/src/{hostile}", "repo": "/src", "branch": hostile,
+        "state": "ready", "ports": {"web": 1}, "listening": {"web": True},
+        "urls": {"web": "javascript:alert(1)"},
+        "services": [{"name": hostile, "state": "crashed", "pid": None, "restarts": 3,
+                      "url": "http://web.a.shop.localhost:1356"}]}]})
+    assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert 'href="javascript' not in html and "<td>javascript:alert(1)</td>" in html
+    assert "crashed (pid -, restarts 3)" in html and 'href="http://web.a.shop.localhost:1356/"' \
+        in html
+    assert "/logs/%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E/" in html
+
+
 # -- through the proxy -----------------------------------------------------------
 
 
@@ -425,3 +442,14 @@ def test_tls_serves_h2_with_caddys_local_ca(lone: tuple[Devd, Repo]) -> None:
                     "%{http_code} %{http_version}").stdout == "502 2"
     wait_for(answered, timeout=30, what="https with h2")
     assert devd.stop() == 0
+
+
+def test_proxy_false_means_no_caddy_and_no_urls(devd: Devd, repo: Repo) -> None:
+    """conftest's daemons run with DEVD_PROXY=0: status says so, the env has no URLs."""
+    devd.run("provision", str(repo.main))
+    status = devd.status()
+    assert status["proxy"]["state"] == "disabled" and not status["proxy"]["enabled"]
+    assert status["worktrees"][0]["urls"] == {} and status["worktrees"][0]["url"] is None
+    env = json.loads(devd.run("env", "--format", "json", str(repo.main)).stdout)
+    assert "PORT_WEB" in env and not any(k.startswith("DEVD_URL") for k in env)
+    assert not (devd.paths.runtime_dir / "caddy-admin.sock").exists()

@@ -19,6 +19,7 @@ from devd.paths import Paths, ensure_private_dir, write_atomic
 from devd.provisioners.ports import is_free
 from devd.proxy import caddy
 from devd.proxy.config import caddy_config
+from devd.proxy.names import DASHBOARD, host
 from devd.proxy.routes import Table, base_url, build, sites
 from devd.registry import Registry
 from devd.settings import Settings
@@ -85,7 +86,8 @@ class CaddyProxy:
             "enabled": True, "port": self.port, "tls": self.tls, "restarts": self.restarts,
             "pid": proc.pid if proc is not None and proc.poll() is None else None,
             "binary": str(self._binary) if self._binary else None,
-            "dashboard": self.table().dashboard, "log": str(self.log_path),
+            "dashboard": base_url(self.port, self.tls).format(host(DASHBOARD)) + "/",
+            "log": str(self.log_path),
             "admin_socket": str(self.admin_socket),
         } | ({"trust": f"{self._binary or 'caddy'} trust --address unix/{self.admin_socket}"}
              if self.tls else {})

@@ -70,9 +70,16 @@ def _row(wt: dict[str, Any], grace: float | None, now: float) -> list[str]:
             f"<td>{e(deps_word(wt))}</td>", f"<td>{_services(wt)}</td>"]
 
 
+def _link(url: Any, text: str | None = None) -> str:
+    """A link for an http(s) URL only (never javascript:); anything else as plain text."""
+    shown = e(text if text is not None else url)
+    if isinstance(url, str) and url.startswith(("http://", "https://")):
+        return f'<a href="{e(url)}/">{shown}</a>'
+    return shown
+
+
 def _urls(wt: dict[str, Any]) -> str:
-    urls = wt.get("urls") or {}
-    return "<br>".join(f'<a href="{e(url)}/">{e(url)}</a>' for url in urls.values()) or "-"
+    return "<br>".join(_link(url) for url in (wt.get("urls") or {}).values()) or "-"
 
 
 def _ports(wt: dict[str, Any]) -> str:
@@ -92,7 +99,7 @@ def _services(wt: dict[str, Any]) -> str:
 
 def _service(wt_id: str, service: dict[str, Any]) -> str:
     name, url = str(service.get("name", "?")), service.get("url")
-    link = f' <a href="{e(url)}/">open</a>' if url else ""
+    link = f" {_link(url, 'open')}" if url else ""
     logs = f"/logs/{quote(wt_id, safe='')}/{quote(name, safe='')}"
     return (f"{e(name)}: {e(service.get('state'))} (pid {e(service.get('pid') or '-')}, "
             f"restarts {e(service.get('restarts', 0))}){link} <a href=\"{e(logs)}\">log</a>")
