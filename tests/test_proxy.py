@@ -359,6 +359,23 @@ def test_binary_missing(lone: tuple[Devd, Repo]) -> None:
     assert devd.stop() == 0
 
 
+def test_a_caddy_that_keeps_crashing_is_retried_with_a_growing_back_off(
+        lone: tuple[Devd, Repo], tmp_path: Path) -> None:
+    devd, repo = lone
+    broken = tmp_path / "caddy"
+    broken.write_text("#!/bin/sh\necho 'boom: cannot start' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    devd.env["DEVD_CADDY"] = str(broken)
+    devd.start()
+    wait_for(lambda: proxy_of(devd)["restarts"] >= 3, what="three failed starts")
+    proxy = proxy_of(devd)
+    assert proxy["state"] == "crashed" and "boom: cannot start" in proxy["error"]
+    assert "status 1" in proxy["error"] and proxy["pid"] is None
+    assert proxy["backoff"] >= 2.0  # 0.5, 1, 2, ... s: not a loop that spins
+    devd.run("provision", str(repo.main))  # the rest of devd does not care
+    assert devd.stop() == 0
+
+
 def test_killed_caddy_is_restarted_and_a_killed_daemon_leaves_nothing_behind(
         lone: tuple[Devd, Repo]) -> None:
     devd, repo = lone

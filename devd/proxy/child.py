@@ -84,6 +84,7 @@ class CaddyProxy:
                      "hint": f"see {self.log_path}"}
         return state | {
             "enabled": True, "port": self.port, "tls": self.tls, "restarts": self.restarts,
+            "backoff": self._backoff(self._failures - 1) if self._failures else 0.0,
             "pid": proc.pid if proc is not None and proc.poll() is None else None,
             "binary": str(self._binary) if self._binary else None,
             "dashboard": base_url(self.port, self.tls).format(host(DASHBOARD)) + "/",
@@ -198,10 +199,14 @@ class CaddyProxy:
                 "XDG_CONFIG_HOME": str(self._data / "config")}
 
     def _fail(self, state: str, error: str, hint: str) -> None:
-        delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** self._failures)
+        self._next_try = time.monotonic() + self._backoff(self._failures)
         self._failures += 1
-        self._next_try = time.monotonic() + delay
         self._set(state, error, hint)
+
+    @staticmethod
+    def _backoff(failures: int) -> float:
+        """Seconds before the next attempt after `failures` earlier ones in a row."""
+        return min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 16))
 
     def _set(self, state: str, error: str | None = None, hint: str | None = None) -> None:
         with self._guard:
