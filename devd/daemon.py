@@ -23,6 +23,7 @@ from devd.handlers import Service
 from devd.intake import Intake, Waiting, pending_limit
 from devd.params import check as check_params
 from devd.paths import Paths, ensure_private_dir
+from devd.proxy import api as proxy
 from devd.registry import Registry
 from devd.settings import Settings, load_settings
 from devd.watch import RepoWatcher
@@ -93,6 +94,7 @@ class Daemon:
             running.callback(watcher.stop)
             budget.start()
             running.callback(budget.stop)
+            proxy.start(service, running)  # named URLs and the dashboard (devd/proxy)
             running.callback(self._notifier.notify, "STOPPING=1", "STATUS=stopping")
             running.callback(log.info, "devd daemon stopping")
             log.info("devd daemon pid %d listening on %s", os.getpid(), self.paths.socket)

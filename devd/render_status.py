@@ -232,6 +232,9 @@ def summary(result: dict[str, Any]) -> str:
     if budget.get("max_watches"):
         text += f" · watchers {budget.get('level')} {budget.get('watches')}/" \
             f"{budget['max_watches']}"
+    proxy = result.get("proxy") or {}
+    if proxy.get("state") == "running":
+        text += f" · proxy :{proxy.get('port')}"
     return safe(text)
 
 
@@ -242,6 +245,10 @@ def warnings(result: dict[str, Any]) -> list[str]:
     found += [f"orphan {o['kind']} {o['name']} ({o['where']}, worktree {o['worktree_id']}): "
               "no registered worktree owns it; remove it by hand if unwanted"
               for o in result.get("orphans", [])]
+    proxy = result.get("proxy") or {}
+    if proxy.get("enabled") and proxy.get("state") not in ("running", "starting"):
+        found.append(f"proxy {proxy.get('state')}: {proxy.get('error')} ({proxy.get('hint')}); "
+                     "ports and the rest of devd work without it")
     return [safe(f"! {text}") for text in found]
 
 

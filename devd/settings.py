@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     # Remove a Claude Code subagent's unchanged, idle worktree this long after its last
     # activity (devd/agents.py); Claude itself removes one at once when it has no hook.
     claude_agent_grace: str = "30m"
+    # Named URLs (devd/proxy): Caddy on this loopback port; next to portless' 1355, so both
+    # can run. `proxy = false` turns it off; `proxy_tls`: https with Caddy's local CA.
+    proxy: bool = True
+    proxy_port: int = Field(1356, ge=1, le=65535)
+    proxy_tls: bool = False
+    caddy: str = ""  # the caddy binary (DEVD_CADDY); empty: beside python, then on PATH
 
     @field_validator("port_range")
     @classmethod

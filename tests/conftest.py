@@ -148,7 +148,9 @@ def devd_home(tmp_path: Path) -> Iterator[Devd]:
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEVD_")}
     env.update({"DEVD_HOME": str(home), "DEVD_NO_AUTOSTART": "1",
-                "DEVD_RECONCILE_INTERVAL": "1", "PYTHONPATH": str(ROOT)})
+                "DEVD_RECONCILE_INTERVAL": "1", "PYTHONPATH": str(ROOT),
+                # No Caddy unless a test asks (tests/test_proxy.py): one port per machine.
+                "DEVD_PROXY": "0"})
     devd = Devd(home, env)
     yield devd
     _kill_daemons_of(devd)

@@ -21,6 +21,7 @@ from devd.provisioners.deps import DepsProvisioner
 from devd.provisioners.dirs import DirsProvisioner
 from devd.provisioners.envfile import EnvFileProvisioner
 from devd.provisioners.ports import PortsProvisioner
+from devd.proxy.provisioner import UrlsProvisioner
 from devd.registry import Registry, Resource, Worktree
 from devd.services.supervisor import Supervisor
 from devd.settings import (
@@ -38,7 +39,8 @@ def default_provisioners() -> list[Provisioner]:
     export none and can take minutes, so they come after it and the .env is ready at once.
     A first provision also writes it before Postgres (with placeholders that fail), so the
     copies are never without devd's block while a database is being made."""
-    return [PortsProvisioner(), DirsProvisioner(), EnvFileProvisioner(early=True),
+    return [PortsProvisioner(), UrlsProvisioner(), DirsProvisioner(),
+            EnvFileProvisioner(early=True),
             postgres.PostgresProvisioner(), EnvFileProvisioner(), DepsProvisioner()]
 
 
@@ -70,7 +72,11 @@ class ServiceCore:
         # Declared dev servers; the daemon starts its watch thread (devd/services/).
         self.services = Supervisor(paths.state_dir, settings.kill_timeout)
         # Called with each worktree that goes `gone` (its services stop, its routes go).
-        self.gone_listeners: list[Callable[[Worktree], None]] = [self._stop_services_of]
+        self.gone_listeners: list[Callable[[Worktree], None]] = [
+            self._stop_services_of, lambda wt: self.on_change()]
+        # Set by the daemon: the Caddy child (devd/proxy/child.py); on_change nudges it.
+        self.proxy: Any = None
+        self.on_change: Callable[[], None] = lambda: None
 
     def _stop_services_of(self, wt: Worktree) -> None:
         """Overridden by the services family (devd/handlers/services.py)."""

@@ -16,6 +16,7 @@ from devd.handlers import services as services_api
 from devd.handlers.core import ServiceCore, absolute
 from devd.postgres import provisioner as postgres
 from devd.provisioners import Context, Progress, Provisioner
+from devd.proxy import api as proxy_api
 from devd.registry import Worktree
 from devd.settings import parse_duration
 from devd.watchers import api as watchers_api
@@ -68,7 +69,7 @@ class WorktreeRequests(ServiceCore):
         worktrees = self.notice_missing()
         chosen = [self.find(path)] if path else worktrees
         resources = self.registry.all_resources()
-        result = watchers_api.add_to_status(self, {
+        result = proxy_api.add_to_status(self, watchers_api.add_to_status(self, {
             "schema": STATUS_SCHEMA,
             "daemon": {"pid": os.getpid(), "version": __version__,
                        "socket": str(self.paths.socket), "gc_grace_seconds": self._grace()},
@@ -76,7 +77,7 @@ class WorktreeRequests(ServiceCore):
                 self, [self.describe(wt, resources.get(wt.id, [])) for wt in chosen], chosen),
                 chosen),
             "orphans": self.orphans(max_age=ORPHAN_SCAN_MAX_AGE),
-        })
+        }))
         return shaped_status(result, set(processes.listeners()))
 
     def _grace(self) -> float | None:
@@ -181,6 +182,7 @@ class WorktreeRequests(ServiceCore):
                         if p.applies(ctx) and (f := self._ensure(p, ctx, progress))]
             self.registry.set_state(wt_id, "failed" if failures else "ready",
                                     "; ".join(f.message for f in failures) or None)
+        self.on_change()
         if failures:
             raise ProvisionFailed(
                 f"{wt.path}: " + "; ".join(f"{f.code}: {f.message}" for f in failures),
@@ -232,6 +234,7 @@ class WorktreeRequests(ServiceCore):
             teardown.run_all(self._by_kind, ctx, order, progress)
             self.registry.forget(wt.id)
             self.services.forget(wt.id)  # stopped above; now their logs go too
+        self.on_change()
         return ctx.outputs
 
     def _check_still_gone(self, wt: Worktree) -> None:
