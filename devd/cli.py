@@ -117,6 +117,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     cmd.add_argument("action", choices=("install", "uninstall", "status"),
                      help="install and start it, stop and remove it, or show its state")
     _hook_parser(command("hook", "install hooks; entry points called by git and Claude Code"))
+    command("mcp", "serve devd's tools to a coding agent over MCP (stdio)")
     return parser
 
 
@@ -145,6 +146,7 @@ def _hook_parser(cmd: argparse.ArgumentParser) -> None:
     install = sub.add_parser("install", help="add devd to a repo's git and/or Claude Code hooks")
     install.add_argument("--git", action="store_true", help="post-checkout hook (all worktrees)")
     install.add_argument("--claude", action="store_true", help=".claude/settings.json hooks")
+    install.add_argument("--mcp", action="store_true", help="register `devd mcp` in .mcp.json")
     _path(install)
     sub.add_parser("claude-create", help="Claude Code WorktreeCreate (JSON on stdin)")
     sub.add_parser("claude-remove", help="Claude Code WorktreeRemove (JSON on stdin)")
@@ -531,14 +533,24 @@ def cmd_hook(client: Client, args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - a failing WorktreeRemove wedges the session
             say(f"devd: claude-remove: {exc!r}")
     else:
-        if not (args.git or args.claude):
-            raise UsageError("say which hooks to install", "devd hook install --git --claude")
+        from devd import mcpserver
+
+        if not (args.git or args.claude or args.mcp):
+            raise UsageError("say which hooks to install",
+                             "devd hook install --git --claude --mcp")
         path = Path(_abspath(args.path))
         for wanted, install in ((args.git, hooks.install_git_hook),
-                                (args.claude, hooks.install_claude_hooks)):
+                                (args.claude, hooks.install_claude_hooks),
+                                (args.mcp, mcpserver.register)):
             if wanted:
                 install(path, lambda line: print(safe(line)))
     return EXIT_OK
+
+
+def cmd_mcp(client: Client, args: argparse.Namespace) -> int:
+    from devd import mcpserver
+
+    return mcpserver.serve(client)
 
 
 COMMANDS = {
@@ -547,4 +559,5 @@ COMMANDS = {
     "env": cmd_env, "run": cmd_run, "ports": cmd_ports, "kill-port": cmd_kill_port,
     "browser": cmd_browser, "init": cmd_init, "wait": cmd_wait, "service": cmd_service,
     "hook": cmd_hook, "stop": cmd_stop, "watchers": cmd_watchers, "doctor": cmd_doctor,
+    "mcp": cmd_mcp,
 }
