@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import json
 import os
 import sys
@@ -147,7 +148,13 @@ def _hook_parser(cmd: argparse.ArgumentParser) -> None:
     install.add_argument("--git", action="store_true", help="post-checkout hook (all worktrees)")
     install.add_argument("--claude", action="store_true", help=".claude/settings.json hooks")
     install.add_argument("--mcp", action="store_true", help="register `devd mcp` in .mcp.json")
+    install.add_argument("--global-hooks-path", action="store_true", help="with --git: install "
+                         "even into a core.hooksPath from the global or system git config "
+                         "(every repository on the machine)")
     _path(install)
+    checkout = sub.add_parser("post-checkout", help="git post-checkout, for hook managers "
+                              "(lefthook, pre-commit): provision a new worktree, detached")
+    checkout.add_argument("args", nargs="*", help="git's three arguments (pre-commit: none)")
     sub.add_parser("claude-create", help="Claude Code WorktreeCreate (JSON on stdin)")
     sub.add_parser("claude-remove", help="Claude Code WorktreeRemove (JSON on stdin)")
 
@@ -525,7 +532,12 @@ def cmd_hook(client: Client, args: argparse.Namespace) -> int:
     def say(line: str) -> None:  # stdout belongs to the hook contract: talk on stderr
         print(safe(line), file=sys.stderr, flush=True)
 
-    if args.hook == "claude-create":
+    if args.hook == "post-checkout":  # never fails git: a problem is one line on stderr
+        try:
+            hooks.post_checkout(args.args, dict(os.environ), Path(current_dir()))
+        except (OSError, DevdError) as exc:
+            say(f"devd: post-checkout: {exc}")
+    elif args.hook == "claude-create":
         print(hooks.claude_create(sys.stdin, dict(os.environ), client, say), flush=True)
     elif args.hook == "claude-remove":
         try:
@@ -539,7 +551,9 @@ def cmd_hook(client: Client, args: argparse.Namespace) -> int:
             raise UsageError("say which hooks to install",
                              "devd hook install --git --claude --mcp")
         path = Path(_abspath(args.path))
-        for wanted, install in ((args.git, hooks.install_git_hook),
+        git_hook = functools.partial(hooks.install_git_hook,
+                                     global_hooks_path=args.global_hooks_path)
+        for wanted, install in ((args.git, git_hook),
                                 (args.claude, hooks.install_claude_hooks),
                                 (args.mcp, mcpserver.register)):
             if wanted:

@@ -31,6 +31,7 @@ class ListedWorktree:
     branch: str | None
     bare: bool
     prunable: bool
+    locked: bool = False  # `git worktree add` holds a lock ("initializing") until checked out
 
 
 def resolve(path: Path) -> WorktreeInfo:
@@ -104,6 +105,7 @@ def _listed(fields: dict[str, str]) -> ListedWorktree:
         branch=branch.removeprefix("refs/heads/") if branch else None,
         bare="bare" in fields,
         prunable="prunable" in fields,
+        locked="locked" in fields,
     )
 
 
