@@ -67,6 +67,9 @@ async def _scenario(devd: Devd, repo: Repo, feat: Path, other: Path) -> None:
         failed, lease = await s.call("lease_port", name="storybook")
         assert not failed and lease["port"] not in wt["ports"].values()
         assert (await s.call("lease_port", name="storybook"))[1]["port"] == lease["port"]
+        devd.run("provision", str(feat))  # provisioning keeps an ad hoc lease
+        assert (await s.call("lease_port", name="storybook"))[1]["port"] == lease["port"]
+        assert "PORT_STORYBOOK" not in (await s.call("env"))[1]["env"]
         failed, text = await s.call("lease_port", name="Bad Name")
         assert failed and "not allowed" in text and "hint:" in text
 

@@ -53,7 +53,8 @@ def test_a_socket_activated_daemon_takes_over_from_the_cli_started_one(devd_home
     assert devd_home.proc.wait(timeout=30) == 0, devd_home.log()  # it saw, and stopped
     devd_home.proc = None
     assert "no longer this daemon's socket" in devd_home.log()
-    status = devd_home.json("status")  # queued in the activator's socket until it answers
+    # Queued in the activator's socket while the daemon it starts imports (slow when loaded).
+    status = json.loads(devd_home.run("status", "--json", env={"DEVD_TIMEOUT": "60"}).stdout)
     assert status["daemon"]["pid"] == activated.pid != old
     assert f"running, pid {activated.pid}, run by systemd" in \
         devd_home.run("service", "status").stdout
