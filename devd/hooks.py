@@ -216,13 +216,14 @@ def is_new_worktree(prev: str, top: Path) -> bool:
         return False
     try:
         pointer = (top / ".git").read_text(encoding="utf-8", errors="surrogateescape")
-        git_dir = top / pointer.partition("\n")[0].removeprefix("gitdir: ")
-        log = (git_dir / "logs" / "HEAD").read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return True  # no reflog (core.logAllRefUpdates off): the zeros are all there is
+        head_log = top / pointer.partition("\n")[0].removeprefix("gitdir: ") / "logs" / "HEAD"
+        # No reflog (core.logAllRefUpdates off), or no regular file (a FIFO would hold git's
+        # hook up: never read), as the shell block sees it: the zeros are all there is.
+        if not head_log.is_file():
+            return True
+        lines = head_log.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return False
-    lines = log.splitlines()
     return not lines or "\tcheckout: moving from " not in lines[-1]
 
 

@@ -5,6 +5,7 @@ daemon's reconcile finds."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,20 @@ def test_only_a_new_linked_worktree_counts(devd_home: Devd, repo: Repo, tmp_path
     assert [hooks.is_new_worktree(ZEROS, p) for p in (repo.main, linked, new)] \
         == [False, False, True]
     assert not hooks.is_new_worktree("1" * 40, new)
+
+
+def test_a_fifo_for_a_head_log_never_holds_git_up(devd_home: Devd, repo: Repo,
+                                                  tmp_path: Path) -> None:
+    new = repo.worktree("fifo", "fifo")
+    head_log = Path(run_git(new, "rev-parse", "--absolute-git-dir").strip()) / "logs" / "HEAD"
+    head_log.unlink()
+    os.mkfifo(head_log)  # nothing ever writes it: a read would block for good
+    devd_home.run("hook", "install", "--git", str(repo.main))
+    env, calls = recorder(tmp_path)
+    subprocess.run([str(hook_of(repo)), ZEROS, "abc", "1"], cwd=new, env=env, check=True,
+                   timeout=30)
+    assert hooks.is_new_worktree(ZEROS, new)  # returns: the FIFO is not read
+    wait_for(calls.exists, what="the hook to call devd")
 
 
 def test_husky_9_keeps_provisioning_after_npm_install(devd: Devd, make_repo, npm_cache: Path,
