@@ -97,6 +97,19 @@ def test_husky_9_keeps_provisioning_after_npm_install(devd: Devd, make_repo, npm
     assert "devd hook install" in (repo.main / ".husky" / "post-checkout").read_text()
 
 
+def test_an_existing_husky_hook_keeps_its_lines_and_mode(devd_home: Devd, repo: Repo) -> None:
+    run_git(repo.main, "config", "core.hooksPath", ".husky/_")
+    mine = repo.main / ".husky" / "post-checkout"
+    mine.parent.mkdir()
+    mine.write_text("npm run build-types\n")  # husky 9 style: no shebang, not executable
+    mine.chmod(0o644)
+    devd_home.run("hook", "install", "--git", str(repo.main))
+    text = mine.read_text()
+    assert text.startswith("# >>> devd") and text.endswith("npm run build-types\n")
+    assert mine.stat().st_mode & 0o777 == 0o644
+    assert not (repo.main / ".husky" / "_").exists()
+
+
 def test_lefthook_hook_is_refused_with_the_config_that_works(devd: Devd, make_repo,
                                                              npm_cache: Path,
                                                              shim: dict[str, str]  # noqa: F811
