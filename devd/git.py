@@ -120,6 +120,20 @@ def _branch_of(git_dir: Path) -> str | None:
     return None
 
 
+def admin_dir(top: Path) -> Path | None:
+    """The admin dir (<common>/worktrees/<name>) of the linked worktree at `top`, from its
+    `.git` file; None for the main worktree (a `.git` directory), or a `.git` that is no
+    regular file (a FIFO would block the reader) or cannot be read."""
+    dot_git = top / ".git"
+    if not dot_git.is_file():
+        return None
+    try:
+        pointer = dot_git.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError:
+        return None
+    return top / pointer.partition("\n")[0].removeprefix("gitdir: ")
+
+
 def clean_env() -> dict[str, str]:
     """The environment without GIT_* variables: a daemon started from a git hook inherits
     GIT_DIR and friends, which would point every later git command at that one repo."""

@@ -26,6 +26,7 @@ from typing import IO, Any
 
 from devd.client import Client, caller_overrides
 from devd.errors import DevdError, NotAWorktree, NotRegistered, OwnershipConflict, UsageError
+from devd.git import admin_dir as git_admin_dir
 from devd.paths import current_dir
 
 Say = Callable[[str], None]
@@ -212,15 +213,15 @@ def post_checkout(args: list[str], environ: dict[str, str], cwd: Path) -> bool:
 def is_new_worktree(prev: str, top: Path) -> bool:
     """A linked worktree's first checkout: previous HEAD all zeros, `.git` a file, and a
     HEAD log that does not end in a checkout (leaving an orphan branch ends in one)."""
-    if not prev or prev.strip("0") or not (top / ".git").is_file():
+    admin = git_admin_dir(top) if prev and not prev.strip("0") else None
+    if admin is None:
         return False
+    head_log = admin / "logs" / "HEAD"
+    # No reflog (core.logAllRefUpdates off), or no regular file (a FIFO would hold git's
+    # hook up: never read), as the shell block sees it: the zeros are all there is.
+    if not head_log.is_file():
+        return True
     try:
-        pointer = (top / ".git").read_text(encoding="utf-8", errors="surrogateescape")
-        head_log = top / pointer.partition("\n")[0].removeprefix("gitdir: ") / "logs" / "HEAD"
-        # No reflog (core.logAllRefUpdates off), or no regular file (a FIFO would hold git's
-        # hook up: never read), as the shell block sees it: the zeros are all there is.
-        if not head_log.is_file():
-            return True
         lines = head_log.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +60,7 @@ class ServiceCore:
         self._configs: dict[tuple[Any, ...], RepoConfig] = {}
         self._orphans: tuple[float, list[dict[str, str]]] | None = None
         self._seen: dict[Path, set[Path]] = {}  # per repo, the worktrees git listed last
+        self._started = time.time()
         self.manager: str | None = None  # "systemd" or "launchd" when one runs the daemon
         # The kernel's word on who sent the request being handled (one per thread).
         self.peer = threading.local()
@@ -165,13 +167,15 @@ class ServiceCore:
     def _discover(self, common_dir: Path, main: Path, entries: list[git.ListedWorktree]) -> None:
         """Provision worktrees git lists that were not there at the last look, when the
         repo opts in ([hooks] provision_on_discover): no post-checkout fires for
-        `git worktree add --no-checkout`. What a repo lists when first seen is not new;
-        one git still holds locked (mid-checkout) is looked at again next time."""
+        `git worktree add --no-checkout`. When a repo is first looked at, only those git
+        made since this daemon started are new (not one released before a restart); one git
+        still holds locked (mid-checkout) is looked at again next time."""
         fresh = {w.path.resolve() for w in entries
                  if not (w.bare or w.prunable or w.locked) and w.path.is_dir()}
         seen, self._seen[common_dir] = self._seen.get(common_dir), fresh
-        new = [] if seen is None else [path for path in fresh - seen
-                                       if not self.registry.worktree_at(path)]
+        new = [path for path in fresh - (seen or set())
+               if (seen is not None or _made_after(path, self._started))
+               and not self.registry.worktree_at(path)]
         provision = self.handler("provision")
         if not new or provision is None or not self._opted_in(main):
             return
@@ -241,6 +245,16 @@ class ServiceCore:
     def _busy(self, wt_id: str) -> bool:
         lock = self._locks.get(wt_id)
         return bool(lock and lock.locked())
+
+def _made_after(path: Path, since: float) -> bool:
+    """Whether git made the linked worktree at `path` after `since`: its admin dir's
+    `commondir` is written once, by `git worktree add`."""
+    admin = git.admin_dir(path)
+    try:
+        return admin is not None and (admin / "commondir").stat().st_mtime > since
+    except OSError:
+        return False
+
 
 def _text(value: Any, name: str) -> str:
     """A string parameter from the wire; anything else is the client's mistake, not a bug."""
