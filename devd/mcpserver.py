@@ -90,15 +90,17 @@ def error_text(exc: DevdError) -> str:
         + f"\n(code {exc.code})"
 
 
+# Each tool: what it does, and whether it only reads (clients may run those unasked).
 DESCRIPTIONS = {
-    "status": "This worktree's devd state: ports, resources, deps, database, errors.",
-    "env": "The worktree's environment (PORT, PORT_<NAME>, DATABASE_URL, ...) and its URLs.",
-    "port_owner": "Who holds a TCP port: the worktree that leased it and the process that "
-                  "listens on it (pid, command, its worktree).",
-    "lease_port": "Lease a port for NAME (e.g. 'storybook') in this worktree: the same port "
-                  "on every call, kept until the worktree is released.",
-    "kill_port": "Stop the process listening on PORT, only if it belongs to this worktree; "
-                 "otherwise refused, naming the owner.",
+    "status": ("This worktree's devd state: ports, resources, deps, database, errors.", True),
+    "env": ("The worktree's environment (PORT, PORT_<NAME>, DATABASE_URL, ...) and its "
+            "URLs.", True),
+    "port_owner": ("Who holds a TCP port: the worktree that leased it and the process that "
+                   "listens on it (pid, command, its worktree).", True),
+    "lease_port": ("Lease a port for NAME (e.g. 'storybook') in this worktree: the same port "
+                   "on every call, kept until the worktree is released.", False),
+    "kill_port": ("Stop the process listening on PORT, only if it belongs to this worktree; "
+                  "otherwise refused, naming the owner.", False),
 }
 
 
@@ -108,6 +110,7 @@ def build(client: Client, cwd: str) -> MCPServer:
 
     from mcp.server.mcpserver import MCPServer
     from mcp.server.mcpserver.exceptions import ToolError
+    from mcp.types import ToolAnnotations
 
     from devd import __version__
 
@@ -125,8 +128,11 @@ def build(client: Client, cwd: str) -> MCPServer:
                 raise ToolError(f"devd: {exc}") from None
         return tool
 
-    for name, description in DESCRIPTIONS.items():
-        server.add_tool(as_tool(getattr(tools, name)), name=name, description=description)
+    for name, (description, read_only) in DESCRIPTIONS.items():
+        hints = ToolAnnotations(read_only_hint=read_only, idempotent_hint=name != "kill_port",
+                                destructive_hint=name == "kill_port")
+        server.add_tool(as_tool(getattr(tools, name)), name=name, description=description,
+                        annotations=hints)
     return server
 
 

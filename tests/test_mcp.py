@@ -56,6 +56,8 @@ async def _scenario(devd: Devd, repo: Repo, feat: Path, other: Path) -> None:
         await session.initialize()
         listed = await session.list_tools()
         assert {tool.name for tool in listed.tools} == TOOLS
+        read_only = {t.name for t in listed.tools if t.annotations and t.annotations.read_only_hint}
+        assert read_only == {"status", "env", "port_owner"}
         s = Session(session)
 
         failed, wt = await s.call("status")
