@@ -118,6 +118,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     cmd.add_argument("action", choices=("install", "uninstall", "status"),
                      help="install and start it, stop and remove it, or show its state")
     _hook_parser(command("hook", "install hooks; entry points called by git and Claude Code"))
+    cmd = command("skill", "install the devd skill for Claude Code (.claude/skills/devd)")
+    cmd.add_argument("action", choices=("install",), help="write .claude/skills/devd/SKILL.md")
+    _path(cmd)
     command("mcp", "serve devd's tools to a coding agent over MCP (stdio)")
     return parser
 
@@ -157,6 +160,8 @@ def _hook_parser(cmd: argparse.ArgumentParser) -> None:
     checkout.add_argument("args", nargs="*", help="git's three arguments (pre-commit: none)")
     sub.add_parser("claude-create", help="Claude Code WorktreeCreate (JSON on stdin)")
     sub.add_parser("claude-remove", help="Claude Code WorktreeRemove (JSON on stdin)")
+    sub.add_parser("claude-env", help="Claude Code SessionStart: the worktree's env into "
+                   "$CLAUDE_ENV_FILE (JSON on stdin)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -529,35 +534,57 @@ def cmd_stop(client: Client, args: argparse.Namespace) -> int:
 def cmd_hook(client: Client, args: argparse.Namespace) -> int:
     from devd import hooks
 
-    def say(line: str) -> None:  # stdout belongs to the hook contract: talk on stderr
-        print(safe(line), file=sys.stderr, flush=True)
-
+    if args.hook.startswith("claude-"):
+        return _claude_hook(client, args.hook)
     if args.hook == "post-checkout":  # never fails git: a problem is one line on stderr
         try:
             hooks.post_checkout(args.args, dict(os.environ), Path(current_dir()))
         except (OSError, DevdError) as exc:
-            say(f"devd: post-checkout: {exc}")
-    elif args.hook == "claude-create":
-        print(hooks.claude_create(sys.stdin, dict(os.environ), client, say), flush=True)
-    elif args.hook == "claude-remove":
-        try:
-            hooks.claude_remove(sys.stdin, client, say)
-        except Exception as exc:  # noqa: BLE001 - a failing WorktreeRemove wedges the session
-            say(f"devd: claude-remove: {exc!r}")
-    else:
-        from devd import mcpserver
+            print(safe(f"devd: post-checkout: {exc}"), file=sys.stderr)
+        return EXIT_OK
+    from devd import mcpserver
 
-        if not (args.git or args.claude or args.mcp):
-            raise UsageError("say which hooks to install",
-                             "devd hook install --git --claude --mcp")
-        path = Path(_abspath(args.path))
-        git_hook = functools.partial(hooks.install_git_hook,
-                                     global_hooks_path=args.global_hooks_path)
-        for wanted, install in ((args.git, git_hook),
-                                (args.claude, hooks.install_claude_hooks),
-                                (args.mcp, mcpserver.register)):
-            if wanted:
-                install(path, lambda line: print(safe(line)))
+    if not (args.git or args.claude or args.mcp):
+        raise UsageError("say which hooks to install", "devd hook install --git --claude --mcp")
+    path = Path(_abspath(args.path))
+    git_hook = functools.partial(hooks.install_git_hook, global_hooks_path=args.global_hooks_path)
+    for wanted, install in ((args.git, git_hook), (args.claude, hooks.install_claude_hooks),
+                            (args.mcp, mcpserver.register)):
+        if wanted:
+            install(path, lambda line: print(safe(line)))
+    return EXIT_OK
+
+
+def _claude_hook(client: Client, hook: str) -> int:
+    """A Claude Code hook: stdout is Claude's (a path, or context for the model), talk goes
+    to stderr, and whatever goes wrong is one line there and an exit status, never a
+    traceback (Claude shows a failed hook's stderr to the user)."""
+    from devd import claude
+
+    def say(line: str) -> None:
+        print(safe(line), file=sys.stderr, flush=True)
+
+    try:
+        if hook == "claude-create":
+            print(claude.claude_create(sys.stdin, dict(os.environ), client, say), flush=True)
+        elif hook == "claude-remove":
+            return claude.claude_remove(sys.stdin, client, say)
+        elif note := claude.claude_env(sys.stdin, dict(os.environ), client, say):
+            print(note, flush=True)
+    except DevdError as exc:
+        say(f"devd: error: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else ""))
+        return EXIT_USAGE if isinstance(exc, UsageError) else \
+            EXIT_UNREACHABLE if isinstance(exc, DaemonUnreachable) else EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - a hook must never show a traceback
+        say(f"devd: error: {hook}: {type(exc).__name__}: {exc}")
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def cmd_skill(client: Client, args: argparse.Namespace) -> int:
+    from devd.skill import install_skill
+
+    install_skill(Path(_abspath(args.path)), lambda line: print(safe(line)))
     return EXIT_OK
 
 
@@ -573,5 +600,5 @@ COMMANDS = {
     "env": cmd_env, "run": cmd_run, "ports": cmd_ports, "kill-port": cmd_kill_port,
     "browser": cmd_browser, "init": cmd_init, "wait": cmd_wait, "service": cmd_service,
     "hook": cmd_hook, "stop": cmd_stop, "watchers": cmd_watchers, "doctor": cmd_doctor,
-    "mcp": cmd_mcp,
+    "skill": cmd_skill, "mcp": cmd_mcp,
 }

@@ -1,12 +1,10 @@
-"""Hook entry points: git's post-checkout, Claude Code's WorktreeCreate/WorktreeRemove.
+"""Hook entry points: git's post-checkout; installing Claude Code's hooks (devd/claude.py
+runs them); waiting for a worktree.
 
 Contracts (each one a trap when broken):
 - git post-checkout: must never fail or hold up git. devd runs detached with every fd on
   /dev/null, only for a new linked worktree's first checkout (see GIT_BLOCK).
-- WorktreeCreate *replaces* Claude Code's own creation: stdout carries exactly one line, the
-  new worktree's absolute path; anything else goes to stderr; non-zero fails the spawn, so
-  input is validated before any side effect and a failed create leaves nothing behind.
-- WorktreeRemove must always exit 0 (a failed one leaves an undeletable session).
+- Claude Code's hooks: see devd/claude.py.
 Light imports only: these run from hooks, where every millisecond is someone's wait.
 """
 
@@ -24,10 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from devd.client import Client, caller_overrides
+from devd.client import Client
 from devd.errors import DevdError, NotAWorktree, NotRegistered, OwnershipConflict, UsageError
 from devd.git import admin_dir as git_admin_dir
-from devd.paths import current_dir
 
 Say = Callable[[str], None]
 BEGIN = "# >>> devd: provision new worktrees (devd hook install --git); edit outside it >>>"
@@ -63,15 +60,17 @@ esac
 {END}
 """
 SHELLS = ("sh", "bash", "dash", "zsh", "ksh")
-# WorktreeRemove must exit 0 even when devd is gone from Claude Code's PATH: a failing
-# remove hook leaves a session row that cannot be deleted.
+# WorktreeRemove's exit status is Claude's word for "removed" (non-zero: it keeps the
+# worktree and shows stderr); SessionStart loads the worktree's env for Bash.
 CLAUDE_COMMANDS = {"WorktreeCreate": "devd hook claude-create",
-                   "WorktreeRemove": "devd hook claude-remove || true"}
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+                   "WorktreeRemove": "devd hook claude-remove",
+                   "SessionStart": "devd hook claude-env"}
+# What older devd installed: replaced in place by `hook install --claude`.
+LEGACY_COMMANDS = {"devd hook claude-remove || true": "devd hook claude-remove"}
 MAX_INPUT = 1 << 20
 POLL = 0.2
 # Hooks are someone's wait: git gets this long per command, and claude-remove's release
-# this long in all (Claude Code gives a hook 60 s; the worktree removal needs the rest).
+# this long in all (Claude Code gives a hook 600 s, but a person watches the removal).
 GIT_TIMEOUT = 30.0
 RELEASE_DEADLINE = 20.0
 GIT_ENV_DROP = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX")
@@ -239,7 +238,7 @@ def _write_keeping_mode(target: Path, text: str, mode: int) -> None:
 
 
 def install_claude_hooks(path: Path, say: Say) -> Path:
-    """Merge WorktreeCreate/WorktreeRemove into <repo>/.claude/settings.json."""
+    """Merge devd's hooks (CLAUDE_COMMANDS) into <repo>/.claude/settings.json."""
     target = toplevel(path) / ".claude" / "settings.json"
     settings = _json_object(target)
     hooks = settings.setdefault("hooks", {})
@@ -274,8 +273,13 @@ def _add_command(target: Path, hooks: dict[str, Any], event: str, command: str) 
     groups = hooks.setdefault(event, [])
     if not isinstance(groups, list):
         raise UsageError(f"{target}: hooks.{event} is not a list", "fix the file, then retry")
-    present = [hook.get("command") for group in groups if isinstance(group, dict)
+    entries = [hook for group in groups if isinstance(group, dict)
                for hook in group.get("hooks", []) if isinstance(hook, dict)]
+    for hook in entries:
+        if LEGACY_COMMANDS.get(hook.get("command", "")) == command:
+            hook["command"] = command
+            return True
+    present = [hook.get("command") for hook in entries]
     if command in present:
         return False
     if event == "WorktreeCreate" and present:
@@ -286,7 +290,7 @@ def _add_command(target: Path, hooks: dict[str, Any], event: str, command: str) 
     return True
 
 
-# -- Claude Code: create / remove ------------------------------------------------------
+# -- Claude Code: hook input ------------------------------------------------------------
 
 
 def read_hook_input(stream: IO[str]) -> dict[str, Any]:
@@ -305,18 +309,6 @@ def read_hook_input(stream: IO[str]) -> dict[str, Any]:
     return data
 
 
-def worktree_name(data: dict[str, Any]) -> str:
-    """`name` (older Claude Code: `worktree_name`), checked to be one safe path segment."""
-    name = data.get("name", data.get("worktree_name"))
-    if not isinstance(name, str) or not name:
-        raise UsageError("hook input has no \"name\"", 'expected {"name": "my-feature", ...}')
-    if not NAME.fullmatch(name) or ".." in name or name.endswith((".", ".lock")):
-        raise UsageError(f"worktree name {name[:120]!r} is not allowed",
-                         "use 1-100 letters, digits, '.', '_' or '-' (no '/', '..' or spaces), "
-                         "starting with a letter or digit")
-    return name
-
-
 def claude_config(repo: Path) -> dict[str, Any]:
     """The [claude] section of the repo's devd.toml (the daemon validates the whole file)."""
     try:
@@ -327,115 +319,6 @@ def claude_config(repo: Path) -> dict[str, Any]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise DevdError(f"{repo / 'devd.toml'}: {exc}", "fix the file", code="config") from exc
     return section if isinstance(section, dict) else {}
-
-
-def claude_create(stream: IO[str], environ: dict[str, str], client: Client, say: Say) -> Path:
-    """WorktreeCreate: make the worktree, start provisioning; return its absolute path."""
-    name = worktree_name(read_hook_input(stream))
-    repo = toplevel(Path(environ.get("CLAUDE_PROJECT_DIR") or current_dir()).absolute())
-    place = Path(str(claude_config(repo).get("worktree_dir", ".claude/worktrees")))
-    path = Path(os.path.normpath(repo / place.expanduser() / name))
-    branch = f"worktree-{name}"
-    if path.exists() or path.is_symlink():
-        raise UsageError(f"{path} already exists", "choose another name, or remove it")
-    if git(repo, "check-ref-format", "--branch", branch, check=False).returncode != 0:
-        raise UsageError(f"{branch!r} is not a valid branch name", "choose another name")
-    if git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}",
-           check=False).returncode == 0:
-        raise UsageError(f"branch {branch} already exists", "choose another name, or delete it")
-    _add_worktree(repo, path, branch)
-    say(f"created worktree {path} on branch {branch}")
-    _start_provisioning(client, path, say)
-    return path
-
-
-def _add_worktree(repo: Path, path: Path, branch: str) -> None:
-    """`git worktree add`; on failure remove the parent dirs this made (git cleans its own)."""
-    made = [p for p in reversed(path.parents) if not p.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    result = git(repo, "worktree", "add", str(path), "-b", branch, check=False, stdout=2)
-    if result.returncode != 0:
-        for directory in reversed(made):
-            if directory.is_dir() and not any(directory.iterdir()):
-                directory.rmdir()
-        raise DevdError(f"git worktree add {path} failed: {result.stderr.strip()}",
-                        "see git's message above", code="git_failed")
-
-
-def _start_provisioning(client: Client, path: Path, say: Say) -> None:
-    """Register and provision in the background; wait only for the copied files (.env,
-    .worktreeinclude), which the agent may read at once. devd writes them, with its block,
-    before a Postgres step (whose values are placeholders that fail until it is ready), so
-    this wait never includes a database clone. A daemon problem never fails the create:
-    the worktree exists, and `devd provision` can finish the job."""
-    try:
-        client.call("provision", {"path": str(path), "background": True} | caller_overrides())
-        wait_until(client, path, 30.0, _files_copied)
-    except DevdError as exc:
-        say(f"warning: {path} is not provisioned yet: {exc.message}")
-        say(f"hint: run `devd provision {path}`")
-        return
-    say(f"provisioning {path} in the background (`devd wait {path}` blocks until ready)")
-
-
-def _files_copied(wt: dict[str, Any]) -> bool:
-    envfile = [r for r in wt.get("resources", []) if r.get("kind") == "envfile"]
-    return wt["state"] != "provisioning" or any(r["state"] != "pending" for r in envfile)
-
-
-def claude_remove(stream: IO[str], client: Client, say: Say) -> None:
-    """WorktreeRemove: release the worktree's resources (data kept unless configured),
-    remove it. Never raises: every problem is said on stderr and the hook exits 0."""
-    try:
-        path = _removal_target(read_hook_input(stream))
-    except DevdError as exc:
-        say(f"devd: {exc.message}")
-        return
-    _release(client, path, say)
-    _remove_worktree(path, say)
-
-
-def _removal_target(data: dict[str, Any]) -> Path:
-    raw = data.get("worktree_path")
-    if not isinstance(raw, str) or not os.path.isabs(raw):
-        raise UsageError("hook input has no absolute \"worktree_path\"")
-    return Path(raw)
-
-
-def _release(client: Client, path: Path, say: Say) -> None:
-    config_root = path if path.is_dir() else path.parent
-    if path.is_dir() and not _is_worktree_root(path):
-        # A path inside a worktree would release the whole enclosing one: only exact roots.
-        say(f"{path} is not the root of a worktree; nothing released")
-        return
-    try:
-        yes = bool(claude_config(config_root).get("release_data", False))
-        client.call("release", {"path": str(path), "yes": yes},
-                    deadline=time.monotonic() + RELEASE_DEADLINE)
-        say(f"released devd's resources for {path}")
-    except NotRegistered:
-        say(f"{path} was not registered with devd; nothing to release")
-    except UsageError as exc:  # data-bearing resources and release_data off: keep them
-        say(f"kept {path}'s resources: {exc.message}; `devd gc` frees them after the grace")
-    except DevdError as exc:
-        say(f"devd could not release {path}: {exc.message}")
-
-
-def _remove_worktree(path: Path, say: Say) -> None:
-    if not path.is_dir():
-        say(f"{path} is already gone")
-        return
-    try:
-        common = git(path, "rev-parse", "--path-format=absolute", "--git-common-dir")
-    except DevdError as exc:
-        say(f"left {path} in place: {exc.message}")
-        return
-    # Run from the common dir: git refuses to remove the worktree it runs in, and it never
-    # removes the main worktree, so a wrong path cannot take the repository with it.
-    result = git(Path(common.stdout.strip()), "worktree", "remove", "--force", str(path),
-                 check=False)
-    say(f"removed worktree {path}" if result.returncode == 0
-        else f"git could not remove {path}: {result.stderr.strip()}")
 
 
 # -- waiting ---------------------------------------------------------------------------
@@ -474,7 +357,7 @@ def _registered(client: Client, path: Path) -> dict[str, Any] | None:
     return exact[0] if exact else None
 
 
-def _is_worktree_root(path: Path) -> bool:
+def is_worktree_root(path: Path) -> bool:
     """True if `path` is the top directory of a git worktree."""
     result = git(path, "rev-parse", "--show-toplevel", check=False)
     return result.returncode == 0 and Path(result.stdout.strip()).resolve() == path.resolve()

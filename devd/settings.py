@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     watchers_settle: float = Field(20.0, ge=0, le=DAY)  # a watcher's start-up walk before `partial`
     # Stop devd-started watchers of worktrees unused this long ("2h"; "" or "0": never).
     watchers_idle_stop: str = ""
+    # Remove a Claude Code subagent's unchanged, idle worktree this long after its last
+    # activity (devd/agents.py); Claude itself removes one at once when it has no hook.
+    claude_agent_grace: str = "30m"
 
     @field_validator("port_range")
     @classmethod
@@ -77,7 +80,7 @@ class Settings(BaseSettings):
         parse_port_range(value)
         return value
 
-    @field_validator("watchers_idle_stop")
+    @field_validator("watchers_idle_stop", "claude_agent_grace")
     @classmethod
     def _valid_idle(cls, value: str) -> str:
         if value.strip():
@@ -89,6 +92,10 @@ class Settings(BaseSettings):
         """watchers_idle_stop in seconds; 0 means off."""
         return parse_duration(self.watchers_idle_stop) if self.watchers_idle_stop.strip() \
             else 0.0
+
+    @property
+    def agent_grace_seconds(self) -> float:
+        return parse_duration(self.claude_agent_grace)
 
     @property
     def ports(self) -> range:
