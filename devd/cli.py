@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import json
 import os
 import sys
@@ -121,6 +122,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     cmd = command("skill", "install the devd skill for Claude Code (.claude/skills/devd)")
     cmd.add_argument("action", choices=("install",), help="write .claude/skills/devd/SKILL.md")
     _path(cmd)
+    command("mcp", "serve devd's tools to a coding agent over MCP (stdio)")
     if only is None or only in SERVICE_COMMANDS:
         from devd.services import commands as service_commands
 
@@ -153,7 +155,14 @@ def _hook_parser(cmd: argparse.ArgumentParser) -> None:
     install = sub.add_parser("install", help="add devd to a repo's git and/or Claude Code hooks")
     install.add_argument("--git", action="store_true", help="post-checkout hook (all worktrees)")
     install.add_argument("--claude", action="store_true", help=".claude/settings.json hooks")
+    install.add_argument("--mcp", action="store_true", help="register `devd mcp` in .mcp.json")
+    install.add_argument("--global-hooks-path", action="store_true", help="with --git: install "
+                         "even into a core.hooksPath from the global or system git config "
+                         "(every repository on the machine)")
     _path(install)
+    checkout = sub.add_parser("post-checkout", help="git post-checkout, for hook managers "
+                              "(lefthook, pre-commit): provision a new worktree, detached")
+    checkout.add_argument("args", nargs="*", help="git's three arguments (pre-commit: none)")
     sub.add_parser("claude-create", help="Claude Code WorktreeCreate (JSON on stdin)")
     sub.add_parser("claude-remove", help="Claude Code WorktreeRemove (JSON on stdin)")
     sub.add_parser("claude-env", help="Claude Code SessionStart: the worktree's env into "
@@ -541,11 +550,20 @@ def cmd_hook(client: Client, args: argparse.Namespace) -> int:
 
     if args.hook.startswith("claude-"):
         return _claude_hook(client, args.hook)
-    if not (args.git or args.claude):
-        raise UsageError("say which hooks to install", "devd hook install --git --claude")
+    if args.hook == "post-checkout":  # never fails git: a problem is one line on stderr
+        try:
+            hooks.post_checkout(args.args, dict(os.environ), Path(current_dir()))
+        except (OSError, DevdError) as exc:
+            print(safe(f"devd: post-checkout: {exc}"), file=sys.stderr)
+        return EXIT_OK
+    from devd import mcpserver
+
+    if not (args.git or args.claude or args.mcp):
+        raise UsageError("say which hooks to install", "devd hook install --git --claude --mcp")
     path = Path(_abspath(args.path))
-    for wanted, install in ((args.git, hooks.install_git_hook),
-                            (args.claude, hooks.install_claude_hooks)):
+    git_hook = functools.partial(hooks.install_git_hook, global_hooks_path=args.global_hooks_path)
+    for wanted, install in ((args.git, git_hook), (args.claude, hooks.install_claude_hooks),
+                            (args.mcp, mcpserver.register)):
         if wanted:
             install(path, lambda line: print(safe(line)))
     return EXIT_OK
@@ -584,11 +602,17 @@ def cmd_skill(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_mcp(client: Client, args: argparse.Namespace) -> int:
+    from devd import mcpserver
+
+    return mcpserver.serve(client)
+
+
 COMMANDS = {
     "provision": cmd_provision, "release": cmd_release, "gc": cmd_gc, "status": cmd_status,
     "restore": cmd_restore,
     "env": cmd_env, "run": cmd_run, "ports": cmd_ports, "kill-port": cmd_kill_port,
     "browser": cmd_browser, "init": cmd_init, "wait": cmd_wait, "service": cmd_service,
     "hook": cmd_hook, "stop": cmd_stop, "watchers": cmd_watchers, "doctor": cmd_doctor,
-    "skill": cmd_skill,
+    "skill": cmd_skill, "mcp": cmd_mcp,
 }

@@ -3,7 +3,7 @@ runs them); waiting for a worktree.
 
 Contracts (each one a trap when broken):
 - git post-checkout: must never fail or hold up git. devd runs detached with every fd on
-  /dev/null, only for a new worktree's first checkout (previous HEAD all zeros).
+  /dev/null, only for a new linked worktree's first checkout (see GIT_BLOCK).
 - Claude Code's hooks: see devd/claude.py.
 Light imports only: these run from hooks, where every millisecond is someone's wait.
 """
@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Callable
@@ -22,16 +24,33 @@ from typing import IO, Any
 
 from devd.client import Client
 from devd.errors import DevdError, NotAWorktree, NotRegistered, OwnershipConflict, UsageError
+from devd.git import admin_dir as git_admin_dir
 
 Say = Callable[[str], None]
 BEGIN = "# >>> devd: provision new worktrees (devd hook install --git); edit outside it >>>"
 END = "# <<< devd <<<"
 _BLOCK = re.compile(rf"^{re.escape(BEGIN)}\n.*?^{re.escape(END)}\n?", re.M | re.S)
-# A new worktree's first checkout has an all-zero previous HEAD (40 or 64 zeros). The git
-# variables are dropped: they would point a daemon this starts at the wrong repository.
+# A new worktree's first checkout has an all-zero previous HEAD (40 or 64 zeros); so has a
+# checkout that leaves an orphan (unborn) branch, or a clone. Only a linked worktree (`.git`
+# is a file, so never the main one) whose HEAD log does not end in a checkout (an orphan's
+# does: "checkout: moving from ...") is new. Shell builtins only: every checkout pays for
+# this. The git variables are dropped: they would point a daemon this starts elsewhere.
 GIT_BLOCK = f"""{BEGIN}
 case "$1" in *[!0]*|'') ;; *)
-  if command -v devd >/dev/null 2>&1; then
+  devd_new=
+  if [ -f .git ]; then
+    devd_new=1 devd_gd=
+    IFS= read -r devd_gd < .git || :
+    devd_gd=${{devd_gd#gitdir: }}
+    case $devd_gd in /*) ;; *) devd_gd=$PWD/$devd_gd ;; esac
+    if [ -f "$devd_gd/logs/HEAD" ]; then
+      while IFS= read -r devd_line || [ -n "$devd_line" ]; do
+        case $devd_line in *"\tcheckout: moving from "*) devd_new= ;; *) devd_new=1 ;; esac
+      done < "$devd_gd/logs/HEAD"
+    fi
+  fi
+  if [ -z "$devd_new" ]; then :
+  elif command -v devd >/dev/null 2>&1; then
     (unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_PREFIX
      nohup devd provision --background . </dev/null >/dev/null 2>&1 &) || :
   else
@@ -84,34 +103,80 @@ def toplevel(path: Path) -> Path:
 # -- git -------------------------------------------------------------------------
 
 
-def install_git_hook(path: Path, say: Say) -> Path:
-    """Add devd's block to the repo's post-checkout hook (core.hooksPath honoured)."""
-    hooks = Path(git(path, "rev-parse", "--path-format=absolute", "--git-path", "hooks")
-                 .stdout.strip())
-    target = hooks / "post-checkout"
+def install_git_hook(path: Path, say: Say, global_hooks_path: bool = False) -> Path:
+    """Add devd's block to the repo's post-checkout hook (core.hooksPath honoured); with
+    husky 9, to `.husky/post-checkout`, the file of yours its generated hook runs."""
+    hooks = _hooks_dir(path, global_hooks_path)
+    husky = hooks.parent if (hooks.name, hooks.parent.name) == ("_", ".husky") else None
+    target = (husky or hooks) / "post-checkout"
     if target.is_symlink():
         raise OwnershipConflict(f"{target} is a symlink; devd will not write through it",
                                 _manual_hint())
     if not target.exists():
-        hooks.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         _write_keeping_mode(target, "#!/bin/sh\n" + GIT_BLOCK, 0o755)
-        say(f"wrote {target}")
+        say(f"wrote {target}" + (HUSKY_NOTE if husky else ""))
         return target
     text = target.read_text(encoding="utf-8", errors="surrogateescape")
-    new = _with_block(target, text)
+    _refuse_managed(target, text)
+    new = _with_block(target, text, executable=husky is None)
     if new == text:
         say(f"{target} already runs devd")
     else:
         _write_keeping_mode(target, new, target.stat().st_mode & 0o7777)
-        say(f"added devd to your existing {target} (your lines are unchanged)")
+        say(f"added devd to your existing {target} (your lines are unchanged)"
+            + (HUSKY_NOTE if husky else ""))
     return target
 
 
-def _with_block(target: Path, text: str) -> str:
+# husky 9 runs .husky/post-checkout (with `sh -e`) from its generated .husky/_/post-checkout,
+# which every `npm install` writes anew: devd's block lives in the file that stays.
+HUSKY_NOTE = ("; husky runs it. Commit it: a worktree made from another worktree runs that "
+              "worktree's copy")
+
+
+def _hooks_dir(path: Path, global_ok: bool) -> Path:
+    """The repo's hooks dir; one set in the global or system config serves every repository
+    on the machine, so it is refused unless asked for."""
+    scope = git(path, "config", "--show-scope", "--get", "core.hooksPath", check=False)
+    where, _, value = scope.stdout.strip().partition("\t")
+    if scope.returncode == 0 and where in ("global", "system") and not global_ok:
+        own = git(path, "rev-parse", "--path-format=absolute", "--git-common-dir").stdout.strip()
+        raise OwnershipConflict(
+            f"core.hooksPath is set in your {where} git config ({value}): a hook there runs "
+            "in every repository on this machine",
+            "pass --global-hooks-path to install there anyway, or give this repository its "
+            f"own hooks: `git -C {shlex.quote(str(path))} config core.hooksPath "
+            f"{shlex.quote(own + '/hooks')}`")
+    return Path(git(path, "rev-parse", "--path-format=absolute", "--git-path", "hooks")
+                .stdout.strip())
+
+
+# Hook managers that write post-checkout themselves (and write it again on their next
+# install, dropping devd's lines): devd is added to their config instead.
+LEFTHOOK_HINT = ("add to lefthook.yml:\n  post-checkout:\n    commands:\n      devd:\n"
+                 "        run: devd hook post-checkout {0}\nthen run `lefthook install`")
+PRE_COMMIT_HINT = (
+    "add to .pre-commit-config.yaml:\n  - repo: local\n    hooks:\n      - id: devd\n"
+    "        name: devd provision\n        entry: devd hook post-checkout\n"
+    "        language: system\n        stages: [post-checkout]\n        always_run: true\n"
+    "        pass_filenames: false\nthen run `pre-commit install --hook-type post-checkout`")
+MANAGED = {("call_lefthook", '"$LEFTHOOK" = "0"'): ("lefthook", LEFTHOOK_HINT),
+           ("File generated by pre-commit",): ("pre-commit", PRE_COMMIT_HINT)}
+
+
+def _refuse_managed(target: Path, text: str) -> None:
+    for markers, (tool, hint) in MANAGED.items():
+        if any(marker in text for marker in markers) and not _BLOCK.search(text):
+            raise OwnershipConflict(f"{target} is generated by {tool}, which would drop "
+                                    "devd's lines on its next install", hint)
+
+
+def _with_block(target: Path, text: str, executable: bool = True) -> str:
     """The hook with devd's block, right after the shebang, so an `exit` of yours cannot skip it."""
     if _BLOCK.search(text):
         return _BLOCK.sub(lambda _: GIT_BLOCK, text, count=1)
-    if not os.access(target, os.X_OK):
+    if executable and not os.access(target, os.X_OK):
         raise OwnershipConflict(f"{target} exists but is not executable, so git ignores it",
                                 "make it executable or remove it, then run this again")
     first, newline, rest = text.partition("\n")
@@ -127,8 +192,39 @@ def _with_block(target: Path, text: str) -> str:
 
 
 def _manual_hint() -> str:
-    return ("call devd from your hook yourself: when its first argument is all zeros, run "
-            "`devd provision --background .` detached, with output to /dev/null")
+    return 'call devd from your hook yourself: `devd hook post-checkout "$@"`'
+
+
+def post_checkout(args: list[str], environ: dict[str, str], cwd: Path) -> bool:
+    """`devd hook post-checkout PREV NEW FLAG` (pre-commit passes them as PRE_COMMIT_*):
+    the block's rules in Python, for hook managers that call commands. Starts provisioning
+    detached and returns at once; True if it did. Never fails git."""
+    prev = args[0] if args else environ.get("PRE_COMMIT_FROM_REF", "")
+    if not is_new_worktree(prev, cwd):
+        return False
+    env = {k: v for k, v in environ.items() if k not in GIT_ENV_DROP}
+    subprocess.Popen([sys.executable, "-P", "-m", "devd", "provision", "--background",
+                      str(cwd)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True, env=env, cwd="/")
+    return True
+
+
+def is_new_worktree(prev: str, top: Path) -> bool:
+    """A linked worktree's first checkout: previous HEAD all zeros, `.git` a file, and a
+    HEAD log that does not end in a checkout (leaving an orphan branch ends in one)."""
+    admin = git_admin_dir(top) if prev and not prev.strip("0") else None
+    if admin is None:
+        return False
+    head_log = admin / "logs" / "HEAD"
+    # No reflog (core.logAllRefUpdates off), or no regular file (a FIFO would hold git's
+    # hook up: never read), as the shell block sees it: the zeros are all there is.
+    if not head_log.is_file():
+        return True
+    try:
+        lines = head_log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return False
+    return not lines or "\tcheckout: moving from " not in lines[-1]
 
 
 def _write_keeping_mode(target: Path, text: str, mode: int) -> None:

@@ -289,6 +289,13 @@ class ClaudeConfig(_Section):
     release_data: bool = False  # claude-remove also releases data-bearing resources
 
 
+class HooksConfig(_Section):
+    """[hooks]: worktrees no hook told devd about (`git worktree add --no-checkout` fires
+    no post-checkout) are provisioned when the daemon's reconcile finds them."""
+
+    provision_on_discover: bool = False
+
+
 class WatchersConfig(_Section):
     on_pressure: str = ""  # shell command run in the main worktree when a level is crossed
     estimate: Literal["files", "dirs"] = "files"  # chokidar-style, or directory watchers
@@ -304,6 +311,7 @@ class RepoConfig(_Section):
     deps: DepsConfig = DepsConfig()
     claude: ClaudeConfig = ClaudeConfig()
     watchers: WatchersConfig = WatchersConfig()
+    hooks: HooksConfig = HooksConfig()
     services: dict[str, services_config.ServiceConfig] = {}
 
     @model_validator(mode="after")

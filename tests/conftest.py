@@ -124,11 +124,16 @@ class Devd:
 
 
 def _answers(path: Path) -> bool:
+    """A reply to ping, not just a connect: the socket takes connections (in its backlog)
+    before the daemon's startup ends, and a test that then lowers its fd limit, say, would
+    break the startup instead of what it tests."""
     try:
         with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
             sock.connect(str(path))
-        return True
-    except OSError:
+            sock.sendall(b'{"v": 1, "method": "ping"}\n')
+            return json.loads(sock.recv(65536).split(b"\n")[0]).get("ok") is True
+    except (OSError, ValueError):  # not yet listening, or not yet serving
         return False
 
 
