@@ -51,7 +51,9 @@ class Tools:
     def env(self, path: str | None = None) -> dict[str, Any]:
         wt = self.status(path)
         reply = self.client.call("env", {"path": wt["path"]})
-        urls = {name: f"http://localhost:{port}/" for name, port in wt["ports"].items()}
+        # The named URLs when the proxy runs (DEVD_URL_<NAME>), else the port on loopback.
+        urls = {name: (wt.get("urls") or {}).get(name) or f"http://127.0.0.1:{port}/"
+                for name, port in wt["ports"].items()}
         return {"worktree": wt["path"], "env": reply["env"], "urls": urls,
                 "warnings": reply.get("warnings", [])}
 
@@ -68,6 +70,31 @@ class Tools:
         reply: dict[str, Any] = self.client.call("kill_port",
                                                  {"port": port, "path": self.where(path)})
         return reply
+
+
+    def up(self, services: list[str] | None = None, restart: bool = False,
+           path: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"path": self.where(path), "restart": restart,
+                                  "caller_path": os.environ.get("PATH", "")}
+        if services:
+            params["services"] = services
+        reply: dict[str, Any] = self.client.call("up", params)
+        return reply
+
+    def down(self, services: list[str] | None = None, path: str | None = None
+             ) -> dict[str, Any]:
+        params: dict[str, Any] = {"path": self.where(path)}
+        if services:
+            params["services"] = services
+        reply: dict[str, Any] = self.client.call("down", params)
+        return reply
+
+    def logs(self, service: str, lines: int = 50, path: str | None = None) -> dict[str, Any]:
+        from devd.services import logs
+
+        reply = self.client.call("logs", {"path": self.where(path), "service": service})
+        return {"service": service, "log": reply["log"],
+                "lines": logs.tail(Path(reply["log"]), max(0, min(lines, 2000)))}
 
 
 def owner_summary(reply: dict[str, Any]) -> str:
@@ -101,6 +128,11 @@ DESCRIPTIONS = {
                    "on every call, kept until the worktree is released.", False),
     "kill_port": ("Stop the process listening on PORT, only if it belongs to this worktree; "
                   "otherwise refused, naming the owner.", False),
+    "up": ("Start this worktree's declared dev servers ([services] in devd.toml; all, or "
+           "those named) and wait until each is ready; returns each one's state and URL.",
+           False),
+    "down": ("Stop this worktree's declared dev servers (all, or those named).", False),
+    "logs": ("The last LINES lines of a declared service's log.", True),
 }
 
 
@@ -129,8 +161,9 @@ def build(client: Client, cwd: str) -> MCPServer:
         return tool
 
     for name, (description, read_only) in DESCRIPTIONS.items():
-        hints = ToolAnnotations(read_only_hint=read_only, idempotent_hint=name != "kill_port",
-                                destructive_hint=name == "kill_port")
+        stops = name in ("kill_port", "down")
+        hints = ToolAnnotations(read_only_hint=read_only, idempotent_hint=not stops,
+                                destructive_hint=stops)
         server.add_tool(as_tool(getattr(tools, name)), name=name, description=description,
                         annotations=hints)
     return server

@@ -19,7 +19,7 @@ pytest.importorskip("mcp")
 from mcp import ClientSession  # noqa: E402
 from mcp.client.stdio import StdioServerParameters, stdio_client  # noqa: E402
 
-TOOLS = {"status", "env", "port_owner", "lease_port", "kill_port"}
+TOOLS = {"status", "env", "port_owner", "lease_port", "kill_port", "up", "down", "logs"}
 
 
 def _listen(cwd: Path, port: int) -> subprocess.Popen[bytes]:
@@ -57,14 +57,14 @@ async def _scenario(devd: Devd, repo: Repo, feat: Path, other: Path) -> None:
         listed = await session.list_tools()
         assert {tool.name for tool in listed.tools} == TOOLS
         read_only = {t.name for t in listed.tools if t.annotations and t.annotations.read_only_hint}
-        assert read_only == {"status", "env", "port_owner"}
+        assert read_only == {"status", "env", "port_owner", "logs"}
         s = Session(session)
 
         failed, wt = await s.call("status")
         assert not failed and wt["path"] == str(feat) and wt["state"] == "ready"
         failed, env = await s.call("env")
         assert not failed and env["env"]["PORT"] == str(wt["ports"]["web"])
-        assert env["urls"]["web"] == f"http://localhost:{wt['ports']['web']}/"
+        assert env["urls"]["web"] == f"http://127.0.0.1:{wt['ports']['web']}/"  # no proxy
 
         failed, lease = await s.call("lease_port", name="storybook")
         assert not failed and lease["port"] not in wt["ports"].values()
@@ -125,3 +125,34 @@ def test_hook_install_mcp_registers_once_and_keeps_other_servers(devd_home: Devd
     config.write_text(json.dumps({"mcpServers": servers}))
     clash = devd_home.run("hook", "install", "--mcp", str(repo.main), check=False)
     assert clash.returncode == 1 and "already has an MCP server named devd" in clash.stderr
+
+
+API = ("python3 -c 'import http.server, os; print(\"api ready\", flush=True); "
+       "http.server.HTTPServer((\"127.0.0.1\", int(os.environ[\"PORT\"])), "
+       "http.server.BaseHTTPRequestHandler).serve_forever()'")
+
+
+async def _services(devd: Devd, path: Path) -> None:
+    params = StdioServerParameters(command=sys.executable, args=["-m", "devd", "mcp"],
+                                   env={**devd.env, "DEVD_NO_AUTOSTART": "1"}, cwd=str(path))
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        s = Session(session)
+        failed, started = await s.call("up")
+        assert not failed and [(x["name"], x["state"]) for x in started["services"]] == \
+            [("api", "running")]
+        pid = started["services"][0]["pid"]
+        failed, log = await s.call("logs", service="api")
+        assert not failed and "api ready" in log["lines"]
+        failed, text = await s.call("logs", service="nope")
+        assert failed and "nope" in text and "hint:" in text
+        failed, stopped = await s.call("down")
+        assert not failed and stopped["services"][0]["name"] == "api"
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), what="the service stopped")
+
+
+def test_mcp_up_logs_down(devd: Devd, make_repo) -> None:
+    repo = make_repo("api", f'[ports]\nnames = ["api"]\n[services.api]\n'
+                     f'command = {json.dumps(API)}\nport = "api"\n')
+    devd.run("provision", str(repo.main))
+    anyio.run(_services, devd, repo.main)
