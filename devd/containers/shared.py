@@ -74,6 +74,7 @@ def _server(ctx: Context, dk: DockerClient, spec: dict[str, Any], progress: Prog
     _state_file(ctx).write_text(json.dumps({"port": port}))
     container = dk.containers.run(spec["image"], name=name, detach=True, labels=_labels(),
                                   ports={"6379/tcp": (engine.HOST, port)},
+                                  command=spec["command"] or None,
                                   volumes={name: {"bind": "/data", "mode": "rw"}})
     return container, port
 
