@@ -1,0 +1,132 @@
+"""The bad input of [compose] and [containers]: each refused plainly, nothing foreign touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import Devd, Repo
+from containersupport import REDIS_IMAGE, compose_available, redis_client, remove_instance
+
+from devd import naming
+
+pytestmark = pytest.mark.docker
+TOML = '[ports]\nnames = ["web"]\n\n[compose]\nfiles = ["compose.yaml"]\nstart = {start}\n'
+
+
+@pytest.fixture
+def dk(devd: Devd) -> Iterator[Any]:
+    client = redis_client()
+    yield client
+    remove_instance(client, (devd.paths.state_dir / "instance-id").read_text().strip())
+
+
+def compose_repo(make_repo: Any, compose: str, start: bool = False) -> Repo:
+    compose_available()
+    repo = make_repo(devd_toml=TOML.format(start=str(start).lower()))
+    repo.commit({"compose.yaml": compose})
+    return repo
+
+
+def failing(devd: Devd, *args: str) -> str:
+    done = devd.run(*args, timeout=120, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    return done.stderr
+
+
+def test_compose_syntax_error_is_composes_own_message_with_file_and_line(
+        devd: Devd, make_repo: Any, dk: Any) -> None:
+    repo = compose_repo(make_repo, 'services:\n  web:\n    image: x\n    ports:\n     - "1:2\n')
+    tree = repo.worktree("shop-a", "a")
+    stderr = failing(devd, "provision", str(tree))
+    assert "compose.yaml" in stderr and "line 5" in stderr
+
+
+def test_port_range_gets_a_leased_port_each_and_host_network_is_refused(
+        devd: Devd, make_repo: Any, dk: Any) -> None:
+    repo = compose_repo(make_repo, f'services:\n  web:\n    image: {REDIS_IMAGE}\n'
+                        '    ports:\n      - "3000-3002:3000-3002"\n')
+    tree = repo.worktree("shop-a", "a")
+    devd.run("provision", str(tree), timeout=120)
+    env = json.loads(devd.run("env", str(tree), "--format", "json").stdout)
+    ports = {env[f"PORT_WEB_{p}"] for p in (3000, 3001, 3002)}
+    assert len(ports) == 3 and not ports & {"3000", "3001", "3002"}
+    repo.commit({"compose.yaml": f"services:\n  web:\n    image: {REDIS_IMAGE}\n"
+                 "    network_mode: host\n"})
+    stderr = failing(devd, "provision", str(repo.main))
+    assert "network_mode: host" in stderr and "cannot isolate" in stderr
+
+
+def test_foreign_project_objects_and_the_main_worktrees_own_project_are_never_touched(
+        devd: Devd, make_repo: Any, dk: Any) -> None:
+    repo = compose_repo(make_repo, f"services:\n  cache:\n    image: {REDIS_IMAGE}\n"
+                        "    volumes: [data:/data]\nvolumes:\n  data:\n", start=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+    subprocess.run(["docker-compose", "up", "-d"], cwd=repo.main, env=env, check=True,
+                   capture_output=True, timeout=120)
+    try:
+        own = dk.containers.list(filters={"label": "com.docker.compose.project=shop"})
+        assert len(own) == 1
+        tree = repo.worktree("shop-a", "a")
+        devd.run("provision", str(tree), timeout=120)
+        devd.run("release", str(tree), "--yes", timeout=120)
+        assert own[0].reload() is None and own[0].status == "running"
+        assert dk.volumes.get("shop_data")
+        # A container under the worktree's project name, without devd's labels: refused.
+        project = "devd-" + naming.worktree_id(repo.main, tree)
+        foreign = dk.containers.create(REDIS_IMAGE, name=f"foreign-{project}",
+                                       labels={"com.docker.compose.project": project})
+        try:
+            stderr = failing(devd, "provision", str(tree))
+            assert "not labelled as this devd's" in stderr
+            assert dk.containers.get(foreign.id)
+        finally:
+            foreign.remove(force=True)
+    finally:
+        subprocess.run(["docker-compose", "down", "-v"], cwd=repo.main, env=env,
+                       capture_output=True, timeout=120)
+
+
+def container_repo(make_repo: Any, spec: str) -> Repo:
+    return make_repo(devd_toml=f'[ports]\nnames = ["web"]\n\n[containers.svc]\n{spec}')
+
+
+def test_a_container_never_ready_fails_with_its_logs_and_a_missing_image_says_so(
+        devd: Devd, make_repo: Any, dk: Any) -> None:
+    repo = container_repo(make_repo, f'image = "{REDIS_IMAGE}"\nport = 6379\ndata = "/data"\n'
+                          'ready = "false"\ntimeout = 2\n')
+    stderr = failing(devd, "provision", str(repo.main))
+    assert "not ready after 2 s" in stderr and "Ready to accept connections" in stderr
+    repo.commit({"devd.toml": '[containers.svc]\nimage = "devd-test/absent:1"\nport = 80\n'})
+    stderr = failing(devd, "provision", str(repo.main))
+    assert "devd-test/absent:1" in stderr and "pull" in stderr
+
+
+def test_a_volume_in_use_by_a_foreign_container_refuses_the_release(
+        devd: Devd, make_repo: Any, dk: Any) -> None:
+    repo = container_repo(make_repo, f'preset = "redis"\nimage = "{REDIS_IMAGE}"\n')
+    devd.run("provision", str(repo.main), timeout=120)
+    volume = f"devd-svc-{devd.worktree(repo.main)['id']}"
+    holder = dk.containers.create(REDIS_IMAGE, volumes={volume: {"bind": "/x"}})
+    try:
+        stderr = failing(devd, "release", str(repo.main), "--yes")
+        assert "in use by" in stderr and holder.name in stderr
+        assert dk.volumes.get(volume) and devd.worktree(repo.main)["containers"]
+    finally:
+        holder.remove(force=True)
+    devd.run("release", str(repo.main), "--yes", timeout=120)
+
+
+def test_docker_down_is_said_plainly(devd_home: Devd, make_repo: Any) -> None:
+    devd_home.env["DOCKER_HOST"] = "unix:///nonexistent/docker.sock"
+    devd_home.start()
+    try:
+        repo = container_repo(make_repo, f'preset = "redis"\nimage = "{REDIS_IMAGE}"\n')
+        stderr = failing(devd_home, "provision", str(repo.main))
+        assert "Docker is not reachable" in stderr
+    finally:
+        devd_home.stop()
