@@ -55,6 +55,13 @@ def test_port_range_gets_a_leased_port_each_and_host_network_is_refused(
     env = json.loads(devd.run("env", str(tree), "--format", "json").stdout)
     ports = {env[f"PORT_WEB_{p}"] for p in (3000, 3001, 3002)}
     assert len(ports) == 3 and not ports & {"3000", "3001", "3002"}
+    # start = false: `devd compose up` and `down` drive it; status shows the service.
+    devd.run("compose", "up", "--path", str(tree), timeout=120)
+    assert [(r["name"], r["state"]) for r in devd.worktree(tree)["containers"]] == [
+        ("web", "running")]
+    assert "compose  web (running)" in devd.run("status", str(tree)).stdout
+    devd.run("compose", "down", "--path", str(tree), timeout=120)
+    assert devd.worktree(tree)["containers"] == []
     repo.commit({"compose.yaml": f"services:\n  web:\n    image: {REDIS_IMAGE}\n"
                  "    network_mode: host\n"})
     stderr = failing(devd, "provision", str(repo.main))
@@ -65,19 +72,26 @@ def test_foreign_project_objects_and_the_main_worktrees_own_project_are_never_to
         devd: Devd, make_repo: Any, dk: Any) -> None:
     repo = compose_repo(make_repo, f"services:\n  cache:\n    image: {REDIS_IMAGE}\n"
                         "    volumes: [data:/data]\nvolumes:\n  data:\n", start=True)
+    repo.commit({"devd.toml": TOML.format(start="true") + "copy_volumes = true\n"})
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
     subprocess.run(["docker-compose", "up", "-d"], cwd=repo.main, env=env, check=True,
                    capture_output=True, timeout=120)
     try:
         own = dk.containers.list(filters={"label": "com.docker.compose.project=shop"})
         assert len(own) == 1
+        own[0].exec_run(["redis-cli", "SET", "k", "main"])
+        own[0].exec_run(["redis-cli", "SAVE"])
         tree = repo.worktree("shop-a", "a")
-        devd.run("provision", str(tree), timeout=120)
-        devd.run("release", str(tree), "--yes", timeout=120)
+        # copy_volumes: the worktree's volume starts as the main worktree's.
+        provisioned = devd.run("provision", str(tree), timeout=120)
+        assert "in use by" in provisioned.stderr  # the copy of a live volume is flagged
+        project = "devd-" + naming.worktree_id(repo.main, tree)
+        mine = dk.containers.list(filters={"label": f"com.docker.compose.project={project}"})
+        assert mine[0].exec_run(["redis-cli", "GET", "k"]).output.strip() == b"main"
+        devd.run("release", str(tree), "--yes", "--no-backup", timeout=120)
         assert own[0].reload() is None and own[0].status == "running"
         assert dk.volumes.get("shop_data")
         # A container under the worktree's project name, without devd's labels: refused.
-        project = "devd-" + naming.worktree_id(repo.main, tree)
         foreign = dk.containers.create(REDIS_IMAGE, name=f"foreign-{project}",
                                        labels={"com.docker.compose.project": project})
         try:
