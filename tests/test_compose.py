@@ -102,8 +102,10 @@ def test_three_worktrees_own_projects_down_in_one_and_gc_backup_restore(
         devd: Devd, make_repo: Any, dk: Any) -> None:
     repo = compose_repo(make_repo)
     trees = [repo.worktree(f"shop-{n}", n) for n in ("a", "b", "c")]
+    for tree in trees:  # at once, as three agent sessions would
+        devd.run("provision", str(tree), "--background", timeout=60)
     for tree in trees:
-        devd.run("provision", str(tree), timeout=240)
+        devd.run("wait", str(tree), "--timeout", "240", timeout=250)
     envs = [env_of(devd, tree) for tree in trees]
     assert len({e["COMPOSE_PROJECT_NAME"] for e in envs}) == 3
     assert len({e["PORT_DB_5432"] for e in envs} | {e["PORT_CACHE_6379"] for e in envs}) == 6

@@ -38,12 +38,16 @@ def failing(devd: Devd, *args: str) -> str:
     return done.stderr
 
 
-def test_compose_syntax_error_is_composes_own_message_with_file_and_line(
+def test_compose_syntax_error_and_an_image_that_cannot_be_pulled_say_what_compose_says(
         devd: Devd, make_repo: Any, dk: Any) -> None:
-    repo = compose_repo(make_repo, 'services:\n  web:\n    image: x\n    ports:\n     - "1:2\n')
+    repo = compose_repo(make_repo, 'services:\n  web:\n    image: x\n    ports:\n     - "1:2\n',
+                        start=True)
     tree = repo.worktree("shop-a", "a")
     stderr = failing(devd, "provision", str(tree))
     assert "compose.yaml" in stderr and "line 5" in stderr
+    repo.commit({"compose.yaml": "services:\n  web:\n    image: devd-test/absent:1\n"})
+    stderr = failing(devd, "provision", str(repo.main))
+    assert "compose up of project" in stderr and "devd-test/absent:1" in stderr
 
 
 def test_port_range_gets_a_leased_port_each_and_host_network_is_refused(
