@@ -56,6 +56,7 @@ def test_redis_per_worktree_isolated_labelled_backed_up_and_restored(
     assert devd.worktree(a)["containers"][0]["state"] == "stopped"
     devd.run("provision", str(a), timeout=120)  # started again, its data kept
     assert redis(port_of(url_a), "GET", "k") == "a"
+    assert redis(port_of(url_a), "SET", "k2", "after-restart") == "+OK"  # in memory only
     # gc after the worktree is removed: a backup, then nothing of it is left.
     run_git(repo.main, "worktree", "remove", "--force", str(a))
     gc = devd.json("gc", "--grace", "0")["worktrees"][0]
@@ -66,7 +67,12 @@ def test_redis_per_worktree_isolated_labelled_backed_up_and_restored(
     run_git(repo.main, "worktree", "add", "-q", str(a), "a")
     devd.run("provision", str(a), timeout=120)
     devd.run("restore", str(a), timeout=120)
-    assert redis(port_of(env_of(devd, a)["REDIS_URL"]), "GET", "k") == "a"
+    port = port_of(env_of(devd, a)["REDIS_URL"])
+    assert redis(port, "GET", "k") == "a" and redis(port, "GET", "k2") == "after-restart"
+    # Turning it shared would leave this container untracked: refused.
+    (a / "devd.toml").write_text(toml("shared = true\n"))
+    done = devd.run("provision", str(a), timeout=120, check=False)
+    assert done.returncode == 1 and "shared changed" in done.stderr
 
 
 def test_shared_redis_leases_an_index_flushes_on_release_and_says_when_full(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devd.containers import engine, shared, volumes
+from devd.errors import DevdError
 from devd.provisioners.base import Context, Health, Progress, Provisioner
 from devd.provisioners.ports import lease_internal
 from devd.settings import ContainerConfig
@@ -62,6 +63,7 @@ class ContainersProvisioner(Provisioner):
         dk = engine.client()
         detail = dict(recorded)
         for name, spec in wanted.items():
+            _refuse_mode_change(name, recorded.get(name), spec)
             make = shared.ensure if spec["shared"] else _ensure_one
             detail[name] = make(ctx, dk, name, spec, progress)
             ctx.registry.set_resource(ctx.worktree.id, KIND, "pending", detail)
@@ -79,8 +81,8 @@ class ContainersProvisioner(Provisioner):
         for entry in detail.values():
             if not entry.get("shared"):
                 container = engine.owned(dk.containers, entry["container"], ctx.worktree.id)
-                engine.owned(dk.volumes, entry["volume"], ctx.worktree.id)
                 if entry.get("volume"):
+                    engine.owned(dk.volumes, entry["volume"], ctx.worktree.id)
                     volumes.refuse_in_use(dk, entry["volume"],
                                           {container.id} if container else set(),
                                           f"of container {entry['container']}")
@@ -105,6 +107,15 @@ class ContainersProvisioner(Provisioner):
                 for key, value in entry.get("env", {}).items()}
 
 
+def _refuse_mode_change(name: str, old: dict[str, Any] | None, spec: dict[str, Any]) -> None:
+    """A container turned shared (or back) would leave the old one untracked: refuse."""
+    if old is not None and bool(old.get("shared")) != bool(spec["shared"]):
+        was = "shared" if old.get("shared") else "its own container"
+        raise DevdError(f"[containers.{name}] shared changed (it was {was})",
+                        "run `devd release --yes` first (a backup is kept), then provision "
+                        "again", code="config")
+
+
 def _ensure_one(ctx: Context, dk: DockerClient, name: str, spec: dict[str, Any],
                 progress: Progress) -> dict[str, Any]:
     import docker
@@ -118,7 +129,8 @@ def _ensure_one(ctx: Context, dk: DockerClient, name: str, spec: dict[str, Any],
         container = engine.owned(dk.containers, cname, wt_id)
         if spec["data"] and engine.owned(dk.volumes, cname, wt_id) is None:
             dk.volumes.create(cname, labels=engine.labels(wt_id, KIND))
-        if container is not None and _published(container, spec["port"]) != port:
+        if container is not None and (_published(container, spec["port"]) != port or
+                                      container.attrs["Config"]["Image"] != spec["image"]):
             container.remove(force=True, v=True)
             container = None
         if container is None:
@@ -168,6 +180,7 @@ def _remove_one(ctx: Context, dk: DockerClient, name: str, entry: dict[str, Any]
     volume = engine.owned(dk.volumes, entry["volume"], ctx.worktree.id) \
         if entry.get("volume") else None
     if container is not None:
+        container.stop(timeout=10)  # a clean stop: servers write their data out (Redis' RDB)
         container.remove(force=True, v=True)
     if volume is not None:
         if folder is not None:
