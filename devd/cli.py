@@ -78,7 +78,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     cmd.add_argument("--dump", help="a dump file (default: the worktree's newest)")
     cmd = command("compose", "bring the worktree's Compose project up or down", True)
     cmd.add_argument("action", choices=("up", "down"))
-    cmd.add_argument("--path", help="the worktree (default: the current directory)")
+    _path(cmd, option=True)
     cmd = command("status", "show registered worktrees and their resources", True)
     cmd.add_argument("path", nargs="?", help="one worktree, in full (default: all, a row each)")
     cmd.add_argument("-v", "--verbose", action="store_true", help="every worktree in full")

@@ -134,9 +134,7 @@ def test_three_worktrees_own_projects_down_in_one_and_gc_backup_restore(
     assert envs[1]["COMPOSE_PROJECT_NAME"] not in running
     assert {envs[0]["COMPOSE_PROJECT_NAME"], envs[2]["COMPOSE_PROJECT_NAME"]} <= running
     assert redis_ready(envs[2]["PORT_CACHE_6379"], "GET", "k") == "shop-c"
-    assert "cache stopped" in devd.worktree(trees[1])["resources"][-3]["detail"] or \
-        any(r["state"] != "running" for r in devd.worktree(trees[1])["containers"]) or \
-        devd.worktree(trees[1])["containers"] == []
+    assert devd.worktree(trees[1])["containers"] == []  # status: b's project is down
     # git worktree remove + gc: containers, volumes and network of a go, after a backup.
     run_git(repo.main, "worktree", "remove", "--force", str(trees[0]))
     gc = devd.json("gc", "--grace", "0")

@@ -64,7 +64,7 @@ def test_port_range_gets_a_leased_port_each_and_host_network_is_refused(
     assert [(r["name"], r["state"]) for r in devd.worktree(tree)["containers"]] == [
         ("web", "running")]
     assert "compose  web (running)" in devd.run("status", str(tree)).stdout
-    devd.run("compose", "down", "--path", str(tree), timeout=120)
+    devd.run("compose", "down", cwd=tree, timeout=120)  # --path defaults to .
     assert devd.worktree(tree)["containers"] == []
     repo.commit({"compose.yaml": f"services:\n  web:\n    image: {REDIS_IMAGE}\n"
                  "    network_mode: host\n"})
