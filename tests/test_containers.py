@@ -52,6 +52,14 @@ def test_redis_per_worktree_isolated_labelled_backed_up_and_restored(
     assert container.attrs["HostConfig"]["PortBindings"]["6379/tcp"][0]["HostIp"] == \
         "127.0.0.1"
     assert devd.worktree(a)["containers"][0]["state"] == "running"
+    # Labelled by this devd for a worktree the registry does not know: listed, not removed.
+    instance_id = container.labels["devd.instance"]
+    stray = dk.volumes.create("devd-test-stray", labels={
+        "devd.owner": "gone-tree-1", "devd.instance": instance_id, "devd.kind": "compose"})
+    orphans = devd.json("gc", "--dry-run")["orphans"]  # a fresh scan (status caches 30 s)
+    assert {"kind": "volume", "name": "devd-test-stray", "worktree_id": "gone-tree-1",
+            "where": "docker"} in orphans
+    stray.remove()
     container.stop(timeout=5)
     assert devd.worktree(a)["containers"][0]["state"] == "stopped"
     devd.run("provision", str(a), timeout=120)  # started again, its data kept

@@ -52,6 +52,7 @@ class ComposeProvisioner(Provisioner):
             progress(KIND, "[compose] removed; the project is kept until `devd release`")
             return recorded
         dk = engine.client()
+        engine.remember(ctx.paths.state_dir)
         name = project_name(ctx.worktree.id)
         ctx.registry.set_resource(ctx.worktree.id, KIND, "pending",
                                   recorded | {"project": name})
@@ -274,11 +275,13 @@ def service_states(name: str) -> list[dict[str, Any]]:
              "container": c.name, "state": engine.state_of(c)} for c in found]
 
 
-def orphans(known_ids: set[str]) -> list[dict[str, str]]:
+def orphans(state_dir: Path, known_ids: set[str]) -> list[dict[str, str]]:
     """Containers, volumes and networks of this instance's worktrees the registry lost."""
     import docker
     import requests
 
+    if not engine.used(state_dir):
+        return []
     mine = {"label": [engine.LABEL_OWNER, f"{engine.LABEL_INSTANCE}={instance.current()}"]}
     try:
         dk = docker.from_env(timeout=5)

@@ -61,6 +61,7 @@ class ContainersProvisioner(Provisioner):
         if not wanted:
             return recorded
         dk = engine.client()
+        engine.remember(ctx.paths.state_dir)
         detail = dict(recorded)
         for name, spec in wanted.items():
             _refuse_mode_change(name, recorded.get(name), spec)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devd import instance
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LABEL_INSTANCE", "LABEL_KIND", "LABEL_OWNER"]
 HOST = "127.0.0.1"  # every port devd publishes is on loopback only
+USED_FILE = "containers-used"
 
 
 def client(timeout: int = 60) -> DockerClient:
@@ -33,6 +35,16 @@ def client(timeout: int = 60) -> DockerClient:
                         "start the Docker engine (or set DOCKER_HOST), then provision again",
                         code="docker_unavailable") from exc
     return found
+
+
+def remember(state_dir: Path) -> None:
+    """Note that this devd made containers: only then do status and gc scan for orphans
+    (a status must not pay an engine round trip for a devd that never used Docker)."""
+    (state_dir / USED_FILE).touch(exist_ok=True)
+
+
+def used(state_dir: Path) -> bool:
+    return (state_dir / USED_FILE).exists()
 
 
 def labels(wt_id: str, kind: str) -> dict[str, str]:

@@ -153,7 +153,7 @@ class WorktreeRequests(ServiceCore):
         now = time.monotonic()
         if self._orphans is None or now - self._orphans[0] > max_age:
             self._orphans = (now, postgres.orphans(self.paths, known)
-                             + compose.orphans(known))
+                             + compose.orphans(self.paths.state_dir, known))
         return [found for found in self._orphans[1] if found["worktree_id"] not in known]
 
     def do_gc(self, progress: Progress, grace: str | None = None, dry_run: bool = False,
