@@ -2,6 +2,7 @@
 
     engine.py    the Docker client, ownership labels, images, readiness, errors
     volumes.py   tarball backups of named volumes, their restore, copies between volumes
+    runner.py    the Compose CLI (v2 plugin preferred, docker-compose 1.x otherwise)
     compose.py   [compose]: a project per worktree from `docker compose config`
     project.py   the resolved Compose file devd writes (ports leased, names dropped, labels)
     declared.py  [containers.NAME]: one container per worktree through the Docker SDK

@@ -10,14 +10,13 @@ back into a live shared server without touching the others, so `devd restore` sk
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devd import instance
 from devd.containers import engine
-from devd.errors import DevdError
+from devd.errors import DevdError, OwnershipConflict
 from devd.provisioners.base import Context, Progress
 from devd.provisioners.ports import is_free
 
@@ -36,10 +35,6 @@ def server_name() -> str:
 def _labels() -> dict[str, str]:
     # No owner label: the server is the instance's, never a worktree's orphan.
     return {engine.LABEL_INSTANCE: instance.current(), engine.LABEL_KIND: KIND}
-
-
-def _state_file(ctx: Context) -> Path:
-    return ctx.paths.state_dir / "redis-shared.json"
 
 
 def ensure(ctx: Context, dk: DockerClient, name: str, spec: dict[str, Any],
@@ -61,17 +56,18 @@ def _server(ctx: Context, dk: DockerClient, spec: dict[str, Any], progress: Prog
     except docker.errors.NotFound:
         found = None
     if found is not None:
-        if engine.tags_of(found) != engine.tags_of(found) | _labels():
-            raise DevdError(f"container {name} exists but is not this devd's shared Redis",
-                            "remove or rename it yourself", code="ownership")
+        tags = engine.tags_of(found)
+        if any(tags.get(key) != value for key, value in _labels().items()):
+            raise OwnershipConflict(f"container {name} exists but is not labelled as this "
+                                    "devd's shared Redis", "remove or rename it yourself")
         if found.status != "running":
             found.start()
         bindings = found.attrs["HostConfig"]["PortBindings"]["6379/tcp"]
         return found, int(bindings[0]["HostPort"])
+    # Its port is read back from the container: a port of its own, leased to no worktree.
     port = _free_port(ctx)
     engine.ensure_image(dk, spec["image"], progress, "containers")
     progress("containers", f"starting the shared Redis {name} on {engine.HOST}:{port}")
-    _state_file(ctx).write_text(json.dumps({"port": port}))
     container = dk.containers.run(spec["image"], name=name, detach=True, labels=_labels(),
                                   ports={"6379/tcp": (engine.HOST, port)},
                                   command=spec["command"] or None,
