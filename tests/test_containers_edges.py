@@ -93,6 +93,10 @@ def test_foreign_project_objects_and_the_main_worktrees_own_project_are_never_to
         mine = dk.containers.list(filters={"label": f"com.docker.compose.project={project}"})
         assert mine[0].exec_run(["redis-cli", "GET", "k"]).output.strip() == b"main"
         devd.run("release", str(tree), "--yes", "--no-backup", timeout=120)
+        noted = devd.run("provision", str(repo.main), timeout=120).stderr
+        assert "the Compose project shop started here without devd keeps running" in noted
+        devd.run("release", str(repo.main), "--yes", "--no-backup", timeout=120)
+        assert own[0].reload() is None and own[0].status == "running"
         assert own[0].reload() is None and own[0].status == "running"
         assert dk.volumes.get("shop_data")
         # A container under the worktree's project name, without devd's labels: refused.

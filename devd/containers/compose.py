@@ -66,6 +66,7 @@ class ComposeProvisioner(Provisioner):
         write_atomic(target, json.dumps(project.resolve(model, ports, labels), indent=1,
                                         sort_keys=True).encode())
         refuse_foreign(dk, name, ctx.worktree.id)
+        _note_own_project(dk, ctx, progress)
         detail: dict[str, Any] = {"project": name, "file": str(target), "ports": ports,
                   "compose": " ".join(binary()), "services": sorted(model["services"])}
         ctx.registry.set_resource(ctx.worktree.id, KIND, "pending", detail)
@@ -231,6 +232,24 @@ def restore(ctx: Context, folder: Path, progress: Progress) -> list[str]:
     return restored
 
 
+def directory_project(path: Path) -> str:
+    """The name Compose gives a project run from `path` without -p (v1 and v2 agree on
+    lowercase letters, digits, - and _)."""
+    return re.sub(r"[^-_a-z0-9]", "", path.name.lower())
+
+
+def _note_own_project(dk: Any, ctx: Context, progress: Progress) -> None:
+    """A project someone started here before devd (named after the directory) is not
+    devd's: it keeps running, untouched; say so, as it may hold the ports the files name."""
+    own = directory_project(ctx.worktree.path)
+    running = [c.name for c in _listed(dk.containers, own)
+               if not engine.ours(engine.tags_of(c), ctx.worktree.id)]
+    if running:
+        progress(KIND, f"the Compose project {own} started here without devd keeps running "
+                 f"({', '.join(running)}); devd leaves it alone: stop it with "
+                 f"`docker compose -p {own} down` if you want", level="warning")
+
+
 def _copy_main_volumes(ctx: Context, dk: Any, model: dict[str, Any],
                        progress: Progress) -> None:
     """Opt-in: each named volume starts as the main worktree's (its devd project's if it
@@ -239,7 +258,7 @@ def _copy_main_volumes(ctx: Context, dk: Any, model: dict[str, Any],
         return
     main_names = [project_name(w.id) for w in ctx.registry.worktrees()
                   if w.path == ctx.worktree.repo_main_path]
-    main_names.append(re.sub(r"[^-_a-z0-9]", "", ctx.worktree.repo_main_path.name.lower()))
+    main_names.append(directory_project(ctx.worktree.repo_main_path))
     name = project_name(ctx.worktree.id)
     for key, spec in (model.get("volumes") or {}).items():
         if (spec or {}).get("external"):
