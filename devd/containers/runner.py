@@ -25,7 +25,7 @@ def binary() -> tuple[str, ...]:
     """The Compose command, v2 preferred; an error naming both when neither runs."""
     if shutil.which("docker") and _answers("docker", "compose", "version"):
         return ("docker", "compose")
-    if shutil.which("docker-compose") and _answers("docker-compose", "version"):
+    if shutil.which("docker-compose"):  # not asked: 1.x takes seconds to start (Python)
         return ("docker-compose",)
     raise DevdError("no Docker Compose found (neither `docker compose` nor `docker-compose` "
                     "runs)", "install the Compose plugin, or your distribution's "
