@@ -45,7 +45,9 @@ volumes:
   pgdata:
   redisdata:
 """
-TOML = '[ports]\nnames = ["web"]\n\n[compose]\nfiles = ["compose.yaml"]\n'
+# A declared container beside the project: one release keeps both in one backup folder.
+TOML = '[ports]\nnames = ["web"]\n\n[compose]\nfiles = ["compose.yaml"]\n\n' \
+    f'[containers.sessions]\npreset = "redis"\nimage = "{REDIS_IMAGE}"\n'
 
 
 @pytest.fixture
@@ -87,6 +89,10 @@ def pg(port: str, sql: str) -> list[Any]:
             time.sleep(0.2)
 
 
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
 def redis_ready(port: str, *command: str) -> str:
     deadline = time.monotonic() + 30
     while True:
@@ -113,6 +119,7 @@ def test_three_worktrees_own_projects_down_in_one_and_gc_backup_restore(
         pg(env["PORT_DB_5432"], "CREATE TABLE t (v text)")
         pg(env["PORT_DB_5432"], f"INSERT INTO t VALUES ('{tree.name}')")
         assert redis_ready(env["PORT_CACHE_6379"], "SET", "k", tree.name) == "+OK"
+        assert redis(port_of(env["REDIS_URL"]), "SET", "s", tree.name) == "+OK"
     for tree, env in zip(trees, envs, strict=True):  # each its own data
         assert pg(env["PORT_DB_5432"], "SELECT v FROM t") == [(tree.name,)]
         assert redis_ready(env["PORT_CACHE_6379"], "GET", "k") == tree.name
@@ -125,8 +132,9 @@ def test_three_worktrees_own_projects_down_in_one_and_gc_backup_restore(
             assert [b["HostIp"] for b in bindings] == ["127.0.0.1"]
         assert container.labels["devd.owner"] == devd.worktree(trees[0])["id"]
     rows = devd.worktree(trees[0])["containers"]
-    assert sorted((r["name"], r["state"]) for r in rows) == [("cache", "running"),
-                                                            ("db", "running")]
+    assert sorted((r["kind"], r["name"], r["state"]) for r in rows) == [
+        ("compose", "cache", "running"), ("compose", "db", "running"),
+        ("containers", "sessions", "running")]
     # Plain docker-compose down in b: only b's project goes.
     done = plain_compose(trees[1], "down")
     assert done.returncode == 0, done.stderr
@@ -134,14 +142,15 @@ def test_three_worktrees_own_projects_down_in_one_and_gc_backup_restore(
     assert envs[1]["COMPOSE_PROJECT_NAME"] not in running
     assert {envs[0]["COMPOSE_PROJECT_NAME"], envs[2]["COMPOSE_PROJECT_NAME"]} <= running
     assert redis_ready(envs[2]["PORT_CACHE_6379"], "GET", "k") == "shop-c"
-    assert devd.worktree(trees[1])["containers"] == []  # status: b's project is down
+    # status: b's project is down, its declared container is not Compose's to stop
+    assert [r["name"] for r in devd.worktree(trees[1])["containers"]] == ["sessions"]
     # git worktree remove + gc: containers, volumes and network of a go, after a backup.
     run_git(repo.main, "worktree", "remove", "--force", str(trees[0]))
     gc = devd.json("gc", "--grace", "0")
     assert gc["worktrees"][0]["released"], gc["worktrees"][0].get("error")
     backups = gc["worktrees"][0]["volume_backups"]
-    assert backups and sorted(p.name for p in Path(backups[0]).iterdir()) == [
-        "compose-pgdata.tar", "compose-redisdata.tar"]
+    assert len(backups) == 1 and sorted(p.name for p in Path(backups[0]).iterdir()) == [
+        "compose-pgdata.tar", "compose-redisdata.tar", "container-sessions.tar"]
     label = {"label": f"com.docker.compose.project={project_a}"}
     assert not dk.containers.list(all=True, filters=label)
     assert not dk.volumes.list(filters=label) and not dk.networks.list(filters=label)
@@ -154,3 +163,4 @@ def test_three_worktrees_own_projects_down_in_one_and_gc_backup_restore(
     devd.run("restore", str(trees[0]), timeout=240)
     assert pg(env["PORT_DB_5432"], "SELECT v FROM t") == [("shop-a",)]
     assert redis_ready(env["PORT_CACHE_6379"], "GET", "k") == "shop-a"
+    assert redis(port_of(env["REDIS_URL"]), "GET", "s") == "shop-a"

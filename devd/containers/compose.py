@@ -101,9 +101,7 @@ class ComposeProvisioner(Provisioner):
         if ctx.backup:
             if has_file:  # stopped first: servers write their data out (Redis' RDB)
                 _project(ctx).run("stop")
-            saved = backup(ctx, dk, name)
-            if saved:
-                ctx.outputs.setdefault("volume_backups", []).append(str(saved))
+            backup(ctx, dk, name)
         if has_file:
             _project(ctx).run("down", "--volumes", "--remove-orphans")
         _sweep(dk, name, ctx.worktree.id)
@@ -193,12 +191,13 @@ def helper_image(dk: Any, name: str) -> str:
 
 
 def backup(ctx: Context, dk: Any, name: str) -> Path | None:
-    """A tarball of each of the project's named volumes (ours only), in one new folder."""
+    """A tarball of each of the project's named volumes (ours only), in the release's
+    backup folder."""
     found = [v for v in _listed(dk.volumes, name) if engine.ours(engine.tags_of(v),
                                                                    ctx.worktree.id)]
     if not found:
         return None
-    folder, image = volumes.new_backup_dir(ctx.paths, ctx.worktree.id), helper_image(dk, name)
+    folder, image = volumes.release_folder(ctx), helper_image(dk, name)
     for volume in found:
         key = engine.tags_of(volume).get(VOLUME_LABEL) or volume.name
         volumes.archive(dk, volume.name, volumes.tarball(folder, "compose-" + key), image,

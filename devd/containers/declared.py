@@ -91,14 +91,13 @@ class ContainersProvisioner(Provisioner):
     def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
         dk = engine.client()
         self.check_teardown(ctx, detail)
-        folder = volumes.new_backup_dir(ctx.paths, ctx.worktree.id) if ctx.backup else None
+        keeps = any(e.get("volume") or e.get("shared") for e in detail.values())
+        folder = volumes.release_folder(ctx) if ctx.backup and keeps else None
         for name, entry in detail.items():
             if entry.get("shared"):
                 shared.release(ctx, dk, entry, folder)
             else:
                 _remove_one(ctx, dk, name, entry, folder)
-        if folder is not None:
-            ctx.outputs.setdefault("volume_backups", []).append(str(folder))
         ctx.registry.release_leases(ctx.worktree.id, {
             n for _, n, _ in ctx.registry.leases(ctx.worktree.id)
             if n.startswith(LEASE_PREFIX)})

@@ -38,6 +38,15 @@ def new_backup_dir(paths: Paths, wt_id: str) -> Path:
     return target
 
 
+def release_folder(ctx: Any) -> Path:
+    """The one backup folder of this release (containers and Compose share it, so that
+    `devd restore` finds every volume of the worktree in its newest folder)."""
+    kept = ctx.outputs.setdefault("volume_backups", [])
+    if not kept:
+        kept.append(str(new_backup_dir(ctx.paths, ctx.worktree.id)))
+    return Path(kept[-1])
+
+
 def latest_backup(paths: Paths, wt_id: str) -> Path | None:
     found = sorted(p for p in backups_dir(paths, wt_id).glob("*") if p.is_dir()) \
         if backups_dir(paths, wt_id).is_dir() else []
