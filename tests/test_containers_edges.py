@@ -92,22 +92,27 @@ def test_foreign_project_objects_and_the_main_worktrees_own_project_are_never_to
         project = "devd-" + naming.worktree_id(repo.main, tree)
         mine = dk.containers.list(filters={"label": f"com.docker.compose.project={project}"})
         assert mine[0].exec_run(["redis-cli", "GET", "k"]).output.strip() == b"main"
+        # A container under the worktree's project name, without devd's labels: devd
+        # refuses to act on the project at all, and to release it.
+        foreign = dk.containers.create(REDIS_IMAGE, name=f"foreign-{project}",
+                                       labels={"com.docker.compose.project": project})
+        try:
+            assert "not labelled as this devd's" in failing(devd, "compose", "up", "--path",
+                                                            str(tree))
+            assert "not labelled as this devd's" in failing(devd, "release", str(tree),
+                                                            "--yes")
+            assert dk.containers.get(foreign.id) and mine[0].reload() is None
+            assert mine[0].status == "running"
+        finally:
+            foreign.remove(force=True)
         devd.run("release", str(tree), "--yes", "--no-backup", timeout=120)
+        assert own[0].reload() is None and own[0].status == "running"
+        # devd in the main worktree: its own project beside the user's, named, untouched.
         noted = devd.run("provision", str(repo.main), timeout=120).stderr
         assert "the Compose project shop started here without devd keeps running" in noted
         devd.run("release", str(repo.main), "--yes", "--no-backup", timeout=120)
         assert own[0].reload() is None and own[0].status == "running"
-        assert own[0].reload() is None and own[0].status == "running"
         assert dk.volumes.get("shop_data")
-        # A container under the worktree's project name, without devd's labels: refused.
-        foreign = dk.containers.create(REDIS_IMAGE, name=f"foreign-{project}",
-                                       labels={"com.docker.compose.project": project})
-        try:
-            stderr = failing(devd, "provision", str(tree))
-            assert "not labelled as this devd's" in stderr
-            assert dk.containers.get(foreign.id)
-        finally:
-            foreign.remove(force=True)
     finally:
         subprocess.run(["docker-compose", "down", "-v"], cwd=repo.main, env=env,
                        capture_output=True, timeout=120)
