@@ -106,3 +106,5 @@ def test_shared_redis_leases_an_index_flushes_on_release_and_says_when_full(
     assert redis(port, "GET", "k", db=db_b) == "b"  # the other worktree's untouched
     backups = list((devd.paths.state_dir / "backups" / "volumes").rglob("*.rdb.tar"))
     assert backups and backups[0].stat().st_size > 0
+    server = [c for c in dk.containers.list() if c.name.startswith("devd-redis-shared-")]
+    assert dk.volumes.get(server[0].name).attrs["Labels"]["devd.kind"] == "redis-shared"

@@ -68,6 +68,13 @@ def _server(ctx: Context, dk: DockerClient, spec: dict[str, Any], progress: Prog
     port = _free_port(ctx)
     engine.ensure_image(dk, spec["image"], progress, "containers")
     progress("containers", f"starting the shared Redis {name} on {engine.HOST}:{port}")
+    try:
+        volume = dk.volumes.get(name)
+    except docker.errors.NotFound:
+        volume = dk.volumes.create(name, labels=_labels())  # labelled: never an unmarked one
+    if any(engine.tags_of(volume).get(key) != value for key, value in _labels().items()):
+        raise OwnershipConflict(f"volume {name} exists but is not labelled as this devd's "
+                                "shared Redis", "remove or rename it yourself")
     container = dk.containers.run(spec["image"], name=name, detach=True, labels=_labels(),
                                   ports={"6379/tcp": (engine.HOST, port)},
                                   command=spec["command"] or None,

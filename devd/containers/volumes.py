@@ -83,7 +83,7 @@ def _helper(dk: DockerClient, image: str, mounts: dict[str, str], wt_id: str
     try:
         yield container
     finally:
-        container.remove(force=True)
+        container.remove(force=True, v=True)  # and the anonymous volumes of its image
 
 
 def archive(dk: DockerClient, volume: str, target: Path, image: str, wt_id: str) -> Path:
