@@ -128,6 +128,16 @@ def test_a_container_never_ready_fails_with_its_logs_and_a_missing_image_says_so
                           'ready = "false"\ntimeout = 2\n')
     stderr = failing(devd, "provision", str(repo.main))
     assert "not ready after 2 s" in stderr and "Ready to accept connections" in stderr
+    repo.commit({"devd.toml": f'[containers.svc]\nimage = "{REDIS_IMAGE}"\nport = 6379\n'
+                 'command = ["sh", "-c", "echo boom-before-exit; exit 3"]\n'})
+    stderr = failing(devd, "provision", str(repo.main))
+    assert "exited" in stderr and "boom-before-exit" in stderr
+    # What a failed provision made is still release's to remove.
+    wt_id = devd.worktree(repo.main)["id"]
+    assert dk.containers.list(all=True, filters={"label": f"devd.owner={wt_id}"})
+    devd.run("release", str(repo.main), "--yes", "--no-backup", timeout=120)
+    assert not dk.containers.list(all=True, filters={"label": f"devd.owner={wt_id}"})
+    assert not dk.volumes.list(filters={"label": f"devd.owner={wt_id}"})
     repo.commit({"devd.toml": '[containers.svc]\nimage = "devd-test/absent:1"\nport = 80\n'})
     stderr = failing(devd, "provision", str(repo.main))
     assert "devd-test/absent:1" in stderr and "pull" in stderr

@@ -10,6 +10,8 @@ dump and restore are its own); both share this package's engine helpers' convent
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 
 KIND = "containers"
 LEASE_PREFIX = "_ctr_"
+SPEC_LABEL = "devd.spec"
 PRESETS: dict[str, dict[str, Any]] = {
     "redis": {"image": "redis:7", "port": 6379, "data": "/data",
               "vars": {"REDIS_URL": "redis://{host}:{port}/{db}"}},
@@ -41,6 +44,11 @@ def spec_of(config: ContainerConfig) -> dict[str, Any]:
             for key in ContainerConfig.model_fields} | {"preset": config.preset}
 
 
+def entries(detail: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The recorded containers by name (the detail also carries a failure's error/hint)."""
+    return dict(detail.get("entries") or {})
+
+
 def docker_name(cname: str, wt_id: str) -> str:
     return f"devd-{cname}-{wt_id}"
 
@@ -53,33 +61,40 @@ class ContainersProvisioner(Provisioner):
         return bool(ctx.config.containers) or bool(ctx.recorded(KIND))
 
     def ensure(self, ctx: Context, progress: Progress) -> dict[str, Any]:
-        recorded = dict(ctx.recorded(KIND))
+        recorded = entries(ctx.recorded(KIND))
         wanted = {name: spec_of(c) for name, c in ctx.config.containers.items()}
         kept = {n: d for n, d in recorded.items() if n not in wanted}
         if kept:
             progress(KIND, f"{', '.join(kept)} left devd.toml; kept until `devd release`")
         if not wanted:
-            return recorded
+            return {"entries": recorded}
         dk = engine.client()
         engine.remember(ctx.paths.state_dir)
-        detail = dict(recorded)
+        found = dict(recorded)
         for name, spec in wanted.items():
             _refuse_mode_change(name, recorded.get(name), spec)
             make = shared.ensure if spec["shared"] else _ensure_one
-            detail[name] = make(ctx, dk, name, spec, progress)
-            ctx.registry.set_resource(ctx.worktree.id, KIND, "pending", detail)
-        return detail
+            if not spec["shared"] and name not in found:
+                # The intent first: a failure half-way still leaves release what to remove.
+                cname = docker_name(name, ctx.worktree.id)
+                found[name] = {"container": cname, "volume": cname if spec["data"] else "",
+                               "port": 0, "image": spec["image"], "env": {}}
+                ctx.registry.set_resource(ctx.worktree.id, KIND, "pending",
+                                          {"entries": found})
+            found[name] = make(ctx, dk, name, spec, progress)
+            ctx.registry.set_resource(ctx.worktree.id, KIND, "pending", {"entries": found})
+        return {"entries": found}
 
     def check(self, ctx: Context, detail: dict[str, Any]) -> Health:
         rows = [{"name": name, "state": _state(entry["container"]), "port": entry["port"]}
                 | ({"db": entry["db"]} if "db" in entry else {})
-                for name, entry in detail.items()]
+                for name, entry in entries(detail).items()]
         down = [f"{r['name']} {r['state']}" for r in rows if r["state"] != "running"]
         return Health(not down, "; ".join(down), {"services": rows})
 
     def check_teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
         dk = engine.client()
-        for entry in detail.values():
+        for entry in entries(detail).values():
             if not entry.get("shared"):
                 container = engine.owned(dk.containers, entry["container"], ctx.worktree.id)
                 if entry.get("volume"):
@@ -91,9 +106,9 @@ class ContainersProvisioner(Provisioner):
     def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
         dk = engine.client()
         self.check_teardown(ctx, detail)
-        keeps = any(e.get("volume") or e.get("shared") for e in detail.values())
+        keeps = any(e.get("volume") or e.get("shared") for e in entries(detail).values())
         folder = volumes.release_folder(ctx) if ctx.backup and keeps else None
-        for name, entry in detail.items():
+        for name, entry in entries(detail).items():
             if entry.get("shared"):
                 shared.release(ctx, dk, entry, folder)
             else:
@@ -103,7 +118,7 @@ class ContainersProvisioner(Provisioner):
             if n.startswith(LEASE_PREFIX)})
 
     def env(self, ctx: Context, detail: dict[str, Any]) -> dict[str, str]:
-        return {key: value for entry in detail.values()
+        return {key: value for entry in entries(detail).values()
                 for key, value in entry.get("env", {}).items()}
 
 
@@ -130,7 +145,7 @@ def _ensure_one(ctx: Context, dk: DockerClient, name: str, spec: dict[str, Any],
         if spec["data"] and engine.owned(dk.volumes, cname, wt_id) is None:
             dk.volumes.create(cname, labels=engine.labels(wt_id, KIND))
         if container is not None and (_published(container, spec["port"]) != port or
-                                      container.attrs["Config"]["Image"] != spec["image"]):
+                                      container.labels.get(SPEC_LABEL) != _fingerprint(spec)):
             container.remove(force=True, v=True)
             container = None
         if container is None:
@@ -150,10 +165,18 @@ def _create(ctx: Context, dk: DockerClient, name: str, spec: dict[str, Any], por
     engine.ensure_image(dk, spec["image"], progress, KIND)
     progress(KIND, f"starting {cname} from {spec['image']} on {engine.HOST}:{port}")
     return dk.containers.run(
-        spec["image"], name=cname, detach=True, labels=engine.labels(ctx.worktree.id, KIND),
+        spec["image"], name=cname, detach=True,
+        labels=engine.labels(ctx.worktree.id, KIND) | {SPEC_LABEL: _fingerprint(spec)},
         environment=spec["env"], command=spec["command"] or None,
         ports={f"{spec['port']}/tcp": (engine.HOST, port)} if spec["port"] else {},
         volumes={cname: {"bind": spec["data"], "mode": "rw"}} if spec["data"] else {})
+
+
+def _fingerprint(spec: dict[str, Any]) -> str:
+    """What the container is made from: a change (image, command, env, ...) recreates it
+    over the same volume."""
+    made = {key: spec[key] for key in ("image", "port", "env", "data", "command")}
+    return hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _published(container: Container, inner: int) -> int | None:
@@ -168,10 +191,21 @@ def _probe(container: Container, spec: dict[str, Any], port: int) -> Any:
     else the published port accepting a connection."""
     if spec["ready"]:
         argv = shlex.split(spec["ready"])
-        return lambda: container.exec_run(argv)[0] == 0
+        return lambda: _succeeds(container, argv)
     if spec["preset"] == "redis":
         return lambda: engine.ping(port)
     return lambda: engine.connects(port)
+
+
+def _succeeds(container: Container, argv: list[str]) -> bool:
+    """`argv` exits 0 inside; a container that stopped meanwhile is not ready (the wait
+    then finds it exited and says so with its logs)."""
+    import docker
+
+    try:
+        return bool(container.exec_run(argv)[0] == 0)
+    except docker.errors.APIError:
+        return False
 
 
 def _remove_one(ctx: Context, dk: DockerClient, name: str, entry: dict[str, Any],
@@ -194,7 +228,7 @@ def restore(ctx: Context, detail: dict[str, Any], folder: Path,
             progress: Progress) -> list[str]:
     """Each container-<name>.tar of `folder` back into that container's volume."""
     dk, restored = engine.client(), []
-    for name, entry in detail.items():
+    for name, entry in entries(detail).items():
         source = volumes.tarball(folder, "container-" + name)
         if entry.get("shared") or not entry.get("volume") or not source.is_file() \
                 or name not in ctx.config.containers:

@@ -115,12 +115,10 @@ def api_error(exc: Any, what: str) -> DevdError:
 def wait_ready(container: Container, probe: Callable[[], bool], timeout: float) -> None:
     """Poll `probe` until it answers True; an exit or the timeout fails with the logs."""
     deadline = time.monotonic() + timeout
-    while True:
-        container.reload()
+    while not probe():
+        container.reload()  # only when not ready yet: an API round trip per poll
         if container.status in ("exited", "dead"):
             raise failed(container, f"container {container.name} exited")
-        if probe():
-            return
         if time.monotonic() > deadline:
             raise failed(container, f"container {container.name} not ready after "
                          f"{timeout:.0f} s")
@@ -164,8 +162,19 @@ def ping(port: int, db: int | None = None) -> bool:
 
 
 def connects(port: int) -> bool:
+    """Something in the container accepts on 127.0.0.1:port. Docker's proxy accepts on the
+    published port even when nothing listens inside, then closes at once: a connection that
+    closes without a byte is not ready; one that stays open (the server waits for the
+    client) or greets is."""
     try:
-        with socket.create_connection((HOST, port), timeout=2):
-            return True
+        sock = socket.create_connection((HOST, port), timeout=2)
     except OSError:
         return False
+    with sock:
+        sock.settimeout(0.2)
+        try:
+            return sock.recv(1) != b""
+        except TimeoutError:
+            return True  # open and silent: a server waiting for its client to speak
+        except OSError:
+            return False

@@ -93,14 +93,14 @@ def _free_port(ctx: Context) -> int:
 
 def _lease_db(ctx: Context, name: str, container: Container) -> int:
     """This worktree's index (kept if it has one), else the lowest one no worktree holds."""
-    mine = ctx.recorded("containers").get(name, {})
+    mine = ctx.recorded("containers").get("entries", {}).get(name, {})
     if "db" in mine:
         return int(mine["db"])
     with _choosing:
         taken = {int(entry["db"]) for wt_id, found in ctx.registry.all_resources().items()
                  for r in found if r.kind == "containers"
-                 for entry in r.detail.values()
-                 if isinstance(entry, dict) and entry.get("shared") and "db" in entry}
+                 for entry in (r.detail.get("entries") or {}).values()
+                 if entry.get("shared") and "db" in entry}
         total = _databases(container)
         free = [db for db in range(total) if db not in taken]
         if not free:
@@ -109,10 +109,12 @@ def _lease_db(ctx: Context, name: str, container: Container) -> int:
                             "release worktrees you no longer need (`devd gc`), or set "
                             "shared = false for this repo's Redis (a container each)",
                             code="redis_full")
-        recorded = dict(ctx.recorded("containers"))
+        # Recorded before the lock is let go: the next worktree's choice sees it.
+        recorded = dict(ctx.recorded("containers").get("entries") or {})
         recorded[name] = {"container": container.name, "shared": True, "db": free[0],
                           "port": 0}
-        ctx.registry.set_resource(ctx.worktree.id, "containers", "pending", recorded)
+        ctx.registry.set_resource(ctx.worktree.id, "containers", "pending",
+                                  {"entries": recorded})
         return free[0]
 
 
