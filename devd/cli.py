@@ -23,7 +23,7 @@ from devd.progressbar import ProgressPrinter
 from devd.render import render_worktree, safe
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-PROGRESSING = ("provision", "release", "gc", "restore", "kill-port")  # they take -v
+PROGRESSING = ("provision", "release", "gc", "restore", "kill-port", "compose")  # they take -v
 SERVICE_COMMANDS = ("up", "down", "restart", "logs")  # devd/services/commands.py
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable",
             "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
@@ -78,6 +78,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     cmd = command("restore", "load a worktree's last Postgres dump (or --dump FILE) back", True)
     _path(cmd)
     cmd.add_argument("--dump", help="a dump file (default: the worktree's newest)")
+    cmd = command("compose", "bring the worktree's Compose project up or down", True)
+    cmd.add_argument("action", choices=("up", "down"))
+    _path(cmd, option=True)
     cmd = command("status", "show registered worktrees and their resources", True)
     cmd.add_argument("path", nargs="?", help="one worktree, in full (default: all, a row each)")
     cmd.add_argument("-v", "--verbose", action="store_true", help="every worktree in full")
@@ -279,6 +282,8 @@ def _print_outputs(result: dict[str, Any]) -> None:
     """What a release kept and dropped besides the worktree's own resources."""
     for dump in result.get("dumps", []):
         print(safe(f"  dump kept: {dump}"))
+    for folder in result.get("volume_backups", []):
+        print(safe(f"  volume backup kept: {folder}"))
     for name in result.get("test_databases_dropped", []):
         print(safe(f"  test database dropped (no dump: test runners recreate it): {name}"))
 
@@ -286,8 +291,22 @@ def _print_outputs(result: dict[str, Any]) -> None:
 def cmd_restore(client: Client, args: argparse.Namespace) -> int:
     params = {"path": _abspath(args.path)} | ({"dump": _abspath(args.dump)} if args.dump else {})
     result = client.call("restore", params, _progress)
-    print(json.dumps(result) if args.json else f"restored {safe(result['restored'])} "
-          f"(the data it replaced: {safe(result.get('before', '?'))})")
+    if args.json:
+        print(json.dumps(result))
+        return EXIT_OK
+    if "restored" in result:
+        print(f"restored {safe(result['restored'])} "
+              f"(the data it replaced: {safe(result.get('before', '?'))})")
+    for volume in result.get("volumes", []):
+        print(safe(f"restored volume {volume} from {result['volume_backup']}"))
+    return EXIT_OK
+
+
+def cmd_compose(client: Client, args: argparse.Namespace) -> int:
+    result = client.call("compose", {"path": _abspath(args.path), "action": args.action},
+                         _progress)
+    print(json.dumps(result) if args.json else
+          safe(f"compose {result['action']}: project {result['project']}"))
     return EXIT_OK
 
 
@@ -610,7 +629,7 @@ def cmd_mcp(client: Client, args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "provision": cmd_provision, "release": cmd_release, "gc": cmd_gc, "status": cmd_status,
-    "restore": cmd_restore,
+    "restore": cmd_restore, "compose": cmd_compose,
     "env": cmd_env, "run": cmd_run, "ports": cmd_ports, "kill-port": cmd_kill_port,
     "browser": cmd_browser, "init": cmd_init, "wait": cmd_wait, "service": cmd_service,
     "hook": cmd_hook, "stop": cmd_stop, "watchers": cmd_watchers, "doctor": cmd_doctor,

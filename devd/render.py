@@ -30,6 +30,11 @@ def render_worktree(wt: dict[str, Any]) -> str:
         pg = wt["postgres"]
         lines.append(f"  postgres {pg.get('mode')} {pg.get('name')} on "
                      f"{pg.get('host') or 'local socket'}:{pg.get('port')} ({pg.get('state')})")
+    for row in wt.get("containers", []):
+        on = f" on 127.0.0.1:{row['port']}" if row.get("port") else ""
+        db = f" db {row['db']}" if "db" in row else ""
+        label = "compose" if row.get("kind") == "compose" else "container"
+        lines.append(f"  {label:<8} {row['name']}{on}{db} ({row['state']})")
     if wt.get("deps"):
         lines.append(f"  deps     {render_deps(wt['deps'])}")
     for svc in wt.get("services") or []:

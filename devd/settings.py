@@ -301,6 +301,45 @@ class WatchersConfig(_Section):
     estimate: Literal["files", "dirs"] = "files"  # chokidar-style, or directory watchers
 
 
+class ComposeConfig(_Section):
+    """[compose]: the repo's Compose files, run as one project per worktree."""
+
+    files: list[str] = []  # relative to the worktree, e.g. ["compose.yaml"]; empty: off
+    start: bool = True  # `devd provision` brings the project up (else `devd compose up`)
+    copy_volumes: bool = False  # a new worktree's named volumes start as the main one's
+
+    @field_validator("files")
+    @classmethod
+    def _relative_files(cls, files: list[str]) -> list[str]:
+        return [_check_relative(name) for name in files]
+
+
+_CONTAINER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+
+
+class ContainerConfig(_Section):
+    """[containers.NAME]: one container per worktree (or a shared Redis, `shared = true`)."""
+
+    preset: Literal["", "redis"] = ""
+    image: str = ""
+    port: int = Field(0, ge=0, le=65535)  # the container's port, published on a leased one
+    env: dict[str, str] = {}
+    ready: str = ""  # a command run inside until it succeeds, e.g. "redis-cli ping"
+    data: str = ""  # the data directory, kept in a labelled volume
+    command: list[str] = []
+    vars: dict[str, str] = {}  # exported, templated: {port} {host} {db} {name}
+    shared: bool = False  # redis only: one server, a database index per worktree
+    timeout: float = Field(60.0, gt=0, le=DAY)  # readiness
+
+    @field_validator("vars", "env")
+    @classmethod
+    def _valid_keys(cls, values: dict[str, str]) -> dict[str, str]:
+        for name in values:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+        return values
+
+
 class RepoConfig(_Section):
     """The per-repo devd.toml; every section is optional."""
 
@@ -312,12 +351,27 @@ class RepoConfig(_Section):
     claude: ClaudeConfig = ClaudeConfig()
     watchers: WatchersConfig = WatchersConfig()
     hooks: HooksConfig = HooksConfig()
+    compose: ComposeConfig = ComposeConfig()
+    containers: dict[str, ContainerConfig] = Field(default={}, max_length=MAX_PORTS)
     services: dict[str, services_config.ServiceConfig] = {}
 
     @model_validator(mode="after")
     def _services_refer_to_ports(self) -> RepoConfig:
         services_config.check(self.services, self.ports.names)
         return self
+
+    @field_validator("containers")
+    @classmethod
+    def _container_names(cls, found: dict[str, ContainerConfig]) -> dict[str, ContainerConfig]:
+        for name, spec in found.items():
+            if not _CONTAINER_NAME.match(name):
+                raise ValueError(f"container name {name!r} must be lowercase letters, digits "
+                                 "and _, starting with a letter")
+            if not (spec.preset or spec.image):
+                raise ValueError(f"[containers.{name}] needs an image or a preset")
+            if spec.shared and spec.preset != "redis":
+                raise ValueError(f"[containers.{name}] shared = true is for preset = \"redis\"")
+        return found
 
 
 def _check_relative(name: str) -> str:

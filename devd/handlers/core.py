@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from devd import git, instance, owners, processes
+from devd.containers.compose import ComposeProvisioner
+from devd.containers.declared import ContainersProvisioner
 from devd.errors import DevdError, NotRegistered, ProtocolError, UsageError
 from devd.paths import Paths
 from devd.postgres import provisioner as postgres
@@ -41,8 +43,9 @@ def default_provisioners() -> list[Provisioner]:
     A first provision also writes it before Postgres (with placeholders that fail), so the
     copies are never without devd's block while a database is being made."""
     return [PortsProvisioner(), UrlsProvisioner(), DirsProvisioner(),
-            EnvFileProvisioner(early=True),
-            postgres.PostgresProvisioner(), EnvFileProvisioner(), DepsProvisioner()]
+            EnvFileProvisioner(early=True), postgres.PostgresProvisioner(),
+            ContainersProvisioner(), ComposeProvisioner(), EnvFileProvisioner(),
+            DepsProvisioner()]
 
 
 class ServiceCore:
@@ -261,6 +264,7 @@ class ServiceCore:
             "cache_dir": dirs.get("cache_dir"), "browser_profile": dirs.get("browser_profile"),
             "env_file": envfile.get("file"), "resources": shown,
             "deps": deps.status(self.paths.state_dir, wt.id, wt.path),
+            "containers": container_rows(checked),
         } | postgres.status_entry(details, checked)
 
     def _describe_id(self, wt_id: str) -> dict[str, Any]:
@@ -305,3 +309,9 @@ def absolute(value: Any) -> str:
         raise UsageError(f"parameter 'path' must be an absolute path without '..', not "
                          f"{path[:200]!r}", "the CLI sends such paths; see docs/protocol.md")
     return path
+
+
+def container_rows(checked: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each declared container and Compose service with its health, for `devd status`."""
+    return [row | {"kind": kind} for kind in ("containers", "compose") if kind in checked
+            for row in checked[kind].detail.get("services", [])]

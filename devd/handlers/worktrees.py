@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from devd import __version__, git, leftovers, naming, processes, teardown
+from devd.containers import compose, declared, volumes
 from devd.errors import DevdError, NotRegistered, ProvisionFailed, UsageError
 from devd.handlers import services as services_api
 from devd.handlers.core import ServiceCore, absolute
@@ -113,11 +114,39 @@ class WorktreeRequests(ServiceCore):
 
     def do_restore(self, progress: Progress, path: str, dump: str | None = None
                    ) -> dict[str, Any]:
+        """Postgres from its dump, and the volumes of containers and Compose projects from
+        the worktree's newest volume backup; an error only if there is nothing to restore."""
         wt = self.find(path)
         with self._lock(wt.id):
             ctx = self.context(wt, strict=False)
-            progress("postgres", "restoring")
-            return postgres.restore(ctx, ctx.recorded("postgres"), dump)
+            folder = volumes.latest_backup(self.paths, wt.id)
+            result: dict[str, Any] = {}
+            if ctx.recorded("postgres").get("mode", "none") != "none" or folder is None:
+                progress("postgres", "restoring")
+                result = postgres.restore(ctx, ctx.recorded("postgres"), dump)
+            if folder is not None and dump is None:
+                result["volumes"] = declared.restore(ctx, ctx.recorded("containers"), folder,
+                                                     progress)
+                if ctx.recorded("compose"):
+                    result["volumes"] += compose.restore(ctx, folder, progress)
+                result["volume_backup"] = str(folder)
+            return result
+
+    def do_compose(self, progress: Progress, path: str, action: str) -> dict[str, Any]:
+        """`devd compose up|down`: the worktree's Compose project (provisioned first)."""
+        if action not in ("up", "down"):
+            raise UsageError(f"compose action {action!r} is not up or down",
+                             "devd compose up | devd compose down")
+        wt = self.find(path)
+        with self._lock(wt.id):
+            ctx = self.context(wt)
+            if not ctx.recorded("compose").get("file"):
+                raise DevdError(f"{wt.path} has no Compose project provisioned",
+                                "set [compose] files in devd.toml and run `devd provision`",
+                                code="no_compose")
+            (compose.up if action == "up" else compose.down)(ctx, progress)
+        return {"action": action, "project": ctx.recorded("compose")["project"],
+                "path": str(wt.path)}
 
     def orphans(self, max_age: float = 0.0) -> list[dict[str, str]]:
         """Objects carrying devd's marker that no registered worktree owns. Status accepts a
@@ -126,7 +155,8 @@ class WorktreeRequests(ServiceCore):
         known = {wt.id for wt in self.registry.worktrees()}
         now = time.monotonic()
         if self._orphans is None or now - self._orphans[0] > max_age:
-            self._orphans = (now, postgres.orphans(self.paths, known))
+            self._orphans = (now, postgres.orphans(self.paths, known)
+                             + compose.orphans(self.paths.state_dir, known))
         return [found for found in self._orphans[1] if found["worktree_id"] not in known]
 
     def do_gc(self, progress: Progress, grace: str | None = None, dry_run: bool = False,

@@ -1,0 +1,180 @@
+"""The Docker engine as every container kind sees it: a pinged client, ownership labels,
+local images, a readiness wait whose timeout carries the container's logs."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from devd import instance
+from devd.errors import DevdError, OwnershipConflict
+from devd.postgres.names import LABEL_INSTANCE, LABEL_KIND, LABEL_OWNER
+from devd.provisioners.base import Progress
+
+if TYPE_CHECKING:
+    from docker import DockerClient
+    from docker.models.containers import Container
+
+__all__ = ["LABEL_INSTANCE", "LABEL_KIND", "LABEL_OWNER"]
+HOST = "127.0.0.1"  # every port devd publishes is on loopback only
+USED_FILE = "containers-used"
+
+
+def client(timeout: int = 60) -> DockerClient:
+    """A pinged client (DOCKER_HOST honoured), or an error saying how to get one."""
+    import docker
+
+    try:
+        found = docker.from_env(timeout=timeout)
+        found.ping()
+    except docker.errors.DockerException as exc:
+        raise DevdError(f"Docker is not reachable: {exc}",
+                        "start the Docker engine (or set DOCKER_HOST), then provision again",
+                        code="docker_unavailable") from exc
+    return found
+
+
+def remember(state_dir: Path) -> None:
+    """Note that this devd made containers: only then do status and gc scan for orphans
+    (a status must not pay an engine round trip for a devd that never used Docker)."""
+    (state_dir / USED_FILE).touch(exist_ok=True)
+
+
+def used(state_dir: Path) -> bool:
+    return (state_dir / USED_FILE).exists()
+
+
+def labels(wt_id: str, kind: str) -> dict[str, str]:
+    """Ownership labels: the worktree, this devd instance, and what made it."""
+    return {LABEL_OWNER: wt_id, LABEL_INSTANCE: instance.current(), LABEL_KIND: kind}
+
+
+def ours(tags: dict[str, str] | None, wt_id: str) -> bool:
+    """Labelled for this worktree by this devd instance."""
+    tags = tags or {}
+    return tags.get(LABEL_OWNER) == wt_id and tags.get(LABEL_INSTANCE) == instance.current()
+
+
+def tags_of(found: Any) -> dict[str, str]:
+    """The labels of a container, volume or network model."""
+    attrs = found.attrs
+    return (attrs.get("Config", {}).get("Labels") if "Config" in attrs
+            else attrs.get("Labels")) or {}
+
+
+def owned(collection: Any, name: str, wt_id: str) -> Any:
+    """The object named `name` if it carries our labels; None if absent; a conflict if not."""
+    import docker
+
+    try:
+        found = collection.get(name)
+    except docker.errors.NotFound:
+        return None
+    if not ours(tags_of(found), wt_id):
+        raise OwnershipConflict(
+            f"Docker {type(found).__name__.lower()} {name!r} exists but is not labelled as "
+            f"this devd's for worktree {wt_id}",
+            "devd never touches what it did not make: remove or rename it yourself")
+    return found
+
+
+def ensure_image(dk: DockerClient, image: str, progress: Progress, phase: str) -> None:
+    """The image locally, pulled if missing; a pull that fails names the image."""
+    import docker
+
+    try:
+        dk.images.get(image)
+        return
+    except docker.errors.ImageNotFound:
+        progress(phase, f"pulling {image}")
+    hint = f"check the image name and your registry access, or build {image} locally"
+    try:
+        for event in dk.api.pull(image, stream=True, decode=True):
+            if "error" in event:
+                raise DevdError(f"cannot pull {image}: {event['error']}", hint,
+                                code="docker_image")
+    except docker.errors.APIError as exc:
+        raise DevdError(f"image {image} is not here and cannot be pulled: {exc.explanation}",
+                        hint, code="docker_image") from exc
+
+
+def api_error(exc: Any, what: str) -> DevdError:
+    """A Docker refusal as devd's error, port clashes said plainly."""
+    text = str(getattr(exc, "explanation", None) or exc)
+    if "address already in use" in text or "port is already allocated" in text:
+        return DevdError(f"{what}: a leased port was taken by another process ({text})",
+                         "see `devd ports`; stop the holder, then provision again",
+                         code="docker_error")
+    return DevdError(f"Docker refused for {what}: {text}", "see `docker ps -a` and its logs",
+                     code="docker_error")
+
+
+def wait_ready(container: Container, probe: Callable[[], bool], timeout: float) -> None:
+    """Poll `probe` until it answers True; an exit or the timeout fails with the logs."""
+    deadline = time.monotonic() + timeout
+    while not probe():
+        container.reload()  # only when not ready yet: an API round trip per poll
+        if container.status in ("exited", "dead"):
+            raise failed(container, f"container {container.name} exited")
+        if time.monotonic() > deadline:
+            raise failed(container, f"container {container.name} not ready after "
+                         f"{timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def failed(container: Container, message: str) -> DevdError:
+    logs = container.logs(tail=15).decode(errors="replace").strip() or "(no output)"
+    return DevdError(f"{message}; last log lines:\n{logs}",
+                     f"see `docker logs {container.name}`", code="docker_error")
+
+
+def state_of(container: Any) -> str:
+    """running, stopped or missing; Docker's own health when the image declares one."""
+    if container is None:
+        return "missing"
+    health = container.attrs.get("State", {}).get("Health", {}).get("Status")
+    if container.status == "running":
+        return "running" if health in (None, "healthy") else health
+    return "stopped"
+
+
+def exported(templates: dict[str, str], name: str, port: int, db: int = 0) -> dict[str, str]:
+    """[containers.NAME] vars with {port}, {host}, {db} and {name} filled in."""
+    values = {"port": port, "host": HOST, "db": db, "name": name}
+    try:
+        return {key: template.format(**values) for key, template in templates.items()}
+    except (KeyError, IndexError, ValueError) as exc:
+        raise DevdError(f"[containers.{name}] vars: {exc!r} is not one of {{port}}, {{host}}, "
+                        "{db}, {name}", "fix the template in devd.toml", code="config") from exc
+
+
+def ping(port: int, db: int | None = None) -> bool:
+    """Redis answers PONG on 127.0.0.1:port (a loading server says -LOADING: not yet)."""
+    try:
+        with socket.create_connection((HOST, port), timeout=2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def connects(port: int) -> bool:
+    """Something in the container accepts on 127.0.0.1:port. Docker's proxy accepts on the
+    published port even when nothing listens inside, then closes at once: a connection that
+    closes without a byte is not ready; one that stays open (the server waits for the
+    client) or greets is."""
+    try:
+        sock = socket.create_connection((HOST, port), timeout=2)
+    except OSError:
+        return False
+    with sock:
+        sock.settimeout(0.2)
+        try:
+            return sock.recv(1) != b""
+        except TimeoutError:
+            return True  # open and silent: a server waiting for its client to speak
+        except OSError:
+            return False

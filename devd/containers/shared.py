@@ -1,0 +1,151 @@
+"""The Redis shared mode: one Redis server per devd instance, a database index per worktree.
+
+Cheaper than a container each, isolated enough for caches and queues keyed by database
+(BullMQ, Sidekiq, Celery take a /<db> in their URL). The index is recorded in the worktree's
+`containers` resource, so the registry is the lease table; a lock makes choosing one atomic
+within the daemon. Release saves the whole server's RDB (`redis-cli --rdb`) before FLUSHDB
+of the worktree's index; the file is kept for inspection (a single index cannot be loaded
+back into a live shared server without touching the others, so `devd restore` skips it).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from devd import instance
+from devd.containers import engine
+from devd.errors import DevdError, OwnershipConflict
+from devd.provisioners.base import Context, Progress
+from devd.provisioners.ports import is_free
+
+if TYPE_CHECKING:
+    from docker import DockerClient
+    from docker.models.containers import Container
+
+KIND = "redis-shared"
+_choosing = threading.Lock()
+
+
+def server_name() -> str:
+    return f"devd-redis-shared-{instance.current()}"
+
+
+def _labels() -> dict[str, str]:
+    # No owner label: the server is the instance's, never a worktree's orphan.
+    return {engine.LABEL_INSTANCE: instance.current(), engine.LABEL_KIND: KIND}
+
+
+def ensure(ctx: Context, dk: DockerClient, name: str, spec: dict[str, Any],
+           progress: Progress) -> dict[str, Any]:
+    container, port = _server(ctx, dk, spec, progress)
+    engine.wait_ready(container, lambda: engine.ping(port), spec["timeout"])
+    db = _lease_db(ctx, name, container)
+    return {"container": container.name, "port": port, "image": spec["image"],
+            "shared": True, "db": db, "env": engine.exported(spec["vars"], name, port, db)}
+
+
+def _server(ctx: Context, dk: DockerClient, spec: dict[str, Any], progress: Progress
+            ) -> tuple[Container, int]:
+    import docker
+
+    name = server_name()
+    try:
+        found: Container | None = dk.containers.get(name)
+    except docker.errors.NotFound:
+        found = None
+    if found is not None:
+        tags = engine.tags_of(found)
+        if any(tags.get(key) != value for key, value in _labels().items()):
+            raise OwnershipConflict(f"container {name} exists but is not labelled as this "
+                                    "devd's shared Redis", "remove or rename it yourself")
+        if found.status != "running":
+            found.start()
+        bindings = found.attrs["HostConfig"]["PortBindings"]["6379/tcp"]
+        return found, int(bindings[0]["HostPort"])
+    # Its port is read back from the container: a port of its own, leased to no worktree.
+    port = _free_port(ctx)
+    engine.ensure_image(dk, spec["image"], progress, "containers")
+    progress("containers", f"starting the shared Redis {name} on {engine.HOST}:{port}")
+    try:
+        volume = dk.volumes.get(name)
+    except docker.errors.NotFound:
+        volume = dk.volumes.create(name, labels=_labels())  # labelled: never an unmarked one
+    if any(engine.tags_of(volume).get(key) != value for key, value in _labels().items()):
+        raise OwnershipConflict(f"volume {name} exists but is not labelled as this devd's "
+                                "shared Redis", "remove or rename it yourself")
+    container = dk.containers.run(spec["image"], name=name, detach=True, labels=_labels(),
+                                  ports={"6379/tcp": (engine.HOST, port)},
+                                  command=spec["command"] or None,
+                                  volumes={name: {"bind": "/data", "mode": "rw"}})
+    return container, port
+
+
+def _free_port(ctx: Context) -> int:
+    leased = ctx.registry.leased_ports()
+    for port in reversed(ctx.settings.ports):  # from the top: [ports] lease from the bottom
+        if port not in leased and is_free(port):
+            return port
+    raise DevdError("no free port for the shared Redis", "widen DEVD_PORT_RANGE",
+                    code="ports_exhausted")
+
+
+def _lease_db(ctx: Context, name: str, container: Container) -> int:
+    """This worktree's index (kept if it has one), else the lowest one no worktree holds."""
+    mine = ctx.recorded("containers").get("entries", {}).get(name, {})
+    if "db" in mine:
+        return int(mine["db"])
+    with _choosing:
+        taken = {int(entry["db"]) for wt_id, found in ctx.registry.all_resources().items()
+                 for r in found if r.kind == "containers"
+                 for entry in (r.detail.get("entries") or {}).values()
+                 if entry.get("shared") and "db" in entry}
+        total = _databases(container)
+        free = [db for db in range(total) if db not in taken]
+        if not free:
+            raise DevdError(f"the shared Redis {container.name} has all of its {total} "
+                            "database indexes leased to other worktrees",
+                            "release worktrees you no longer need (`devd gc`), or set "
+                            "shared = false for this repo's Redis (a container each)",
+                            code="redis_full")
+        # Recorded before the lock is let go: the next worktree's choice sees it.
+        recorded = dict(ctx.recorded("containers").get("entries") or {})
+        recorded[name] = {"container": container.name, "shared": True, "db": free[0],
+                          "port": 0}
+        ctx.registry.set_resource(ctx.worktree.id, "containers", "pending",
+                                  {"entries": recorded})
+        return free[0]
+
+
+def _databases(container: Container) -> int:
+    code, out = container.exec_run(["redis-cli", "CONFIG", "GET", "databases"])
+    lines = out.decode().split() if code == 0 else []
+    return int(lines[1]) if len(lines) > 1 and lines[1].isdigit() else 16
+
+
+def release(ctx: Context, dk: DockerClient, entry: dict[str, Any], folder: Path | None
+            ) -> None:
+    """An --rdb backup of the server into `folder`, then FLUSHDB of the worktree's index."""
+    import docker
+
+    try:
+        container = dk.containers.get(entry["container"])
+    except docker.errors.NotFound:
+        return  # the server is gone, and its data with it: nothing left to flush
+    db = str(int(entry["db"]))
+    if folder is not None:
+        _run(container, ["redis-cli", "--rdb", "/tmp/devd-backup.rdb"])
+        stream, _ = container.get_archive("/tmp/devd-backup.rdb")
+        with open(folder / f"redis-shared-db{db}.rdb.tar", "wb") as out:
+            for chunk in stream:
+                out.write(chunk)
+    _run(container, ["redis-cli", "-n", db, "FLUSHDB"])
+
+
+def _run(container: Container, argv: list[str]) -> None:
+    code, out = container.exec_run(argv)
+    if code != 0:
+        raise DevdError(f"{' '.join(argv)} in {container.name} failed: "
+                        f"{out.decode(errors='replace').strip()}; nothing was flushed",
+                        f"see `docker logs {container.name}`", code="backup_failed")

@@ -1,0 +1,166 @@
+"""[compose] against the real engine and Debian's docker-compose 1.29: a project per worktree."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import Devd, Repo, run_git
+from containersupport import (
+    REDIS_IMAGE,
+    compose_available,
+    redis,
+    redis_client,
+    remove_instance,
+)
+from pgsupport import IMAGE
+
+pytestmark = pytest.mark.docker
+
+COMPOSE = f"""services:
+  db:
+    image: {IMAGE}
+    container_name: shop-db
+    environment:
+      POSTGRES_PASSWORD: pw
+    ports:
+      - "5432:5432"
+    volumes:
+      - pgdata:/var/lib/postgresql/data
+  cache:
+    image: {REDIS_IMAGE}
+    container_name: shop-redis
+    ports:
+      - "6379:6379"
+    volumes:
+      - redisdata:/data
+volumes:
+  pgdata:
+  redisdata:
+"""
+# A declared container beside the project: one release keeps both in one backup folder.
+TOML = '[ports]\nnames = ["web"]\n\n[compose]\nfiles = ["compose.yaml"]\n\n' \
+    f'[containers.sessions]\npreset = "redis"\nimage = "{REDIS_IMAGE}"\n'
+
+
+@pytest.fixture
+def dk(devd: Devd) -> Iterator[Any]:
+    compose_available()
+    client = redis_client()
+    yield client
+    remove_instance(client, (devd.paths.state_dir / "instance-id").read_text().strip())
+
+
+def compose_repo(make_repo: Any, compose: str = COMPOSE) -> Repo:
+    repo = make_repo(devd_toml=TOML)
+    repo.commit({"compose.yaml": compose})
+    return repo
+
+
+def env_of(devd: Devd, tree: Path) -> dict[str, str]:
+    return dict(json.loads(devd.run("env", str(tree), "--format", "json").stdout))
+
+
+def plain_compose(tree: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`docker-compose ...` as a person types it in the worktree: only the .env steers it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+    return subprocess.run(["docker-compose", *args], cwd=tree, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def pg(port: str, sql: str) -> list[Any]:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password="pw",
+                                 dbname="postgres", connect_timeout=3, autocommit=True) as c:
+                cur = c.execute(sql)
+                return cur.fetchall() if cur.description else []
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+def redis_ready(port: str, *command: str) -> str:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return redis(int(port), *command)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_three_worktrees_own_projects_down_in_one_and_gc_backup_restore(
+        devd: Devd, make_repo: Any, dk: Any) -> None:
+    repo = compose_repo(make_repo)
+    trees = [repo.worktree(f"shop-{n}", n) for n in ("a", "b", "c")]
+    for tree in trees:  # at once, as three agent sessions would
+        devd.run("provision", str(tree), "--background", timeout=60)
+    for tree in trees:
+        devd.run("wait", str(tree), "--timeout", "240", timeout=250)
+    envs = [env_of(devd, tree) for tree in trees]
+    assert len({e["COMPOSE_PROJECT_NAME"] for e in envs}) == 3
+    assert len({e["PORT_DB_5432"] for e in envs} | {e["PORT_CACHE_6379"] for e in envs}) == 6
+    for tree, env in zip(trees, envs, strict=True):
+        pg(env["PORT_DB_5432"], "CREATE TABLE t (v text)")
+        pg(env["PORT_DB_5432"], f"INSERT INTO t VALUES ('{tree.name}')")
+        assert redis_ready(env["PORT_CACHE_6379"], "SET", "k", tree.name) == "+OK"
+        assert redis(port_of(env["REDIS_URL"]), "SET", "s", tree.name) == "+OK"
+    for tree, env in zip(trees, envs, strict=True):  # each its own data
+        assert pg(env["PORT_DB_5432"], "SELECT v FROM t") == [(tree.name,)]
+        assert redis_ready(env["PORT_CACHE_6379"], "GET", "k") == tree.name
+    # Published on loopback only, no container_name, devd's labels on everything.
+    project_a = envs[0]["COMPOSE_PROJECT_NAME"]
+    containers = dk.containers.list(filters={"label": f"com.docker.compose.project={project_a}"})
+    assert len(containers) == 2 and not any(c.name.startswith("shop-") for c in containers)
+    for container in containers:
+        for bindings in container.attrs["HostConfig"]["PortBindings"].values():
+            assert [b["HostIp"] for b in bindings] == ["127.0.0.1"]
+        assert container.labels["devd.owner"] == devd.worktree(trees[0])["id"]
+    rows = devd.worktree(trees[0])["containers"]
+    assert sorted((r["kind"], r["name"], r["state"]) for r in rows) == [
+        ("compose", "cache", "running"), ("compose", "db", "running"),
+        ("containers", "sessions", "running")]
+    # Plain docker-compose down in b: only b's project goes.
+    done = plain_compose(trees[1], "down")
+    assert done.returncode == 0, done.stderr
+    running = {c.labels.get("com.docker.compose.project") for c in dk.containers.list()}
+    assert envs[1]["COMPOSE_PROJECT_NAME"] not in running
+    assert {envs[0]["COMPOSE_PROJECT_NAME"], envs[2]["COMPOSE_PROJECT_NAME"]} <= running
+    assert redis_ready(envs[2]["PORT_CACHE_6379"], "GET", "k") == "shop-c"
+    # status: b's project is down, its declared container is not Compose's to stop
+    assert [r["name"] for r in devd.worktree(trees[1])["containers"]] == ["sessions"]
+    # git worktree remove + gc: containers, volumes and network of a go, after a backup.
+    run_git(repo.main, "worktree", "remove", "--force", str(trees[0]))
+    gc = devd.json("gc", "--grace", "0")
+    assert gc["worktrees"][0]["released"], gc["worktrees"][0].get("error")
+    backups = gc["worktrees"][0]["volume_backups"]
+    assert len(backups) == 1 and sorted(p.name for p in Path(backups[0]).iterdir()) == [
+        "compose-pgdata.tar", "compose-redisdata.tar", "container-sessions.tar"]
+    label = {"label": f"com.docker.compose.project={project_a}"}
+    assert not dk.containers.list(all=True, filters=label)
+    assert not dk.volumes.list(filters=label) and not dk.networks.list(filters=label)
+    assert redis_ready(envs[2]["PORT_CACHE_6379"], "GET", "k") == "shop-c"
+    # The worktree comes back: provision gives empty volumes, restore brings the data back.
+    run_git(repo.main, "worktree", "add", "-q", str(trees[0]), "a")
+    devd.run("provision", str(trees[0]), timeout=240)
+    env = env_of(devd, trees[0])
+    assert redis_ready(env["PORT_CACHE_6379"], "GET", "k") == ""
+    devd.run("restore", str(trees[0]), timeout=240)
+    assert pg(env["PORT_DB_5432"], "SELECT v FROM t") == [("shop-a",)]
+    assert redis_ready(env["PORT_CACHE_6379"], "GET", "k") == "shop-a"
+    assert redis(port_of(env["REDIS_URL"]), "GET", "s") == "shop-a"

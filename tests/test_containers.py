@@ -1,0 +1,110 @@
+"""[containers.NAME] against the real engine with a real Redis: per worktree and shared."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Devd, run_git
+from containersupport import REDIS_IMAGE, redis, redis_client, remove_instance
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture
+def dk(devd: Devd) -> Iterator[Any]:
+    client = redis_client()
+    yield client
+    remove_instance(client, (devd.paths.state_dir / "instance-id").read_text().strip())
+
+
+def toml(extra: str = "") -> str:
+    return f'[ports]\nnames = ["web"]\n\n[containers.redis]\npreset = "redis"\n' \
+           f'image = "{REDIS_IMAGE}"\n{extra}'
+
+
+def env_of(devd: Devd, tree: Path) -> dict[str, str]:
+    return dict(json.loads(devd.run("env", str(tree), "--format", "json").stdout))
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+def test_redis_per_worktree_isolated_labelled_backed_up_and_restored(
+        devd: Devd, make_repo: Any, dk: Any) -> None:
+    repo = make_repo(devd_toml=toml())
+    a, b = repo.worktree("shop-a", "a"), repo.worktree("shop-b", "b")
+    for tree in (a, b):
+        devd.run("provision", str(tree), timeout=120)
+    url_a, url_b = env_of(devd, a)["REDIS_URL"], env_of(devd, b)["REDIS_URL"]
+    assert url_a.startswith("redis://127.0.0.1:") and url_a.endswith("/0") and url_a != url_b
+    assert redis(port_of(url_a), "SET", "k", "a") == "+OK"
+    assert redis(port_of(url_b), "GET", "k") == ""
+    wt_id = devd.worktree(a)["id"]
+    container = dk.containers.get(f"devd-redis-{wt_id}")
+    assert container.labels["devd.owner"] == wt_id and container.labels["devd.kind"] == \
+        "containers"
+    assert dk.volumes.get(f"devd-redis-{wt_id}").attrs["Labels"]["devd.owner"] == wt_id
+    assert container.attrs["HostConfig"]["PortBindings"]["6379/tcp"][0]["HostIp"] == \
+        "127.0.0.1"
+    assert devd.worktree(a)["containers"][0]["state"] == "running"
+    # Labelled by this devd for a worktree the registry does not know: listed, not removed.
+    instance_id = container.labels["devd.instance"]
+    stray = dk.volumes.create("devd-test-stray", labels={
+        "devd.owner": "gone-tree-1", "devd.instance": instance_id, "devd.kind": "compose"})
+    orphans = devd.json("gc", "--dry-run")["orphans"]  # a fresh scan (status caches 30 s)
+    assert {"kind": "volume", "name": "devd-test-stray", "worktree_id": "gone-tree-1",
+            "where": "docker"} in orphans
+    stray.remove()
+    container.stop(timeout=5)
+    assert devd.worktree(a)["containers"][0]["state"] == "stopped"
+    devd.run("provision", str(a), timeout=120)  # started again, its data kept
+    assert redis(port_of(url_a), "GET", "k") == "a"
+    assert redis(port_of(url_a), "SET", "k2", "after-restart") == "+OK"  # in memory only
+    # gc after the worktree is removed: a backup, then nothing of it is left.
+    run_git(repo.main, "worktree", "remove", "--force", str(a))
+    gc = devd.json("gc", "--grace", "0")["worktrees"][0]
+    assert gc["released"], gc.get("error")
+    assert (Path(gc["volume_backups"][0]) / "container-redis.tar").stat().st_size > 0
+    assert not dk.containers.list(all=True, filters={"label": f"devd.owner={wt_id}"})
+    assert not dk.volumes.list(filters={"label": f"devd.owner={wt_id}"})
+    run_git(repo.main, "worktree", "add", "-q", str(a), "a")
+    devd.run("provision", str(a), timeout=120)
+    devd.run("restore", str(a), timeout=120)
+    port = port_of(env_of(devd, a)["REDIS_URL"])
+    assert redis(port, "GET", "k") == "a" and redis(port, "GET", "k2") == "after-restart"
+    # Turning it shared would leave this container untracked: refused.
+    (a / "devd.toml").write_text(toml("shared = true\n"))
+    done = devd.run("provision", str(a), timeout=120, check=False)
+    assert done.returncode == 1 and "shared changed" in done.stderr
+
+
+def test_shared_redis_leases_an_index_flushes_on_release_and_says_when_full(
+        devd: Devd, make_repo: Any, dk: Any) -> None:
+    # Two indexes instead of 16, so that the third worktree finds them all taken.
+    repo = make_repo(devd_toml=toml('shared = true\ncommand = ["redis-server", "--bind", '
+                                    '"0.0.0.0", "--protected-mode", "no", "--databases", '
+                                    '"2"]\n'))
+    a, b, c = (repo.worktree(f"shop-{n}", n) for n in "abc")
+    devd.run("provision", str(a), timeout=120)
+    devd.run("provision", str(b), timeout=120)
+    url_a, url_b = env_of(devd, a)["REDIS_URL"], env_of(devd, b)["REDIS_URL"]
+    assert url_a.rsplit("/", 1)[0] == url_b.rsplit("/", 1)[0] and url_a != url_b
+    port, db_a = port_of(url_a), int(url_a.rsplit("/", 1)[1])
+    db_b = int(url_b.rsplit("/", 1)[1])
+    redis(port, "SET", "k", "a", db=db_a)
+    redis(port, "SET", "k", "b", db=db_b)
+    failed = devd.run("provision", str(c), timeout=120, check=False)
+    assert failed.returncode == 1 and "all of its" in failed.stderr
+    assert "database indexes leased" in failed.stderr
+    devd.run("release", str(a), "--yes", timeout=120)
+    assert redis(port, "GET", "k", db=db_a) == ""  # flushed, after an --rdb backup
+    assert redis(port, "GET", "k", db=db_b) == "b"  # the other worktree's untouched
+    backups = list((devd.paths.state_dir / "backups" / "volumes").rglob("*.rdb.tar"))
+    assert backups and backups[0].stat().st_size > 0
+    server = [c for c in dk.containers.list() if c.name.startswith("devd-redis-shared-")]
+    assert dk.volumes.get(server[0].name).attrs["Labels"]["devd.kind"] == "redis-shared"
