@@ -183,7 +183,7 @@ def test_page_escapes_services_and_links_only_http() -> None:
     assert 'href="javascript' not in html and "<td>javascript:alert(1)</td>" in html
     assert "crashed (pid -, restarts 3)" in html and 'href="http://web.a.shop.localhost:1356/"' \
         in html
-    assert "/logs/%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E/" in html
+    assert 'href="logs/%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E/' in html  # under /<key>/
 
 
 # -- through the proxy -----------------------------------------------------------
@@ -266,9 +266,10 @@ def test_env_contract_has_the_urls(site: Site_) -> None:
 def test_status_says_running(site: Site_) -> None:
     proxy = proxy_of(site.devd)
     assert proxy | {"pid": 0} == proxy | {"state": "running", "port": site.port, "pid": 0}
-    assert proxy["dashboard"] == f"http://devd.localhost:{site.port}/"
+    assert re.fullmatch(rf"http://devd\.localhost:{site.port}/[\w-]{{43}}/", proxy["dashboard"])
     text = site.devd.run("status").stdout
     assert f"proxy :{site.port}" in text.splitlines()[0]
+    assert f"dashboard {proxy['dashboard']}" in text.splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +289,7 @@ def playwright_dir() -> Path:
 def test_dashboard_in_chromium(site: Site_, playwright_dir: Path) -> None:
     """Every worktree with its links, the hostile branch shown as text, no script runs;
     then a page whose WebSocket (as HMR's) goes through the proxy."""
-    dashboard = f"http://devd.localhost:{site.port}/"
+    dashboard = proxy_of(site.devd)["dashboard"]
     page = site.entry("feat/a")["urls"]["web"] + "/page"
     reply = subprocess.run(["node", str(FIXTURES / "proxy_browser.js"), dashboard, page],
                            capture_output=True, text=True, timeout=120,
@@ -305,8 +306,28 @@ def test_dashboard_in_chromium(site: Site_, playwright_dir: Path) -> None:
 
 
 def test_log_tail_route_without_services(site: Site_) -> None:
-    reply = curl(f"http://devd.localhost:{site.port}/logs/x/web", "-w", "\n%{http_code}")
+    reply = curl(proxy_of(site.devd)["dashboard"] + "logs/x/web", "-w", "\n%{http_code}")
     assert reply.stdout == "no services: no such service log\n\n404"
+
+
+def test_dashboard_needs_its_key(site: Site_) -> None:
+    """Anyone on the machine reaches loopback TCP: without the key (in the owner's 0600
+    files and `devd status`), no path, branch or log; a foreign Host gets a bare 404."""
+    dashboard = proxy_of(site.devd)["dashboard"]
+    key = dashboard.rstrip("/").rsplit("/", 1)[1]
+    assert (site.devd.paths.data_dir / "dashboard.key").read_text() == key
+    assert (site.devd.paths.data_dir / "dashboard.key").stat().st_mode & 0o077 == 0
+    root = f"http://devd.localhost:{site.port}"
+    for path in ("/", "/status.json", "/logs/x/web", f"/{key[:-1]}/status.json",
+                 f"/x/{key}/status.json", f"/{key}%00/status.json"):
+        reply = curl(root + path, "-w", "\n%{http_code}")
+        assert reply.stdout.endswith("\n404") and "/src/" not in reply.stdout, path
+    moved = curl(f"{root}/{key}", "-w", "%{http_code} %{redirect_url}")
+    assert moved.stdout == f"308 {root}/{key}/"
+    answer = curl(dashboard + "status.json", "-D", "-")
+    assert "Referrer-Policy: no-referrer" in answer.stdout and '"worktrees"' in answer.stdout
+    foreign = curl(f"http://evil.example:{site.port}/{key}/status.json", "-w", "\n%{http_code}")
+    assert foreign.stdout == "not found\n\n404"
 
 
 # -- what goes wrong ---------------------------------------------------------------

@@ -37,12 +37,12 @@ class CaddyProxy:
     """One Caddy per daemon; its admin API on a unix socket in the private runtime dir."""
 
     def __init__(self, settings: Settings, paths: Paths, registry: Registry,
-                 dashboard: Path) -> None:
+                 dashboard: Path, dashboard_key: str = "") -> None:
         self.port, self.tls, self._configured = settings.proxy_port, settings.proxy_tls, \
             settings.caddy
         self._registry = registry
         self.admin_socket = paths.runtime_dir / "caddy-admin.sock"
-        self.dashboard = dashboard
+        self.dashboard, self._key = dashboard, dashboard_key
         self._config_file = paths.runtime_dir / "caddy.json"
         self.log_path = paths.state_dir / "caddy.log"
         self._data = paths.data_dir / "caddy"
@@ -87,7 +87,7 @@ class CaddyProxy:
             "backoff": self._backoff(self._failures - 1) if self._failures else 0.0,
             "pid": proc.pid if proc is not None and proc.poll() is None else None,
             "binary": str(self._binary) if self._binary else None,
-            "dashboard": base_url(self.port, self.tls).format(host(DASHBOARD)) + "/",
+            "dashboard": base_url(self.port, self.tls).format(host(DASHBOARD)) + f"/{self._key}/",
             "log": str(self.log_path),
             "admin_socket": str(self.admin_socket),
         } | ({"trust": f"{self._binary or 'caddy'} trust --address unix/{self.admin_socket}"}
