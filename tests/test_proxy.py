@@ -26,7 +26,7 @@ from conftest import ROOT, Devd, Repo, run_git, wait_for
 from pgsupport import unavailable
 
 from devd.proxy import caddy
-from devd.proxy.names import label
+from devd.proxy.names import label, with_path
 from devd.proxy.routes import Site, base_url, build
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -167,6 +167,20 @@ def test_hosts_short_forms_and_clashes() -> None:
     hosts = table.hosts()
     assert len(hosts) == len(set(hosts))
     assert base_url(443, True).format("x") == "https://x"
+
+
+def test_a_name_crafted_like_a_digested_one_gets_a_host_of_its_own() -> None:
+    """`with_path(...)` is computable by anyone: a branch or a repo literally named like
+    another's digested label must not make the two share a host."""
+    first_shop = Site("s", Path("/src/a/shop"), Path("/src/a/shop/.git"), "shop", True, "main",
+                      {"web": 5})
+    table = build([site_("a", "x"), site_("b", with_path("x", Path("/src/c"))), site_("c", "x"),
+                   first_shop, site_("m", "main", main=True),
+                   site_("n", "main", main=True, repo=with_path("shop", Path("/src/shop/.git")))
+                   ], base_url(1356, False))
+    hosts = table.hosts()
+    assert len(hosts) == len(set(hosts)), sorted(hosts)
+    assert all(DNS.match(part) for h in hosts for part in h.split("."))
 
 
 def test_page_escapes_services_and_links_only_http() -> None:
