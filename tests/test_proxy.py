@@ -411,6 +411,47 @@ def test_a_caddy_that_keeps_crashing_is_retried_with_a_growing_back_off(
     assert devd.stop() == 0
 
 
+def test_a_caddy_that_never_answers_is_stopped_with_its_group_and_said(
+        lone: tuple[Devd, Repo], tmp_path: Path) -> None:
+    """A DEVD_CADDY wrapper that never execs caddy: not "starting" for ever; what it
+    started goes with it (the group), and it is retried."""
+    devd, repo = lone
+    deaf, pids = tmp_path / "caddy", tmp_path / "pids"
+    deaf.write_text(f"#!/bin/sh\nsleep 600 &\necho $! >> {pids}\nwait\n")
+    deaf.chmod(0o755)
+    devd.env["DEVD_CADDY"] = str(deaf)
+    devd.start()
+    wait_for(lambda: proxy_of(devd)["state"] == "not_answering", timeout=30,
+             what="not_answering")
+    assert "did not answer on its admin socket" in proxy_of(devd)["error"]
+    assert "! proxy not_answering" in devd.run("status").stdout
+    first = int(pids.read_text().split()[0])
+    wait_for(lambda: not _alive(first), what="the wrapper's child stopped")
+    assert devd.stop() == 0
+
+
+def test_a_users_caddy_on_the_admin_socket_is_never_stopped(lone: tuple[Devd, Repo],
+                                                            tmp_path: Path) -> None:
+    devd, repo = lone
+    sock = devd.paths.runtime_dir / "caddy-admin.sock"
+    sock.parent.mkdir(parents=True, mode=0o700)
+    config = tmp_path / "user.json"
+    config.write_text(json.dumps({"admin": {"listen": f"unix/{sock}"}}))
+    theirs = subprocess.Popen([str(need_caddy()), "run", "--config", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "HOME": str(tmp_path)})
+    try:
+        wait_for(lambda: caddy.answers(sock), what="the user's caddy")
+        devd.start()
+        wait_for(lambda: proxy_of(devd)["state"] == "admin_socket_taken",
+                 what="admin_socket_taken")
+        assert devd.stop() == 0
+        assert theirs.poll() is None and caddy.answers(sock)
+    finally:
+        theirs.terminate()
+        theirs.wait()
+
+
 def test_killed_caddy_is_restarted_and_a_killed_daemon_leaves_nothing_behind(
         lone: tuple[Devd, Repo]) -> None:
     devd, repo = lone
