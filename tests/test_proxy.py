@@ -169,6 +169,14 @@ def test_hosts_short_forms_and_clashes() -> None:
     assert base_url(443, True).format("x") == "https://x"
 
 
+def test_port_names_that_are_no_plain_label_are_digested() -> None:
+    from devd.proxy.names import port_label
+
+    assert port_label("web") == "web" and port_label("api_v2") == "api-v2"
+    for name in ("web_", "xn__abc", "a__b"):
+        assert DNS.match(port_label(name)) and "--" not in port_label(name), name
+
+
 def test_a_name_crafted_like_a_digested_one_gets_a_host_of_its_own() -> None:
     """`with_path(...)` is computable by anyone: a branch or a repo literally named like
     another's digested label must not make the two share a host."""
