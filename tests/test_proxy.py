@@ -169,6 +169,45 @@ def test_hosts_short_forms_and_clashes() -> None:
     assert base_url(443, True).format("x") == "https://x"
 
 
+def test_log_names_never_leave_their_dir() -> None:
+    from devd.proxy.dashboard import Dashboard
+
+    asked: list[tuple[str, str]] = []
+    sock = Path(tempfile.mkdtemp()) / "d.sock"
+    board = Dashboard(sock, dict, lambda w, n, c: asked.append((w, n)) or "tail", key="k" * 43)
+    board.start()
+    try:
+        for path in ("..%2F..%2Fetc/passwd", "x/..", "x/a%2Fb", "x/a%00", "shop-1a/web"):
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.connect(str(sock))
+                conn.sendall(f"GET /{'k' * 43}/logs/{path} HTTP/1.0\r\n\r\n".encode())
+                conn.recv(4096)
+    finally:
+        board.stop()
+    assert asked == [("shop-1a", "web")]
+
+
+def test_caddy_config_has_no_placeholder_but_its_own() -> None:
+    """Caddy replaces {…} in bodies, hosts and dials: no user text may bring one."""
+    from devd.proxy.config import caddy_config
+
+    names = ["feat/{http.request.header.Cookie}", "{env.HOME}", "}{", XSS]
+    table = build([site_(f"w{i}", n) for i, n in enumerate(names)], base_url(1356, False))
+    config = caddy_config(table, port=1356, tls=True, admin=Path("/r/a.sock"),
+                          storage=Path("/d/s"), dashboard=Path("/r/d.sock"))
+
+    def strings(value: Any) -> Iterator[str]:
+        if isinstance(value, str):
+            yield value
+        for item in value.values() if isinstance(value, dict) else \
+                value if isinstance(value, list) else []:
+            yield from strings(item)
+
+    text = "".join(strings(config))
+    assert set(re.findall(r"\{[^}]*\}", text)) <= {
+        "{http.error.status_code}", "{http.request.host}"}
+
+
 def test_port_names_that_are_no_plain_label_are_digested() -> None:
     from devd.proxy.names import port_label
 

@@ -31,6 +31,9 @@ log = logging.getLogger("devd")
 LogTail = Callable[[str, str, int], "str | None"]
 TAIL_LINES, TAIL_MAX = 200, 5000
 _KEY = re.compile(r"[A-Za-z0-9_-]{32,}")
+# A worktree id or service name as devd makes them: never `..`, `a/b` (from %2F) or a NUL,
+# so no log_tail behind this seam can be walked out of its dir.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 LOCKED = "not found: the dashboard's address is in `devd status` (proxy.dashboard)\n"
 
 
@@ -122,7 +125,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _logs(self, wt_id: str, name: str, lines: str) -> None:
         tail = self.server.dashboard.log_tail
         count = min(TAIL_MAX, int(lines)) if lines.isdigit() else TAIL_LINES
-        text = tail(wt_id, name, count) if tail else None
+        plain = all(_NAME.fullmatch(part) and ".." not in part for part in (wt_id, name))
+        text = tail(wt_id, name, count) if tail and plain else None
         if text is None:
             self._send(404, "no services: no such service log\n", "text/plain")
         else:
