@@ -221,6 +221,9 @@ def render_status(result: dict[str, Any], cwd: str | None, paint: Painter,
         out.append(paint(safe(tilde(repo)), "1"))
         for row in rows:
             out.append(line(row, widths, paint, COLOURS.get(row[STATE].split(" ")[0])))
+    proxy = result.get("proxy") or {}
+    if proxy.get("state") == "running" and proxy.get("dashboard"):
+        out.append(f"dashboard {proxy['dashboard']}")  # its key is only in status
     return "\n".join(out + warnings(result))
 
 

@@ -26,7 +26,7 @@ from conftest import ROOT, Devd, Repo, run_git, wait_for
 from pgsupport import unavailable
 
 from devd.proxy import caddy
-from devd.proxy.names import label
+from devd.proxy.names import label, with_path
 from devd.proxy.routes import Site, base_url, build
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -169,6 +169,67 @@ def test_hosts_short_forms_and_clashes() -> None:
     assert base_url(443, True).format("x") == "https://x"
 
 
+def test_log_names_never_leave_their_dir() -> None:
+    from devd.proxy.dashboard import Dashboard
+
+    asked: list[tuple[str, str]] = []
+    sock = Path(tempfile.mkdtemp()) / "d.sock"
+    board = Dashboard(sock, dict, lambda w, n, c: asked.append((w, n)) or "tail", key="k" * 43)
+    board.start()
+    try:
+        for path in ("..%2F..%2Fetc/passwd", "x/..", "x/a%2Fb", "x/a%00", "shop-1a/web"):
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.connect(str(sock))
+                conn.sendall(f"GET /{'k' * 43}/logs/{path} HTTP/1.0\r\n\r\n".encode())
+                conn.recv(4096)
+    finally:
+        board.stop()
+    assert asked == [("shop-1a", "web")]
+
+
+def test_caddy_config_has_no_placeholder_but_its_own() -> None:
+    """Caddy replaces {…} in bodies, hosts and dials: no user text may bring one."""
+    from devd.proxy.config import caddy_config
+
+    names = ["feat/{http.request.header.Cookie}", "{env.HOME}", "}{", XSS]
+    table = build([site_(f"w{i}", n) for i, n in enumerate(names)], base_url(1356, False))
+    config = caddy_config(table, port=1356, tls=True, admin=Path("/r/a.sock"),
+                          storage=Path("/d/s"), dashboard=Path("/r/d.sock"))
+
+    def strings(value: Any) -> Iterator[str]:
+        if isinstance(value, str):
+            yield value
+        for item in value.values() if isinstance(value, dict) else \
+                value if isinstance(value, list) else []:
+            yield from strings(item)
+
+    text = "".join(strings(config))
+    assert set(re.findall(r"\{[^}]*\}", text)) <= {
+        "{http.error.status_code}", "{http.request.host}"}
+
+
+def test_port_names_that_are_no_plain_label_are_digested() -> None:
+    from devd.proxy.names import port_label
+
+    assert port_label("web") == "web" and port_label("api_v2") == "api-v2"
+    for name in ("web_", "xn__abc", "a__b"):
+        assert DNS.match(port_label(name)) and "--" not in port_label(name), name
+
+
+def test_a_name_crafted_like_a_digested_one_gets_a_host_of_its_own() -> None:
+    """`with_path(...)` is computable by anyone: a branch or a repo literally named like
+    another's digested label must not make the two share a host."""
+    first_shop = Site("s", Path("/src/a/shop"), Path("/src/a/shop/.git"), "shop", True, "main",
+                      {"web": 5})
+    table = build([site_("a", "x"), site_("b", with_path("x", Path("/src/c"))), site_("c", "x"),
+                   first_shop, site_("m", "main", main=True),
+                   site_("n", "main", main=True, repo=with_path("shop", Path("/src/shop/.git")))
+                   ], base_url(1356, False))
+    hosts = table.hosts()
+    assert len(hosts) == len(set(hosts)), sorted(hosts)
+    assert all(DNS.match(part) for h in hosts for part in h.split("."))
+
+
 def test_page_escapes_services_and_links_only_http() -> None:
     from devd.proxy.page import page
 
@@ -183,7 +244,7 @@ def test_page_escapes_services_and_links_only_http() -> None:
     assert 'href="javascript' not in html and "<td>javascript:alert(1)</td>" in html
     assert "crashed (pid -, restarts 3)" in html and 'href="http://web.a.shop.localhost:1356/"' \
         in html
-    assert "/logs/%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E/" in html
+    assert 'href="logs/%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E/' in html  # under /<key>/
 
 
 # -- through the proxy -----------------------------------------------------------
@@ -266,9 +327,10 @@ def test_env_contract_has_the_urls(site: Site_) -> None:
 def test_status_says_running(site: Site_) -> None:
     proxy = proxy_of(site.devd)
     assert proxy | {"pid": 0} == proxy | {"state": "running", "port": site.port, "pid": 0}
-    assert proxy["dashboard"] == f"http://devd.localhost:{site.port}/"
+    assert re.fullmatch(rf"http://devd\.localhost:{site.port}/[\w-]{{43}}/", proxy["dashboard"])
     text = site.devd.run("status").stdout
     assert f"proxy :{site.port}" in text.splitlines()[0]
+    assert f"dashboard {proxy['dashboard']}" in text.splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +350,7 @@ def playwright_dir() -> Path:
 def test_dashboard_in_chromium(site: Site_, playwright_dir: Path) -> None:
     """Every worktree with its links, the hostile branch shown as text, no script runs;
     then a page whose WebSocket (as HMR's) goes through the proxy."""
-    dashboard = f"http://devd.localhost:{site.port}/"
+    dashboard = proxy_of(site.devd)["dashboard"]
     page = site.entry("feat/a")["urls"]["web"] + "/page"
     reply = subprocess.run(["node", str(FIXTURES / "proxy_browser.js"), dashboard, page],
                            capture_output=True, text=True, timeout=120,
@@ -305,8 +367,28 @@ def test_dashboard_in_chromium(site: Site_, playwright_dir: Path) -> None:
 
 
 def test_log_tail_route_without_services(site: Site_) -> None:
-    reply = curl(f"http://devd.localhost:{site.port}/logs/x/web", "-w", "\n%{http_code}")
+    reply = curl(proxy_of(site.devd)["dashboard"] + "logs/x/web", "-w", "\n%{http_code}")
     assert reply.stdout == "no services: no such service log\n\n404"
+
+
+def test_dashboard_needs_its_key(site: Site_) -> None:
+    """Anyone on the machine reaches loopback TCP: without the key (in the owner's 0600
+    files and `devd status`), no path, branch or log; a foreign Host gets a bare 404."""
+    dashboard = proxy_of(site.devd)["dashboard"]
+    key = dashboard.rstrip("/").rsplit("/", 1)[1]
+    assert (site.devd.paths.data_dir / "dashboard.key").read_text() == key
+    assert (site.devd.paths.data_dir / "dashboard.key").stat().st_mode & 0o077 == 0
+    root = f"http://devd.localhost:{site.port}"
+    for path in ("/", "/status.json", "/logs/x/web", f"/{key[:-1]}/status.json",
+                 f"/x/{key}/status.json", f"/{key}%00/status.json"):
+        reply = curl(root + path, "-w", "\n%{http_code}")
+        assert reply.stdout.endswith("\n404") and "/src/" not in reply.stdout, path
+    moved = curl(f"{root}/{key}", "-w", "%{http_code} %{redirect_url}")
+    assert moved.stdout == f"308 {root}/{key}/"
+    answer = curl(dashboard + "status.json", "-D", "-")
+    assert "Referrer-Policy: no-referrer" in answer.stdout and '"worktrees"' in answer.stdout
+    foreign = curl(f"http://evil.example:{site.port}/{key}/status.json", "-w", "\n%{http_code}")
+    assert foreign.stdout == "not found\n\n404"
 
 
 # -- what goes wrong ---------------------------------------------------------------
@@ -374,6 +456,47 @@ def test_a_caddy_that_keeps_crashing_is_retried_with_a_growing_back_off(
     assert proxy["backoff"] >= 2.0  # 0.5, 1, 2, ... s: not a loop that spins
     devd.run("provision", str(repo.main))  # the rest of devd does not care
     assert devd.stop() == 0
+
+
+def test_a_caddy_that_never_answers_is_stopped_with_its_group_and_said(
+        lone: tuple[Devd, Repo], tmp_path: Path) -> None:
+    """A DEVD_CADDY wrapper that never execs caddy: not "starting" for ever; what it
+    started goes with it (the group), and it is retried."""
+    devd, repo = lone
+    deaf, pids = tmp_path / "caddy", tmp_path / "pids"
+    deaf.write_text(f"#!/bin/sh\nsleep 600 &\necho $! >> {pids}\nwait\n")
+    deaf.chmod(0o755)
+    devd.env["DEVD_CADDY"] = str(deaf)
+    devd.start()
+    wait_for(lambda: proxy_of(devd)["state"] == "not_answering", timeout=30,
+             what="not_answering")
+    assert "did not answer on its admin socket" in proxy_of(devd)["error"]
+    assert "! proxy not_answering" in devd.run("status").stdout
+    first = int(pids.read_text().split()[0])
+    wait_for(lambda: not _alive(first), what="the wrapper's child stopped")
+    assert devd.stop() == 0
+
+
+def test_a_users_caddy_on_the_admin_socket_is_never_stopped(lone: tuple[Devd, Repo],
+                                                            tmp_path: Path) -> None:
+    devd, repo = lone
+    sock = devd.paths.runtime_dir / "caddy-admin.sock"
+    sock.parent.mkdir(parents=True, mode=0o700)
+    config = tmp_path / "user.json"
+    config.write_text(json.dumps({"admin": {"listen": f"unix/{sock}"}}))
+    theirs = subprocess.Popen([str(need_caddy()), "run", "--config", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "HOME": str(tmp_path)})
+    try:
+        wait_for(lambda: caddy.answers(sock), what="the user's caddy")
+        devd.start()
+        wait_for(lambda: proxy_of(devd)["state"] == "admin_socket_taken",
+                 what="admin_socket_taken")
+        assert devd.stop() == 0
+        assert theirs.poll() is None and caddy.answers(sock)
+    finally:
+        theirs.terminate()
+        theirs.wait()
 
 
 def test_killed_caddy_is_restarted_and_a_killed_daemon_leaves_nothing_behind(

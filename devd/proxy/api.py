@@ -29,17 +29,20 @@ def start(service: Any, running: contextlib.ExitStack) -> None:
     if not service.settings.proxy:
         return
     from devd.proxy.child import CaddyProxy
-    from devd.proxy.dashboard import Dashboard
+    from devd.proxy.dashboard import Dashboard, dashboard_key
 
     paths = service.paths
     ensure_private_dir(paths.runtime_dir)
+    ensure_private_dir(paths.data_dir)
     dashboard = Dashboard(paths.runtime_dir / "dashboard.sock",
                           lambda: service.do_status(_quiet),
                           log_tail=lambda wt_id, name, lines: service_log_tail(
-                              service, wt_id, name, lines))
+                              service, wt_id, name, lines),
+                          key=dashboard_key(paths.data_dir / "dashboard.key"))
     dashboard.start()
     running.callback(dashboard.stop)
-    proxy = CaddyProxy(service.settings, paths, service.registry, dashboard.socket_path)
+    proxy = CaddyProxy(service.settings, paths, service.registry, dashboard.socket_path,
+                       dashboard.key)
     service.proxy, service.on_change = proxy, proxy.nudge
     proxy.start()
     running.callback(proxy.stop)

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -37,12 +38,12 @@ class CaddyProxy:
     """One Caddy per daemon; its admin API on a unix socket in the private runtime dir."""
 
     def __init__(self, settings: Settings, paths: Paths, registry: Registry,
-                 dashboard: Path) -> None:
+                 dashboard: Path, dashboard_key: str = "") -> None:
         self.port, self.tls, self._configured = settings.proxy_port, settings.proxy_tls, \
             settings.caddy
         self._registry = registry
         self.admin_socket = paths.runtime_dir / "caddy-admin.sock"
-        self.dashboard = dashboard
+        self.dashboard, self._key = dashboard, dashboard_key
         self._config_file = paths.runtime_dir / "caddy.json"
         self.log_path = paths.state_dir / "caddy.log"
         self._data = paths.data_dir / "caddy"
@@ -87,7 +88,7 @@ class CaddyProxy:
             "backoff": self._backoff(self._failures - 1) if self._failures else 0.0,
             "pid": proc.pid if proc is not None and proc.poll() is None else None,
             "binary": str(self._binary) if self._binary else None,
-            "dashboard": base_url(self.port, self.tls).format(host(DASHBOARD)) + "/",
+            "dashboard": base_url(self.port, self.tls).format(host(DASHBOARD)) + f"/{self._key}/",
             "log": str(self.log_path),
             "admin_socket": str(self.admin_socket),
         } | ({"trust": f"{self._binary or 'caddy'} trust --address unix/{self.admin_socket}"}
@@ -128,7 +129,8 @@ class CaddyProxy:
         if self._binary is None:
             self._fail("binary_missing", "no caddy binary found", caddy.MISSING_HINT)
             return
-        self._stop_leftover()
+        if not self._stop_leftover():
+            return
         if not is_free(self.port):
             self._fail("port_taken", f"port {self.port} is taken{_holder(self.port)}",
                        "stop what listens there, or set proxy_port in config.toml "
@@ -137,16 +139,24 @@ class CaddyProxy:
         config = self._config()
         ensure_private_dir(self._data)
         write_atomic(self._config_file, json.dumps(config).encode())
-        self._set("starting")
+        if not self._failures:  # a retry keeps saying what went wrong until it is up
+            self._set("starting")
         with _log_file(self.log_path) as out:
             self._proc = subprocess.Popen(
                 [str(self._binary), "run", "--config", str(self._config_file)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self._env(),
-                start_new_session=True)  # a ^C in the daemon's terminal is the daemon's
+                start_new_session=True,  # a ^C in the daemon's terminal is the daemon's
+                umask=0o077)  # its sockets, keys and certificates: the owner's only
         if self._ready():
             self._pushed, self._up_since = config, time.monotonic()
             self._set("running")
             log.info("proxy: caddy pid %d on port %d", self._proc.pid, self.port)
+        elif self._proc is not None and not self._stop.is_set():
+            # Alive but deaf (DEVD_CADDY a wrapper that never execs caddy, a hung start):
+            # stopped and retried, never left "starting" for ever with no warning.
+            self._terminate_child()
+            self._fail("not_answering", f"caddy did not answer on its admin socket within "
+                       f"{READY_TIMEOUT:.0f} s", f"see {self.log_path}; devd retries")
 
     def _ready(self) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -181,8 +191,8 @@ class CaddyProxy:
             caddy.load(self.admin_socket, config)
         except (OSError, DevdError) as exc:
             log.warning("proxy: pushing routes failed: %s", exc)
-            with self._guard:
-                self._state["error"] = f"pushing routes failed: {exc}"
+            # Its own state, so `devd status` warns: Caddy still serves the old routes.
+            self._set("stale", f"pushing routes failed: {exc}", f"see {self.log_path}")
             return
         self._pushed = config
         self._set("running")
@@ -212,10 +222,16 @@ class CaddyProxy:
         with self._guard:
             self._state = {"state": state, "error": error, "hint": hint}
 
-    def _stop_leftover(self) -> None:
+    def _stop_leftover(self) -> bool:
         """A Caddy of an earlier daemon of this DEVD_HOME (killed -9) still serving on our
-        admin socket: the socket lives in our private runtime dir, so it is ours to stop."""
+        admin socket is stopped; one whose config is not ours (its storage is not devd's
+        dir: a user's `caddy run` pointed at this path) is left alone and reported."""
         if caddy.answers(self.admin_socket):
+            if not self._ours():
+                self._fail("admin_socket_taken", f"a caddy devd did not start answers on "
+                           f"{self.admin_socket}", "stop it (devd never stops a caddy it "
+                           "did not start), or remove the socket")
+                return False
             log.info("proxy: stopping the caddy an earlier daemon left running")
             with contextlib.suppress(OSError):
                 caddy.admin(self.admin_socket, "POST", "/stop")
@@ -224,19 +240,37 @@ class CaddyProxy:
                 time.sleep(0.05)
         with contextlib.suppress(FileNotFoundError):
             self.admin_socket.unlink()
+        return True
+
+    def _ours(self) -> bool:
+        try:
+            status, body = caddy.admin(self.admin_socket, "GET", "/config/storage/root",
+                                       timeout=1.0)
+            return status == 200 and json.loads(body) == str(self._data / "storage")
+        except (OSError, ValueError):
+            return False
 
     def _terminate(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._config_file.unlink()
+        self._terminate_child()
+
+    def _terminate_child(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.terminate()
+        # Its whole process group (its own session): a wrapper script's caddy goes too.
+        _signal_group(proc, signal.SIGTERM)
         try:
             proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _signal_group(proc, signal.SIGKILL)
             proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)  # start_new_session: the group is the child's and ours
 
 
 def _holder(port: int) -> str:

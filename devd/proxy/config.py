@@ -72,7 +72,8 @@ def not_found(table: Table) -> list[dict[str, Any]]:
 def _static(status: int | str, body: str, kind: str = "text/html") -> dict[str, Any]:
     return {"handler": "static_response", "status_code": status, "body": body,
             "headers": {"Content-Type": [f"{kind}; charset=utf-8"],
-                        "Content-Security-Policy": ["default-src 'none'"]}}
+                        "Content-Security-Policy": ["default-src 'none'"],
+                        "X-Content-Type-Options": ["nosniff"]}}
 
 
 def not_found_page(table: Table) -> str:

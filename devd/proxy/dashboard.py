@@ -1,12 +1,20 @@
 """The dashboard's server: stdlib HTTP on a unix socket, which Caddy reverse-proxies
-http://devd.localhost:<port>/ to. Read-only (GET only), so no request can change anything."""
+http://devd.localhost:<port>/ to. Read-only (GET only), so no request can change anything.
+
+Everything lives under a secret first path segment, /<key>/: the proxy port is loopback
+TCP, which every user of the machine (and any page a browser opens, by its own name) can
+reach, while paths, branches, errors and service logs are the owner's. The key is in
+`devd status` (over the daemon's 0600 socket) and in a 0600 file; without it, a bare 404."""
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import os
+import re
+import secrets
 import socketserver
 import threading
 from collections.abc import Callable
@@ -15,12 +23,30 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from devd.paths import write_atomic
 from devd.proxy.page import POLICY, page
 
 log = logging.getLogger("devd")
 # (worktree id, service, lines) → the log's tail, or None when there is no such service.
 LogTail = Callable[[str, str, int], "str | None"]
 TAIL_LINES, TAIL_MAX = 200, 5000
+_KEY = re.compile(r"[A-Za-z0-9_-]{32,}")
+# A worktree id or service name as devd makes them: never `..`, `a/b` (from %2F) or a NUL,
+# so no log_tail behind this seam can be walked out of its dir.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+LOCKED = "not found: the dashboard's address is in `devd status` (proxy.dashboard)\n"
+
+
+def dashboard_key(path: Path) -> str:
+    """The secret path segment: made once, kept across restarts so a bookmark keeps working.
+    Delete the file and restart the daemon to change it."""
+    with contextlib.suppress(FileNotFoundError):
+        key = path.read_text().strip()
+        if _KEY.fullmatch(key):
+            return key
+    key = secrets.token_urlsafe(32)
+    write_atomic(path, key.encode())
+    return key
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -32,8 +58,9 @@ class Dashboard:
     """A thread serving the page, /status.json and /logs/<worktree id>/<service>."""
 
     def __init__(self, socket_path: Path, status: Callable[[], dict[str, Any]],
-                 log_tail: LogTail | None = None) -> None:
+                 log_tail: LogTail | None = None, key: str = "") -> None:
         self.socket_path = socket_path
+        self.key = key or secrets.token_urlsafe(32)
         self.status = status
         self.log_tail = log_tail
         self._server: _Server | None = None
@@ -77,6 +104,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self) -> None:
         url = urlsplit(self.path)
         parts = [unquote(p) for p in url.path.split("/") if p]
+        if not parts or not hmac.compare_digest(parts[0].encode("utf-8", "surrogateescape"),
+                                                self.server.dashboard.key.encode()):
+            self._send(404, LOCKED, "text/plain")
+            return
+        if len(parts) == 1 and not url.path.endswith("/"):  # relative links need the slash
+            self._send(308, "", "text/plain", location=f"/{parts[0]}/")
+            return
+        parts = parts[1:]
         if not parts:
             self._send(200, page(self.server.dashboard.status()), "text/html")
         elif parts == ["status.json"]:
@@ -90,20 +125,24 @@ class _Handler(BaseHTTPRequestHandler):
     def _logs(self, wt_id: str, name: str, lines: str) -> None:
         tail = self.server.dashboard.log_tail
         count = min(TAIL_MAX, int(lines)) if lines.isdigit() else TAIL_LINES
-        text = tail(wt_id, name, count) if tail else None
+        plain = all(_NAME.fullmatch(part) and ".." not in part for part in (wt_id, name))
+        text = tail(wt_id, name, count) if tail and plain else None
         if text is None:
             self._send(404, "no services: no such service log\n", "text/plain")
         else:
             self._send(200, text, "text/plain")
 
-    def _send(self, code: int, body: str, kind: str) -> None:
+    def _send(self, code: int, body: str, kind: str, location: str = "") -> None:
         data = body.encode("utf-8", "replace")
         self.send_response(code)
+        if location:
+            self.send_header("Location", location)
         self.send_header("Content-Type", f"{kind}; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Content-Security-Policy", POLICY)
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Cache-Control", "no-store")
+        self.send_header("Referrer-Policy", "no-referrer")  # the key is in the URL
         self.end_headers()
         self.wfile.write(data)
 

@@ -33,8 +33,10 @@ def label(name: str) -> str:
 
 
 def port_label(name: str) -> str:
-    """Port names are [a-z][a-z0-9_]*: `_` → `-` is one-to-one (they hold no dash)."""
-    return name.replace("_", "-")
+    """Port names are [a-z][a-z0-9_]{0,30}: `_` → `-` is one-to-one (they hold no dash),
+    and `label` then digests the few that would not be a plain label: `web_` (a trailing
+    dash), `xn__a` (`xn--a` is punycode to a browser, which refuses a bad one)."""
+    return label(name.replace("_", "-"))
 
 
 def with_path(base: str, path: Path) -> str:

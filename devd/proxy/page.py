@@ -100,6 +100,6 @@ def _services(wt: dict[str, Any]) -> str:
 def _service(wt_id: str, service: dict[str, Any]) -> str:
     name, url = str(service.get("name", "?")), service.get("url")
     link = f" {_link(url, 'open')}" if url else ""
-    logs = f"/logs/{quote(wt_id, safe='')}/{quote(name, safe='')}"
+    logs = f"logs/{quote(wt_id, safe='')}/{quote(name, safe='')}"  # under /<key>/
     return (f"{e(name)}: {e(service.get('state'))} (pid {e(service.get('pid') or '-')}, "
             f"restarts {e(service.get('restarts', 0))}){link} <a href=\"{e(logs)}\">log</a>")

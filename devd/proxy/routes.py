@@ -6,6 +6,7 @@ the Caddy config and each worktree's DEVD_URL* agree, and routes are as stable a
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,8 +100,7 @@ def _repo_labels(found: list[Site]) -> dict[Path, str]:
     labels: dict[Path, str] = {}
     for key in sorted({s.repo_key for s in found}):
         name = label(next(s.repo_name for s in found if s.repo_key == key))
-        taken = name == DASHBOARD or name in labels.values()
-        labels[key] = with_path(name, key) if taken else name
+        labels[key] = _clear(name, {DASHBOARD, *labels.values()}, key)
     return labels
 
 
@@ -113,11 +113,20 @@ def _worktree_labels(members: list[Site]) -> dict[str, str | None]:
         if site.main:
             labels[site.wt_id] = None
             continue
-        name = label(site.name)
-        if name in reserved or name in labels.values():
-            name = with_path(name, site.path)
-        labels[site.wt_id] = name
+        labels[site.wt_id] = _clear(label(site.name), reserved | {
+            n for n in labels.values() if n}, site.path)
     return labels
+
+
+def _clear(name: str, taken: Container[str], path: Path) -> str:
+    """`name`, else it with the path's digest; should that be taken too (a branch named
+    literally like another's digested label), a digest of the path and a count, so a
+    crafted name never shares another worktree's host."""
+    found, count = name, 0
+    while found in taken:
+        found = with_path(name, path if not count else Path(f"{path}#{count}"))
+        count += 1
+    return found
 
 
 def base_url(port: int, tls: bool) -> str:
