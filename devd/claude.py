@@ -260,7 +260,7 @@ def _files_copied(wt: dict[str, Any]) -> bool:
 # -- remove ------------------------------------------------------------------------------
 
 
-def claude_remove(stream: IO[str], client: Client, say: Say) -> int:
+def claude_remove(stream: IO[str], environ: dict[str, str], client: Client, say: Say) -> int:
     """WorktreeRemove: release the worktree's resources (data kept unless configured),
     remove it and the branch claude-create made for it, as Claude does. 0 once it is gone;
     1 while it is still there (Claude then keeps it and shows why)."""
@@ -272,9 +272,9 @@ def claude_remove(stream: IO[str], client: Client, say: Say) -> int:
     if not path.exists():
         say(f"{path} is already gone")
         return 0
-    if not is_worktree_root(path):
-        # A path inside a worktree would take the whole enclosing one: only exact roots.
-        say(f"devd: {path} is not the root of a git worktree; left in place")
+    why = _not_removable(path, environ)
+    if why:
+        say(f"devd: {path} {why}; left in place")
         return 1
     common = Path(git(path, "rev-parse", "--path-format=absolute", "--git-common-dir")
                   .stdout.strip())
@@ -292,6 +292,25 @@ def claude_remove(stream: IO[str], client: Client, say: Say) -> int:
         say(f"deleted branch {branch}" if deleted.returncode == 0
             else f"warning: could not delete branch {branch}: {deleted.stderr.strip()}")
     return 0
+
+
+def _not_removable(path: Path, environ: dict[str, str]) -> str | None:
+    """Why `path` is no worktree of this session's repo to remove, checked before anything
+    is released: the main worktree, another repository's, a directory inside a worktree (it
+    would take the whole enclosing one) and a plain directory are never Claude's."""
+    if not is_worktree_root(path):
+        return "is not the root of a git worktree"
+    _, common = main_root(path)
+    if not _linked_worktree(path, common):
+        return "is the main worktree of its repository, not one Claude made"
+    project = environ.get("CLAUDE_PROJECT_DIR")
+    try:
+        mine = main_root(Path(project))[1] if project and os.path.isabs(project) else common
+    except NotAWorktree:
+        mine = common
+    if mine != common:
+        return f"belongs to another repository than this session's ({project})"
+    return None
 
 
 def _release(client: Client, path: Path, say: Say) -> None:
