@@ -50,6 +50,7 @@ AGENT_NAME = re.compile(r"agent-a[0-9a-f]{16}")
 MARK = "devd-claude.json"
 FILES_TIMEOUT = 30.0
 ENV_TIMEOUT = 30.0
+ENV_IDLE = 2.0  # `devd env` from the env script, per Bash command
 
 
 def worktree_slug(data: dict[str, Any]) -> str:
@@ -349,7 +350,10 @@ def claude_env(stream: IO[str], environ: dict[str, str], client: Client, say: Sa
         return ""  # a session outside any git repo: nothing of devd's
     place = Path(str(claude_config(repo).get("worktree_dir", ".claude/worktrees")))
     later = Path(os.path.normpath(repo / place.expanduser()))
-    cases = [(later, 'eval "$(DEVD_NO_AUTOSTART=1 devd env 2>/dev/null)"')]
+    # Before every Bash command there: a daemon that is down costs nothing, a stuck one
+    # ENV_IDLE seconds (not the CLI's 5), and no daemon is ever started from here.
+    cases = [(later, f'eval "$(DEVD_NO_AUTOSTART=1 DEVD_TIMEOUT={ENV_IDLE:g} devd env '
+                     '2>/dev/null)"')]
     note = ""
     try:
         wt = wait_until(client, Path(where), ENV_TIMEOUT, _ports_settled, register_grace=0.0)

@@ -4,8 +4,12 @@ agent worktrees someone started using. Each must be refused or kept, never delet
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
 from pathlib import Path
 
+from devd.claude import env_script
 from tests.conftest import Devd, Repo, wait_for
 
 
@@ -32,3 +36,22 @@ def test_remove_refuses_what_is_not_this_sessions_worktree(devd: Devd, repo: Rep
         assert path.is_dir() and "released" not in done.stderr
     # Nothing was released before the refusal: the main worktree keeps its ports.
     assert devd.worktree(repo.main)["state"] == "ready"
+
+
+def test_env_script_takes_paths_and_values_literally(tmp_path: Path) -> None:
+    """Claude sources the script in the user's shell before every Bash command: a path with
+    quotes, `$(...)`, a newline or glob characters is data, and /x/wt never matches /x/wt2."""
+    pwned = tmp_path / "pwned"
+    hostile = tmp_path / f"it's $(touch {pwned}) `touch {pwned}`\n[a]*"
+    wt, wt2 = tmp_path / "wt", tmp_path / "wt2"
+    script = env_script([(hostile, f"export A={shlex.quote('$(touch ' + str(pwned) + ')')}"),
+                         (wt, "export A=wt"), (wt2, "export A=wt2")])
+    for shell in ("sh", "bash"):
+        for cwd, expected in ((hostile / "sub", f"$(touch {pwned})"), (wt, "wt"),
+                              (wt2 / "deep", "wt2"), (tmp_path / "wt3", "")):
+            cwd.mkdir(parents=True, exist_ok=True)
+            done = subprocess.run([shell, "-c", f'{script}\nprintf %s "$A"'], cwd=cwd,
+                                  env={"PATH": os.environ["PATH"], "PWD": str(cwd)},
+                                  capture_output=True, text=True, check=True)
+            assert done.stdout == expected, (shell, cwd)
+    assert not pwned.exists()
