@@ -9,7 +9,12 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from devd import dotenv
 from devd.claude import env_script
+from devd.errors import ConfigError, DevdError
+from devd.settings import load_repo_config
 from tests.conftest import Devd, Repo, wait_for
 
 
@@ -55,3 +60,15 @@ def test_env_script_takes_paths_and_values_literally(tmp_path: Path) -> None:
                                   capture_output=True, text=True, check=True)
             assert done.stdout == expected, (shell, cwd)
     assert not pwned.exists()
+
+
+def test_a_trailing_newline_is_no_name_and_no_bare_value(tmp_path: Path) -> None:
+    """`$` matches before a final newline: a devd.toml name "web\\n" would become an
+    `export PORT_WEB\\n=...` in every Bash command, a value "/x/wt\\n" a .env line naming
+    the worktree /x/wt."""
+    for toml in ('[ports]\nnames = ["web\\n"]\n', '[cache]\nenv = ["FOO\\n"]\n'):
+        (tmp_path / "devd.toml").write_text(toml)
+        with pytest.raises(ConfigError):
+            load_repo_config(tmp_path)
+    with pytest.raises(DevdError, match="U\\+000A"):
+        dotenv.render({"DEVD_WORKTREE": "/x/wt\n"})
