@@ -280,9 +280,11 @@ def claude_remove(stream: IO[str], environ: dict[str, str], client: Client, say:
     common = Path(git(path, "rev-parse", "--path-format=absolute", "--git-common-dir")
                   .stdout.strip())
     branch = git(path, "branch", "--show-current", check=False).stdout.strip()
-    _release(client, path, say)
+    release_data = bool(claude_config(path).get("release_data", False))
     # From the common dir: git refuses to remove the worktree it runs in, and it never
-    # removes the main worktree, so a wrong path cannot take the repository with it.
+    # removes the main worktree, so a wrong path cannot take the repository with it. Git
+    # first, release after (as gc does for a gone worktree): a worktree git keeps (locked,
+    # a submodule) keeps its ports and database too.
     result = git(common, "worktree", "remove", "--force", str(path), check=False)
     if result.returncode != 0:
         say(f"devd: git could not remove {path}: {result.stderr.strip()}")
@@ -292,6 +294,7 @@ def claude_remove(stream: IO[str], environ: dict[str, str], client: Client, say:
         deleted = git(common, "branch", "-D", branch, check=False)
         say(f"deleted branch {branch}" if deleted.returncode == 0
             else f"warning: could not delete branch {branch}: {deleted.stderr.strip()}")
+    _release(client, path, release_data, say)
     return 0
 
 
@@ -314,10 +317,9 @@ def _not_removable(path: Path, environ: dict[str, str]) -> str | None:
     return None
 
 
-def _release(client: Client, path: Path, say: Say) -> None:
+def _release(client: Client, path: Path, yes: bool, say: Say) -> None:
     """Free devd's resources; a failure here never keeps the worktree (gc frees them)."""
     try:
-        yes = bool(claude_config(path).get("release_data", False))
         client.call("release", {"path": str(path), "yes": yes},
                     deadline=time.monotonic() + RELEASE_DEADLINE)
         say(f"released devd's resources for {path}")

@@ -43,6 +43,7 @@ def test_remove_refuses_what_is_not_this_sessions_worktree(devd: Devd, repo: Rep
     assert devd.worktree(repo.main)["state"] == "ready"
 
 
+
 def test_env_script_takes_paths_and_values_literally(tmp_path: Path) -> None:
     """Claude sources the script in the user's shell before every Bash command: a path with
     quotes, `$(...)`, a newline or glob characters is data, and /x/wt never matches /x/wt2."""
