@@ -354,8 +354,8 @@ def claude_env(stream: IO[str], environ: dict[str, str], client: Client, say: Sa
     later = Path(os.path.normpath(repo / place.expanduser()))
     # Before every Bash command there: a daemon that is down costs nothing, a stuck one
     # ENV_IDLE seconds (not the CLI's 5), and no daemon is ever started from here.
-    cases = [(later, f'eval "$(DEVD_NO_AUTOSTART=1 DEVD_TIMEOUT={ENV_IDLE:g} devd env '
-                     '2>/dev/null)"')]
+    ask = f'eval "$(DEVD_NO_AUTOSTART=1 DEVD_TIMEOUT={ENV_IDLE:g} devd env 2>/dev/null)"'
+    cases = [(later, ask)]
     note = ""
     try:
         wt = wait_until(client, Path(where), ENV_TIMEOUT, _ports_settled, register_grace=0.0)
@@ -367,8 +367,8 @@ def claude_env(stream: IO[str], environ: dict[str, str], client: Client, say: Sa
         env, note = {}, (f"devd could not load this worktree's environment ({exc.message}); "
                          "PORT and DATABASE_URL are not set for Bash: run `devd provision`")
     if env:
-        mine = (Path(wt["path"]), "; ".join(f"export {k}={shlex.quote(v)}"
-                                            for k, v in env.items()))
+        exports = "; ".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
+        mine = (Path(wt["path"]), own_checkout_only(Path(wt["path"]), exports, ask))
         # The more specific directory first: a worktree under the worktree dir, or the
         # worktree dir inside the (main) worktree.
         cases.insert(1 if later.is_relative_to(mine[0]) else 0, mine)
@@ -378,6 +378,15 @@ def claude_env(stream: IO[str], environ: dict[str, str], client: Client, say: Sa
     with open(target, "a", encoding="utf-8") as handle:
         handle.write(env_script(cases))
     return note
+
+
+def own_checkout_only(root: Path, exports: str, elsewhere: str) -> str:
+    """`exports` where $PWD's nearest checkout is `root` itself; `elsewhere` in a checkout
+    nested in it (a worktree kept inside the main one, a submodule): never root's PORT."""
+    top = shlex.quote(str(root))
+    return (f'_devd_d=$PWD; while [ -n "$_devd_d" ] && [ "$_devd_d" != {top} ] && '
+            f'[ ! -e "$_devd_d/.git" ]; do _devd_d=${{_devd_d%/*}}; done; '
+            f'if [ "$_devd_d" = {top} ]; then {exports}; else {elsewhere}; fi; unset _devd_d')
 
 
 def env_script(cases: list[tuple[Path, str]]) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from devd import dotenv
-from devd.claude import env_script
+from devd.claude import env_script, own_checkout_only
 from devd.errors import ConfigError, DevdError
 from devd.settings import load_repo_config
 from tests.conftest import Devd, Repo, wait_for
@@ -46,14 +46,22 @@ def test_remove_refuses_what_is_not_this_sessions_worktree(devd: Devd, repo: Rep
 
 def test_env_script_takes_paths_and_values_literally(tmp_path: Path) -> None:
     """Claude sources the script in the user's shell before every Bash command: a path with
-    quotes, `$(...)`, a newline or glob characters is data, and /x/wt never matches /x/wt2."""
+    quotes, `$(...)`, a newline or glob characters is data, /x/wt never matches /x/wt2, and a
+    checkout nested in a worktree never gets that worktree's PORT."""
     pwned = tmp_path / "pwned"
     hostile = tmp_path / f"it's $(touch {pwned}) `touch {pwned}`\n[a]*"
     wt, wt2 = tmp_path / "wt", tmp_path / "wt2"
-    script = env_script([(hostile, f"export A={shlex.quote('$(touch ' + str(pwned) + ')')}"),
-                         (wt, "export A=wt"), (wt2, "export A=wt2")])
+    nested = wt / "sub" / "checkout"  # a worktree or submodule kept inside wt
+    nested.mkdir(parents=True)
+    (nested / ".git").write_text("gitdir: /elsewhere\n")
+    script = env_script([
+        (hostile, own_checkout_only(hostile, f"export A={shlex.quote(f'$(touch {pwned})')}",
+                                    "A=no")),
+        (wt, own_checkout_only(wt, "export A=wt", "export A=nested")),
+        (wt2, "export A=wt2")])
     for shell in ("sh", "bash"):
         for cwd, expected in ((hostile / "sub", f"$(touch {pwned})"), (wt, "wt"),
+                              (wt / "sub", "wt"), (nested / "src", "nested"),
                               (wt2 / "deep", "wt2"), (tmp_path / "wt3", "")):
             cwd.mkdir(parents=True, exist_ok=True)
             done = subprocess.run([shell, "-c", f'{script}\nprintf %s "$A"'], cwd=cwd,
