@@ -34,6 +34,7 @@ from devd.hooks import (
     git,
     is_worktree_root,
     read_hook_input,
+    toplevel,
     wait_until,
 )
 from devd.paths import current_dir
@@ -348,6 +349,7 @@ def claude_env(stream: IO[str], environ: dict[str, str], client: Client, say: Sa
                          "install it with `devd hook install --claude` (SessionStart)")
     try:
         repo, _ = main_root(Path(where))
+        here = toplevel(Path(where))  # a session started in a subdirectory: its worktree
     except NotAWorktree:
         return ""  # a session outside any git repo: nothing of devd's
     place = Path(str(claude_config(repo).get("worktree_dir", ".claude/worktrees")))
@@ -358,7 +360,7 @@ def claude_env(stream: IO[str], environ: dict[str, str], client: Client, say: Sa
     cases = [(later, ask)]
     note = ""
     try:
-        wt = wait_until(client, Path(where), ENV_TIMEOUT, _ports_settled, register_grace=0.0)
+        wt = wait_until(client, here, ENV_TIMEOUT, _ports_settled, register_grace=0.0)
         env = client.call("env", {"path": str(wt["path"])})["env"]
     except NotRegistered:
         env = {}  # not a worktree devd knows (yet): only later ones get theirs

@@ -42,6 +42,15 @@ def test_remove_refuses_what_is_not_this_sessions_worktree(devd: Devd, repo: Rep
     # Nothing was released before the refusal: the main worktree keeps its ports.
     assert devd.worktree(repo.main)["state"] == "ready"
 
+    # A session started in a subdirectory (`cd web && claude`) still gets its worktree's env.
+    envfile = tmp_path / "claude-env.sh"
+    done = devd.run("hook", "claude-env", input=json.dumps({"cwd": str(repo.main / "sub")}),
+                    cwd=repo.main / "sub", check=False,
+                    env={"CLAUDE_PROJECT_DIR": str(repo.main / "sub"),
+                         "CLAUDE_ENV_FILE": str(envfile)})
+    assert done.returncode == 0 and "PORT=" in done.stdout, done.stderr
+    assert "export PORT=" in envfile.read_text()
+
 
 
 def test_env_script_takes_paths_and_values_literally(tmp_path: Path) -> None:
