@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("devd")
 GIT_TIMEOUT = 30.0
 LOCAL_SETTINGS = ".claude/settings.local.json"
+_warned: set[str] = set()  # worktree ids whose kept removal was logged (once, not per pass)
 
 
 def sweep(service: Service, grace: float, now: float | None = None) -> list[Path]:
@@ -137,9 +138,11 @@ def _remove(service: Service, wt: Worktree, base: str) -> bool:
     untracked = _git(wt.path, "ls-files", "-z", "--others", "--exclude-standard") or ""
     for rel in set(untracked.split("\0")) & ours:
         (wt.path / rel).unlink(missing_ok=True)
-    if _git(common, "worktree", "remove", str(wt.path)) is None:  # no --force: clean only
-        log.warning("agent worktree %s kept: git would not remove it (changed meanwhile?)",
-                    wt.path)
+    if not _git_remove(common, wt.path, base, ours):
+        if wt.id not in _warned:  # once, not every pass
+            _warned.add(wt.id)
+            log.warning("agent worktree %s kept: git would not remove it (changed meanwhile?)",
+                        wt.path)
         return False
     if branch == f"worktree-{wt.path.name}":
         _git(common, "branch", "-D", branch)
@@ -153,14 +156,29 @@ def _remove(service: Service, wt: Worktree, base: str) -> bool:
     return True
 
 
+def _git_remove(common: Path, path: Path, base: str, ours: set[str]) -> bool:
+    """`git worktree remove` without --force, which refuses anything unclean. Initialized
+    submodules make it refuse a clean one too: then --force, after one more look."""
+    done = _run(common, "worktree", "remove", str(path))
+    if done is None or done.returncode == 0:
+        return done is not None
+    if "submodules" not in done.stderr or _changes(path, base, ours) or _user(path):
+        return False
+    return _git(common, "worktree", "remove", "--force", str(path)) is not None
+
+
 def _git(cwd: Path, *args: str) -> str | None:
+    done = _run(cwd, *args)
+    return done.stdout if done is not None and done.returncode == 0 else None
+
+
+def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     try:
-        done = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True,
+        return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True,
                               timeout=GIT_TIMEOUT, env=env, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return done.stdout if done.returncode == 0 else None
 
 
 def _entries(path: Path) -> list[str]:
