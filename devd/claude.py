@@ -102,9 +102,19 @@ def claude_create(stream: IO[str], environ: dict[str, str], client: Client, say:
         raise UsageError(f"{path} exists but is not a worktree of this repository",
                          "remove it (`git worktree remove` or `rm -rf`), or choose another name")
     else:
+        _forget_missing(repo, path, say)
         _make(repo, path, slug, data, environ, say)
     _start_provisioning(client, path, say)
     return path
+
+
+def _forget_missing(repo: Path, path: Path, say: Say) -> None:
+    """A worktree deleted by hand (`rm -rf`) stays registered with git, which then refuses
+    its name ("already checked out"); its files are gone, so only git's record goes."""
+    listed = git(repo, "worktree", "list", "--porcelain", check=False).stdout.splitlines()
+    if f"worktree {path}" in listed and \
+            git(repo, "worktree", "remove", str(path), check=False).returncode == 0:
+        say(f"forgot the deleted worktree {path} (git still listed it)")
 
 
 def _make(repo: Path, path: Path, slug: str, data: dict[str, Any], environ: dict[str, str],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -90,3 +91,16 @@ def test_a_trailing_newline_is_no_name_and_no_bare_value(tmp_path: Path) -> None
             load_repo_config(tmp_path)
     with pytest.raises(DevdError, match="U\\+000A"):
         dotenv.render({"DEVD_WORKTREE": "/x/wt\n"})
+
+
+def test_a_name_deleted_by_hand_is_reused(devd_home: Devd, repo: Repo) -> None:
+    """`rm -rf` of a worktree leaves git's record, which would refuse the name for good."""
+    payload = json.dumps({"name": "again"})
+    first = devd_home.run("hook", "claude-create", input=payload, cwd=repo.main,
+                          env={"CLAUDE_PROJECT_DIR": str(repo.main)})
+    path = Path(first.stdout.strip())
+    shutil.rmtree(path)
+    again = devd_home.run("hook", "claude-create", input=payload, cwd=repo.main, check=False,
+                          env={"CLAUDE_PROJECT_DIR": str(repo.main)})
+    assert again.returncode == 0 and again.stdout == f"{path}\n", again.stderr
+    assert (path / "README.md").is_file()
