@@ -97,10 +97,12 @@ def _changes(path: Path, base: str, ours: set[str]) -> str | None:
 
 def _user(path: Path) -> str | None:
     """A process with its cwd, executable or an open file in `path` (an editor, a shell
-    someone cd'd into, a server started from elsewhere), read from /proc without the
-    registry: a released worktree is no longer in it."""
+    someone cd'd into, a server started from elsewhere), read from /proc (without it, as
+    on macOS, leftovers' cwd check is the one that holds)."""
     root = str(path.resolve())
     for pid in psutil.pids():
+        if pid == os.getpid():
+            continue  # the daemon's own (a watcher's) is devd's to drop with the worktree
         base = f"/proc/{pid}"
         try:
             links = ["cwd", "exe", *(f"fd/{fd}" for fd in os.listdir(f"{base}/fd"))]
@@ -129,7 +131,7 @@ def _written_by_devd(service: Service, wt: Worktree) -> set[str]:
 def _remove(service: Service, wt: Worktree, base: str) -> bool:
     """Check again, then let git remove it only while clean; release what devd held."""
     ours = _written_by_devd(service, wt)
-    why = _changes(wt.path, base, ours) or _user(wt.path)
+    why = _kept_because(service, wt, base)  # still registered: leftovers sees it too
     if why:
         log.info("keeping agent worktree %s: %s (it changed since the last look)", wt.path, why)
         return False
