@@ -34,6 +34,7 @@ from devd.hooks import (
     git,
     is_worktree_root,
     read_hook_input,
+    toplevel,
     wait_until,
 )
 from devd.paths import current_dir
@@ -50,6 +51,7 @@ AGENT_NAME = re.compile(r"agent-a[0-9a-f]{16}")
 MARK = "devd-claude.json"
 FILES_TIMEOUT = 30.0
 ENV_TIMEOUT = 30.0
+ENV_IDLE = 2.0  # `devd env` from the env script, per Bash command
 
 
 def worktree_slug(data: dict[str, Any]) -> str:
@@ -100,9 +102,19 @@ def claude_create(stream: IO[str], environ: dict[str, str], client: Client, say:
         raise UsageError(f"{path} exists but is not a worktree of this repository",
                          "remove it (`git worktree remove` or `rm -rf`), or choose another name")
     else:
+        _forget_missing(repo, path, say)
         _make(repo, path, slug, data, environ, say)
     _start_provisioning(client, path, say)
     return path
+
+
+def _forget_missing(repo: Path, path: Path, say: Say) -> None:
+    """A worktree deleted by hand (`rm -rf`) stays registered with git, which then refuses
+    its name ("already checked out"); its files are gone, so only git's record goes."""
+    listed = git(repo, "worktree", "list", "--porcelain", check=False).stdout.splitlines()
+    if f"worktree {path}" in listed and \
+            git(repo, "worktree", "remove", str(path), check=False).returncode == 0:
+        say(f"forgot the deleted worktree {path} (git still listed it)")
 
 
 def _make(repo: Path, path: Path, slug: str, data: dict[str, Any], environ: dict[str, str],
@@ -260,7 +272,7 @@ def _files_copied(wt: dict[str, Any]) -> bool:
 # -- remove ------------------------------------------------------------------------------
 
 
-def claude_remove(stream: IO[str], client: Client, say: Say) -> int:
+def claude_remove(stream: IO[str], environ: dict[str, str], client: Client, say: Say) -> int:
     """WorktreeRemove: release the worktree's resources (data kept unless configured),
     remove it and the branch claude-create made for it, as Claude does. 0 once it is gone;
     1 while it is still there (Claude then keeps it and shows why)."""
@@ -272,16 +284,18 @@ def claude_remove(stream: IO[str], client: Client, say: Say) -> int:
     if not path.exists():
         say(f"{path} is already gone")
         return 0
-    if not is_worktree_root(path):
-        # A path inside a worktree would take the whole enclosing one: only exact roots.
-        say(f"devd: {path} is not the root of a git worktree; left in place")
+    why = _not_removable(path, environ)
+    if why:
+        say(f"devd: {path} {why}; left in place")
         return 1
     common = Path(git(path, "rev-parse", "--path-format=absolute", "--git-common-dir")
                   .stdout.strip())
     branch = git(path, "branch", "--show-current", check=False).stdout.strip()
-    _release(client, path, say)
+    release_data = bool(claude_config(path).get("release_data", False))
     # From the common dir: git refuses to remove the worktree it runs in, and it never
-    # removes the main worktree, so a wrong path cannot take the repository with it.
+    # removes the main worktree, so a wrong path cannot take the repository with it. Git
+    # first, release after (as gc does for a gone worktree): a worktree git keeps (locked,
+    # a submodule) keeps its ports and database too.
     result = git(common, "worktree", "remove", "--force", str(path), check=False)
     if result.returncode != 0:
         say(f"devd: git could not remove {path}: {result.stderr.strip()}")
@@ -291,13 +305,32 @@ def claude_remove(stream: IO[str], client: Client, say: Say) -> int:
         deleted = git(common, "branch", "-D", branch, check=False)
         say(f"deleted branch {branch}" if deleted.returncode == 0
             else f"warning: could not delete branch {branch}: {deleted.stderr.strip()}")
+    _release(client, path, release_data, say)
     return 0
 
 
-def _release(client: Client, path: Path, say: Say) -> None:
+def _not_removable(path: Path, environ: dict[str, str]) -> str | None:
+    """Why `path` is no worktree of this session's repo to remove, checked before anything
+    is released: the main worktree, another repository's, a directory inside a worktree (it
+    would take the whole enclosing one) and a plain directory are never Claude's."""
+    if not is_worktree_root(path):
+        return "is not the root of a git worktree"
+    _, common = main_root(path)
+    if not _linked_worktree(path, common):
+        return "is the main worktree of its repository, not one Claude made"
+    project = environ.get("CLAUDE_PROJECT_DIR")
+    try:
+        mine = main_root(Path(project))[1] if project and os.path.isabs(project) else common
+    except NotAWorktree:
+        mine = common
+    if mine != common:
+        return f"belongs to another repository than this session's ({project})"
+    return None
+
+
+def _release(client: Client, path: Path, yes: bool, say: Say) -> None:
     """Free devd's resources; a failure here never keeps the worktree (gc frees them)."""
     try:
-        yes = bool(claude_config(path).get("release_data", False))
         client.call("release", {"path": str(path), "yes": yes},
                     deadline=time.monotonic() + RELEASE_DEADLINE)
         say(f"released devd's resources for {path}")
@@ -326,14 +359,18 @@ def claude_env(stream: IO[str], environ: dict[str, str], client: Client, say: Sa
                          "install it with `devd hook install --claude` (SessionStart)")
     try:
         repo, _ = main_root(Path(where))
+        here = toplevel(Path(where))  # a session started in a subdirectory: its worktree
     except NotAWorktree:
         return ""  # a session outside any git repo: nothing of devd's
     place = Path(str(claude_config(repo).get("worktree_dir", ".claude/worktrees")))
     later = Path(os.path.normpath(repo / place.expanduser()))
-    cases = [(later, 'eval "$(DEVD_NO_AUTOSTART=1 devd env 2>/dev/null)"')]
+    # Before every Bash command there: a daemon that is down costs nothing, a stuck one
+    # ENV_IDLE seconds (not the CLI's 5), and no daemon is ever started from here.
+    ask = f'eval "$(DEVD_NO_AUTOSTART=1 DEVD_TIMEOUT={ENV_IDLE:g} devd env 2>/dev/null)"'
+    cases = [(later, ask)]
     note = ""
     try:
-        wt = wait_until(client, Path(where), ENV_TIMEOUT, _ports_settled, register_grace=0.0)
+        wt = wait_until(client, here, ENV_TIMEOUT, _ports_settled, register_grace=0.0)
         env = client.call("env", {"path": str(wt["path"])})["env"]
     except NotRegistered:
         env = {}  # not a worktree devd knows (yet): only later ones get theirs
@@ -342,8 +379,8 @@ def claude_env(stream: IO[str], environ: dict[str, str], client: Client, say: Sa
         env, note = {}, (f"devd could not load this worktree's environment ({exc.message}); "
                          "PORT and DATABASE_URL are not set for Bash: run `devd provision`")
     if env:
-        mine = (Path(wt["path"]), "; ".join(f"export {k}={shlex.quote(v)}"
-                                            for k, v in env.items()))
+        exports = "; ".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
+        mine = (Path(wt["path"]), own_checkout_only(Path(wt["path"]), exports, ask))
         # The more specific directory first: a worktree under the worktree dir, or the
         # worktree dir inside the (main) worktree.
         cases.insert(1 if later.is_relative_to(mine[0]) else 0, mine)
@@ -353,6 +390,15 @@ def claude_env(stream: IO[str], environ: dict[str, str], client: Client, say: Sa
     with open(target, "a", encoding="utf-8") as handle:
         handle.write(env_script(cases))
     return note
+
+
+def own_checkout_only(root: Path, exports: str, elsewhere: str) -> str:
+    """`exports` where $PWD's nearest checkout is `root` itself; `elsewhere` in a checkout
+    nested in it (a worktree kept inside the main one, a submodule): never root's PORT."""
+    top = shlex.quote(str(root))
+    return (f'_devd_d=$PWD; while [ -n "$_devd_d" ] && [ "$_devd_d" != {top} ] && '
+            f'[ ! -e "$_devd_d/.git" ]; do _devd_d=${{_devd_d%/*}}; done; '
+            f'if [ "$_devd_d" = {top} ]; then {exports}; else {elsewhere}; fi; unset _devd_d')
 
 
 def env_script(cases: list[tuple[Path, str]]) -> str:

@@ -601,7 +601,7 @@ def _claude_hook(client: Client, hook: str) -> int:
         if hook == "claude-create":
             print(claude.claude_create(sys.stdin, dict(os.environ), client, say), flush=True)
         elif hook == "claude-remove":
-            return claude.claude_remove(sys.stdin, client, say)
+            return claude.claude_remove(sys.stdin, dict(os.environ), client, say)
         elif note := claude.claude_env(sys.stdin, dict(os.environ), client, say):
             print(note, flush=True)
     except DevdError as exc:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 from devd.errors import DevdError
 
-_BARE = re.compile(r"^[A-Za-z0-9_./:@,+=-]*$")
+_BARE = re.compile(r"^[A-Za-z0-9_./:@,+=-]*\Z")  # \Z: "$" would pass a trailing \n
 # A line defining KEY as any common loader reads it: `KEY=`, `export KEY =`, python-dotenv's
 # `'KEY'=`, node's `KEY: value`, Compose v2's `KEY:value`. python-dotenv and npm dotenv skip
 # any Unicode space (NBSP, U+2000...) and a BOM before the key, and end lines at \r too.

@@ -25,11 +25,11 @@ from devd.paths import Paths
 from devd.services import config as services_config
 
 REPO_CONFIG = "devd.toml"
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")  # \Z: "$" lets "A\n" through
 # Variables a cache mapping must not override: devd's contract and what every process needs.
 _RESERVED = {"PATH", "HOME", "USER", "SHELL", "TMPDIR", "PWD", "PORT", "DATABASE_URL"}
 _RESERVED_PREFIXES = ("DEVD_", "PORT_", "PG", "LD_", "PYTHON", "NODE_OPTIONS")
-_PORT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+_PORT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}\Z")
 # Bounds on devd.toml: its size, its lists, its strings, and ports per worktree.
 MAX_CONFIG_BYTES = 256 << 10
 MAX_LIST_ITEMS = 64

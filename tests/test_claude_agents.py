@@ -23,32 +23,43 @@ def create(devd: Devd, repo: Repo, name: str) -> Path:
 
 
 def test_only_unchanged_idle_agent_worktrees_are_removed(devd: Devd, repo: Repo) -> None:
-    unchanged = create(devd, repo, "agent-a1b2c3d4e5f6a7b8c")
+    # Swept in path order: once the last one is gone, every other one has been looked at.
+    unchanged = create(devd, repo, "agent-afb2c3d4e5f6a7b8c")
     edited = create(devd, repo, "agent-a2b2c3d4e5f6a7b8c")
     committed = create(devd, repo, "agent-a3b2c3d4e5f6a7b8c")
     busy = create(devd, repo, "agent-a4b2c3d4e5f6a7b8c")
+    # In use from elsewhere: a file held open by a process whose cwd is not there, and a
+    # shell cd'd into a subdirectory; and one with a new untracked file.
+    held = create(devd, repo, "agent-a6b2c3d4e5f6a7b8c")
+    nested = create(devd, repo, "agent-a7b2c3d4e5f6a7b8c")
+    untracked = create(devd, repo, "agent-a8b2c3d4e5f6a7b8c")
+    (nested / "sub").mkdir()
+    (untracked / "notes.txt").write_text("mine")
     # A session's own worktree is Claude's to remove, even named like an agent's.
     session = create(devd, repo, "agent-a5")
     (edited / "README.md").write_text("changed\n")
     (committed / "new.txt").write_text("x")
     run_git(committed, "add", "new.txt")
     run_git(committed, "commit", "-qm", "agent's work")
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
-                               cwd=busy)
+    sleep = [sys.executable, "-c", "import sys, time; f = open(sys.argv[1]); time.sleep(120)"]
+    sleepers = [subprocess.Popen([*sleep, str(path / "README.md")], cwd=cwd)
+                for path, cwd in ((busy, busy), (held, repo.main), (nested, nested / "sub"))]
     try:
         assert (unchanged / ".env").exists()  # devd's own file does not count as a change
         devd.stop()
         devd.env["DEVD_CLAUDE_AGENT_GRACE"] = "0"
         devd.start()
-        wait_for(lambda: "worktree-agent-a1b2" not in run_git(repo.main, "branch"), timeout=60,
+        wait_for(lambda: "worktree-agent-afb2" not in run_git(repo.main, "branch"), timeout=60,
                  what="the daemon to remove the unchanged agent worktree and its branch")
         assert not unchanged.exists()
-        assert all(p.is_dir() for p in (edited, committed, busy, session))
+        assert all(p.is_dir() for p in (edited, committed, busy, session, held, nested,
+                                         untracked))
         branches = run_git(repo.main, "branch")
-        assert "worktree-agent-a1b2" not in branches and "worktree-agent-a2b2" in branches
+        assert "worktree-agent-afb2" not in branches and "worktree-agent-a2b2" in branches
         registered = {w["path"] for w in devd.status()["worktrees"]}
         assert str(unchanged) not in registered and str(busy) in registered  # released
         assert "removed unchanged Claude Code agent worktree" in devd.log()
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()

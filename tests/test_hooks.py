@@ -222,6 +222,8 @@ def test_claude_remove_fails_while_git_keeps_the_worktree(devd: Devd, repo: Repo
     result = claude(devd, "claude-remove", payload, repo.main, cwd=tmp_path)
     assert result.returncode == 1 and "git could not remove" in result.stderr
     assert path.is_dir() and "Traceback" not in result.stderr
+    # git goes first: the worktree it keeps keeps its ports (still registered).
+    assert str(path) in {w["path"] for w in devd.status()["worktrees"]}
     run_git(repo.main, "worktree", "unlock", str(path))
     result = claude(devd, "claude-remove", payload, repo.main, cwd=tmp_path)
     assert result.returncode == 0 and not path.exists()
