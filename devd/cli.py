@@ -79,6 +79,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     cmd = command("status", "show registered worktrees and their resources", True)
     cmd.add_argument("path", nargs="?", help="one worktree, in full (default: all, a row each)")
     cmd.add_argument("-v", "--verbose", action="store_true", help="every worktree in full")
+    cmd.add_argument("--fresh", action="store_true", help="run every check now (default: "
+                     "the daemon's last pass, a few seconds old at most; PATH is always fresh)")
     cmd = command("env", "print a worktree's environment")
     _path(cmd)
     cmd.add_argument("--format", choices=("sh", "dotenv", "json"), default="sh",
@@ -295,8 +297,8 @@ def cmd_gc(client: Client, args: argparse.Namespace) -> int:
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
     from devd import render_status
 
-    params = {"path": _abspath(args.path)} if args.path else {}
-    result = client.call("status", params)
+    params: dict[str, Any] = {"path": _abspath(args.path)} if args.path else {}
+    result = client.call("status", params | ({"fresh": True} if args.fresh else {}))
     if args.json:
         _print_json(result)
     elif args.path or args.verbose:

@@ -26,6 +26,8 @@ DEPS_WORST = ("failed", "missing", "stale", "symlinked", "installing", "ready")
 
 def cells(text: str) -> int:
     """How many terminal cells `text` takes."""
+    if text.isascii():  # one cell each (safe() has escaped control characters): most text
+        return len(text)
     return sum(_cell(ch) for ch in text)
 
 
@@ -54,9 +56,9 @@ def pad(text: str, width: int) -> str:
     return text + " " * max(0, width - cells(text))
 
 
-def tilde(path: str) -> str:
-    """`path` with the home directory shown as `~`."""
-    home = os.path.expanduser("~").rstrip("/")
+def tilde(path: str, home: str | None = None) -> str:
+    """`path` with the home directory (default: this process's) shown as `~`."""
+    home = (home or os.path.expanduser("~")).rstrip("/")
     if home and (path == home or path.startswith(home + "/")):
         return "~" + path[len(home):]
     return path
@@ -195,7 +197,7 @@ def line(row: list[str], widths: list[int], paint: Painter | None = None,
 
 
 def render_status(result: dict[str, Any], cwd: str | None, paint: Painter,
-                  width: int = WIDTH, now: float | None = None) -> str:
+                  width: int = WIDTH, now: float | None = None, home: str | None = None) -> str:
     """The at-a-glance table: a summary line, a heading per repo, one row per worktree."""
     now = time.time() if now is None else now
     groups = status_rows(result, cwd, now)
@@ -203,7 +205,7 @@ def render_status(result: dict[str, Any], cwd: str | None, paint: Painter,
     every = [row for _, rows in groups for row in rows]
     widths = table(every, width, ((0, 1), (3,))) if every else []
     for repo, rows in groups:
-        out.append(paint(safe(tilde(repo)), "1"))
+        out.append(paint(safe(tilde(repo, home)), "1"))
         for row in rows:
             out.append(line(row, widths, paint, COLOURS.get(row[STATE].split(" ")[0])))
     return "\n".join(out + warnings(result))

@@ -72,7 +72,7 @@ def test_json_is_versioned_with_iso_times_and_listening(devd: Devd, repo: Repo) 
         assert entry["listening"] == {"web": True, "api": False}
         assert "top" not in (status.get("watchers") or {})
         assert status["daemon"]["gc_grace_seconds"] == 24 * 3600
-        assert f"web={web}+" in devd.run("status").stdout
+        assert f"web={web}+" in devd.run("status", "--fresh").stdout
     shutil.rmtree(tree)
     gone = devd.worktree(tree)
     assert gone["gone_at"].endswith("Z")

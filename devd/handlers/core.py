@@ -13,6 +13,7 @@ from typing import Any
 
 from devd import git, instance, owners, processes
 from devd.errors import DevdError, NotRegistered, ProtocolError, UsageError
+from devd.handlers.snapshot import StatusSnapshot
 from devd.paths import Paths
 from devd.postgres import provisioner as postgres
 from devd.protocol import peer_holds
@@ -66,6 +67,8 @@ class ServiceCore:
         self.on_register: Callable[[], None] = lambda: None
         # Set by the daemon: the watcher-budget monitor (devd/watchers/monitor.py).
         self.watchers: Any = None
+        # What `status` answers from; the daemon starts its cadence (snapshot.py).
+        self.snapshot = StatusSnapshot(self, settings.status_interval)  # type: ignore[arg-type]
 
     def handler(self, method: str) -> Callable[..., Any] | None:
         return getattr(self, f"do_{method}", None)
@@ -124,15 +127,12 @@ class ServiceCore:
         placeholders, warning = envguard.postgres_guard(ctx, ctx.env)
         return ctx.env | placeholders, [warning] if warning else []
 
-    def notice_missing(self) -> list[Worktree]:
-        """A stat per worktree: a deleted directory means gone, whoever deleted it.
-        Returns the worktrees as they are now."""
-        worktrees = self.registry.worktrees()
-        missing = [wt for wt in worktrees if wt.state != "gone" and not os.path.isdir(wt.path)]
-        for wt in missing:
-            log.info("worktree %s is gone (directory missing)", wt.path)
-            self.registry.set_state(wt.id, "gone")
-        return self.registry.worktrees() if missing else worktrees
+    def notice_missing(self) -> None:
+        """A stat per worktree: a deleted directory means gone, whoever deleted it."""
+        for wt_id, path in self.registry.live_paths():
+            if not os.path.isdir(path):
+                log.info("worktree %s is gone (directory missing)", path)
+                self.registry.set_state(wt_id, "gone")
 
     def reconcile(self) -> None:
         """Compare each known repo with `git worktree list`; what git no longer lists is gone."""

@@ -27,7 +27,7 @@ def add_to_status(service: Service, result: dict[str, Any]) -> dict[str, Any]:
     monitor = getattr(service, "watchers", None)
     if monitor is None:
         return result
-    view = monitor.refresh()
+    view = monitor.latest()  # the monitor's own cadence keeps it current
     result["watchers"] = monitor.report(view)
     for entry in result.get("worktrees", []):
         wt = service.registry.worktree(entry["id"])

@@ -110,6 +110,11 @@ class WatcherMonitor:
         self._announce(view)
         return view
 
+    def latest(self) -> View:
+        """The latest full pass, whatever its age (the first one is taken now)."""
+        view = self._view
+        return self.refresh() if view is None else view
+
     def touch(self, wt_id: str) -> None:
         """A request named this worktree: it is in use (see idle.py)."""
         self.idle.touch(wt_id)
