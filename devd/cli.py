@@ -391,7 +391,7 @@ def cmd_watchers(client: Client, args: argparse.Namespace) -> int:
 
         plan = restart(client, _abspath(args.path) if args.path else None, args.force)
         print(json.dumps(plan, indent=2) if args.json else render.restarted(plan))
-        return EXIT_OK
+        return EXIT_ERROR if plan["skipped"] else EXIT_OK  # a refusal is not a success
     result = client.call("watchers")
     print(json.dumps(result, indent=2) if args.json else render.watchers(result))
     return EXIT_OK
@@ -400,7 +400,7 @@ def cmd_watchers(client: Client, args: argparse.Namespace) -> int:
 def cmd_doctor(client: Client, args: argparse.Namespace) -> int:
     from devd.watchers import doctor, render
 
-    result = client.call("doctor")
+    result = doctor.localise(client.call("doctor"))
     if args.fix:
         result["applied"] = doctor.apply_fix(result)
     print(json.dumps(result, indent=2) if args.json else render.doctor(result))

@@ -201,7 +201,7 @@ def render_status(result: dict[str, Any], cwd: str | None, paint: Painter,
     """The at-a-glance table: a summary line, a heading per repo, one row per worktree."""
     now = time.time() if now is None else now
     groups = status_rows(result, cwd, now)
-    out = [summary(result)]
+    out = [summary(result, now)]
     every = [row for _, rows in groups for row in rows]
     widths = table(every, width, ((0, 1), (3,))) if every else []
     for repo, rows in groups:
@@ -211,7 +211,7 @@ def render_status(result: dict[str, Any], cwd: str | None, paint: Painter,
     return "\n".join(out + warnings(result))
 
 
-def summary(result: dict[str, Any]) -> str:
+def summary(result: dict[str, Any], now: float | None = None) -> str:
     daemon, count = result["daemon"], len(result["worktrees"])
     text = f"devd {daemon['version']} · pid {daemon['pid']} · {count} " \
         f"worktree{'s' * (count != 1)}"
@@ -219,7 +219,17 @@ def summary(result: dict[str, Any]) -> str:
     if budget.get("max_watches"):
         text += f" · watchers {budget.get('level')} {budget.get('watches')}/" \
             f"{budget['max_watches']}"
-    return safe(text)
+    return safe(text + stale(result, time.time() if now is None else now))
+
+
+def stale(result: dict[str, Any], now: float) -> str:
+    """` · checked 2m ago` once the daemon's last pass is over two cadences old (a pass is
+    stuck or slow: the rows may be out of date); nothing while the cadence keeps up."""
+    checked, interval = epoch(result.get("checked_at")), result.get("check_interval_seconds")
+    if checked is None or not isinstance(interval, (int, float)) \
+            or now - checked <= 2 * interval + 1:
+        return ""
+    return f" · checked {ago(now - checked)} ago"
 
 
 def warnings(result: dict[str, Any]) -> list[str]:

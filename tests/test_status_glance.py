@@ -176,7 +176,7 @@ def test_postgres_in_a_word_and_its_loss_warned(devd_home: Devd, repo: Repo,
         # Someone drops the schema behind devd's back: the row and a warning say so.
         schema = pgnames.identifier(naming.worktree_id(repo.main, tree))
         query(pg_url, f'DROP SCHEMA "{schema}" CASCADE')
-        text = devd_home.run("status").stdout
+        text = devd_home.run("status", "--fresh").stdout
         row = _row(text, "shop-pg")
         assert "degraded" in row and "pg-schema:ready" not in row, text
         assert text.rstrip("\n").split("\n")[-1].startswith("! shop-pg: postgres failed"), text

@@ -95,6 +95,8 @@ class StatusSnapshot:
         """The answer to `status`: all worktrees from the snapshot, or one checked now."""
         service = self._service
         service.notice_missing()  # a stat each: a deleted directory reads gone at once
+        if (fresh or path is not None) and service.watchers is not None:
+            service.watchers.refresh(max_age=0.0 if fresh else 2.0)  # as status did
         if (fresh and path is None) or self._checked_at is None:
             self.check_all()
         if path is not None:  # one worktree, checked now, as `devd wait` needs

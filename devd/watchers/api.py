@@ -50,8 +50,9 @@ def doctor(service: Service) -> dict[str, Any]:
 
 
 def preflight(service: Service, path: str, max_watches: int | None,
-              userns: str | None) -> dict[str, Any]:
-    return advice.preflight(_monitor(service), service.find(path), max_watches, userns)
+              userns: str | None, limit_name: str | None = None) -> dict[str, Any]:
+    return advice.preflight(_monitor(service), service.find(path), max_watches, userns,
+                            limit_name)
 
 
 def run_started(service: Service, wt: Worktree, pid: int, argv: list[str] | None = None,
