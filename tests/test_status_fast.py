@@ -4,7 +4,6 @@ CLI's fast path (devd/quick.py) prints what the full path would, with the same e
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -38,15 +37,12 @@ def _ask(devd: Devd, method: str, params: dict[str, object]) -> dict[str, object
         return json.loads(sock.makefile("rb").readline())
 
 
-def test_help_text_is_argparse_s(devd_home: Devd) -> None:
+def test_help_text_is_argparse_s(devd_home: Devd, monkeypatch: pytest.MonkeyPatch) -> None:
     from devd.cli import build_parser
     from devd.helptext import HELP
 
-    os.environ["COLUMNS"] = "80"
-    try:
-        assert HELP == build_parser().format_help(), "run `python -m devd.helptext`"
-    finally:
-        del os.environ["COLUMNS"]
+    monkeypatch.setenv("COLUMNS", "80")
+    assert build_parser().format_help() == HELP, "run `python -m devd.helptext`"
     for args in (["--version"], ["--help"], []):
         fast, full = _both(devd_home, *args, env={"COLUMNS": "80"})
         assert (fast.returncode, fast.stdout, fast.stderr) == \
