@@ -5,7 +5,9 @@ worktrees (reading each .env, a /proc pass for who listens) took ~50-150 ms a ca
 
 - a background pass every `status_interval` seconds (5; sooner after a change) runs every
   resource check, the listener pass, the scan of gone worktrees' processes and the orphan
-  scan; the answer says when (`checked_at`);
+  scan; the answer says when (`checked_at`). It rests while nobody asks for status (a
+  minute after the last request: checks connect to database servers); the first request
+  after that checks at once;
 - a request only stats each worktree's directory (a deleted one reads gone at once) and,
   when the registry changed since the last answer (devd provisioned, released, leased a
   port, saw a worktree go), re-describes just the worktrees whose records changed: what
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("devd")
 SETTLE_SECONDS = 0.5  # after a change, the next pass waits this long for the burst to end
+IDLE_SECONDS = 60.0  # the cadence rests this long after the last status request
 ORPHAN_SCAN_MAX_AGE = 30.0  # it connects to servers: one that is down costs its timeout
 
 
@@ -51,6 +54,7 @@ class StatusSnapshot:
         # ^ (what _version() said, the answer built then)
         # Per form (json_text, encoded): (the answer it was made of, it).
         self._forms: dict[str, tuple[dict[str, Any], Any]] = {}
+        self._asked = -math.inf  # when status was last asked (time.monotonic())
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="devd-status", daemon=True)
@@ -68,7 +72,8 @@ class StatusSnapshot:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.check_all()
+                if time.monotonic() - self._asked < IDLE_SECONDS:
+                    self.check_all()
             except Exception:  # the daemon must outlive a bad pass; the log says what
                 log.exception("status pass failed")
             if self._wake.wait(self._refresh) and not self._stop.is_set():
@@ -97,7 +102,8 @@ class StatusSnapshot:
         service.notice_missing()  # a stat each: a deleted directory reads gone at once
         if (fresh or path is not None) and service.watchers is not None:
             service.watchers.refresh(max_age=0.0 if fresh else 2.0)  # as status did
-        if (fresh and path is None) or self._checked_at is None:
+        self._asked = time.monotonic()
+        if (fresh and path is None) or self._stale():
             self.check_all()
         if path is not None:  # one worktree, checked now, as `devd wait` needs
             wt = service.find(path)
@@ -140,6 +146,11 @@ class StatusSnapshot:
         monitor = self._service.watchers
         view = monitor.latest() if monitor is not None else None
         return self._service.registry.generation, view.sample.at if view else None
+
+    def _stale(self) -> bool:
+        """No pass yet, or none for a while (the cadence rests while nobody asks)."""
+        checked = self._checked_at
+        return checked is None or time.time() - checked > 2 * self._refresh + SETTLE_SECONDS
 
     def _current(self) -> dict[str, Any]:
         """The snapshot brought up to the registry: a worktree whose records changed since
