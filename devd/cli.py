@@ -187,6 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(storage, EXIT_ERROR, args)
 
 
+def lost_daemon(argv: list[str], timeout: float, dropped: OSError | None) -> int:
+    """What `argv` (a command of devd/quick.py's) says when the daemon, once it had the
+    request, said nothing for `timeout` seconds or (`dropped`) closed the connection: the
+    fast path has waited already and must neither wait again nor ask twice."""
+    args = build_parser(argv[0]).parse_args(argv)
+    client = Client(Paths.resolve(), autostart=False, timeout=timeout)
+    return _fail(client.dropped(dropped) if dropped else client.silent(), EXIT_UNREACHABLE,
+                 args)
+
+
 def _starting(paths: Paths) -> None:
     print(f"devd: no daemon running; starting one (log: {paths.daemon_log})", file=sys.stderr,
           flush=True)

@@ -39,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         print(HELP, end="", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv in (["status"], ["status", "--json"]):
-        code = _status("json" if argv[1:] else "rows")
+        try:
+            code = _status("json" if argv[1:] else "rows")
+        except _Lost as lost:  # said as the full path says it, without asking again
+            from devd.cli import lost_daemon
+
+            return lost_daemon(argv, lost.timeout, lost.dropped)
         if code is not None:
             return code
     from devd.cli import main as full
@@ -47,8 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     return full(argv)
 
 
+class _Lost(Exception):
+    """The daemon had the request, then went silent for the timeout or closed (`dropped`)."""
+
+    def __init__(self, timeout: float, dropped: OSError | None = None) -> None:
+        self.timeout, self.dropped = timeout, dropped
+
+
 def _status(view: str) -> int | None:
-    """Print `devd status` as the daemon rendered it; None when the full path must answer."""
+    """Print `devd status` as the daemon rendered it; None when the full path must answer
+    (raises _Lost when the daemon took the request and then failed us)."""
     sock = socket_path(os.environ)
     timeout = _timeout(os.environ.get("DEVD_TIMEOUT", ""))
     if sock is None or timeout is None:
@@ -60,6 +73,8 @@ def _status(view: str) -> int | None:
                    "colour": tty and not os.environ.get("NO_COLOR")}
     try:
         text = _ask(sock, "status_view", params, timeout)
+    except TimeoutError:  # connect (a full backlog) or read: as devd.client says it
+        raise _Lost(timeout) from None
     except (OSError, ValueError, UnicodeError):  # unreachable, or a reply to read in full
         return None
     if text is None:
@@ -117,7 +132,11 @@ def _ask(path: str, method: str, params: dict[str, object], timeout: float) -> s
         reader = _LineReader(sock)
         scan = _json.make_scanner(_Strict())  # type: ignore[arg-type]
         while True:
-            message, _ = scan(reader.line(), 0)
+            try:
+                line = reader.line()
+            except ConnectionError as exc:
+                raise _Lost(timeout, exc) from None
+            message, _ = scan(line, 0)
             if not isinstance(message, dict):
                 return None
             if message.get("event") is None:
@@ -181,8 +200,9 @@ class _LineReader:
         end = self._buffer.find(b"\n")
         while end < 0:
             chunk = self._sock.recv(1 << 18)
-            if not chunk:
-                raise ConnectionError("the daemon closed the connection")
+            if not chunk:  # in devd.protocol.LineReader's words
+                where = "in the middle of a message" if self._buffer else "before a message"
+                raise ConnectionResetError(f"the connection closed {where}")
             seen = len(self._buffer)
             self._buffer += chunk
             end = self._buffer.find(b"\n", seen)

@@ -126,10 +126,14 @@ class Devd:
 
 
 def _answers(path: Path) -> bool:
+    """The daemon serves: a ping is answered (a bound socket alone may be mid-startup,
+    before the serve loop and its threads exist, which tests lowering limits must not hit)."""
     try:
         with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
             sock.connect(str(path))
-        return True
+            sock.sendall(b'{"v": 1, "method": "ping", "params": {}}\n')
+            return sock.makefile("rb").readline().startswith(b'{"ok":true')
     except OSError:
         return False
 
