@@ -84,7 +84,10 @@ class StatusSnapshot:
         """One full pass: every check, every /proc pass; then the answer is rebuilt."""
         service = self._service
         worktrees, resources = service.registry.worktrees(), service.registry.all_resources()
-        described = {wt.id: self._describe(wt, resources.get(wt.id, [])) for wt in worktrees}
+        described = {}
+        for wt in worktrees:
+            described[wt.id] = self._describe(wt, resources.get(wt.id, []))
+            time.sleep(0)  # let a waiting request have the GIL: this pass is in no hurry
         listening = set(processes.listeners())
         running = leftovers.running([w for w in worktrees if w.state == "gone"],
                                     service.registry)
