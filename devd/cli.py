@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ from devd.render import render_worktree, safe
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 PROGRESSING = ("provision", "release", "gc", "restore", "kill-port")  # they take -v
+SERVICE_COMMANDS = ("up", "down", "restart", "logs")  # devd/services/commands.py
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable",
             "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
             "/Applications/Chromium.app/Contents/MacOS/Chromium")
@@ -119,6 +121,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     cmd.add_argument("action", choices=("install", "uninstall", "status"),
                      help="install and start it, stop and remove it, or show its state")
     _hook_parser(command("hook", "install hooks; entry points called by git and Claude Code"))
+    cmd = command("skill", "install the devd skill for Claude Code (.claude/skills/devd)")
+    cmd.add_argument("action", choices=("install",), help="write .claude/skills/devd/SKILL.md")
+    _path(cmd)
+    command("mcp", "serve devd's tools to a coding agent over MCP (stdio)")
+    if only is None or only in SERVICE_COMMANDS:
+        from devd.services import commands as service_commands
+
+        service_commands.add_parsers(command)
     return parser
 
 
@@ -147,9 +157,18 @@ def _hook_parser(cmd: argparse.ArgumentParser) -> None:
     install = sub.add_parser("install", help="add devd to a repo's git and/or Claude Code hooks")
     install.add_argument("--git", action="store_true", help="post-checkout hook (all worktrees)")
     install.add_argument("--claude", action="store_true", help=".claude/settings.json hooks")
+    install.add_argument("--mcp", action="store_true", help="register `devd mcp` in .mcp.json")
+    install.add_argument("--global-hooks-path", action="store_true", help="with --git: install "
+                         "even into a core.hooksPath from the global or system git config "
+                         "(every repository on the machine)")
     _path(install)
+    checkout = sub.add_parser("post-checkout", help="git post-checkout, for hook managers "
+                              "(lefthook, pre-commit): provision a new worktree, detached")
+    checkout.add_argument("args", nargs="*", help="git's three arguments (pre-commit: none)")
     sub.add_parser("claude-create", help="Claude Code WorktreeCreate (JSON on stdin)")
     sub.add_parser("claude-remove", help="Claude Code WorktreeRemove (JSON on stdin)")
+    sub.add_parser("claude-env", help="Claude Code SessionStart: the worktree's env into "
+                   "$CLAUDE_ENV_FILE (JSON on stdin)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:  # a newcomer typing `devd` wants the command list, not an error
         build_parser().print_help(sys.stderr)
         return EXIT_USAGE
-    only = argv[0] if argv and (argv[0] in COMMANDS or argv[0] == "daemon") else None
+    known = argv[0] in COMMANDS or argv[0] in SERVICE_COMMANDS or argv[0] == "daemon"
+    only = argv[0] if known else None
     args = build_parser(only).parse_args(argv)
     _PROGRESS.verbose = getattr(args, "verbose", False)
     paths = Paths.resolve()
@@ -168,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = Client(paths, autostart=os.environ.get("DEVD_NO_AUTOSTART", "") in ("", "0"),
                         on_autostart=_starting, timeout=timeout_from(os.environ))
-        return COMMANDS[args.command](client, args)
+        return _command(args.command)(client, args)
     except DaemonUnreachable as exc:
         return _fail(exc, EXIT_UNREACHABLE, args)
     except UsageError as exc:
@@ -195,6 +215,14 @@ def lost_daemon(argv: list[str], timeout: float, dropped: OSError | None) -> int
     client = Client(Paths.resolve(), autostart=False, timeout=timeout)
     return _fail(client.dropped(dropped) if dropped else client.silent(), EXIT_UNREACHABLE,
                  args)
+
+
+def _command(name: str) -> Any:
+    if name in SERVICE_COMMANDS:
+        from devd.services import commands as service_commands
+
+        return getattr(service_commands, f"cmd_{name}")
+    return COMMANDS[name]
 
 
 def _starting(paths: Paths) -> None:
@@ -532,25 +560,64 @@ def cmd_stop(client: Client, args: argparse.Namespace) -> int:
 def cmd_hook(client: Client, args: argparse.Namespace) -> int:
     from devd import hooks
 
-    def say(line: str) -> None:  # stdout belongs to the hook contract: talk on stderr
+    if args.hook.startswith("claude-"):
+        return _claude_hook(client, args.hook)
+    if args.hook == "post-checkout":  # never fails git: a problem is one line on stderr
+        try:
+            hooks.post_checkout(args.args, dict(os.environ), Path(current_dir()))
+        except (OSError, DevdError) as exc:
+            print(safe(f"devd: post-checkout: {exc}"), file=sys.stderr)
+        return EXIT_OK
+    from devd import mcpserver
+
+    if not (args.git or args.claude or args.mcp):
+        raise UsageError("say which hooks to install", "devd hook install --git --claude --mcp")
+    path = Path(_abspath(args.path))
+    git_hook = functools.partial(hooks.install_git_hook, global_hooks_path=args.global_hooks_path)
+    for wanted, install in ((args.git, git_hook), (args.claude, hooks.install_claude_hooks),
+                            (args.mcp, mcpserver.register)):
+        if wanted:
+            install(path, lambda line: print(safe(line)))
+    return EXIT_OK
+
+
+def _claude_hook(client: Client, hook: str) -> int:
+    """A Claude Code hook: stdout is Claude's (a path, or context for the model), talk goes
+    to stderr, and whatever goes wrong is one line there and an exit status, never a
+    traceback (Claude shows a failed hook's stderr to the user)."""
+    from devd import claude
+
+    def say(line: str) -> None:
         print(safe(line), file=sys.stderr, flush=True)
 
-    if args.hook == "claude-create":
-        print(hooks.claude_create(sys.stdin, dict(os.environ), client, say), flush=True)
-    elif args.hook == "claude-remove":
-        try:
-            hooks.claude_remove(sys.stdin, client, say)
-        except Exception as exc:  # noqa: BLE001 - a failing WorktreeRemove wedges the session
-            say(f"devd: claude-remove: {exc!r}")
-    else:
-        if not (args.git or args.claude):
-            raise UsageError("say which hooks to install", "devd hook install --git --claude")
-        path = Path(_abspath(args.path))
-        for wanted, install in ((args.git, hooks.install_git_hook),
-                                (args.claude, hooks.install_claude_hooks)):
-            if wanted:
-                install(path, lambda line: print(safe(line)))
+    try:
+        if hook == "claude-create":
+            print(claude.claude_create(sys.stdin, dict(os.environ), client, say), flush=True)
+        elif hook == "claude-remove":
+            return claude.claude_remove(sys.stdin, client, say)
+        elif note := claude.claude_env(sys.stdin, dict(os.environ), client, say):
+            print(note, flush=True)
+    except DevdError as exc:
+        say(f"devd: error: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else ""))
+        return EXIT_USAGE if isinstance(exc, UsageError) else \
+            EXIT_UNREACHABLE if isinstance(exc, DaemonUnreachable) else EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - a hook must never show a traceback
+        say(f"devd: error: {hook}: {type(exc).__name__}: {exc}")
+        return EXIT_ERROR
     return EXIT_OK
+
+
+def cmd_skill(client: Client, args: argparse.Namespace) -> int:
+    from devd.skill import install_skill
+
+    install_skill(Path(_abspath(args.path)), lambda line: print(safe(line)))
+    return EXIT_OK
+
+
+def cmd_mcp(client: Client, args: argparse.Namespace) -> int:
+    from devd import mcpserver
+
+    return mcpserver.serve(client)
 
 
 COMMANDS = {
@@ -559,4 +626,5 @@ COMMANDS = {
     "env": cmd_env, "run": cmd_run, "ports": cmd_ports, "kill-port": cmd_kill_port,
     "browser": cmd_browser, "init": cmd_init, "wait": cmd_wait, "service": cmd_service,
     "hook": cmd_hook, "stop": cmd_stop, "watchers": cmd_watchers, "doctor": cmd_doctor,
+    "skill": cmd_skill, "mcp": cmd_mcp,
 }

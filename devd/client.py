@@ -74,7 +74,7 @@ class Client:
                 raise DevdError("the devd daemon did not finish in time", "see `devd status`",
                                 code="timeout") from None
             raise self.silent() from None
-        except ConnectionError as exc:
+        except OSError as exc:  # reset, closed mid-line, or any other way the socket fails
             raise self.dropped(exc) from None
 
     def dropped(self, exc: OSError) -> DaemonUnreachable:
@@ -84,7 +84,7 @@ class Client:
 
     def silent(self) -> DaemonUnreachable:
         """What to say of a daemon that sent nothing for the whole timeout."""
-        pid = _daemon_pid(self.paths)
+        pid = daemon_pid(self.paths)
         return DaemonUnreachable(
             f"the devd daemon{f' (pid {pid})' if pid else ''} on {self.paths.socket} sent "
             f"nothing for {self.timeout:g} s: it is stopped, stuck or overloaded",
@@ -99,12 +99,14 @@ class Client:
         except _UNREACHABLE as exc:
             if not self.autostart:
                 raise self._unreachable(exc) from exc
+        except OSError as exc:  # e.g. reset while connecting: never a traceback in a hook
+            raise self._unreachable(exc) from None
         if self.on_autostart:
             self.on_autostart(self.paths)
         start_daemon(self.paths)
         try:
             return connect(self.paths, self.timeout)
-        except (TimeoutError, *_UNREACHABLE) as exc:
+        except OSError as exc:
             raise self._unreachable(exc) from exc
 
     def _unreachable(self, exc: OSError) -> DaemonUnreachable:
@@ -145,7 +147,7 @@ def _send(sock: socket.socket, message: dict[str, Any]) -> None:
             sock.shutdown(socket.SHUT_WR)
 
 
-def _daemon_pid(paths: Paths) -> int | None:
+def daemon_pid(paths: Paths) -> int | None:
     """The pid the running daemon wrote into its lock file, if any."""
     try:
         return int(paths.lock_file.read_text().strip())

@@ -23,6 +23,7 @@ from devd.handlers import Service
 from devd.intake import Intake, Waiting, pending_limit
 from devd.params import check as check_params
 from devd.paths import Paths, ensure_private_dir
+from devd.proxy import api as proxy
 from devd.registry import Registry
 from devd.settings import Settings, load_settings
 from devd.watch import RepoWatcher
@@ -35,6 +36,13 @@ SEND_TIMEOUT = 30.0
 ACCEPT_BATCH = 64
 BACKLOG = 1024  # the kernel caps it at net.core.somaxconn
 ACCEPT_BACKOFF = 0.5
+# How often a daemon that bound its own socket checks that the path is still that socket.
+# Another (devd.socket started by systemd, which unlinks and binds anew) may take the path;
+# then nobody can reach this one, and it stops so the new one can take the lock.
+SOCKET_CHECK = 0.5
+# A socket-activated daemon waits this long for the lock: the daemon it replaces is
+# finishing (it noticed its socket is gone) while systemd holds the clients' connections.
+HANDOVER_WAIT = 20.0
 FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # What a request's own path can make the OS say: the client's mistake, not a devd bug.
 CLIENT_ERRNOS = {errno.ENAMETOOLONG, errno.ELOOP}
@@ -55,6 +63,7 @@ class Daemon:
         self._lock_fd: int | None = None
         self._listener: socket.socket | None = None
         self._socket_ino: int | None = None
+        self._socket_checked = 0.0
         self._slots = threading.BoundedSemaphore(MAX_WORKERS)
         self._paused_until = 0.0
         self._exhausted = False
@@ -65,7 +74,7 @@ class Daemon:
         # First: a client may connect (and a supervisor signal) as soon as the socket exists,
         # and a stop asked for during startup must end in the same graceful shutdown.
         self._install_signals()
-        self._take_lock()
+        self._take_lock(HANDOVER_WAIT if sdnotify.activated() else 0.0)
         # A daemon started by hand in a worktree must not lend it to a request's relative
         # path (or /proc/self/cwd), nor keep the directory busy.
         os.chdir("/")
@@ -85,12 +94,17 @@ class Daemon:
             self._listener = adopted or self._bind()
             service.manager = _manager(adopted is not None or bool(self._notifier.address))
             running.callback(self._unbind)
+            service.services.start_watching()
+            # Services stop with the daemon, before its socket goes: `devd stop` returns
+            # once they are down.
+            running.callback(service.services.close)
             watcher.start()
             running.callback(watcher.stop)
             budget.start()
             running.callback(budget.stop)
             service.snapshot.start()
             running.callback(service.snapshot.stop)
+            proxy.start(service, running)  # named URLs and the dashboard (devd/proxy)
             running.callback(self._notifier.notify, "STOPPING=1", "STATUS=stopping")
             running.callback(log.info, "devd daemon stopping")
             log.info("devd daemon pid %d listening on %s", os.getpid(), self.paths.socket)
@@ -104,20 +118,33 @@ class Daemon:
 
     # -- startup ---------------------------------------------------------------
 
-    def _take_lock(self) -> None:
+    def _take_lock(self, wait: float) -> None:
         """One daemon per DEVD_HOME: a lock held for the daemon's life, released by the kernel
-        even on SIGKILL, so a stale socket is told from a live one without guessing."""
+        even on SIGKILL, so a stale socket is told from a live one without guessing. With
+        `wait`, the holder is given that long to hand over (it is stopping)."""
         ensure_private_dir(self.paths.state_dir)
         fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise AlreadyRunning(
-                f"another devd daemon (pid {other}) is already serving {self.paths.socket}",
-                "use it, or stop it first (kill the pid, or `systemctl --user stop devd`)",
-            ) from None
+        deadline, waited = time.monotonic() + wait, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            if time.monotonic() >= deadline or self._stop.is_set():
+                os.close(fd)
+                raise AlreadyRunning(
+                    f"another devd daemon (pid {other}) is already serving the state dir "
+                    f"{self.paths.state_dir}",
+                    "use it, or stop it first (`devd stop`, or `systemctl --user stop devd`)",
+                ) from None
+            if not waited:
+                log.info("waiting for devd pid %s to hand over the state dir", other)
+                self._notifier.notify(f"STATUS=waiting for devd pid {other} to hand over")
+            waited = True
+            time.sleep(0.1)
+        if waited:
+            log.info("took over the state dir from the previous daemon")
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
@@ -176,13 +203,33 @@ class Daemon:
                         self._on_ready(key, selector, intake, service)
                     intake.expire()
                     self._resume(selector)
+                    self._check_socket()
             finally:
                 intake.close_all()
 
     def _select_timeout(self, intake: Intake) -> float | None:
-        """Wake for the next request deadline or the end of an accept back-off."""
+        """Wake for the next request deadline, the end of an accept back-off, or the next
+        look at our socket."""
         wakes = [t for t in (intake.next_deadline(), self._paused_until) if t]
+        if self._socket_ino is not None:
+            wakes.append(self._socket_checked + SOCKET_CHECK)
         return max(min(wakes) - time.monotonic(), 0.0) if wakes else None
+
+    def _check_socket(self) -> None:
+        """Stop once the socket path is no longer ours: a daemon nobody can reach must not
+        keep the lock (a socket-activated successor waits for it, clients queued there)."""
+        if self._socket_ino is None or time.monotonic() < self._socket_checked + SOCKET_CHECK:
+            return
+        self._socket_checked = time.monotonic()
+        try:
+            ours = self.paths.socket.stat().st_ino == self._socket_ino
+        except OSError:
+            ours = False
+        if not ours:
+            log.warning("%s is no longer this daemon's socket (replaced by devd.socket, or "
+                        "removed): nobody can reach this daemon; stopping so the one serving "
+                        "it can take over", self.paths.socket)
+            self.stop()
 
     def _on_ready(self, key: selectors.SelectorKey, selector: selectors.BaseSelector,
                   intake: Intake, service: Service) -> None:

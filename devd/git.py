@@ -31,6 +31,7 @@ class ListedWorktree:
     branch: str | None
     bare: bool
     prunable: bool
+    locked: bool = False  # `git worktree add` holds a lock ("initializing") until checked out
 
 
 def resolve(path: Path) -> WorktreeInfo:
@@ -104,6 +105,7 @@ def _listed(fields: dict[str, str]) -> ListedWorktree:
         branch=branch.removeprefix("refs/heads/") if branch else None,
         bare="bare" in fields,
         prunable="prunable" in fields,
+        locked="locked" in fields,
     )
 
 
@@ -116,6 +118,20 @@ def _branch_of(git_dir: Path) -> str | None:
     if head.startswith("ref: "):
         return head[5:].removeprefix("refs/heads/")
     return None
+
+
+def admin_dir(top: Path) -> Path | None:
+    """The admin dir (<common>/worktrees/<name>) of the linked worktree at `top`, from its
+    `.git` file; None for the main worktree (a `.git` directory), or a `.git` that is no
+    regular file (a FIFO would block the reader) or cannot be read."""
+    dot_git = top / ".git"
+    if not dot_git.is_file():
+        return None
+    try:
+        pointer = dot_git.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError:
+        return None
+    return top / pointer.partition("\n")[0].removeprefix("gitdir: ")
 
 
 def clean_env() -> dict[str, str]:

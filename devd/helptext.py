@@ -31,6 +31,12 @@ positional arguments:
               is left to it
     service   install, remove or inspect devd's user service
     hook      install hooks; entry points called by git and Claude Code
+    skill     install the devd skill for Claude Code (.claude/skills/devd)
+    mcp       serve devd's tools to a coding agent over MCP (stdio)
+    up        start the worktree's declared services and wait until ready
+    down      stop the worktree's services
+    restart   stop and start the worktree's services
+    logs      print a service's log (its output and devd's notes)
 
 options:
   -h, --help  show this help message and exit

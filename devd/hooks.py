@@ -1,12 +1,10 @@
-"""Hook entry points: git's post-checkout, Claude Code's WorktreeCreate/WorktreeRemove.
+"""Hook entry points: git's post-checkout; installing Claude Code's hooks (devd/claude.py
+runs them); waiting for a worktree.
 
 Contracts (each one a trap when broken):
 - git post-checkout: must never fail or hold up git. devd runs detached with every fd on
-  /dev/null, only for a new worktree's first checkout (previous HEAD all zeros).
-- WorktreeCreate *replaces* Claude Code's own creation: stdout carries exactly one line, the
-  new worktree's absolute path; anything else goes to stderr; non-zero fails the spawn, so
-  input is validated before any side effect and a failed create leaves nothing behind.
-- WorktreeRemove must always exit 0 (a failed one leaves an undeletable session).
+  /dev/null, only for a new linked worktree's first checkout (see GIT_BLOCK).
+- Claude Code's hooks: see devd/claude.py.
 Light imports only: these run from hooks, where every millisecond is someone's wait.
 """
 
@@ -15,26 +13,44 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from devd.client import Client, caller_overrides
+from devd.client import Client
 from devd.errors import DevdError, NotAWorktree, NotRegistered, OwnershipConflict, UsageError
-from devd.paths import current_dir
+from devd.git import admin_dir as git_admin_dir
 
 Say = Callable[[str], None]
 BEGIN = "# >>> devd: provision new worktrees (devd hook install --git); edit outside it >>>"
 END = "# <<< devd <<<"
 _BLOCK = re.compile(rf"^{re.escape(BEGIN)}\n.*?^{re.escape(END)}\n?", re.M | re.S)
-# A new worktree's first checkout has an all-zero previous HEAD (40 or 64 zeros). The git
-# variables are dropped: they would point a daemon this starts at the wrong repository.
+# A new worktree's first checkout has an all-zero previous HEAD (40 or 64 zeros); so has a
+# checkout that leaves an orphan (unborn) branch, or a clone. Only a linked worktree (`.git`
+# is a file, so never the main one) whose HEAD log does not end in a checkout (an orphan's
+# does: "checkout: moving from ...") is new. Shell builtins only: every checkout pays for
+# this. The git variables are dropped: they would point a daemon this starts elsewhere.
 GIT_BLOCK = f"""{BEGIN}
 case "$1" in *[!0]*|'') ;; *)
-  if command -v devd >/dev/null 2>&1; then
+  devd_new=
+  if [ -f .git ]; then
+    devd_new=1 devd_gd=
+    IFS= read -r devd_gd < .git || :
+    devd_gd=${{devd_gd#gitdir: }}
+    case $devd_gd in /*) ;; *) devd_gd=$PWD/$devd_gd ;; esac
+    if [ -f "$devd_gd/logs/HEAD" ]; then
+      while IFS= read -r devd_line || [ -n "$devd_line" ]; do
+        case $devd_line in *"\tcheckout: moving from "*) devd_new= ;; *) devd_new=1 ;; esac
+      done < "$devd_gd/logs/HEAD"
+    fi
+  fi
+  if [ -z "$devd_new" ]; then :
+  elif command -v devd >/dev/null 2>&1; then
     (unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_PREFIX
      nohup devd provision --background . </dev/null >/dev/null 2>&1 &) || :
   else
@@ -44,15 +60,17 @@ esac
 {END}
 """
 SHELLS = ("sh", "bash", "dash", "zsh", "ksh")
-# WorktreeRemove must exit 0 even when devd is gone from Claude Code's PATH: a failing
-# remove hook leaves a session row that cannot be deleted.
+# WorktreeRemove's exit status is Claude's word for "removed" (non-zero: it keeps the
+# worktree and shows stderr); SessionStart loads the worktree's env for Bash.
 CLAUDE_COMMANDS = {"WorktreeCreate": "devd hook claude-create",
-                   "WorktreeRemove": "devd hook claude-remove || true"}
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+                   "WorktreeRemove": "devd hook claude-remove",
+                   "SessionStart": "devd hook claude-env"}
+# What older devd installed: replaced in place by `hook install --claude`.
+LEGACY_COMMANDS = {"devd hook claude-remove || true": "devd hook claude-remove"}
 MAX_INPUT = 1 << 20
 POLL = 0.2
 # Hooks are someone's wait: git gets this long per command, and claude-remove's release
-# this long in all (Claude Code gives a hook 60 s; the worktree removal needs the rest).
+# this long in all (Claude Code gives a hook 600 s, but a person watches the removal).
 GIT_TIMEOUT = 30.0
 RELEASE_DEADLINE = 20.0
 GIT_ENV_DROP = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX")
@@ -85,34 +103,80 @@ def toplevel(path: Path) -> Path:
 # -- git -------------------------------------------------------------------------
 
 
-def install_git_hook(path: Path, say: Say) -> Path:
-    """Add devd's block to the repo's post-checkout hook (core.hooksPath honoured)."""
-    hooks = Path(git(path, "rev-parse", "--path-format=absolute", "--git-path", "hooks")
-                 .stdout.strip())
-    target = hooks / "post-checkout"
+def install_git_hook(path: Path, say: Say, global_hooks_path: bool = False) -> Path:
+    """Add devd's block to the repo's post-checkout hook (core.hooksPath honoured); with
+    husky 9, to `.husky/post-checkout`, the file of yours its generated hook runs."""
+    hooks = _hooks_dir(path, global_hooks_path)
+    husky = hooks.parent if (hooks.name, hooks.parent.name) == ("_", ".husky") else None
+    target = (husky or hooks) / "post-checkout"
     if target.is_symlink():
         raise OwnershipConflict(f"{target} is a symlink; devd will not write through it",
                                 _manual_hint())
     if not target.exists():
-        hooks.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         _write_keeping_mode(target, "#!/bin/sh\n" + GIT_BLOCK, 0o755)
-        say(f"wrote {target}")
+        say(f"wrote {target}" + (HUSKY_NOTE if husky else ""))
         return target
     text = target.read_text(encoding="utf-8", errors="surrogateescape")
-    new = _with_block(target, text)
+    _refuse_managed(target, text)
+    new = _with_block(target, text, executable=husky is None)
     if new == text:
         say(f"{target} already runs devd")
     else:
         _write_keeping_mode(target, new, target.stat().st_mode & 0o7777)
-        say(f"added devd to your existing {target} (your lines are unchanged)")
+        say(f"added devd to your existing {target} (your lines are unchanged)"
+            + (HUSKY_NOTE if husky else ""))
     return target
 
 
-def _with_block(target: Path, text: str) -> str:
+# husky 9 runs .husky/post-checkout (with `sh -e`) from its generated .husky/_/post-checkout,
+# which every `npm install` writes anew: devd's block lives in the file that stays.
+HUSKY_NOTE = ("; husky runs it. Commit it: a worktree made from another worktree runs that "
+              "worktree's copy")
+
+
+def _hooks_dir(path: Path, global_ok: bool) -> Path:
+    """The repo's hooks dir; one set in the global or system config serves every repository
+    on the machine, so it is refused unless asked for."""
+    scope = git(path, "config", "--show-scope", "--get", "core.hooksPath", check=False)
+    where, _, value = scope.stdout.strip().partition("\t")
+    if scope.returncode == 0 and where in ("global", "system") and not global_ok:
+        own = git(path, "rev-parse", "--path-format=absolute", "--git-common-dir").stdout.strip()
+        raise OwnershipConflict(
+            f"core.hooksPath is set in your {where} git config ({value}): a hook there runs "
+            "in every repository on this machine",
+            "pass --global-hooks-path to install there anyway, or give this repository its "
+            f"own hooks: `git -C {shlex.quote(str(path))} config core.hooksPath "
+            f"{shlex.quote(own + '/hooks')}`")
+    return Path(git(path, "rev-parse", "--path-format=absolute", "--git-path", "hooks")
+                .stdout.strip())
+
+
+# Hook managers that write post-checkout themselves (and write it again on their next
+# install, dropping devd's lines): devd is added to their config instead.
+LEFTHOOK_HINT = ("add to lefthook.yml:\n  post-checkout:\n    commands:\n      devd:\n"
+                 "        run: devd hook post-checkout {0}\nthen run `lefthook install`")
+PRE_COMMIT_HINT = (
+    "add to .pre-commit-config.yaml:\n  - repo: local\n    hooks:\n      - id: devd\n"
+    "        name: devd provision\n        entry: devd hook post-checkout\n"
+    "        language: system\n        stages: [post-checkout]\n        always_run: true\n"
+    "        pass_filenames: false\nthen run `pre-commit install --hook-type post-checkout`")
+MANAGED = {("call_lefthook", '"$LEFTHOOK" = "0"'): ("lefthook", LEFTHOOK_HINT),
+           ("File generated by pre-commit",): ("pre-commit", PRE_COMMIT_HINT)}
+
+
+def _refuse_managed(target: Path, text: str) -> None:
+    for markers, (tool, hint) in MANAGED.items():
+        if any(marker in text for marker in markers) and not _BLOCK.search(text):
+            raise OwnershipConflict(f"{target} is generated by {tool}, which would drop "
+                                    "devd's lines on its next install", hint)
+
+
+def _with_block(target: Path, text: str, executable: bool = True) -> str:
     """The hook with devd's block, right after the shebang, so an `exit` of yours cannot skip it."""
     if _BLOCK.search(text):
         return _BLOCK.sub(lambda _: GIT_BLOCK, text, count=1)
-    if not os.access(target, os.X_OK):
+    if executable and not os.access(target, os.X_OK):
         raise OwnershipConflict(f"{target} exists but is not executable, so git ignores it",
                                 "make it executable or remove it, then run this again")
     first, newline, rest = text.partition("\n")
@@ -128,8 +192,39 @@ def _with_block(target: Path, text: str) -> str:
 
 
 def _manual_hint() -> str:
-    return ("call devd from your hook yourself: when its first argument is all zeros, run "
-            "`devd provision --background .` detached, with output to /dev/null")
+    return 'call devd from your hook yourself: `devd hook post-checkout "$@"`'
+
+
+def post_checkout(args: list[str], environ: dict[str, str], cwd: Path) -> bool:
+    """`devd hook post-checkout PREV NEW FLAG` (pre-commit passes them as PRE_COMMIT_*):
+    the block's rules in Python, for hook managers that call commands. Starts provisioning
+    detached and returns at once; True if it did. Never fails git."""
+    prev = args[0] if args else environ.get("PRE_COMMIT_FROM_REF", "")
+    if not is_new_worktree(prev, cwd):
+        return False
+    env = {k: v for k, v in environ.items() if k not in GIT_ENV_DROP}
+    subprocess.Popen([sys.executable, "-P", "-m", "devd", "provision", "--background",
+                      str(cwd)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True, env=env, cwd="/")
+    return True
+
+
+def is_new_worktree(prev: str, top: Path) -> bool:
+    """A linked worktree's first checkout: previous HEAD all zeros, `.git` a file, and a
+    HEAD log that does not end in a checkout (leaving an orphan branch ends in one)."""
+    admin = git_admin_dir(top) if prev and not prev.strip("0") else None
+    if admin is None:
+        return False
+    head_log = admin / "logs" / "HEAD"
+    # No reflog (core.logAllRefUpdates off), or no regular file (a FIFO would hold git's
+    # hook up: never read), as the shell block sees it: the zeros are all there is.
+    if not head_log.is_file():
+        return True
+    try:
+        lines = head_log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return False
+    return not lines or "\tcheckout: moving from " not in lines[-1]
 
 
 def _write_keeping_mode(target: Path, text: str, mode: int) -> None:
@@ -143,7 +238,7 @@ def _write_keeping_mode(target: Path, text: str, mode: int) -> None:
 
 
 def install_claude_hooks(path: Path, say: Say) -> Path:
-    """Merge WorktreeCreate/WorktreeRemove into <repo>/.claude/settings.json."""
+    """Merge devd's hooks (CLAUDE_COMMANDS) into <repo>/.claude/settings.json."""
     target = toplevel(path) / ".claude" / "settings.json"
     settings = _json_object(target)
     hooks = settings.setdefault("hooks", {})
@@ -178,8 +273,13 @@ def _add_command(target: Path, hooks: dict[str, Any], event: str, command: str) 
     groups = hooks.setdefault(event, [])
     if not isinstance(groups, list):
         raise UsageError(f"{target}: hooks.{event} is not a list", "fix the file, then retry")
-    present = [hook.get("command") for group in groups if isinstance(group, dict)
+    entries = [hook for group in groups if isinstance(group, dict)
                for hook in group.get("hooks", []) if isinstance(hook, dict)]
+    for hook in entries:
+        if LEGACY_COMMANDS.get(hook.get("command", "")) == command:
+            hook["command"] = command
+            return True
+    present = [hook.get("command") for hook in entries]
     if command in present:
         return False
     if event == "WorktreeCreate" and present:
@@ -190,7 +290,7 @@ def _add_command(target: Path, hooks: dict[str, Any], event: str, command: str) 
     return True
 
 
-# -- Claude Code: create / remove ------------------------------------------------------
+# -- Claude Code: hook input ------------------------------------------------------------
 
 
 def read_hook_input(stream: IO[str]) -> dict[str, Any]:
@@ -209,18 +309,6 @@ def read_hook_input(stream: IO[str]) -> dict[str, Any]:
     return data
 
 
-def worktree_name(data: dict[str, Any]) -> str:
-    """`name` (older Claude Code: `worktree_name`), checked to be one safe path segment."""
-    name = data.get("name", data.get("worktree_name"))
-    if not isinstance(name, str) or not name:
-        raise UsageError("hook input has no \"name\"", 'expected {"name": "my-feature", ...}')
-    if not NAME.fullmatch(name) or ".." in name or name.endswith((".", ".lock")):
-        raise UsageError(f"worktree name {name[:120]!r} is not allowed",
-                         "use 1-100 letters, digits, '.', '_' or '-' (no '/', '..' or spaces), "
-                         "starting with a letter or digit")
-    return name
-
-
 def claude_config(repo: Path) -> dict[str, Any]:
     """The [claude] section of the repo's devd.toml (the daemon validates the whole file)."""
     try:
@@ -231,115 +319,6 @@ def claude_config(repo: Path) -> dict[str, Any]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise DevdError(f"{repo / 'devd.toml'}: {exc}", "fix the file", code="config") from exc
     return section if isinstance(section, dict) else {}
-
-
-def claude_create(stream: IO[str], environ: dict[str, str], client: Client, say: Say) -> Path:
-    """WorktreeCreate: make the worktree, start provisioning; return its absolute path."""
-    name = worktree_name(read_hook_input(stream))
-    repo = toplevel(Path(environ.get("CLAUDE_PROJECT_DIR") or current_dir()).absolute())
-    place = Path(str(claude_config(repo).get("worktree_dir", ".claude/worktrees")))
-    path = Path(os.path.normpath(repo / place.expanduser() / name))
-    branch = f"worktree-{name}"
-    if path.exists() or path.is_symlink():
-        raise UsageError(f"{path} already exists", "choose another name, or remove it")
-    if git(repo, "check-ref-format", "--branch", branch, check=False).returncode != 0:
-        raise UsageError(f"{branch!r} is not a valid branch name", "choose another name")
-    if git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}",
-           check=False).returncode == 0:
-        raise UsageError(f"branch {branch} already exists", "choose another name, or delete it")
-    _add_worktree(repo, path, branch)
-    say(f"created worktree {path} on branch {branch}")
-    _start_provisioning(client, path, say)
-    return path
-
-
-def _add_worktree(repo: Path, path: Path, branch: str) -> None:
-    """`git worktree add`; on failure remove the parent dirs this made (git cleans its own)."""
-    made = [p for p in reversed(path.parents) if not p.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    result = git(repo, "worktree", "add", str(path), "-b", branch, check=False, stdout=2)
-    if result.returncode != 0:
-        for directory in reversed(made):
-            if directory.is_dir() and not any(directory.iterdir()):
-                directory.rmdir()
-        raise DevdError(f"git worktree add {path} failed: {result.stderr.strip()}",
-                        "see git's message above", code="git_failed")
-
-
-def _start_provisioning(client: Client, path: Path, say: Say) -> None:
-    """Register and provision in the background; wait only for the copied files (.env,
-    .worktreeinclude), which the agent may read at once. devd writes them, with its block,
-    before a Postgres step (whose values are placeholders that fail until it is ready), so
-    this wait never includes a database clone. A daemon problem never fails the create:
-    the worktree exists, and `devd provision` can finish the job."""
-    try:
-        client.call("provision", {"path": str(path), "background": True} | caller_overrides())
-        wait_until(client, path, 30.0, _files_copied)
-    except DevdError as exc:
-        say(f"warning: {path} is not provisioned yet: {exc.message}")
-        say(f"hint: run `devd provision {path}`")
-        return
-    say(f"provisioning {path} in the background (`devd wait {path}` blocks until ready)")
-
-
-def _files_copied(wt: dict[str, Any]) -> bool:
-    envfile = [r for r in wt.get("resources", []) if r.get("kind") == "envfile"]
-    return wt["state"] != "provisioning" or any(r["state"] != "pending" for r in envfile)
-
-
-def claude_remove(stream: IO[str], client: Client, say: Say) -> None:
-    """WorktreeRemove: release the worktree's resources (data kept unless configured),
-    remove it. Never raises: every problem is said on stderr and the hook exits 0."""
-    try:
-        path = _removal_target(read_hook_input(stream))
-    except DevdError as exc:
-        say(f"devd: {exc.message}")
-        return
-    _release(client, path, say)
-    _remove_worktree(path, say)
-
-
-def _removal_target(data: dict[str, Any]) -> Path:
-    raw = data.get("worktree_path")
-    if not isinstance(raw, str) or not os.path.isabs(raw):
-        raise UsageError("hook input has no absolute \"worktree_path\"")
-    return Path(raw)
-
-
-def _release(client: Client, path: Path, say: Say) -> None:
-    config_root = path if path.is_dir() else path.parent
-    if path.is_dir() and not _is_worktree_root(path):
-        # A path inside a worktree would release the whole enclosing one: only exact roots.
-        say(f"{path} is not the root of a worktree; nothing released")
-        return
-    try:
-        yes = bool(claude_config(config_root).get("release_data", False))
-        client.call("release", {"path": str(path), "yes": yes},
-                    deadline=time.monotonic() + RELEASE_DEADLINE)
-        say(f"released devd's resources for {path}")
-    except NotRegistered:
-        say(f"{path} was not registered with devd; nothing to release")
-    except UsageError as exc:  # data-bearing resources and release_data off: keep them
-        say(f"kept {path}'s resources: {exc.message}; `devd gc` frees them after the grace")
-    except DevdError as exc:
-        say(f"devd could not release {path}: {exc.message}")
-
-
-def _remove_worktree(path: Path, say: Say) -> None:
-    if not path.is_dir():
-        say(f"{path} is already gone")
-        return
-    try:
-        common = git(path, "rev-parse", "--path-format=absolute", "--git-common-dir")
-    except DevdError as exc:
-        say(f"left {path} in place: {exc.message}")
-        return
-    # Run from the common dir: git refuses to remove the worktree it runs in, and it never
-    # removes the main worktree, so a wrong path cannot take the repository with it.
-    result = git(Path(common.stdout.strip()), "worktree", "remove", "--force", str(path),
-                 check=False)
-    say(f"removed worktree {path}" if result.returncode == 0
-        else f"git could not remove {path}: {result.stderr.strip()}")
 
 
 # -- waiting ---------------------------------------------------------------------------
@@ -378,7 +357,7 @@ def _registered(client: Client, path: Path) -> dict[str, Any] | None:
     return exact[0] if exact else None
 
 
-def _is_worktree_root(path: Path) -> bool:
+def is_worktree_root(path: Path) -> bool:
     """True if `path` is the top directory of a git worktree."""
     result = git(path, "rev-parse", "--show-toplevel", check=False)
     return result.returncode == 0 and Path(result.stdout.strip()).resolve() == path.resolve()

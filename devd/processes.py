@@ -34,13 +34,27 @@ class Holder:
 
 def listeners() -> dict[int, Holder]:
     """Every TCP port something listens on, with its holder (one pass over the socket table)."""
-    found: dict[int, Holder] = {}
+    return {port: describe(pid) for port, pid in listener_pids().items()}
+
+
+def listener_pids() -> dict[int, int | None]:
+    """Every TCP port something listens on and the pid holding it (None: a process devd may
+    not inspect), without looking closer at the holders."""
+    found: dict[int, int | None] = {}
     for conn in psutil.net_connections(kind="tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr:
-            port = conn.laddr.port
-            if port not in found or found[port].pid is None:
-                found[port] = describe(conn.pid)
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and \
+                found.get(conn.laddr.port) is None:
+            found[conn.laddr.port] = conn.pid
     return found
+
+
+def established_ports() -> set[int]:
+    """Local TCP ports with an established connection (someone uses what listens there)."""
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return set()
+    return {c.laddr.port for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr}
 
 
 def describe(pid: int | None) -> Holder:
@@ -169,10 +183,10 @@ def check_killable(port: int, holder: Holder, owner: Worktree | None, asked: Wor
         if owner and owner.state == "gone":
             where = f"gone worktree {owner.path}"
         raise NotOwner(f"port {port} is held by pid {holder.pid} `{holder.command}` of {where}",
-                       _refusal_hint(port, holder, owner))
+                       refusal_hint(port, holder, owner))
 
 
-def _refusal_hint(port: int, holder: Holder, owner: Worktree | None) -> str:
+def refusal_hint(port: int, holder: Holder, owner: Worktree | None) -> str:
     """What to do instead: ask from the owning worktree, or stop it by hand where there is
     no live worktree to ask from (devd stops only a worktree's own processes)."""
     if owner is not None and owner.state != "gone":

@@ -32,6 +32,8 @@ def render_worktree(wt: dict[str, Any]) -> str:
                      f"{pg.get('host') or 'local socket'}:{pg.get('port')} ({pg.get('state')})")
     if wt.get("deps"):
         lines.append(f"  deps     {render_deps(wt['deps'])}")
+    for svc in wt.get("services") or []:
+        lines.append(f"  service  {render_service(svc)}")
     watchers = wt.get("watchers") or {}
     if watchers.get("watches") or watchers.get("state") not in (None, "ok", "idle"):
         lines.append(f"  watchers {watchers.get('watches') or 0} inotify watches "
@@ -42,6 +44,18 @@ def render_worktree(wt: dict[str, Any]) -> str:
         if res["state"] != "ready" or res.get("detail"):
             lines.append(f"  ! {res['kind']}: {res['state']} {res.get('detail') or ''}".rstrip())
     return safe("\n".join(lines))
+
+
+def render_service(svc: dict[str, Any]) -> str:
+    """'web running pid 123 http://... (listening, 2 restarts)' from a status service entry."""
+    notes = ["listening" if svc.get("listening") else "not listening"] if svc.get("port") \
+        else []
+    notes += [f"{svc['restarts']} restarts"] if svc.get("restarts") else []
+    parts = [svc["name"], svc["state"], f"pid {svc['pid']}" if svc.get("pid") else "",
+             svc.get("url") or "", f"({', '.join(notes)})" if notes else "",
+             svc.get("error") or ""]
+    text = " ".join(p for p in parts if p)
+    return text + "".join(f"\n           | {line}" for line in svc.get("log_tail") or [])
 
 
 def render_deps(deps: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ import unicodedata
 from typing import Any
 
 from devd.render import safe
+from devd.services.logs import output_of
 
 WIDTH = 100  # when stdout is not a terminal: what the one-screen promise is measured at
 LISTENING = "+"  # after a port something listens on
@@ -20,6 +21,7 @@ FLOOR = 10  # cells a column keeps however narrow the terminal
 STATE = 2  # the state column of a status row: the one coloured
 COLOURS = {"ready": "32", "provisioning": "33", "failed": "31", "degraded": "31", "gone": "90"}
 PG_MODES = {"database": "pg-db", "schema": "pg-schema", "container": "pg-docker"}
+SERVICES_LISTED = 3  # more services than this are counted on the row, listed with -v
 # Which per-tree deps state speaks for the whole, worst first.
 DEPS_WORST = ("failed", "missing", "stale", "symlinked", "installing", "ready")
 
@@ -142,6 +144,18 @@ def deps_word(wt: dict[str, Any]) -> str:
     return f"deps:{worst}"
 
 
+def services_word(wt: dict[str, Any]) -> str:
+    """`web:up api:crashed`, or for many services a count: `svc 4/6 up, 1 crashed`."""
+    shown = wt.get("services") or []
+    words = {"running": "up", "stopped": "down"}
+    states = [words.get(s["state"], s["state"]) for s in shown]
+    if len(shown) <= SERVICES_LISTED:
+        return " ".join(f"{s['name']}:{state}" for s, state in zip(shown, states, strict=True))
+    bad = [s for s in states if s not in ("up", "down")]
+    return f"svc {states.count('up')}/{len(states)} up" + (f", {len(bad)} {bad[0]}"
+                                                            if bad else "")
+
+
 def here_of(cwd: str | None, worktrees: list[dict[str, Any]]) -> str | None:
     """The path of the deepest worktree containing `cwd` (they can nest)."""
     if not cwd:
@@ -156,12 +170,13 @@ def status_rows(result: dict[str, Any], cwd: str | None, now: float
     """(repo heading, rows of cells) per repo, repos and rows sorted by path."""
     grace = (result.get("daemon") or {}).get("gc_grace_seconds")
     here = here_of(cwd, result["worktrees"])
+    with_services = any(wt.get("services") for wt in result["worktrees"])
     groups: dict[str, list[list[str]]] = {}
     for wt in sorted(result["worktrees"], key=lambda w: w["path"]):
         groups.setdefault(wt.get("repo") or "?", []).append([
             f"{HERE if wt['path'] == here else ' '} {os.path.basename(wt['path']) or wt['path']}",
             wt.get("branch") or "(detached HEAD)", state_word(wt, grace, now), ports_word(wt),
-            postgres_word(wt), deps_word(wt)])
+            postgres_word(wt), deps_word(wt)] + [services_word(wt)] * with_services)
     return [(repo, [[safe(c) for c in row] for row in rows])
             for repo, rows in sorted(groups.items())]
 
@@ -219,6 +234,9 @@ def summary(result: dict[str, Any], now: float | None = None) -> str:
     if budget.get("max_watches"):
         text += f" · watchers {budget.get('level')} {budget.get('watches')}/" \
             f"{budget['max_watches']}"
+    proxy = result.get("proxy") or {}
+    if proxy.get("state") == "running":
+        text += f" · proxy :{proxy.get('port')}"
     return safe(text + stale(result, time.time() if now is None else now))
 
 
@@ -239,6 +257,10 @@ def warnings(result: dict[str, Any]) -> list[str]:
     found += [f"orphan {o['kind']} {o['name']} ({o['where']}, worktree {o['worktree_id']}): "
               "no registered worktree owns it; remove it by hand if unwanted"
               for o in result.get("orphans", [])]
+    proxy = result.get("proxy") or {}
+    if proxy.get("enabled") and proxy.get("state") not in ("running", "starting"):
+        found.append(f"proxy {proxy.get('state')}: {proxy.get('error')} ({proxy.get('hint')}); "
+                     "ports and the rest of devd work without it")
     return [safe(f"! {text}") for text in found]
 
 
@@ -250,6 +272,9 @@ def _worktree_warnings(wt: dict[str, Any]) -> list[str]:
     found += [f"{name}: gone, but pid {p['pid']} {p['command']} still runs"
               + (f" on port {p['port']}" if p.get("port") else "")
               for p in wt.get("processes", [])]
+    found += [f"{name}: service {s['name']} {s['state']}: {s.get('error') or ''}".rstrip(": ")
+              + "".join(f" | {line}" for line in output_of(s.get("log_tail") or [])[-1:])
+              for s in wt.get("services") or [] if s["state"] in ("crashed", "failed")]
     watch = wt.get("watchers") or {}
     if watch.get("state") in ("broken", "partial", "critical"):
         found.append(f"{name}: watchers {watch['state']} {watch.get('reason') or ''}".rstrip())

@@ -18,6 +18,12 @@ log = logging.getLogger("devd")
 SD_LISTEN_FDS_START = 3
 
 
+def activated(environ: MutableMapping[str, str] | None = None) -> bool:
+    """True if the service manager passed this process sockets (read before listen_fds)."""
+    env = os.environ if environ is None else environ
+    return env.get("LISTEN_FDS", "").isdigit() and env.get("LISTEN_PID") == str(os.getpid())
+
+
 def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[socket.socket]:
     """Sockets passed by the service manager, removing the variables so children never see them."""
     env = os.environ if environ is None else environ

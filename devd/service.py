@@ -152,17 +152,75 @@ def _remove_owned(target: Path, marker: str, say: Say) -> None:
     say(f"removed {target}")
 
 
-def stop_autostarted(paths: Paths, say: Say) -> None:
-    """Stop a daemon the CLI started, so the service manager's daemon can own the socket:
-    only the process the kernel says listens there, and only if it says that pid itself."""
+def cli_daemon(paths: Paths, say: Say) -> Target | None:
+    """The daemon listening now if the CLI started it (no service manager runs it): the
+    process the kernel says listens on the socket, and only if it says that pid itself."""
     from devd.client import Client
 
     try:
-        pid = int(Client(paths, autostart=False).call("ping")["pid"])
+        reply = Client(paths, autostart=False).call("ping")
     except DaemonUnreachable:
-        return
-    if _terminate(paths, pid, say):
-        say(f"stopped the daemon the CLI had started (pid {pid}); the service manager runs "
+        return None
+    if reply.get("manager"):
+        return None
+    meant = _listening(paths, int(reply["pid"]))
+    if meant is None:
+        say(_not_the_listener(paths, reply["pid"]))
+    return meant
+
+
+def _not_the_listener(paths: Paths, pid: object) -> str:
+    return (f"did not stop the daemon on {paths.socket}: it says it is pid {pid}, which is "
+            "not the process listening there (another pid namespace, or a service "
+            "manager's socket); stop it yourself")
+
+
+def hand_over(old: Target, say: Say, grace: float = 5.0, timeout: float = 15.0) -> None:
+    """Once the service manager holds the socket, the CLI-started daemon notices (its path
+    is no longer its socket) and stops; clients wait in the manager's socket meanwhile.
+    One too old to notice gets SIGTERM after `grace`."""
+    from devd import signals
+
+    if not _gone_within(old, grace):
+        try:
+            signals.send_once(old, signal.SIGTERM)
+        except signals.Refused:
+            return
+        if not _gone_within(old, timeout):
+            say(f"the daemon the CLI had started (pid {old.pid}) is still finishing after "
+                f"SIGTERM; the service's daemon takes over once it exits")
+            return
+    say(f"the daemon the CLI had started (pid {old.pid}) stopped; the service manager's "
+        "daemon serves the socket now")
+
+
+def _gone_within(meant: Target, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(meant):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _alive(meant: Target) -> bool:
+    import psutil
+
+    from devd import signals
+
+    try:
+        proc = psutil.Process(meant.pid)
+        return signals.same_start(proc.create_time(), meant.create_time) and \
+            proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def stop_autostarted(paths: Paths, say: Say) -> None:
+    """Stop a daemon the CLI started, so the service manager's daemon can own the socket."""
+    old = cli_daemon(paths, say)
+    if old is not None and _terminate(paths, old.pid, say):
+        say(f"stopped the daemon the CLI had started (pid {old.pid}); the service manager runs "
             "it now")
 
 
@@ -201,9 +259,7 @@ def _terminate(paths: Paths, pid: int, say: Say, timeout: float = 15.0) -> bool:
     except signals.Refused:
         sent = False
     if not sent:
-        say(f"did not stop the daemon on {paths.socket}: it says it is pid {pid}, which is "
-            "not the process listening there (another pid namespace, or a service "
-            "manager's socket); stop it yourself")
+        say(_not_the_listener(paths, pid))
         return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and paths.socket.exists():
@@ -246,9 +302,14 @@ def install(environ: Mapping[str, str], say: Say) -> int:
     changed = False
     for name, text in render_systemd(sys.executable, environ).items():
         changed |= _write_owned(unit_dir / name, text.encode(), MARKER, say)
+    old = cli_daemon(Paths.resolve(dict(environ)), say)
     _must(["systemctl", "--user", "daemon-reload"], say)
-    if _run(["systemctl", "--user", "is-active", "--quiet", "devd.service"]).returncode != 0:
-        stop_autostarted(Paths.resolve(dict(environ)), say)
+    # The socket first: systemd takes the path, new clients wait there, and the daemon the
+    # CLI started sees its socket replaced and stops; the service's daemon then takes the
+    # state dir (it waits for the lock) and answers them. No moment without a socket.
+    _must(["systemctl", "--user", "enable", "--now", "devd.socket"], say)
+    if old is not None:
+        hand_over(old, say)
     _must(["systemctl", "--user", "enable", "--now", *UNITS], say)
     if changed:
         _must(["systemctl", "--user", "try-restart", "devd.service"], say)
@@ -337,10 +398,19 @@ def _systemd_status(environ: Mapping[str, str], say: Say) -> None:
 
 
 def _daemon_state(paths: Paths) -> str:
-    from devd.client import Client
+    """Who runs the daemon, or why none answers though one holds the state dir."""
+    from devd.client import Client, daemon_pid
+    from devd.paths import flock_held
 
     try:
-        pid = Client(paths, autostart=False).call("ping")["pid"]
+        reply = Client(paths, autostart=False).call("ping")
     except DaemonUnreachable:
+        if flock_held(paths.lock_file):
+            pid = daemon_pid(paths) or "?"
+            return (f"pid {pid} holds the state dir but nothing answers on {paths.socket} "
+                    "(its socket was replaced or removed: it stops by itself within a "
+                    f"second; if it does not, `kill {pid}`)")
         return f"not running (nothing answers on {paths.socket})"
-    return f"running, pid {pid}, socket {paths.socket}"
+    by = f"run by {reply['manager']}" if reply.get("manager") else \
+        "started by the CLI, not by a service manager (`devd service install` hands it over)"
+    return f"running, pid {reply['pid']}, {by}, socket {paths.socket}"

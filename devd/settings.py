@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from devd.errors import ConfigError
 from devd.paths import Paths
+from devd.services import config as services_config
 
 REPO_CONFIG = "devd.toml"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -72,6 +73,15 @@ class Settings(BaseSettings):
     watchers_settle: float = Field(20.0, ge=0, le=DAY)  # a watcher's start-up walk before `partial`
     # Stop devd-started watchers of worktrees unused this long ("2h"; "" or "0": never).
     watchers_idle_stop: str = ""
+    # Remove a Claude Code subagent's unchanged, idle worktree this long after its last
+    # activity (devd/agents.py); Claude itself removes one at once when it has no hook.
+    claude_agent_grace: str = "30m"
+    # Named URLs (devd/proxy): Caddy on this loopback port; next to portless' 1355, so both
+    # can run. `proxy = false` turns it off; `proxy_tls`: https with Caddy's local CA.
+    proxy: bool = True
+    proxy_port: int = Field(1356, ge=1, le=65535)
+    proxy_tls: bool = False
+    caddy: str = ""  # the caddy binary (DEVD_CADDY); empty: beside python, then on PATH
 
     @field_validator("port_range")
     @classmethod
@@ -79,7 +89,7 @@ class Settings(BaseSettings):
         parse_port_range(value)
         return value
 
-    @field_validator("watchers_idle_stop")
+    @field_validator("watchers_idle_stop", "claude_agent_grace")
     @classmethod
     def _valid_idle(cls, value: str) -> str:
         if value.strip():
@@ -91,6 +101,10 @@ class Settings(BaseSettings):
         """watchers_idle_stop in seconds; 0 means off."""
         return parse_duration(self.watchers_idle_stop) if self.watchers_idle_stop.strip() \
             else 0.0
+
+    @property
+    def agent_grace_seconds(self) -> float:
+        return parse_duration(self.claude_agent_grace)
 
     @property
     def ports(self) -> range:
@@ -277,6 +291,13 @@ class ClaudeConfig(_Section):
     release_data: bool = False  # claude-remove also releases data-bearing resources
 
 
+class HooksConfig(_Section):
+    """[hooks]: worktrees no hook told devd about (`git worktree add --no-checkout` fires
+    no post-checkout) are provisioned when the daemon's reconcile finds them."""
+
+    provision_on_discover: bool = False
+
+
 class WatchersConfig(_Section):
     on_pressure: str = ""  # shell command run in the main worktree when a level is crossed
     estimate: Literal["files", "dirs"] = "files"  # chokidar-style, or directory watchers
@@ -292,6 +313,13 @@ class RepoConfig(_Section):
     deps: DepsConfig = DepsConfig()
     claude: ClaudeConfig = ClaudeConfig()
     watchers: WatchersConfig = WatchersConfig()
+    hooks: HooksConfig = HooksConfig()
+    services: dict[str, services_config.ServiceConfig] = {}
+
+    @model_validator(mode="after")
+    def _services_refer_to_ports(self) -> RepoConfig:
+        services_config.check(self.services, self.ports.names)
+        return self
 
 
 def _check_relative(name: str) -> str:

@@ -197,3 +197,63 @@ def _running(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+# -- process groups (devd's supervised services) ------------------------------
+
+
+def group_members(pgid: int) -> list[Target]:
+    """The live processes (zombies aside) of process group `pgid`."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []  # the group is empty: no need to look at every process
+    except PermissionError:
+        pass
+    found = []
+    for pid in psutil.pids():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(pid) == pgid:
+                proc = psutil.Process(pid)
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(target(proc))
+    return found
+
+
+def stop_group(leader: Target, timeout: float) -> str:
+    """SIGTERM to the process group `leader` leads, then SIGKILL after `timeout` to what
+    is left of it; how it ended. The leader must be our child, not yet reaped (running or
+    a zombie): while it is, neither its pid nor the group id can name anyone else. It is
+    re-verified (start time, uid) right before each signal."""
+    for sig, outcome in ((signal.SIGTERM, "terminated"), (signal.SIGKILL, "killed")):
+        if not group_members(leader.pid):
+            return EXITED if sig == signal.SIGTERM else "terminated"
+        why = _leads(leader)
+        if why:
+            raise Refused(why)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, sig)
+        if _group_gone(leader.pid, timeout):
+            return outcome
+    return "killed"
+
+
+def _leads(leader: Target) -> str | None:
+    """None if `leader` (a zombie counts) still holds its pid and is ours."""
+    try:
+        proc = psutil.Process(leader.pid)
+        if not same_start(proc.create_time(), leader.create_time):
+            return f"pid {leader.pid} is no longer the group leader devd started"
+        uid = proc.uids().real
+    except psutil.Error:
+        return f"pid {leader.pid} is gone: its group id may be reused, so devd leaves it"
+    return None if uid == os.getuid() else f"pid {leader.pid} belongs to uid {uid}"
+
+
+def _group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while group_members(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -11,8 +11,10 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 
+from devd import agents
+
 if TYPE_CHECKING:
-    from devd.handlers.core import ServiceCore as Service
+    from devd.handlers import Service
 
 log = logging.getLogger("devd")
 # Several events arrive per `git worktree add/remove`; one reconcile after they settle.
@@ -69,6 +71,7 @@ class RepoWatcher:
             try:
                 self._service.reconcile()
                 self._service.notice_missing()
+                agents.sweep(self._service, self._service.settings.agent_grace_seconds)
             except Exception:  # the loop must survive a bad repo; the log says what happened
                 log.exception("reconcile failed")
 

@@ -126,15 +126,16 @@ class Devd:
 
 
 def _answers(path: Path) -> bool:
-    """The daemon serves: a ping is answered (a bound socket alone may be mid-startup,
-    before the serve loop and its threads exist, which tests lowering limits must not hit)."""
+    """A reply to ping, not just a connect: the socket takes connections (in its backlog)
+    before the daemon's startup ends, and a test that then lowers its fd limit, say, would
+    break the startup instead of what it tests."""
     try:
         with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(5)
+            sock.settimeout(10)
             sock.connect(str(path))
-            sock.sendall(b'{"v": 1, "method": "ping", "params": {}}\n')
-            return sock.makefile("rb").readline().startswith(b'{"ok":true')
-    except OSError:
+            sock.sendall(b'{"v": 1, "method": "ping"}\n')
+            return json.loads(sock.recv(65536).split(b"\n")[0]).get("ok") is True
+    except (OSError, ValueError):  # not yet listening, or not yet serving
         return False
 
 
@@ -154,7 +155,9 @@ def devd_home(tmp_path: Path) -> Iterator[Devd]:
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEVD_")}
     env.update({"DEVD_HOME": str(home), "DEVD_NO_AUTOSTART": "1",
-                "DEVD_RECONCILE_INTERVAL": "1", "PYTHONPATH": str(ROOT)})
+                "DEVD_RECONCILE_INTERVAL": "1", "PYTHONPATH": str(ROOT),
+                # No Caddy unless a test asks (tests/test_proxy.py): one port per machine.
+                "DEVD_PROXY": "0"})
     devd = Devd(home, env)
     yield devd
     _kill_daemons_of(devd)

@@ -184,7 +184,7 @@ def test_concurrent_autostarts_end_with_one_daemon(devd_home: Devd) -> None:
 def test_cli_import_path_stays_light(devd: Devd) -> None:
     code = (
         "import sys; from devd.cli import main; rc = main(['status', '--json']);"
-        "heavy = {'pydantic', 'pydantic_settings', 'docker', 'psycopg', 'watchdog'} & "
+        "heavy = {'pydantic', 'pydantic_settings', 'docker', 'psycopg', 'watchdog', 'mcp'} & "
         "set(sys.modules); print(sorted(heavy)); sys.exit(rc)"
     )
     result = subprocess.run([sys.executable, "-c", code], env={**devd.env, "PYTHONPATH": str(ROOT)},

@@ -55,6 +55,7 @@ def test_git_worktree_add_is_provisioned_and_removal_noticed(devd: Devd, repo: R
 
 def test_hook_is_fast_and_never_fails_git(devd_home: Devd, repo: Repo, shim: dict[str, str],
                                           tmp_path: Path) -> None:
+    fresh = repo.worktree("fresh")  # before the hook: its first checkout is the one timed
     devd_home.run("hook", "install", "--git", str(repo.main))
     hook = hook_of(repo)
     no_devd = {**shim, "PATH": "/usr/bin:/bin"}
@@ -62,7 +63,7 @@ def test_hook_is_fast_and_never_fails_git(devd_home: Devd, repo: Repo, shim: dic
     timings = {}
     for label, env in (("daemon down", shim), ("devd not on PATH", no_devd)):
         start = time.perf_counter()
-        result = subprocess.run([str(hook), ZEROS, "abc", "1"], cwd=repo.main, env=env,
+        result = subprocess.run([str(hook), ZEROS, "abc", "1"], cwd=fresh, env=env,
                                 capture_output=True, timeout=30)
         timings[label] = time.perf_counter() - start
         assert result.returncode == 0 and result.stdout == b""
@@ -159,9 +160,12 @@ def test_claude_create_honours_worktree_dir(devd: Devd, make_repo, tmp_path: Pat
     assert json.loads(devd.run("wait", str(path), "--json").stdout)["state"] == "ready"
 
 
-BAD_INPUT = ["", "not json", "[1]", "{}", '{"name": ""}', '{"name": 3}', '{"name": "a/b"}',
-             '{"name": ".."}', '{"name": "a..b"}', '{"name": "has space"}',
-             json.dumps({"name": "x" * 300}), '{"name": "-rf"}', '{"name": "x.lock"}']
+# Claude's own rules (64 characters, '/'-separated segments of [A-Za-z0-9._-], no '.', '..'
+# or '.git' segment) plus what git refuses in a branch name.
+BAD_INPUT = ["", "not json", "[1]", "{}", '{"name": ""}', '{"name": 3}', '{"name": "a//b"}',
+             '{"name": ".."}', '{"name": "a/../b"}', '{"name": "a/.git"}', '{"name": "a..b"}',
+             '{"name": "has space"}', json.dumps({"name": "x" * 65}), '{"name": "x.lock"}',
+             '{"name": "/abs"}', '{"name": "a/"}', '{"name": "caf\u00e9"}']
 
 
 @pytest.mark.parametrize("payload", BAD_INPUT)
@@ -170,6 +174,7 @@ def test_claude_create_rejects_bad_input_without_side_effects(devd_home: Devd, r
     before = run_git(repo.main, "worktree", "list"), run_git(repo.main, "branch")
     result = claude(devd_home, "claude-create", payload, repo.main, cwd=repo.main)
     assert result.returncode == 2 and result.stdout == "" and "devd: error:" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (repo.main / ".claude").exists()
     assert (run_git(repo.main, "worktree", "list"), run_git(repo.main, "branch")) == before
 
@@ -183,7 +188,7 @@ def test_claude_create_refusals(devd_home: Devd, repo: Repo, tmp_path: Path) -> 
     taken.mkdir(parents=True)
     (taken / "keep.txt").write_text("mine")
     result = claude(devd_home, "claude-create", '{"name": "taken"}', repo.main, cwd=tmp_path)
-    assert result.returncode == 2 and "already exists" in result.stderr
+    assert result.returncode == 2 and "is not a worktree" in result.stderr
     assert (taken / "keep.txt").read_text() == "mine"
 
 
@@ -197,19 +202,57 @@ def test_claude_create_without_daemon_still_creates(devd_home: Devd, repo: Repo,
     assert "not provisioned yet" in result.stderr and path.is_dir()
 
 
-@pytest.mark.parametrize("payload", ["", "garbage", '{"worktree_path": "relative/path"}',
-                                     '{"worktree_path": "/nonexistent/devd-test"}', "{}"])
-def test_claude_remove_always_exits_zero(devd_home: Devd, repo: Repo, payload: str) -> None:
+@pytest.mark.parametrize(("payload", "code"), [
+    ("", 2), ("garbage", 2), ('{"worktree_path": "relative/path"}', 2), ("{}", 2),
+    ('{"worktree_path": "/nonexistent/devd-test"}', 0)])  # already gone: removed
+def test_claude_remove_exit_codes_say_whether_it_is_gone(devd_home: Devd, repo: Repo,
+                                                         payload: str, code: int) -> None:
     result = claude(devd_home, "claude-remove", payload, repo.main, cwd=repo.main)
-    assert result.returncode == 0 and result.stdout == ""
-    assert result.stderr  # says what it did or why it did nothing
+    assert result.returncode == code and result.stdout == ""
+    assert result.stderr and "Traceback" not in result.stderr  # says what it did, or why not
+
+
+def test_claude_remove_fails_while_git_keeps_the_worktree(devd: Devd, repo: Repo,
+                                                          tmp_path: Path) -> None:
+    """Claude keeps a worktree whose WorktreeRemove hook fails, and shows its stderr."""
+    created = claude(devd, "claude-create", '{"name": "locked"}', repo.main, cwd=tmp_path)
+    path = Path(created.stdout.strip())
+    run_git(repo.main, "worktree", "lock", str(path))  # --force then refuses to remove it
+    payload = json.dumps({"worktree_path": str(path)})
+    result = claude(devd, "claude-remove", payload, repo.main, cwd=tmp_path)
+    assert result.returncode == 1 and "git could not remove" in result.stderr
+    assert path.is_dir() and "Traceback" not in result.stderr
+    run_git(repo.main, "worktree", "unlock", str(path))
+    result = claude(devd, "claude-remove", payload, repo.main, cwd=tmp_path)
+    assert result.returncode == 0 and not path.exists()
+    assert "worktree-locked" not in run_git(repo.main, "branch")  # deleted, as Claude does
+
+
+def test_claude_create_resumes_and_reuses_names(devd: Devd, repo: Repo, tmp_path: Path) -> None:
+    first = claude(devd, "claude-create", '{"name": "team/feat"}', repo.main, cwd=tmp_path)
+    path = repo.main / ".claude" / "worktrees" / "team+feat"
+    assert first.returncode == 0 and first.stdout == f"{path}\n", first.stderr
+    (path / "work.txt").write_text("mine")
+    again = claude(devd, "claude-create", '{"name": "team/feat"}', repo.main, cwd=tmp_path)
+    assert again.stdout == f"{path}\n" and "resuming" in again.stderr
+    assert (path / "work.txt").read_text() == "mine"
+    run_git(repo.main, "worktree", "remove", "--force", str(path))  # the branch stays
+    reused = claude(devd, "claude-create", '{"name": "team/feat"}', repo.main, cwd=tmp_path)
+    assert reused.returncode == 0 and not (path / "work.txt").exists(), reused.stderr
+    assert run_git(path, "branch", "--show-current").strip() == "worktree-team+feat"
+
+
+def test_claude_create_refuses_a_missing_pr(devd_home: Devd, repo: Repo) -> None:
+    result = claude(devd_home, "claude-create", '{"name": "pr-12"}', repo.main, cwd=repo.main)
+    assert result.returncode == 1 and "Failed to fetch PR #12" in result.stderr
+    assert "worktree-pr-12" not in run_git(repo.main, "branch")
 
 
 def test_claude_remove_with_daemon_down_still_removes(devd_home: Devd, repo: Repo) -> None:
     path = repo.worktree("doomed", "doomed")
     payload = json.dumps({"worktree_path": str(path)})
     result = claude(devd_home, "claude-remove", payload, repo.main, cwd=repo.main)
-    assert result.returncode == 0 and not path.exists()
+    assert result.returncode == 0 and not path.exists()  # gc frees what devd held
     assert "could not release" in result.stderr
 
 
@@ -228,16 +271,25 @@ def test_install_claude_merges_settings(devd_home: Devd, repo: Repo) -> None:
     assert merged["hooks"]["WorktreeCreate"] == [
         {"hooks": [{"type": "command", "command": "devd hook claude-create"}]}]
     assert [g["hooks"][0]["command"] for g in merged["hooks"]["WorktreeRemove"]] == [
-        "my-cleanup", "devd hook claude-remove || true"]
-    # As Claude Code runs it, through a shell, with devd gone from PATH: still exit 0.
-    gone = subprocess.run(["sh", "-c", merged["hooks"]["WorktreeRemove"][1]["hooks"][0][
-        "command"]], input='{"worktree_path": "/nowhere"}', text=True, capture_output=True,
-        env={"PATH": "/usr/bin:/bin"}, timeout=30)
-    assert gone.returncode == 0
+        "my-cleanup", "devd hook claude-remove"]
+    assert merged["hooks"]["SessionStart"] == [
+        {"hooks": [{"type": "command", "command": "devd hook claude-env"}]}]
     text = target.read_text()
     assert "already calls devd" in devd_home.run("hook", "install", "--claude",
                                                  str(repo.main)).stdout
     assert target.read_text() == text
+
+
+def test_install_claude_upgrades_the_old_remove_command(devd_home: Devd, repo: Repo) -> None:
+    """Older devd installed `... || true`, which told Claude "removed" when git failed."""
+    target = repo.main / ".claude" / "settings.json"
+    target.parent.mkdir()
+    target.write_text(json.dumps({"hooks": {"WorktreeRemove": [{"hooks": [
+        {"type": "command", "command": "devd hook claude-remove || true"}]}]}}))
+    devd_home.run("hook", "install", "--claude", str(repo.main))
+    commands = [h["command"] for g in json.loads(target.read_text())["hooks"]["WorktreeRemove"]
+                for h in g["hooks"]]
+    assert commands == ["devd hook claude-remove"]
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"hooks": {"WorktreeCreate": [
@@ -269,5 +321,43 @@ def test_claude_remove_of_a_path_inside_a_worktree_releases_nothing(devd: Devd, 
     (tree / "sub").mkdir()
     payload = json.dumps({"worktree_path": str(tree / "sub")})
     result = claude(devd, "claude-remove", payload, repo.main, cwd=tmp_path)
-    assert result.returncode == 0 and "not the root of a worktree" in result.stderr
+    assert result.returncode == 1 and "not the root of a git worktree" in result.stderr
     assert devd.worktree(tree)["state"] == "ready" and tree.is_dir()
+
+
+def test_skill_install_writes_an_agent_skill(devd_home: Devd, repo: Repo) -> None:
+    target = repo.main / ".claude" / "skills" / "devd" / "SKILL.md"
+    assert "wrote" in devd_home.run("skill", "install", str(repo.main)).stdout
+    text = target.read_text()
+    front, body = text.split("\n---\n", 1)
+    assert front.startswith("---\nname: devd\ndescription: ") and len(front) < 1024
+    for topic in ("devd ports", "devd kill-port", "DATABASE_URL", "node_modules", "Vite",
+                  ".env", "DEVD_CACHE_DIR", "devd browser", "devd watchers", "devd up",
+                  "devd logs"):
+        assert topic in body, topic
+    assert "up to date" in devd_home.run("skill", "install", str(repo.main)).stdout
+    target.write_text("---\nname: mine\n---\n")
+    refused = devd_home.run("skill", "install", str(repo.main), check=False)
+    assert refused.returncode == 1 and "not devd's skill" in refused.stderr
+    assert target.read_text() == "---\nname: mine\n---\n"
+
+
+def test_claude_env_never_fails_a_session(devd_home: Devd, repo: Repo, tmp_path: Path) -> None:
+    """SessionStart: a bad call is one line and a status; no repo, or no daemon, is no
+    failure (stdout tells the model what it lacks)."""
+    env_file = tmp_path / "env.sh"
+    payload = json.dumps({"hook_event_name": "SessionStart", "cwd": str(repo.main)})
+    missing = claude(devd_home, "claude-env", payload, repo.main, cwd=repo.main)
+    assert missing.returncode == 2 and len(missing.stderr.splitlines()) == 1
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    outside = claude(devd_home, "claude-env", json.dumps({"cwd": str(plain)}), plain,
+                     cwd=plain, env={"CLAUDE_ENV_FILE": str(env_file)})
+    assert outside.returncode == 0 and outside.stdout.strip() == "" and not env_file.exists()
+    tree = repo.worktree("shop-a", "a")
+    down = claude(devd_home, "claude-env", json.dumps({"cwd": str(tree)}), repo.main,
+                  cwd=tree, env={"CLAUDE_ENV_FILE": str(env_file)})
+    assert down.returncode == 0 and "could not load" in down.stdout, down.stderr
+    script = env_file.read_text()  # later worktrees still get theirs through `devd env`
+    assert "devd env" in script and "export PORT" not in script
+    assert subprocess.run(["sh", "-n", str(env_file)]).returncode == 0

@@ -86,7 +86,8 @@ def test_socket_activation_with_readiness_over_notify_socket(devd_home: Devd,
         notify.bind(str(notify_path))
         notify.settimeout(60)
         passed = [f"--setenv={name}" for name in
-                  ("DEVD_HOME", "DEVD_NO_AUTOSTART", "DEVD_RECONCILE_INTERVAL", "PYTHONPATH")]
+                  ("DEVD_HOME", "DEVD_NO_AUTOSTART", "DEVD_RECONCILE_INTERVAL", "PYTHONPATH",
+                   "DEVD_PROXY")]
         proc = subprocess.Popen(
             [activate, "-l", str(sock_path), *passed, f"--setenv=NOTIFY_SOCKET={notify_path}",
              sys.executable, "-m", "devd", "daemon"],

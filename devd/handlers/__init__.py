@@ -4,16 +4,18 @@ orchestrates provisioners.
     core.py       the shared state: registry, provisioners, locks, find/describe a worktree
     worktrees.py  status, provision, release, restore, gc, env
     processes.py  ports, kill-port, the records of `devd run`
+    services.py   up, down, logs: the declared dev servers
     watchers.py   the watcher budget
 """
 
 from devd.handlers.core import default_provisioners
 from devd.handlers.processes import ProcessRequests
+from devd.handlers.services import ServiceRequests
 from devd.handlers.watchers import WatcherRequests
 from devd.handlers.worktrees import WorktreeRequests
 
 
-class Service(WorktreeRequests, ProcessRequests, WatcherRequests):
+class Service(WorktreeRequests, ProcessRequests, ServiceRequests, WatcherRequests):
     """The daemon's state and every request handler."""
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,9 @@ from devd.provisioners.deps import DepsProvisioner
 from devd.provisioners.dirs import DirsProvisioner
 from devd.provisioners.envfile import EnvFileProvisioner
 from devd.provisioners.ports import PortsProvisioner
+from devd.proxy.provisioner import UrlsProvisioner
 from devd.registry import Registry, Resource, Worktree
+from devd.services.supervisor import Supervisor
 from devd.settings import (
     REPO_CONFIG,
     RepoConfig,
@@ -38,7 +41,8 @@ def default_provisioners() -> list[Provisioner]:
     export none and can take minutes, so they come after it and the .env is ready at once.
     A first provision also writes it before Postgres (with placeholders that fail), so the
     copies are never without devd's block while a database is being made."""
-    return [PortsProvisioner(), DirsProvisioner(), EnvFileProvisioner(early=True),
+    return [PortsProvisioner(), UrlsProvisioner(), DirsProvisioner(),
+            EnvFileProvisioner(early=True),
             postgres.PostgresProvisioner(), EnvFileProvisioner(), DepsProvisioner()]
 
 
@@ -59,6 +63,8 @@ class ServiceCore:
         self._queued: dict[str, dict[str, Any]] = {}  # background provisions not yet started
         self._configs: dict[tuple[Any, ...], RepoConfig] = {}
         self._orphans: tuple[float, list[dict[str, str]]] | None = None
+        self._seen: dict[Path, set[Path]] = {}  # per repo, the worktrees git listed last
+        self._started = time.time()
         self.manager: str | None = None  # "systemd" or "launchd" when one runs the daemon
         # The kernel's word on who sent the request being handled (one per thread).
         self.peer = threading.local()
@@ -69,6 +75,23 @@ class ServiceCore:
         self.watchers: Any = None
         # What `status` answers from; the daemon starts its cadence (snapshot.py).
         self.snapshot = StatusSnapshot(self, settings.status_interval)  # type: ignore[arg-type]
+        # Declared dev servers; the daemon starts its watch thread (devd/services/).
+        self.services = Supervisor(paths.state_dir, settings.kill_timeout)
+        # Called with each worktree that goes `gone` (its services stop, its routes go).
+        self.gone_listeners: list[Callable[[Worktree], None]] = [
+            self._stop_services_of, lambda wt: self.on_change()]
+        # Set by the daemon: the Caddy child (devd/proxy/child.py); on_change nudges it.
+        self.proxy: Any = None
+        self.on_change: Callable[[], None] = lambda: None
+
+    def _stop_services_of(self, wt: Worktree) -> None:
+        """Overridden by the services family (devd/handlers/services.py)."""
+
+    def mark_gone(self, wt: Worktree, why: str) -> None:
+        log.info("worktree %s is gone (%s)", wt.path, why)
+        self.registry.set_state(wt.id, "gone")
+        for listener in self.gone_listeners:
+            listener(wt)
 
     def handler(self, method: str) -> Callable[..., Any] | None:
         return getattr(self, f"do_{method}", None)
@@ -127,34 +150,81 @@ class ServiceCore:
         placeholders, warning = envguard.postgres_guard(ctx, ctx.env)
         return ctx.env | placeholders, [warning] if warning else []
 
+    def ready_environment(self, wt: Worktree) -> tuple[dict[str, str], list[str]]:
+        """`environment`, refused while the worktree is gone or its ports are not ready."""
+        if wt.state == "gone":
+            raise NotRegistered(f"worktree {wt.path} is gone",
+                                "recreate it and run `devd provision`")
+        ports = next((r for r in self.registry.resources(wt.id) if r.kind == "ports"), None)
+        if ports is None or ports.state != "ready":
+            # Without PORT a dev server falls back to 3000: the collision devd exists to stop.
+            why = f"ports are {ports.state}: {ports.detail.get('error', '')}" if ports \
+                else "it has no ports yet"
+            raise DevdError(f"worktree {wt.path} is not ready ({why.rstrip(': ')})",
+                            "wait for it (`devd wait`), or fix the cause and run "
+                            f"`devd provision {wt.path}`", code="not_ready")
+        return self.environment(wt)
+
     def notice_missing(self) -> None:
         """A stat per worktree: a deleted directory means gone, whoever deleted it."""
         for wt_id, path in self.registry.live_paths():
-            if not os.path.isdir(path):
-                log.info("worktree %s is gone (directory missing)", path)
-                self.registry.set_state(wt_id, "gone")
+            if not os.path.isdir(path) and (wt := self.registry.worktree(wt_id)) is not None:
+                self.mark_gone(wt, "directory missing")
 
     def reconcile(self) -> None:
-        """Compare each known repo with `git worktree list`; what git no longer lists is gone."""
+        """Compare each known repo with `git worktree list`: what git no longer lists is
+        gone; what it lists for the first time is new (see _discover)."""
         by_repo: dict[Path, list[Worktree]] = {}
         for wt in self.registry.worktrees():
             if wt.state != "gone":
                 by_repo.setdefault(wt.repo_common_dir, []).append(wt)
         for common_dir, worktrees in by_repo.items():
-            listed = self._listed(common_dir)
+            entries = self._listed(common_dir)
+            listed = None if entries is None else {w.path.resolve() for w in entries
+                                                   if not w.prunable}
             for wt in worktrees:
                 if listed is not None and wt.path not in listed and not self._busy(wt.id):
-                    log.info("worktree %s is gone (git no longer lists it)", wt.path)
-                    self.registry.set_state(wt.id, "gone")
+                    self.mark_gone(wt, "git no longer lists it")
+            if entries is not None:
+                self._discover(common_dir, worktrees[0].repo_main_path, entries)
 
-    def _listed(self, common_dir: Path) -> set[Path] | None:
+    def _listed(self, common_dir: Path) -> list[git.ListedWorktree] | None:
         if not common_dir.is_dir():
-            return set()
+            return []
         try:
-            return {w.path.resolve() for w in git.list_worktrees(common_dir) if not w.prunable}
+            return git.list_worktrees(common_dir)
         except (DevdError, OSError) as exc:
             log.warning("cannot list worktrees of %s: %s", common_dir, exc)
             return None
+
+    def _discover(self, common_dir: Path, main: Path, entries: list[git.ListedWorktree]) -> None:
+        """Provision worktrees git lists that were not there at the last look, when the
+        repo opts in ([hooks] provision_on_discover): no post-checkout fires for
+        `git worktree add --no-checkout`. When a repo is first looked at, only those git
+        made since this daemon started are new (not one released before a restart); one git
+        still holds locked (mid-checkout) is looked at again next time."""
+        fresh = {w.path.resolve() for w in entries
+                 if not (w.bare or w.prunable or w.locked) and w.path.is_dir()}
+        seen, self._seen[common_dir] = self._seen.get(common_dir), fresh
+        new = [path for path in fresh - (seen or set())
+               if (seen is not None or _made_after(path, self._started))
+               and not self.registry.worktree_at(path)]
+        provision = self.handler("provision")
+        if not new or provision is None or not self._opted_in(main):
+            return
+        for path in sorted(new):
+            log.info("worktree %s is new (found by reconcile); provisioning it", path)
+            try:
+                provision(lambda *_, **__: None, str(path), background=True)
+            except DevdError as exc:
+                log.warning("cannot provision discovered worktree %s: %s", path, exc.message)
+
+    def _opted_in(self, main: Path) -> bool:
+        try:
+            return self._cached_config(main).hooks.provision_on_discover
+        except DevdError as exc:
+            log.warning("cannot read %s's devd.toml: %s", main, exc.message)
+            return False
 
     def find(self, path: str | None) -> Worktree:
         """The registered worktree containing `path` (deepest wins: worktrees can nest)."""
@@ -208,6 +278,16 @@ class ServiceCore:
     def _busy(self, wt_id: str) -> bool:
         lock = self._locks.get(wt_id)
         return bool(lock and lock.locked())
+
+def _made_after(path: Path, since: float) -> bool:
+    """Whether git made the linked worktree at `path` after `since`: its admin dir's
+    `commondir` is written once, by `git worktree add`."""
+    admin = git.admin_dir(path)
+    try:
+        return admin is not None and (admin / "commondir").stat().st_mtime > since
+    except OSError:
+        return False
+
 
 def _text(value: Any, name: str) -> str:
     """A string parameter from the wire; anything else is the client's mistake, not a bug."""

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from devd import processes
 from devd.errors import DevdError, UsageError
 from devd.handlers.core import ServiceCore
 from devd.provisioners import Progress
+from devd.provisioners.ports import lease_internal
 from devd.watchers import api as watchers_api
+
+# Ad hoc leases (`lease_port`, for a server devd.toml does not name): an internal lease
+# name, so provisioning keeps it; it goes with the worktree's registration (release, gc).
+ADHOC = "_adhoc:"
+ADHOC_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 
 
 class ProcessRequests(ServiceCore):
@@ -39,9 +46,39 @@ class ProcessRequests(ServiceCore):
             })
         return rows
 
+    def do_port_owner(self, progress: Progress, port: int) -> dict[str, Any]:
+        """Who holds `port`: the worktree that leased it (if any) and what listens on it."""
+        _check_port(port)
+        lease = next(((name, wt_id) for p, name, wt_id in self.registry.leases() if p == port),
+                     None)
+        leaser = self.registry.worktree(lease[1]) if lease else None
+        holder = processes.listeners().get(port)
+        owner = processes.owner_of(holder, self.registry.worktrees(), self.registry) \
+            if holder else None
+        return {"port": port, "lease_name": lease[0] if lease else None,
+                "leased_by": str(leaser.path) if leaser else None,
+                "listening": holder is not None,
+                "pid": holder.pid if holder else None,
+                "command": holder.command if holder else None,
+                "cwd": holder.cwd if holder else None,
+                "owner_worktree": str(owner.path) if owner else None,
+                "owner_state": owner.state if owner else None}
+
+    def do_lease_port(self, progress: Progress, path: str, name: str) -> dict[str, Any]:
+        """A port of the worktree's for `name`, leased once and then the same every time,
+        until the worktree is released (not written to .env: the caller asked for it)."""
+        if not ADHOC_NAME.fullmatch(name):
+            raise UsageError(f"port name {name[:60]!r} is not allowed",
+                             "use 1-40 lowercase letters, digits, '-' or '_'")
+        wt = self.find(path)
+        if wt.state == "gone":
+            raise UsageError(f"{wt.path} is gone", "lease ports for a worktree that exists")
+        with self._lock(wt.id):
+            port = lease_internal(self.context(wt, strict=False), ADHOC + name)
+        return {"worktree": str(wt.path), "name": name, "port": port}
+
     def do_kill_port(self, progress: Progress, port: int, path: str) -> dict[str, Any]:
-        if not 1 <= port <= 65535:  # a typo, not a port nothing listens on
-            raise UsageError(f"port {port} is out of range (1-65535)", "give a TCP port")
+        _check_port(port)
         asked = self.find(path)
         holder = processes.listeners().get(int(port))
         if holder is None:
@@ -77,3 +114,8 @@ class ProcessRequests(ServiceCore):
         itself has exited); `pid` is ignored."""
         return watchers_api.run_event(self, self.find(path), signature, budget, line,
                                       argv or [], cwd, token)
+
+
+def _check_port(port: int) -> None:
+    if not 1 <= port <= 65535:  # a typo, not a port nothing listens on
+        raise UsageError(f"port {port} is out of range (1-65535)", "give a TCP port")

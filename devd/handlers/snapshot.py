@@ -26,6 +26,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from devd import leftovers, processes, protocol
+from devd.proxy import api as proxy_api
+from devd.services import supervisor
 from devd.watchers import api as watchers_api
 
 if TYPE_CHECKING:
@@ -50,7 +52,7 @@ class StatusSnapshot:
         self._listening: set[int] = set()
         self._running: dict[str, list[dict[str, Any]]] = {}
         self._checked_at: float | None = None
-        self._answer: tuple[tuple[int, float | None], dict[str, Any]] | None = None
+        self._answer: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         # ^ (what _version() said, the answer built then)
         # Per form (json_text, encoded): (the answer it was made of, it).
         self._forms: dict[str, tuple[dict[str, Any], Any]] = {}
@@ -143,12 +145,14 @@ class StatusSnapshot:
             self._forms[form] = (answer, value)
         return value
 
-    def _version(self) -> tuple[int, float | None]:
-        """What the answer is built from, besides this pass: the registry's generation and
-        the watcher monitor's latest full pass."""
-        monitor = self._service.watchers
+    def _version(self) -> tuple[Any, ...]:
+        """What the answer is built from, besides this pass: the registry's generation, the
+        watcher monitor's latest full pass, the services' states and the proxy's."""
+        service = self._service
+        monitor, proxy = service.watchers, service.proxy
         view = monitor.latest() if monitor is not None else None
-        return self._service.registry.generation, view.sample.at if view else None
+        return (service.registry.generation, view.sample.at if view else None,
+                supervisor.CHANGES, repr(proxy.status()) if proxy is not None else None)
 
     def _stale(self) -> bool:
         """No pass yet, or none for a while (the cadence rests while nobody asks)."""
@@ -184,6 +188,8 @@ class StatusSnapshot:
         """The wire shape: ISO times, `listening` per port name, the watcher summary
         without its top list (`devd watchers` shows that); copies, so the cached
         descriptions are never changed."""
+        from devd.handlers import services as services_api  # it imports core, which us
+
         service = self._service
         with self._lock:
             listening, checked_at = self._listening, self._checked_at
@@ -197,14 +203,14 @@ class StatusSnapshot:
             if wt.id in running:
                 entry["processes"] = running[wt.id]
             entries.append(entry)
-        result = watchers_api.add_to_status(service, {
+        result = proxy_api.add_to_status(service, watchers_api.add_to_status(service, {
             "schema": STATUS_SCHEMA,
             "checked_at": iso_utc(checked_at),
             "check_interval_seconds": self._refresh,
             "daemon": service.daemon_info(),
-            "worktrees": entries,
+            "worktrees": services_api.add_to_status(service, entries, chosen),
             "orphans": service.orphans(max_age=math.inf),
-        })
+        }))
         budget = result.get("watchers")
         if budget:
             budget.pop("top", None)

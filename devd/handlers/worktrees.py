@@ -145,18 +145,7 @@ class WorktreeRequests(ServiceCore):
 
     def do_env(self, progress: Progress, path: str) -> dict[str, Any]:
         wt = self.find(path)
-        if wt.state == "gone":
-            raise NotRegistered(f"worktree {wt.path} is gone",
-                                "recreate it and run `devd provision`")
-        ports = next((r for r in self.registry.resources(wt.id) if r.kind == "ports"), None)
-        if ports is None or ports.state != "ready":
-            # Without PORT a dev server falls back to 3000: the collision devd exists to stop.
-            why = f"ports are {ports.state}: {ports.detail.get('error', '')}" if ports \
-                else "it has no ports yet"
-            raise DevdError(f"worktree {wt.path} is not ready ({why.rstrip(': ')})",
-                            "wait for it (`devd wait`), or fix the cause and run "
-                            f"`devd provision {wt.path}`", code="not_ready")
-        env, warnings = self.environment(wt)
+        env, warnings = self.ready_environment(wt)
         return {"worktree": str(wt.path), "env": env, "warnings": warnings}
 
     def provision(self, wt_id: str, progress: Progress,
@@ -178,6 +167,7 @@ class WorktreeRequests(ServiceCore):
                         if p.applies(ctx) and (f := self._ensure(p, ctx, progress))]
             self.registry.set_state(wt_id, "failed" if failures else "ready",
                                     "; ".join(f.message for f in failures) or None)
+        self.on_change()
         if failures:
             raise ProvisionFailed(
                 f"{wt.path}: " + "; ".join(f"{f.code}: {f.message}" for f in failures),
@@ -221,12 +211,15 @@ class WorktreeRequests(ServiceCore):
             if data and not yes:
                 raise UsageError(f"{wt.path} has data-bearing resources: {', '.join(data)}",
                                  "pass --yes to release them (devd keeps a dump where it can)")
+            self.services.stop(wt.id)  # its servers hold its ports
             ctx = self.context(wt, strict=False)
             ctx.backup, ctx.force = backup, force
             order = sorted(reversed(recorded), key=lambda r: not self._holds_data(r.kind))
             teardown.check_all(self._by_kind, ctx, order)
             teardown.run_all(self._by_kind, ctx, order, progress)
             self.registry.forget(wt.id)
+            self.services.forget(wt.id)  # stopped above; now their logs go too
+        self.on_change()
         return ctx.outputs
 
     def _check_still_gone(self, wt: Worktree) -> None:

@@ -21,8 +21,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-import psutil
-
+from devd import processes
 from devd.processes import stop_run
 from devd.watchers.estimate import walk
 
@@ -116,11 +115,4 @@ def _mtime(entry: str | os.DirEntry[str]) -> float:
 
 def connected(ports: set[int]) -> bool:
     """Is a TCP connection established on one of these local ports?"""
-    if not ports:
-        return False
-    try:
-        conns = psutil.net_connections(kind="tcp")
-    except (psutil.Error, OSError):
-        return False
-    return any(c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port in ports
-               for c in conns)
+    return bool(ports) and bool(ports & processes.established_ports())

@@ -1,0 +1,277 @@
+"""Caddy as the daemon's child: started with the daemon, sent the whole config whenever the
+route table changes, restarted with a growing back-off when it dies, stopped with the daemon.
+Whatever happens to it, ports and the rest of devd go on; `status()` says what broke."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from devd.errors import DevdError
+from devd.paths import Paths, ensure_private_dir, write_atomic
+from devd.provisioners.ports import is_free
+from devd.proxy import caddy
+from devd.proxy.config import caddy_config
+from devd.proxy.names import DASHBOARD, host
+from devd.proxy.routes import Table, base_url, build, sites
+from devd.registry import Registry
+from devd.settings import Settings
+
+log = logging.getLogger("devd")
+POLL = 2.0  # seconds between looks at the route table; a nudge comes sooner
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0  # between attempts: never a loop that spins a CPU
+STABLE = 30.0  # up this long, a crash counts as the first again
+READY_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+LOG_MAX = 1 << 20
+
+
+class CaddyProxy:
+    """One Caddy per daemon; its admin API on a unix socket in the private runtime dir."""
+
+    def __init__(self, settings: Settings, paths: Paths, registry: Registry,
+                 dashboard: Path) -> None:
+        self.port, self.tls, self._configured = settings.proxy_port, settings.proxy_tls, \
+            settings.caddy
+        self._registry = registry
+        self.admin_socket = paths.runtime_dir / "caddy-admin.sock"
+        self.dashboard = dashboard
+        self._config_file = paths.runtime_dir / "caddy.json"
+        self.log_path = paths.state_dir / "caddy.log"
+        self._data = paths.data_dir / "caddy"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._binary: Path | None = None
+        self._pushed: dict[str, Any] | None = None
+        self._failures = 0
+        self._next_try = 0.0
+        self._up_since = 0.0
+        self.restarts = 0
+        self._state: dict[str, Any] = {"state": "starting", "error": None, "hint": None}
+        self._guard = threading.Lock()
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="devd-proxy", daemon=True)
+
+    # -- the daemon's side -------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=STOP_TIMEOUT + READY_TIMEOUT)
+
+    def nudge(self) -> None:
+        """Routes may have changed: push them now rather than at the next poll."""
+        self._wake.set()
+
+    def table(self) -> Table:
+        return build(sites(self._registry), base_url(self.port, self.tls))
+
+    def status(self) -> dict[str, Any]:
+        with self._guard:
+            state = dict(self._state)
+        proc = self._proc
+        if state["state"] == "running" and (proc is None or proc.poll() is not None):
+            state = {"state": "crashed", "error": "caddy exited; devd restarts it",
+                     "hint": f"see {self.log_path}"}
+        return state | {
+            "enabled": True, "port": self.port, "tls": self.tls, "restarts": self.restarts,
+            "backoff": self._backoff(self._failures - 1) if self._failures else 0.0,
+            "pid": proc.pid if proc is not None and proc.poll() is None else None,
+            "binary": str(self._binary) if self._binary else None,
+            "dashboard": base_url(self.port, self.tls).format(host(DASHBOARD)) + "/",
+            "log": str(self.log_path),
+            "admin_socket": str(self.admin_socket),
+        } | ({"trust": f"{self._binary or 'caddy'} trust --address unix/{self.admin_socket}"}
+             if self.tls else {})
+
+    # -- the loop ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._step()
+                except Exception:  # the proxy must never take the daemon's threads down
+                    log.exception("proxy: unexpected failure")
+                self._wake.wait(self._wait())
+                self._wake.clear()
+        finally:
+            self._terminate()
+
+    def _wait(self) -> float:
+        if self._proc is None:
+            return max(0.05, min(POLL, self._next_try - time.monotonic()))
+        return POLL
+
+    def _step(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            self._exited()
+        if self._proc is None:
+            if time.monotonic() >= self._next_try:
+                self._launch()
+            return
+        if self._failures and time.monotonic() - self._up_since > STABLE:
+            self._failures = 0
+        self._push()
+
+    def _launch(self) -> None:
+        self._binary = caddy.find_binary(self._configured)
+        if self._binary is None:
+            self._fail("binary_missing", "no caddy binary found", caddy.MISSING_HINT)
+            return
+        self._stop_leftover()
+        if not is_free(self.port):
+            self._fail("port_taken", f"port {self.port} is taken{_holder(self.port)}",
+                       "stop what listens there, or set proxy_port in config.toml "
+                       "(DEVD_PROXY_PORT)")
+            return
+        config = self._config()
+        ensure_private_dir(self._data)
+        write_atomic(self._config_file, json.dumps(config).encode())
+        self._set("starting")
+        with _log_file(self.log_path) as out:
+            self._proc = subprocess.Popen(
+                [str(self._binary), "run", "--config", str(self._config_file)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self._env(),
+                start_new_session=True)  # a ^C in the daemon's terminal is the daemon's
+        if self._ready():
+            self._pushed, self._up_since = config, time.monotonic()
+            self._set("running")
+            log.info("proxy: caddy pid %d on port %d", self._proc.pid, self.port)
+
+    def _ready(self) -> bool:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline and not self._stop.is_set():
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                self._exited()
+                return False
+            if caddy.answers(self.admin_socket):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _exited(self) -> None:
+        assert self._proc is not None
+        code, self._proc, self._pushed = self._proc.returncode, None, None
+        self.restarts += 1
+        tail = _last_error(self.log_path)
+        if "address already in use" in tail:
+            self._fail("port_taken", f"port {self.port} is taken{_holder(self.port)}",
+                       "stop what listens there, or set proxy_port in config.toml")
+        else:
+            self._fail("crashed", f"caddy exited with status {code}: {tail or 'no message'}",
+                       f"see {self.log_path}; devd restarts it")
+        log.warning("proxy: %s", self._state["error"])
+
+    def _push(self) -> None:
+        config = self._config()
+        if config == self._pushed:
+            return
+        try:
+            caddy.load(self.admin_socket, config)
+        except (OSError, DevdError) as exc:
+            log.warning("proxy: pushing routes failed: %s", exc)
+            with self._guard:
+                self._state["error"] = f"pushing routes failed: {exc}"
+            return
+        self._pushed = config
+        self._set("running")
+
+    def _config(self) -> dict[str, Any]:
+        return caddy_config(self.table(), port=self.port, tls=self.tls,
+                            admin=self.admin_socket, storage=self._data / "storage",
+                            dashboard=self.dashboard)
+
+    def _env(self) -> dict[str, str]:
+        """Caddy's own dirs under devd's: never the user's ~/.local/share/caddy."""
+        return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self._data),
+                "XDG_DATA_HOME": str(self._data / "data"),
+                "XDG_CONFIG_HOME": str(self._data / "config")}
+
+    def _fail(self, state: str, error: str, hint: str) -> None:
+        self._next_try = time.monotonic() + self._backoff(self._failures)
+        self._failures += 1
+        self._set(state, error, hint)
+
+    @staticmethod
+    def _backoff(failures: int) -> float:
+        """Seconds before the next attempt after `failures` earlier ones in a row."""
+        return min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 16))
+
+    def _set(self, state: str, error: str | None = None, hint: str | None = None) -> None:
+        with self._guard:
+            self._state = {"state": state, "error": error, "hint": hint}
+
+    def _stop_leftover(self) -> None:
+        """A Caddy of an earlier daemon of this DEVD_HOME (killed -9) still serving on our
+        admin socket: the socket lives in our private runtime dir, so it is ours to stop."""
+        if caddy.answers(self.admin_socket):
+            log.info("proxy: stopping the caddy an earlier daemon left running")
+            with contextlib.suppress(OSError):
+                caddy.admin(self.admin_socket, "POST", "/stop")
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while not is_free(self.port) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        with contextlib.suppress(FileNotFoundError):
+            self.admin_socket.unlink()
+
+    def _terminate(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._config_file.unlink()
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _holder(port: int) -> str:
+    from devd import processes  # psutil
+
+    holder = processes.listeners().get(port)
+    return f" by pid {holder.pid} `{holder.command}`" if holder else ""
+
+
+@contextlib.contextmanager
+def _log_file(path: Path) -> Any:
+    """Caddy's output, appended; past LOG_MAX the old half goes to caddy.log.1."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size > LOG_MAX:
+            os.replace(path, path.with_name(path.name + ".1"))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _last_error(path: Path) -> str:
+    """The message of Caddy's last log line (JSON lines, or plain text)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - 4096))
+            lines = handle.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            return line.strip()[:300]
+        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal", "panic"):
+            return str(entry.get("error") or entry.get("msg"))[:300]
+    return lines[-1][:300] if lines else ""

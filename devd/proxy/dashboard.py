@@ -1,0 +1,114 @@
+"""The dashboard's server: stdlib HTTP on a unix socket, which Caddy reverse-proxies
+http://devd.localhost:<port>/ to. Read-only (GET only), so no request can change anything."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socketserver
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from devd.proxy.page import POLICY, page
+
+log = logging.getLogger("devd")
+# (worktree id, service, lines) → the log's tail, or None when there is no such service.
+LogTail = Callable[[str, str, int], "str | None"]
+TAIL_LINES, TAIL_MAX = 200, 5000
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    dashboard: Dashboard
+
+
+class Dashboard:
+    """A thread serving the page, /status.json and /logs/<worktree id>/<service>."""
+
+    def __init__(self, socket_path: Path, status: Callable[[], dict[str, Any]],
+                 log_tail: LogTail | None = None) -> None:
+        self.socket_path = socket_path
+        self.status = status
+        self.log_tail = log_tail
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        old = os.umask(0o177)  # only the owner (and Caddy, the owner's) may connect
+        try:
+            self._server = _Server(str(self.socket_path), _Handler)
+        finally:
+            os.umask(old)
+        self._server.dashboard = self
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={
+            "poll_interval": 0.5}, name="devd-dashboard", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "devd"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        try:
+            self._route()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the browser left
+        except Exception as exc:  # a bug must show as a 500, not end the dashboard
+            log.exception("dashboard: %s failed", self.path[:200])
+            self._send(500, f"devd dashboard error: {type(exc).__name__}\n", "text/plain")
+
+    def _route(self) -> None:
+        url = urlsplit(self.path)
+        parts = [unquote(p) for p in url.path.split("/") if p]
+        if not parts:
+            self._send(200, page(self.server.dashboard.status()), "text/html")
+        elif parts == ["status.json"]:
+            self._send(200, json.dumps(self.server.dashboard.status(), indent=2),
+                       "application/json")
+        elif len(parts) == 3 and parts[0] == "logs":
+            self._logs(parts[1], parts[2], parse_qs(url.query).get("lines", [""])[0])
+        else:
+            self._send(404, "not found\n", "text/plain")
+
+    def _logs(self, wt_id: str, name: str, lines: str) -> None:
+        tail = self.server.dashboard.log_tail
+        count = min(TAIL_MAX, int(lines)) if lines.isdigit() else TAIL_LINES
+        text = tail(wt_id, name, count) if tail else None
+        if text is None:
+            self._send(404, "no services: no such service log\n", "text/plain")
+        else:
+            self._send(200, text, "text/plain")
+
+    def _send(self, code: int, body: str, kind: str) -> None:
+        data = body.encode("utf-8", "replace")
+        self.send_response(code)
+        self.send_header("Content-Type", f"{kind}; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Security-Policy", POLICY)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def address_string(self) -> str:
+        return "caddy"  # a unix socket's peer has no address
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
+        log.debug("dashboard: " + format, *args)

@@ -1,0 +1,178 @@
+"""A service's process group: spawned in a session of its own, watched without reaping its
+leader (so its pid and group id stay ours until the whole group is gone), stopped with
+SIGTERM, a grace, then SIGKILL (devd/signals.py), and its record kept in the state dir so
+a daemon that died (kill -9) is followed by one that stops what it left running."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from devd import processes, signals
+
+log = logging.getLogger("devd")
+TOKEN = "DEVD_SERVICE_TOKEN"  # in every service's environment: how a leftover is known
+
+
+@dataclass
+class Group:
+    """A running service command: its leader (sh -c) and the token in its environment."""
+
+    proc: subprocess.Popen[bytes]
+    leader: signals.Target
+    token: str
+
+    @property
+    def pgid(self) -> int:
+        return self.proc.pid
+
+    def exit_status(self) -> int | None:
+        """The leader's exit status once it has exited (-N: killed by signal N), without
+        reaping it: the zombie keeps the pid and the group id from being reused."""
+        if self.proc.returncode is not None:
+            return self.proc.returncode
+        try:
+            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return self.proc.poll()
+        if info is None:
+            return None
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+    def stop(self, timeout: float) -> str:
+        """Stop the whole group, then reap the leader; how it ended."""
+        try:
+            outcome = signals.stop_group(self.leader, timeout)
+        except signals.Refused as exc:
+            log.warning("service group %d: %s", self.pgid, exc)
+            outcome = f"not signalled: {exc}"
+        self.reap()
+        return outcome
+
+    def reap(self) -> None:
+        with contextlib.suppress(ChildProcessError, subprocess.TimeoutExpired):
+            self.proc.wait(0.5)
+
+
+def spawn(command: str, cwd: Path, env: dict[str, str], log_fd: int) -> Group:
+    """`sh -c COMMAND` in a new session (its own process group), output to the log."""
+    token = secrets.token_hex(12)
+    proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=cwd, env=env | {TOKEN: token},
+                            stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                            start_new_session=True, close_fds=True)
+    try:
+        started = psutil.Process(proc.pid).create_time()
+    except psutil.Error:
+        started = 0.0  # exited and reaped by nobody yet: waitid still sees it
+    return Group(proc, signals.Target(proc.pid, started), token)
+
+
+class Listeners:
+    """Who listens where, taken once per watch tick for every starting service.
+
+    On Linux from /proc/net/tcp{,6}, then the process groups, then only the fds of the
+    groups asked about, in that order (a socket in the table was made before its owner
+    was listed); psutil's socket table reads every process's fds, ten times the cost."""
+
+    def __init__(self, groups_too: bool = True) -> None:
+        self.table = _listen_table()
+        self.every: set[int] = set(self.table.values()) if self.table is not None else set()
+        self.pids: dict[int, int | None] = {}
+        self.by_group: dict[int, list[int]] = {}
+        if self.table is None:  # no /proc (macOS): psutil's table, pids included
+            self.pids = processes.listener_pids()
+            self.every = set(self.pids)
+            return
+        for pid in psutil.pids() if groups_too else ():
+            with contextlib.suppress(OSError):
+                self.by_group.setdefault(os.getpgid(pid), []).append(pid)
+
+    def of_group(self, pgid: int) -> set[int]:
+        """The TCP ports processes of group `pgid` listen on."""
+        if self.table is None:
+            return {port for port, pid in self.pids.items()
+                    if pid is not None and _in_group(pid, pgid)}
+        inodes = {i for pid in self.by_group.get(pgid, []) for i in _socket_inodes(pid)}
+        return {port for inode, port in self.table.items() if inode in inodes}
+
+
+def _in_group(pid: int, pgid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pgid
+    except OSError:
+        return False
+
+
+def _listen_table() -> dict[str, int] | None:
+    """{socket inode: port} of every listening TCP socket, or None without /proc."""
+    found: dict[str, int] = {}
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name, encoding="ascii") as table:
+                rows = table.read().splitlines()[1:]
+        except FileNotFoundError:
+            if name.endswith("6"):
+                continue
+            return None
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
+                found[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
+    return found
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    found.add(link[8:-1])
+    return found
+
+
+def record(path: Path, group: Group) -> None:
+    """Written while the group runs, removed when devd stopped it."""
+    path.write_text(json.dumps({"pgid": group.pgid, "started": group.leader.create_time,
+                                "token": group.token, "daemon": os.getpid()}))
+
+
+def forget(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def sweep(root: Path, timeout: float) -> int:
+    """Stop what services a previous daemon left running (it died without stopping them):
+    the processes of each recorded group that carry its token. Returns how many records."""
+    records = list(root.glob("*/*.pid")) if root.is_dir() else []
+    for path in records:
+        try:
+            data = json.loads(path.read_text())
+            pgid, token = int(data["pgid"]), str(data["token"])
+        except (OSError, ValueError, KeyError, TypeError):
+            forget(path)
+            continue
+        left = [t for t in signals.group_members(pgid) if _carries(t.pid, token)]
+        if left:
+            log.warning("stopping %d process(es) of service %s left by a previous daemon",
+                        len(left), path.stem)
+            signals.stop_all(left, timeout)
+        forget(path)
+    return len(records)
+
+
+def _carries(pid: int, token: str) -> bool:
+    try:
+        return psutil.Process(pid).environ().get(TOKEN) == token
+    except psutil.Error:
+        return False
