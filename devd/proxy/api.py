@@ -34,7 +34,7 @@ def start(service: Any, running: contextlib.ExitStack) -> None:
     paths = service.paths
     ensure_private_dir(paths.runtime_dir)
     dashboard = Dashboard(paths.runtime_dir / "dashboard.sock",
-                          lambda: service.do_status(_quiet),
+                          lambda: service.snapshot.status(),  # the dict, not the wire form
                           log_tail=lambda wt_id, name, lines: service_log_tail(
                               service, wt_id, name, lines))
     dashboard.start()
@@ -54,6 +54,3 @@ def service_log_tail(service: Any, wt_id: str, name: str, lines: int) -> str | N
         return None
     return "\n".join(logs.tail(logs.log_path(service.paths.state_dir, wt_id, name), lines))
 
-
-def _quiet(phase: str, message: str, **extra: Any) -> None:
-    return None
