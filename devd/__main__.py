@@ -1,3 +1,3 @@
-from devd.cli import main
+from devd.quick import main
 
 raise SystemExit(main())

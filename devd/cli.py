@@ -84,6 +84,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     cmd = command("status", "show registered worktrees and their resources", True)
     cmd.add_argument("path", nargs="?", help="one worktree, in full (default: all, a row each)")
     cmd.add_argument("-v", "--verbose", action="store_true", help="every worktree in full")
+    cmd.add_argument("--fresh", action="store_true", help="run every check now (default: "
+                     "the daemon's last pass, a few seconds old at most; PATH is always fresh)")
     cmd = command("env", "print a worktree's environment")
     _path(cmd)
     cmd.add_argument("--format", choices=("sh", "dotenv", "json"), default="sh",
@@ -206,6 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         if (storage := storage_error(exc)) is None:
             raise
         return _fail(storage, EXIT_ERROR, args)
+
+
+def lost_daemon(argv: list[str], timeout: float, dropped: OSError | None) -> int:
+    """What `argv` (a command of devd/quick.py's) says when the daemon, once it had the
+    request, said nothing for `timeout` seconds or (`dropped`) closed the connection: the
+    fast path has waited already and must neither wait again nor ask twice."""
+    args = build_parser(argv[0]).parse_args(argv)
+    client = Client(Paths.resolve(), autostart=False, timeout=timeout)
+    return _fail(client.dropped(dropped) if dropped else client.silent(), EXIT_UNREACHABLE,
+                 args)
 
 
 def _command(name: str) -> Any:
@@ -342,8 +354,8 @@ def cmd_gc(client: Client, args: argparse.Namespace) -> int:
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
     from devd import render_status
 
-    params = {"path": _abspath(args.path)} if args.path else {}
-    result = client.call("status", params)
+    params: dict[str, Any] = {"path": _abspath(args.path)} if args.path else {}
+    result = client.call("status", params | ({"fresh": True} if args.fresh else {}))
     if args.json:
         _print_json(result)
     elif args.path or args.verbose:
@@ -436,7 +448,7 @@ def cmd_watchers(client: Client, args: argparse.Namespace) -> int:
 
         plan = restart(client, _abspath(args.path) if args.path else None, args.force)
         print(json.dumps(plan, indent=2) if args.json else render.restarted(plan))
-        return EXIT_OK
+        return EXIT_ERROR if plan["skipped"] else EXIT_OK  # a refusal is not a success
     result = client.call("watchers")
     print(json.dumps(result, indent=2) if args.json else render.watchers(result))
     return EXIT_OK
@@ -445,7 +457,7 @@ def cmd_watchers(client: Client, args: argparse.Namespace) -> int:
 def cmd_doctor(client: Client, args: argparse.Namespace) -> int:
     from devd.watchers import doctor, render
 
-    result = client.call("doctor")
+    result = doctor.localise(client.call("doctor"))
     if args.fix:
         result["applied"] = doctor.apply_fix(result)
     print(json.dumps(result, indent=2) if args.json else render.doctor(result))

@@ -73,13 +73,17 @@ class Client:
             if deadline is not None and deadline < idle:
                 raise DevdError("the devd daemon did not finish in time", "see `devd status`",
                                 code="timeout") from None
-            raise self._silent() from None
+            raise self.silent() from None
         except OSError as exc:  # reset, closed mid-line, or any other way the socket fails
-            raise DaemonUnreachable(f"the devd daemon dropped the connection ({exc})",
-                                    f"it may have crashed or restarted; see {self.paths.daemon_log}"
-                                    ) from None
+            raise self.dropped(exc) from None
 
-    def _silent(self) -> DaemonUnreachable:
+    def dropped(self, exc: OSError) -> DaemonUnreachable:
+        """What to say of a daemon that closed the connection before it answered."""
+        return DaemonUnreachable(f"the devd daemon dropped the connection ({exc})",
+                                 f"it may have crashed or restarted; see {self.paths.daemon_log}")
+
+    def silent(self) -> DaemonUnreachable:
+        """What to say of a daemon that sent nothing for the whole timeout."""
         pid = daemon_pid(self.paths)
         return DaemonUnreachable(
             f"the devd daemon{f' (pid {pid})' if pid else ''} on {self.paths.socket} sent "
@@ -91,7 +95,7 @@ class Client:
         try:
             return connect(self.paths, self.timeout)
         except TimeoutError:  # the backlog is full: a daemon holds the socket but accepts none
-            raise self._silent() from None
+            raise self.silent() from None
         except _UNREACHABLE as exc:
             if not self.autostart:
                 raise self._unreachable(exc) from exc

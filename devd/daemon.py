@@ -102,6 +102,8 @@ class Daemon:
             running.callback(watcher.stop)
             budget.start()
             running.callback(budget.stop)
+            service.snapshot.start()
+            running.callback(service.snapshot.stop)
             proxy.start(service, running)  # named URLs and the dashboard (devd/proxy)
             running.callback(self._notifier.notify, "STOPPING=1", "STATUS=stopping")
             running.callback(log.info, "devd daemon stopping")
@@ -338,7 +340,10 @@ class Connection:
                 method, params = protocol.parse_request(message)
                 with self._heartbeat(message.get("heartbeat") is True):
                     result = self._dispatch(method, params)
-                self._send({"ok": True, "result": result})
+                if isinstance(result, protocol.Encoded):
+                    self._write(result.reply())
+                else:
+                    self._send({"ok": True, "result": result})
                 outcome = "ok"
             except DevdError as exc:
                 self._send({"ok": False, "error": exc.to_dict()})
@@ -386,12 +391,15 @@ class Connection:
         self._send({"event": "progress", "phase": phase, "message": message, **extra})
 
     def _send(self, message: dict[str, Any]) -> None:
+        self._write(protocol.encode(message))
+
+    def _write(self, line: bytes) -> None:
         """A client that disconnected mid-request loses its replies; the work goes on."""
         with self._sending:
             if not self._alive:
                 return
             try:
-                self.sock.sendall(protocol.encode(message))
+                self.sock.sendall(line)
             except OSError as exc:
                 log.debug("client went away: %s", exc)
                 self._alive = False

@@ -41,6 +41,20 @@ def encode(message: dict[str, Any]) -> bytes:
     return text.encode() + b"\n"
 
 
+class Encoded:
+    """A result encoded once and sent as it is (a cached status answer, asked for often):
+    `encode` would spend more time on 100 worktrees than the rest of the request."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, result: Any) -> None:
+        self.data = encode(result)[:-1]
+
+    def reply(self) -> bytes:
+        """The success line `encode({"ok": True, "result": result})` would write."""
+        return b'{"ok":true,"result":' + self.data + b"}\n"
+
+
 def finite(value: Any) -> Any:
     """`value` with every non-finite float replaced by None."""
     if isinstance(value, float):

@@ -151,6 +151,13 @@ class Registry:
         with self._lock:
             return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
+    @property
+    def generation(self) -> int:
+        """Grows with every row devd writes (the one connection's change count): an answer
+        built from the registry is current while this has not moved."""
+        with self._lock:
+            return self._db.total_changes
+
     # -- repos and worktrees -------------------------------------------------
 
     def register(self, wt_id: str, path: Path, branch: str | None, common_dir: Path,
@@ -220,6 +227,12 @@ class Registry:
                      row["repo_name"])
             for row in rows
         ]
+
+    def live_paths(self) -> list[tuple[str, str]]:
+        """(id, path) of every worktree not gone: what a stat per request needs, no more."""
+        with self._lock:
+            return [(row[0], row[1]) for row in self._db.execute(
+                "SELECT id, path FROM worktrees WHERE state != 'gone'")]
 
     def repos(self) -> list[Path]:
         """Common dirs of repos that still have registered worktrees."""

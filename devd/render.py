@@ -75,4 +75,6 @@ def render_deps(deps: dict[str, Any]) -> str:
 
 def safe(text: str) -> str:
     """Terminal-safe: control characters (escape codes in a hostile branch name) shown escaped."""
+    if text.isprintable():  # the usual case, checked in C
+        return text
     return "".join(ch if ch == "\n" or ch.isprintable() else repr(ch)[1:-1] for ch in text)

@@ -28,6 +28,8 @@ DEPS_WORST = ("failed", "missing", "stale", "symlinked", "installing", "ready")
 
 def cells(text: str) -> int:
     """How many terminal cells `text` takes."""
+    if text.isascii():  # one cell each (safe() has escaped control characters): most text
+        return len(text)
     return sum(_cell(ch) for ch in text)
 
 
@@ -56,9 +58,9 @@ def pad(text: str, width: int) -> str:
     return text + " " * max(0, width - cells(text))
 
 
-def tilde(path: str) -> str:
-    """`path` with the home directory shown as `~`."""
-    home = os.path.expanduser("~").rstrip("/")
+def tilde(path: str, home: str | None = None) -> str:
+    """`path` with the home directory (default: this process's) shown as `~`."""
+    home = (home or os.path.expanduser("~")).rstrip("/")
     if home and (path == home or path.startswith(home + "/")):
         return "~" + path[len(home):]
     return path
@@ -210,15 +212,15 @@ def line(row: list[str], widths: list[int], paint: Painter | None = None,
 
 
 def render_status(result: dict[str, Any], cwd: str | None, paint: Painter,
-                  width: int = WIDTH, now: float | None = None) -> str:
+                  width: int = WIDTH, now: float | None = None, home: str | None = None) -> str:
     """The at-a-glance table: a summary line, a heading per repo, one row per worktree."""
     now = time.time() if now is None else now
     groups = status_rows(result, cwd, now)
-    out = [summary(result)]
+    out = [summary(result, now)]
     every = [row for _, rows in groups for row in rows]
     widths = table(every, width, ((0, 1), (3,))) if every else []
     for repo, rows in groups:
-        out.append(paint(safe(tilde(repo)), "1"))
+        out.append(paint(safe(tilde(repo, home)), "1"))
         for row in rows:
             out.append(line(row, widths, paint, COLOURS.get(row[STATE].split(" ")[0])))
     proxy = result.get("proxy") or {}
@@ -227,7 +229,7 @@ def render_status(result: dict[str, Any], cwd: str | None, paint: Painter,
     return "\n".join(out + warnings(result))
 
 
-def summary(result: dict[str, Any]) -> str:
+def summary(result: dict[str, Any], now: float | None = None) -> str:
     daemon, count = result["daemon"], len(result["worktrees"])
     text = f"devd {daemon['version']} · pid {daemon['pid']} · {count} " \
         f"worktree{'s' * (count != 1)}"
@@ -238,7 +240,17 @@ def summary(result: dict[str, Any]) -> str:
     proxy = result.get("proxy") or {}
     if proxy.get("state") == "running":
         text += f" · proxy :{proxy.get('port')}"
-    return safe(text)
+    return safe(text + stale(result, time.time() if now is None else now))
+
+
+def stale(result: dict[str, Any], now: float) -> str:
+    """` · checked 2m ago` once the daemon's last pass is over two cadences old (a pass is
+    stuck or slow: the rows may be out of date); nothing while the cadence keeps up."""
+    checked, interval = epoch(result.get("checked_at")), result.get("check_interval_seconds")
+    if checked is None or not isinstance(interval, (int, float)) \
+            or now - checked <= 2 * interval + 1:
+        return ""
+    return f" · checked {ago(now - checked)} ago"
 
 
 def warnings(result: dict[str, Any]) -> list[str]:

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     port_range: str = "20000-29999"
     reconcile_interval: float = Field(10.0, gt=0, le=DAY)
     gc_grace: str = "24h"
+    # Seconds between status' background passes: every check, who listens (DEVD_STATUS_INTERVAL).
+    status_interval: float = Field(5.0, gt=0, le=DAY)
     browser: str = ""
     kill_timeout: float = Field(5.0, gt=0, le=DAY)
     # Seconds a client has to send its whole request line (DEVD_REQUEST_TIMEOUT).

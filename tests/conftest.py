@@ -97,8 +97,10 @@ class Devd:
     def json(self, *args: str, cwd: Path | None = None) -> Any:
         return json.loads(self.run(*args, "--json", cwd=cwd).stdout)
 
-    def status(self) -> dict[str, Any]:
-        return self.json("status")
+    def status(self, fresh: bool = True) -> dict[str, Any]:
+        """Fresh by default: a test that changed something behind devd's back wants it
+        checked now, not at the daemon's next pass (tests/test_status_fast.py tests that)."""
+        return self.json("status", *(["--fresh"] if fresh else []))
 
     def worktree(self, path: Path) -> dict[str, Any]:
         matches = [w for w in self.status()["worktrees"] if w["path"] == str(path)]

@@ -175,7 +175,9 @@ def test_daemon_log_has_one_line_per_request(devd: Devd, repo: Repo, tmp_path: P
     lines = [line for line in devd.log().splitlines() if " request " in line]
     assert any(f"INFO request provision {repo.main} (pid " in line and ": ok in " in line
                for line in lines), lines
-    assert any("request status (pid" in line and ": ok in" in line for line in lines)
+    # `devd status` asks for status_view (the fast path: devd/quick.py)
+    assert any(("request status (pid" in line or "request status_view (pid" in line)
+               and ": ok in" in line for line in lines)
     assert any(f"request restore {repo.main}" in line and "error no_postgres" in line
                for line in lines)
     assert any("request env '" in line and "x\\nINFO request forged" in line for line in lines)

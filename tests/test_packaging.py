@@ -20,4 +20,7 @@ def test_wheel_contains_every_module_and_template(tmp_path: Path) -> None:
     assert sources <= names, f"missing from the wheel: {sorted(sources - names)}"
     templates = {str(p.relative_to(ROOT)) for p in (ROOT / "devd" / "templates").iterdir()}
     assert templates <= names, f"missing from the wheel: {sorted(templates - names)}"
-    assert any(n.endswith("entry_points.txt") for n in names)
+    # The command is bin/devd (a light launcher), not a console-script entry point.
+    script = next(n for n in names if n.endswith(".data/scripts/devd"))
+    text = zipfile.ZipFile(wheel).read(script).decode()
+    assert text.startswith("#!python\n") and "from devd.quick import main" in text

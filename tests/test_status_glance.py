@@ -72,7 +72,7 @@ def test_json_is_versioned_with_iso_times_and_listening(devd: Devd, repo: Repo) 
         assert entry["listening"] == {"web": True, "api": False}
         assert "top" not in (status.get("watchers") or {})
         assert status["daemon"]["gc_grace_seconds"] == 24 * 3600
-        assert f"web={web}+" in devd.run("status").stdout
+        assert f"web={web}+" in devd.run("status", "--fresh").stdout
     shutil.rmtree(tree)
     gone = devd.worktree(tree)
     assert gone["gone_at"].endswith("Z")
@@ -176,7 +176,7 @@ def test_postgres_in_a_word_and_its_loss_warned(devd_home: Devd, repo: Repo,
         # Someone drops the schema behind devd's back: the row and a warning say so.
         schema = pgnames.identifier(naming.worktree_id(repo.main, tree))
         query(pg_url, f'DROP SCHEMA "{schema}" CASCADE')
-        text = devd_home.run("status").stdout
+        text = devd_home.run("status", "--fresh").stdout
         row = _row(text, "shop-pg")
         assert "degraded" in row and "pg-schema:ready" not in row, text
         assert text.rstrip("\n").split("\n")[-1].startswith("! shop-pg: postgres failed"), text

@@ -101,6 +101,7 @@ def test_restart_after_the_limit_rises(
         early = ns.ask(call=devd_argv("watchers", "--restart", "--json"))
         plan = json.loads(early["out"])
         assert plan["runs"] == [] and "raise the limit" in plan["skipped"][0]["why"]
+        assert early["code"] == 1  # a refusal is no success
         ns.ask(limit=100_000)
         done = ns.ask(call=devd_argv("watchers", "--restart", "--json"))
         plan = json.loads(done["out"])
@@ -118,7 +119,7 @@ def test_restart_after_the_limit_rises(
         assert state["watches"] >= 60
         assert wdevd.json("doctor")["broken"] == []
         again = ns.ask(call=devd_argv("watchers", "--restart"))
-        assert "nothing to restart" in again["out"]
+        assert "nothing to restart" in again["out"] and again["code"] == 0
     finally:
         for pid in restarted:
             subprocess.run(["kill", "-KILL", str(pid)], check=False)

@@ -16,6 +16,7 @@ from devd import git, instance, owners, processes
 from devd.containers.compose import ComposeProvisioner
 from devd.containers.declared import ContainersProvisioner
 from devd.errors import DevdError, NotRegistered, ProtocolError, UsageError
+from devd.handlers.snapshot import StatusSnapshot
 from devd.paths import Paths
 from devd.postgres import provisioner as postgres
 from devd.protocol import peer_holds
@@ -75,6 +76,8 @@ class ServiceCore:
         self.on_register: Callable[[], None] = lambda: None
         # Set by the daemon: the watcher-budget monitor (devd/watchers/monitor.py).
         self.watchers: Any = None
+        # What `status` answers from; the daemon starts its cadence (snapshot.py).
+        self.snapshot = StatusSnapshot(self, settings.status_interval)  # type: ignore[arg-type]
         # Declared dev servers; the daemon starts its watch thread (devd/services/).
         self.services = Supervisor(paths.state_dir, settings.kill_timeout)
         # Called with each worktree that goes `gone` (its services stop, its routes go).
@@ -165,14 +168,11 @@ class ServiceCore:
                             f"`devd provision {wt.path}`", code="not_ready")
         return self.environment(wt)
 
-    def notice_missing(self) -> list[Worktree]:
-        """A stat per worktree: a deleted directory means gone, whoever deleted it.
-        Returns the worktrees as they are now."""
-        worktrees = self.registry.worktrees()
-        missing = [wt for wt in worktrees if wt.state != "gone" and not os.path.isdir(wt.path)]
-        for wt in missing:
-            self.mark_gone(wt, "directory missing")
-        return self.registry.worktrees() if missing else worktrees
+    def notice_missing(self) -> None:
+        """A stat per worktree: a deleted directory means gone, whoever deleted it."""
+        for wt_id, path in self.registry.live_paths():
+            if not os.path.isdir(path) and (wt := self.registry.worktree(wt_id)) is not None:
+                self.mark_gone(wt, "directory missing")
 
     def reconcile(self) -> None:
         """Compare each known repo with `git worktree list`: what git no longer lists is

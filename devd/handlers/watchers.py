@@ -16,9 +16,9 @@ class WatcherRequests(ServiceCore):
         return watchers_api.report(self)
 
     def do_watchers_preflight(self, progress: Progress, path: str,
-                              max_watches: int | None = None, userns: str | None = None
-                              ) -> dict[str, Any]:
-        return watchers_api.preflight(self, path, max_watches, userns)
+                              max_watches: int | None = None, userns: str | None = None,
+                              limit_name: str | None = None) -> dict[str, Any]:
+        return watchers_api.preflight(self, path, max_watches, userns, limit_name)
 
     def do_doctor(self, progress: Progress) -> dict[str, Any]:
         return watchers_api.doctor(self)

@@ -6,47 +6,20 @@ import logging
 import os
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from devd import __version__, git, leftovers, naming, processes, teardown
 from devd.containers import compose, declared, volumes
 from devd.errors import DevdError, NotRegistered, ProvisionFailed, UsageError
-from devd.handlers import services as services_api
 from devd.handlers.core import ServiceCore, absolute
 from devd.postgres import provisioner as postgres
+from devd.protocol import Encoded
 from devd.provisioners import Context, Progress, Provisioner
-from devd.proxy import api as proxy_api
 from devd.registry import Worktree
 from devd.settings import parse_duration
-from devd.watchers import api as watchers_api
 
 log = logging.getLogger("devd")
-ORPHAN_SCAN_MAX_AGE = 30.0  # seconds
-STATUS_SCHEMA = 1  # bumped only when a key of `status --json` changes meaning or goes
-
-
-def iso_utc(epoch: float | None) -> str | None:
-    """An epoch time as ISO 8601 UTC (`2026-12-03T15:14:03Z`), None kept."""
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="seconds") \
-        .replace("+00:00", "Z")
-
-
-def shaped_status(result: dict[str, Any], listening: set[int]) -> dict[str, Any]:
-    """Status as the wire shows it: ISO times, `listening` per port name, and the watcher
-    summary without its top list (that is `devd watchers`' to show)."""
-    for entry in result["worktrees"]:
-        entry["gone_at"] = iso_utc(entry.get("gone_at"))
-        entry["listening"] = {name: port in listening
-                              for name, port in entry.get("ports", {}).items()}
-    budget = result.get("watchers")
-    if budget:
-        budget.pop("top", None)
-        budget["sampled_at"] = iso_utc(budget.get("sampled_at"))
-    return result
 
 
 def _quiet(phase: str, message: str, **extra: Any) -> None:
@@ -66,20 +39,32 @@ class WorktreeRequests(ServiceCore):
     def do_ping(self, progress: Progress) -> dict[str, Any]:
         return {"pid": os.getpid(), "version": __version__, "manager": self.manager}
 
-    def do_status(self, progress: Progress, path: str | None = None) -> dict[str, Any]:
-        worktrees = self.notice_missing()
-        chosen = [self.find(path)] if path else worktrees
-        resources = self.registry.all_resources()
-        result = proxy_api.add_to_status(self, watchers_api.add_to_status(self, {
-            "schema": STATUS_SCHEMA,
-            "daemon": {"pid": os.getpid(), "version": __version__,
-                       "socket": str(self.paths.socket), "gc_grace_seconds": self._grace()},
-            "worktrees": services_api.add_to_status(self, leftovers.add_to_status(
-                self, [self.describe(wt, resources.get(wt.id, [])) for wt in chosen], chosen),
-                chosen),
-            "orphans": self.orphans(max_age=ORPHAN_SCAN_MAX_AGE),
-        }))
-        return shaped_status(result, set(processes.listeners()))
+    def do_status(self, progress: Progress, path: str | None = None, fresh: bool = False
+                  ) -> dict[str, Any] | Encoded:
+        """From the snapshot the daemon keeps current (devd/handlers/snapshot.py)."""
+        if path is None and not fresh:
+            return self.snapshot.encoded()
+        return self.snapshot.status(path, fresh=fresh)
+
+    def do_status_view(self, progress: Progress, view: str, cwd: str | None = None,
+                       width: int = 100, colour: bool = False, home: str | None = None
+                       ) -> dict[str, str]:
+        """`status` rendered here for the CLI's fast path (devd/quick.py), which then
+        needs neither a JSON parser for a big reply nor the renderer: "json" is
+        `devd status --json`'s text, "rows" `devd status`'s for that caller."""
+        if view == "json":
+            return {"text": self.snapshot.json_text()}
+        if view != "rows":
+            raise UsageError(f"status_view: unknown view {view!r}", "\"json\" or \"rows\"")
+        from devd import render_status
+
+        text = render_status.render_status(self.snapshot.status(), cwd,
+                                           render_status.Painter(colour), width, home=home)
+        return {"text": text}
+
+    def daemon_info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "version": __version__, "socket": str(self.paths.socket),
+                "gc_grace_seconds": self._grace()}
 
     def _grace(self) -> float | None:
         try:

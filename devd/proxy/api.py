@@ -35,7 +35,7 @@ def start(service: Any, running: contextlib.ExitStack) -> None:
     ensure_private_dir(paths.runtime_dir)
     ensure_private_dir(paths.data_dir)
     dashboard = Dashboard(paths.runtime_dir / "dashboard.sock",
-                          lambda: service.do_status(_quiet),
+                          lambda: service.snapshot.status(),  # the dict, not the wire form
                           log_tail=lambda wt_id, name, lines: service_log_tail(
                               service, wt_id, name, lines),
                           key=dashboard_key(paths.data_dir / "dashboard.key"))
@@ -57,6 +57,3 @@ def service_log_tail(service: Any, wt_id: str, name: str, lines: int) -> str | N
         return None
     return "\n".join(logs.tail(logs.log_path(service.paths.state_dir, wt_id, name), lines))
 
-
-def _quiet(phase: str, message: str, **extra: Any) -> None:
-    return None

@@ -58,6 +58,9 @@ class Spec:
     tool: str | None = None
 
 
+CHANGES = 0  # grows with every state any unit takes (devd/handlers/snapshot.py reads it)
+
+
 @dataclass
 class Unit:
     spec: Spec
@@ -82,8 +85,10 @@ class Unit:
         return self.group.pgid if self.group and self.state in UP else None
 
     def set(self, state: str, error: str | None = None) -> None:
+        global CHANGES
         with self.changed:
             self.state, self.error = state, error
+            CHANGES += 1  # a status answer built before this is out of date
             self.changed.notify_all()
 
 

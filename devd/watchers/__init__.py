@@ -53,6 +53,8 @@ class Sample:
     parents: dict[int, tuple[int, int]] = field(default_factory=dict)
     watch_lines: bool = True  # False: this kernel prints no `inotify wd:` lines
     extra: dict[str, object] = field(default_factory=dict)  # backend-specific figures
+    # The sysctl whose limit binds, per "watches"/"instances" (linux.Limit), where known.
+    limits: dict[str, str] = field(default_factory=dict)
 
 
 class Sampler(Protocol):

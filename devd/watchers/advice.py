@@ -8,29 +8,30 @@ from typing import Any
 
 from devd.owners import inside
 from devd.registry import Worktree
-from devd.settings import load_repo_config
 from devd.watchers import analysis
 from devd.watchers.linux import read_link
 from devd.watchers.monitor import View, WatcherMonitor
 
 
 def preflight(monitor: WatcherMonitor, wt: Worktree, max_watches: int | None = None,
-              userns: str | None = None) -> dict[str, Any]:
+              userns: str | None = None, limit_name: str | None = None) -> dict[str, Any]:
     """A fresh full pass and the worktree's estimated need against what is left. The client
-    sends its own limit and user namespace: inside a container or `unshare -U` the limit that
-    applies is that namespace's, and only its processes draw on it."""
+    sends its own limit (and which sysctl it is) and user namespace: inside a container or
+    `unshare -U` the limit that applies is that namespace's, and only its processes draw
+    on it."""
     view = monitor.refresh(max_age=0.0)
     sample = view.sample
     found = monitor.estimate(wt, max_age=30.0)
-    mode = _estimate_mode(wt)
-    need = found.dirs if mode == "dirs" else found.chokidar
+    need, mode = monitor.need(wt, max_age=30.0)
     scope = userns if userns and userns != read_link("/proc/self/ns/user") else None
     used, instances = analysis.totals(analysis.mine(sample, scope))
-    limits = [v for v in (sample.max_watches, max_watches) if v]
-    limit = min(limits) if limits else None
+    limits = [(v, name) for v, name in ((max_watches, limit_name),
+                                        (sample.max_watches, sample.limits.get("watches")))
+              if v]
+    limit, name = min(limits, key=lambda found: found[0]) if limits else (None, None)
     result: dict[str, Any] = {
         "need": need, "dirs": found.dirs, "files": found.files, "mode": mode,
-        "used": used, "limit": limit, "instances": instances,
+        "used": used, "limit": limit, "limit_name": name, "instances": instances,
         "max_instances": sample.max_instances, "level": view.level, "warning": None,
         "top": monitor.report(view)["top"] if scope is None else _top_in(monitor, view, scope),
     }
@@ -40,13 +41,6 @@ def preflight(monitor: WatcherMonitor, wt: Worktree, max_watches: int | None = N
         if short:
             result["warning"] = _warning(result)
     return result
-
-
-def _estimate_mode(wt: Worktree) -> str:
-    try:
-        return load_repo_config(wt.path).watchers.estimate
-    except Exception:  # a broken devd.toml is reported by provision; estimate the default
-        return "files"
 
 
 def _top_in(monitor: WatcherMonitor, view: View, userns: str) -> list[dict[str, Any]]:
@@ -64,7 +58,9 @@ def _warning(pre: dict[str, Any]) -> str:
         lines.append("stop one of these to make room:")
         lines += [f"  pid {c['pid']} {analysis.one_line(c['command'], 60)}: {c['watches']} "
                   f"watches ({c['worktree'] or 'no worktree'})" for c in pre["top"][:5]]
-    lines.append("or raise the limit: sudo sysctl -w fs.inotify.max_user_watches="
+    name = pre.get("limit_name") or "fs.inotify.max_user_watches"
+    how = "sysctl -w" if name.startswith("user.") else "sudo sysctl -w"
+    lines.append(f"or raise the limit that binds: {how} {name}="
                  f"{analysis.RECOMMENDED_WATCHES} (see `devd doctor`)")
     return "\n".join(lines)
 
@@ -86,7 +82,9 @@ def doctor(monitor: WatcherMonitor) -> dict[str, Any]:
                 partial.append({"worktree": str(wt.path), "reason": state["reason"]})
     needed = bool(broken or partial) or view.level in ("warn", "critical")
     return {"watchers": report, "broken": broken, "partial": partial,
-            "fix_needed": needed, "fix": analysis.fix(view.sample)}
+            "fix_needed": needed, "fix": analysis.fix(view.sample.max_watches,
+                                                      view.sample.max_instances,
+                                                      view.sample.limits)}
 
 
 def restart_command(wt: Worktree | None, argv: list[str], cwd: str | None) -> str | None:

@@ -146,13 +146,26 @@ def tags(c: Consumer, index: dict[tuple[int, int], tuple[str, str]]) -> set[str]
     return {index[i][1] for i in c.inodes if i in index and index[i][1]}
 
 
-def fix(sample: Sample) -> dict[str, object]:
-    """The root-only fix, printed and never run silently."""
-    watches = max(RECOMMENDED_WATCHES, sample.max_watches or 0)
-    instances = max(RECOMMENDED_INSTANCES, sample.max_instances or 0)
-    lines = [f"fs.inotify.max_user_watches={watches}",
-             f"fs.inotify.max_user_instances={instances}"]
+def fix(max_watches: int | None, max_instances: int | None,
+        limits: dict[str, str] | None = None) -> dict[str, object]:
+    """The root-only fix for the limits that bind, printed and never run silently: the
+    machine's sysctls, or (`limits` naming `user.*`, see linux.Limit) those of the user
+    namespace the caller runs in, which only its root can raise and which last as long
+    as it does."""
+    names = {"watches": "fs.inotify.max_user_watches",
+             "instances": "fs.inotify.max_user_instances"} | (limits or {})
+    lines = [f"{names['watches']}={max(RECOMMENDED_WATCHES, max_watches or 0)}",
+             f"{names['instances']}={max(RECOMMENDED_INSTANCES, max_instances or 0)}"]
+    if any(name.startswith("user.") for name in names.values()):
+        return {
+            "binding": names, "namespace": True,
+            "now": [f"sysctl -w {line}" for line in lines],
+            "persist_file": None, "persist_lines": lines,
+            "persist": "set them where the namespace is made (the container's entrypoint, "
+                       "or right after `unshare -U`): they go with it",
+        }
     return {
+        "binding": names, "namespace": False,
         "now": [f"sudo sysctl -w {line}" for line in lines],
         "persist_file": SYSCTL_DROP_IN, "persist_lines": lines,
         "persist": f"printf '%s\\n' {' '.join(lines)} | sudo tee {SYSCTL_DROP_IN} "

@@ -27,7 +27,7 @@ def add_to_status(service: Service, result: dict[str, Any]) -> dict[str, Any]:
     monitor = getattr(service, "watchers", None)
     if monitor is None:
         return result
-    view = monitor.refresh()
+    view = monitor.latest()  # the monitor's own cadence keeps it current
     result["watchers"] = monitor.report(view)
     for entry in result.get("worktrees", []):
         wt = service.registry.worktree(entry["id"])
@@ -50,8 +50,9 @@ def doctor(service: Service) -> dict[str, Any]:
 
 
 def preflight(service: Service, path: str, max_watches: int | None,
-              userns: str | None) -> dict[str, Any]:
-    return advice.preflight(_monitor(service), service.find(path), max_watches, userns)
+              userns: str | None, limit_name: str | None = None) -> dict[str, Any]:
+    return advice.preflight(_monitor(service), service.find(path), max_watches, userns,
+                            limit_name)
 
 
 def run_started(service: Service, wt: Worktree, pid: int, argv: list[str] | None = None,

@@ -12,6 +12,7 @@ import ctypes.util
 import os
 import re
 import time
+from dataclasses import dataclass
 
 from devd.watchers import Consumer, Sample
 
@@ -40,9 +41,12 @@ class LinuxSampler:
         """A cheap pass counts inotify fds (reusing known fds); a full pass also counts watches."""
         if self._watch_lines is None:
             self._watch_lines = probe_watch_lines(self.proc)
-        max_watches, max_instances = read_limits(self.proc)
-        out = Sample(time.time(), full, self.uid, max_watches, max_instances,
-                     watch_lines=self._watch_lines is not False)
+        watches, instances = binding_limits(self.proc)
+        out = Sample(time.time(), full, self.uid, watches.value if watches else None,
+                     instances.value if instances else None,
+                     watch_lines=self._watch_lines is not False,
+                     limits={kind: limit.sysctl for kind, limit in
+                             (("watches", watches), ("instances", instances)) if limit})
         kinds: dict[FdKey, bool] = {}
         inodes: dict[FdKey, tuple[int, frozenset[tuple[int, int]]]] = {}
         for name in os.listdir(self.proc):
@@ -198,19 +202,61 @@ def read_fd_limit(path: str) -> int | None:
 
 def read_limits(proc: str = "/proc") -> tuple[int | None, int | None]:
     """(max watches, max instances) for this user namespace; None where unreadable."""
-    return (_limit(proc, "fs/inotify/max_user_watches", "user/max_inotify_watches"),
-            _limit(proc, "fs/inotify/max_user_instances", "user/max_inotify_instances"))
+    watches, instances = binding_limits(proc)
+    return (watches.value if watches else None, instances.value if instances else None)
 
 
-def _limit(proc: str, *names: str) -> int | None:
-    """The lowest of the global sysctl and the user namespace's own limit (both apply)."""
-    values = []
-    for name in names:
-        try:
-            values.append(int(read_bytes(f"{proc}/sys/{name}").split()[0]))
-        except (OSError, ValueError, IndexError):
-            continue
-    return min(values) if values else None
+@dataclass(frozen=True)
+class Limit:
+    """One inotify limit as a sysctl: `fs.inotify.max_user_watches` (the machine's) or
+    `user.max_inotify_watches` (this user namespace's own, inside a container or
+    `unshare -U`). Both apply; the lower one binds, and only raising that one helps."""
+
+    sysctl: str
+    value: int
+
+    @property
+    def path(self) -> str:
+        return "/proc/sys/" + self.sysctl.replace(".", "/")
+
+    @property
+    def namespace(self) -> bool:
+        return self.sysctl.startswith("user.")
+
+
+LIMITS = {"watches": ("fs.inotify.max_user_watches", "user.max_inotify_watches"),
+          "instances": ("fs.inotify.max_user_instances", "user.max_inotify_instances")}
+
+
+def binding_limits(proc: str = "/proc") -> tuple[Limit | None, Limit | None]:
+    """The binding (watches, instances) limits here. Outside a child user namespace the
+    user.* files are the global ones under another name: the global is named then."""
+    child = in_child_userns(proc)
+    return _binding(proc, *LIMITS["watches"], child), _binding(proc, *LIMITS["instances"], child)
+
+
+def _binding(proc: str, machine: str, own: str, child: bool) -> Limit | None:
+    names = (machine, own) if child else (machine,)
+    found = [Limit(name, value) for name in names
+             if (value := _read_int(f"{proc}/sys/{name.replace('.', '/')}")) is not None]
+    # The lowest binds; on a tie the namespace's (raising the machine's would not help).
+    return min(found, key=lambda limit: (limit.value, not limit.namespace), default=None)
+
+
+def in_child_userns(proc: str = "/proc") -> bool:
+    """Inside a user namespace other than the machine's (a container, `unshare -U`)? The
+    initial namespace maps every uid to itself: `0 0 4294967295`."""
+    try:
+        return read_bytes(f"{proc}/self/uid_map").split() != [b"0", b"0", b"4294967295"]
+    except OSError:
+        return False
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(read_bytes(path).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Inotify:

@@ -22,7 +22,6 @@ from devd.watchers import (
     alerts,
     analysis,
     default_sampler,
-    worse,
 )
 from devd.watchers.analysis import Owner, Run, Thresholds
 from devd.watchers.breaks import Break, Breaks
@@ -110,6 +109,11 @@ class WatcherMonitor:
         self._announce(view)
         return view
 
+    def latest(self) -> View:
+        """The latest full pass, whatever its age (the first one is taken now)."""
+        view = self._view
+        return self.refresh() if view is None else view
+
     def touch(self, wt_id: str) -> None:
         """A request named this worktree: it is in use (see idle.py)."""
         self.idle.touch(wt_id)
@@ -159,6 +163,7 @@ class WatcherMonitor:
             "watches": watches, "max_watches": sample.max_watches,
             "instances": instances, "max_instances": sample.max_instances,
             "uid": sample.uid, "sampled_at": sample.at, "watch_lines": sample.watch_lines,
+            "limits": sample.limits,
             "top": [self.consumer_entry(c, view, names) for c in _top(analysis.mine(sample))],
             **({"platform": sample.extra} if sample.extra else {}),
         }
@@ -177,16 +182,19 @@ class WatcherMonitor:
         }
 
     def worktree_state(self, wt: Worktree, view: View | None = None) -> dict[str, Any]:
-        """The per-worktree `watchers` block: watches, instances, state and why."""
+        """The per-worktree `watchers` block: watches, instances, the state of the
+        worktree's own watchers and why; `budget` is the user's level, shared by all."""
         view = view or self.refresh()
         own = [c for c in view.sample.consumers
                if (o := view.owners.get(c.pid)) and o.worktree_id == wt.id]
         watches, instances = analysis.totals(own)
         state, reason = self._state_of(wt, own, view)
         return {"watches": watches, "instances": instances, "state": state, "reason": reason,
-                "pids": sorted(c.pid for c in own)}
+                "pids": sorted(c.pid for c in own), "budget": view.level}
 
     def _state_of(self, wt: Worktree, own: list[Consumer], view: View) -> tuple[str, str]:
+        """Broken, partial, stopped or an fd limit near: this worktree's own; else ok, even
+        when the budget is critical (that is every worktree's, said once in `budget`)."""
         records = self.records.by_worktree().get(wt.id, [])
         broken = [b for b in records if b.kind == "broken"]
         if broken:
@@ -197,33 +205,42 @@ class WatcherMonitor:
         stopped = [b for b in records if b.kind == "stopped"]
         if stopped and not any(view.owners[c.pid].run_pid for c in own):
             return "stopped", stopped[-1].line
-        state = view.level if (own or view.level != "ok") else "ok"
         for c in own:
             if c.fd_limit and c.fds >= self.thresholds.fds_warn * c.fd_limit:
-                return worse(state, "warn"), f"pid {c.pid} has {c.fds} of {c.fd_limit} fds open"
-        return state, "; ".join(view.reasons) if state != "ok" else ""
+                return "warn", f"pid {c.pid} has {c.fds} of {c.fd_limit} fds open"
+        return "ok", ""
 
     def _partial(self, wt: Worktree, own: list[Consumer], view: View,
                  records: list[Break]) -> str:
-        """A devd-started watcher holding clearly fewer watches than the worktree has
-        directories missed some (ENOSPC mid-walk, or a tool that skips silently). Its run
-        is marked `partial` in the registry, so `devd watchers --restart` can restart it."""
+        """A devd-started watcher holding clearly fewer watches than the worktree needs
+        (the estimate: one per file and directory, as chokidar takes them, or per directory
+        with `[watchers] estimate = "dirs"`) missed some: ENOSPC mid-walk in a tool that
+        logs nothing, or skips silently. Each watcher is judged alone, one holding no watch
+        at all included (it got its inotify instance, then not one watch). Its run is
+        marked `partial` in the registry, so `devd watchers --restart` can restart it."""
         settle = self.settings.watchers_settle
-        started = [c for c in own if view.owners[c.pid].run_pid is not None
-                   and c.watches and _age(c, self._boot) >= settle]
-        dirs = self.estimate(wt).dirs if started else 0
-        held = sum(c.watches or 0 for c in started)
+        started = [c for c in own if view.owners[c.pid].run_pid is not None and c.instances
+                   and c.watches is not None and _age(c, self._boot) >= settle]
+        need, mode = self.need(wt) if started else (0, "files")
+        short = [c for c in started
+                 if (c.watches or 0) < self.settings.watchers_partial_ratio * need]
         marked = {b.pid for b in records if b.kind == "partial"}
-        if not started or held >= self.settings.watchers_partial_ratio * dirs:
+        if not short:
             if marked:
                 self.records.clear_partial(wt.id, keep=set())
             return ""
-        pids = ", ".join(str(c.pid) for c in started)
-        reason = f"devd-started pid {pids} watches {held} paths; the worktree has ~{dirs} dirs"
-        for run_pid in {view.owners[c.pid].run_pid for c in started} - marked:
+        held = ", ".join(f"pid {c.pid} holds {c.watches}" for c in short)
+        what = "dirs" if mode == "dirs" else "files and dirs"
+        reason = f"devd-started watcher {held} of the ~{need} watches it needs ({what})"
+        for run_pid in {view.owners[c.pid].run_pid for c in short} - marked:
             assert run_pid is not None
             self.records.record(wt.id, run_pid, "partial", "coverage", "watches", reason)
         return reason
+
+    def need(self, wt: Worktree, max_age: float = ESTIMATE_TTL) -> tuple[int, str]:
+        """How many watches a watcher of the worktree needs, and by which estimate."""
+        found, mode = self.estimate(wt, max_age), estimate_mode(wt)
+        return (found.dirs if mode == "dirs" else found.chokidar), mode
 
     def estimate(self, wt: Worktree, max_age: float = ESTIMATE_TTL) -> Estimate:
         """The chokidar-style need of a worktree, cached for a few minutes."""
@@ -285,6 +302,14 @@ class WatcherMonitor:
                 "DEVD_WATCHERS_MAX_WATCHES": str(view.sample.max_watches or ""),
                 "DEVD_WATCHERS_INSTANCES": str(instances),
                 "DEVD_WATCHERS_REASONS": "; ".join(view.reasons)})
+
+
+def estimate_mode(wt: Worktree) -> str:
+    """`[watchers] estimate` of the worktree's devd.toml: "files" (chokidar) or "dirs"."""
+    try:
+        return load_repo_config(wt.path).watchers.estimate
+    except Exception:  # a broken devd.toml is reported by provision; estimate the default
+        return "files"
 
 
 def _instances_key(sample: Sample) -> frozenset[tuple[int, int, int]]:

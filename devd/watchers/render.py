@@ -49,7 +49,7 @@ def consumers(top: list[dict[str, Any]]) -> list[str]:
 
 def doctor(result: dict[str, Any]) -> str:
     """The recovery ladder, top to bottom."""
-    lines = [watchers(result["watchers"])]
+    lines = [watchers(result["watchers"]), *binding(result.get("limits", []))]
     for b in result["broken"]:
         lines += [f"broken: {one_line(b['worktree'])}: pid {b['pid']} printed",
                   f"    {one_line(b['line'], 200)}"]
@@ -65,10 +65,22 @@ def doctor(result: dict[str, Any]) -> str:
         lines.append("no fix needed.")
         return "\n".join(lines)
     fix = result["fix"]
+    if fix.get("namespace"):
+        return "\n".join([*lines, "fix (as root of this user namespace; devd never runs it "
+                          "silently):", *(f"  {c}" for c in fix["now"]),
+                          f"they last as long as the namespace: {fix['persist']}",
+                          "or run `devd doctor --fix` as that root"])
     lines += ["fix (needs root; devd never runs it silently):", *(f"  {c}" for c in fix["now"]),
               f"make it persist across reboots ({fix['persist_file']}):", f"  {fix['persist']}",
               "or run `sudo devd doctor --fix`"]
     return "\n".join(lines)
+
+
+def binding(limits: list[dict[str, Any]]) -> list[str]:
+    """Which sysctl sets each limit here (a namespace's own, or the machine's)."""
+    return [f"  binding limit: {lim['sysctl']} = {lim['value']} "
+            f"({'this user namespace' if lim['namespace'] else 'the machine'}'s)"
+            for lim in limits]
 
 
 def restarted(plan: dict[str, Any]) -> str:

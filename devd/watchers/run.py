@@ -11,7 +11,7 @@ from devd.client import Client
 from devd.errors import DevdError
 from devd.watchers import tee
 from devd.watchers.analysis import one_line
-from devd.watchers.linux import read_limits, read_link
+from devd.watchers.linux import binding_limits, read_link
 from devd.watchers.signatures import Signature
 
 
@@ -49,13 +49,14 @@ def run(client: Client, path: str, argv: list[str], env: dict[str, str], cwd: st
 def warn_if_short(client: Client, path: str) -> dict[str, Any] | None:
     """Ask the daemon for a fresh pass and this worktree's estimated need; print its warning.
     Our own limit and user namespace go along: in a container they are not the daemon's."""
-    max_watches = read_limits()[0] if sys.platform.startswith("linux") else None
-    params = {"path": path, "max_watches": max_watches,
+    watches = binding_limits()[0] if sys.platform.startswith("linux") else None
+    params = {"path": path, "max_watches": watches.value if watches else None,
+              "limit_name": watches.sysctl if watches else None,
               "userns": read_link("/proc/self/ns/user")}
     try:
         result: dict[str, Any] = client.call("watchers_preflight", params)
     except DevdError as exc:
-        if exc.code in ("protocol", "watchers_unavailable"):
+        if exc.code in ("protocol", "watchers_unavailable", "usage"):
             return None  # an older daemon, or one without the monitor: run anyway
         raise
     if result.get("warning"):
