@@ -117,6 +117,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     cmd.add_argument("action", choices=("install", "uninstall", "status"),
                      help="install and start it, stop and remove it, or show its state")
     _hook_parser(command("hook", "install hooks; entry points called by git and Claude Code"))
+    cmd = command("db", "Postgres snapshots: take, list, drop; reset a worktree's data")
+    if not isinstance(cmd, _Discard):
+        from devd import cli_db
+
+        cli_db.add_parser(cmd, _path)
     return parser
 
 
@@ -541,10 +546,17 @@ def cmd_hook(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_db(client: Client, args: argparse.Namespace) -> int:
+    from devd import cli_db
+
+    return cli_db.run(client, args, _abspath, _progress)
+
+
 COMMANDS = {
     "provision": cmd_provision, "release": cmd_release, "gc": cmd_gc, "status": cmd_status,
     "restore": cmd_restore,
     "env": cmd_env, "run": cmd_run, "ports": cmd_ports, "kill-port": cmd_kill_port,
     "browser": cmd_browser, "init": cmd_init, "wait": cmd_wait, "service": cmd_service,
     "hook": cmd_hook, "stop": cmd_stop, "watchers": cmd_watchers, "doctor": cmd_doctor,
+    "db": cmd_db,
 }

@@ -5,15 +5,16 @@ orchestrates provisioners.
     worktrees.py  status, provision, release, restore, gc, env
     processes.py  ports, kill-port, the records of `devd run`
     watchers.py   the watcher budget
+    snapshots.py  Postgres snapshots and reset (devd db ...)
 """
 
 from devd.handlers.core import default_provisioners
 from devd.handlers.processes import ProcessRequests
+from devd.handlers.snapshots import SnapshotRequests
 from devd.handlers.watchers import WatcherRequests
-from devd.handlers.worktrees import WorktreeRequests
 
 
-class Service(WorktreeRequests, ProcessRequests, WatcherRequests):
+class Service(SnapshotRequests, ProcessRequests, WatcherRequests):
     """The daemon's state and every request handler."""
 
 

@@ -191,7 +191,7 @@ class ServiceCore:
             "cache_dir": dirs.get("cache_dir"), "browser_profile": dirs.get("browser_profile"),
             "env_file": envfile.get("file"), "resources": shown,
             "deps": deps.status(self.paths.state_dir, wt.id, wt.path),
-        } | postgres.status_entry(details, checked)
+        } | postgres.status_entry(self.paths, details, checked)
 
     def _describe_id(self, wt_id: str) -> dict[str, Any]:
         wt = self.registry.worktree(wt_id)
