@@ -68,7 +68,7 @@ def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
     name, port = names.docker_name(wt_id), lease_internal(ctx, PORT_LEASE)
     server.remember(ctx.paths, server.DOCKER)
     recorded, snapshot = ctx.recorded("postgres"), ctx.config.postgres.snapshot
-    if bool(recorded.get("volume")) != bool(snapshot) and recorded.get("initialized"):
+    if bool(recorded.get("snapshot")) != bool(snapshot) and recorded.get("initialized"):
         raise _data_source_changed(recorded, snapshot)
     # Read before record_intent names the volume: a first provision has no data to lose.
     had_data = _had_data(recorded)
