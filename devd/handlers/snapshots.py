@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
-from devd import naming
+from devd import git, naming
 from devd.errors import DevdError, UsageError
+from devd.handlers.core import absolute
 from devd.handlers.worktrees import WorktreeRequests
 from devd.postgres import clones, container, names, snapshots
 from devd.provisioners import Progress
@@ -30,9 +32,7 @@ class SnapshotRequests(WorktreeRequests):
             if not name:
                 raise UsageError("a snapshot of a URL needs a NAME",
                                  "devd db snapshot --from URL NAME")
-            wt = self._caller(path)
-            image = self.context(wt, strict=False).config.postgres.image if wt else \
-                PostgresConfig().image
+            image = self._image_at(path)
             origin = snapshots.Source(names.mask_url(source), url=source, image=image,
                                       max_rate=max_rate or "")
         else:
@@ -44,11 +44,13 @@ class SnapshotRequests(WorktreeRequests):
             return snapshots.take(container.client(), self.paths, name, origin,
                                   origin.image, progress)
 
-    def _caller(self, path: str) -> Worktree | None:
+    def _image_at(self, path: str) -> str:
+        """[postgres] image of the checkout at `path` (the copy is validated with it, so it
+        must run the source's major version); the default outside any checkout."""
         try:
-            return self.find(path)
+            return self._cached_config(git.resolve(Path(absolute(path))).path).postgres.image
         except DevdError:
-            return None  # a URL snapshot may be taken from anywhere
+            return PostgresConfig().image
 
     def _main_of(self, wt: Worktree) -> Worktree:
         main = self.registry.worktree_at(wt.repo_main_path)

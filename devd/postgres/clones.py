@@ -72,13 +72,14 @@ def _clone(root: Path, snap: dict[str, Any], wt_id: str, progress: Progress) -> 
                  level="warning")
     datadirs.write_marker(root, datadirs.CLONE_MARKER, worktree=wt_id, snapshot=snap["name"],
                           strategy=strategy, cloned=time.time(),
-                          clone_seconds=round(took, 3))
+                          clone_seconds=round(took, 3), snapshot_password=snap.get("password"))
     return datadirs.read_marker(root, datadirs.CLONE_MARKER) or {}
 
 
 def _fields(marker: dict[str, Any], pgdata: Path) -> dict[str, Any]:
     return {"snapshot": marker.get("snapshot"), "data_dir": str(pgdata),
-            "strategy": marker.get("strategy")}
+            "strategy": marker.get("strategy"),
+            "snapshot_password": marker.get("snapshot_password")}
 
 
 def replace(ctx: Context, image_major: str | None, progress: Progress) -> dict[str, Any]:
@@ -121,14 +122,14 @@ def disk(paths: Paths, detail: dict[str, Any]) -> dict[str, Any]:
     filesystem cannot say which blocks are shared."""
     pgdata = Path(detail["data_dir"])
     try:
-        snap_bytes = datadirs.allocated(Path(snapshots.find(paths, detail["snapshot"])["pgdata"]))
+        snap_bytes = snapshots.find(paths, detail["snapshot"]).get("bytes")
     except DevdError:
         snap_bytes = None
-    shared = detail.get("strategy") == "reflink"
-    own = datadirs.unshared(pgdata) if shared else datadirs.allocated(pgdata)
-    kept = sum(datadirs.allocated(p) for p in pgdata.parent.glob(datadirs.BEFORE_RESET + "*"))
+    measure = datadirs.unshared if detail.get("strategy") == "reflink" else datadirs.allocated
+    own = measure(pgdata)
+    kept = [measure(p) for p in pgdata.parent.glob(datadirs.BEFORE_RESET + "*")]
     return {"data_dir": str(pgdata), "snapshot_bytes": snap_bytes, "own_bytes": own,
-            "kept_aside_bytes": kept}
+            "kept_aside_bytes": None if None in kept else sum(k or 0 for k in kept)}
 
 
 def users(registry: Any, name: str) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import psycopg
+from psycopg import sql
 
 from devd import instance
 from devd.errors import DevdError, OwnershipConflict
@@ -101,7 +102,8 @@ def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
             container.start()
     except docker.errors.APIError as exc:
         raise _api_error(exc, name, port) from exc
-    _wait_ready(container, port, password, progress)
+    _wait_ready(container, port, password, progress,
+                ctx.recorded("postgres").get("snapshot_password"))
     # "initialized": the server came up on this volume once, so it may hold data to dump.
     return ctx.recorded("postgres") | {
         "mode": "container", "name": name, "host": "127.0.0.1", "port": port,
@@ -228,27 +230,49 @@ def _api_error(exc: Any, name: str, port: int) -> DevdError:
                      "see `docker logs " + name + "`", code="docker_error")
 
 
-def _wait_ready(container: Container, port: int, password: str, progress: Progress) -> None:
-    """Ready means a real query answers over the published port, not just an open port."""
+def _wait_ready(container: Container, port: int, password: str, progress: Progress,
+                first: str | None = None) -> None:
+    """Ready means a real query answers over the published port, not just an open port.
+    `first`: the password a clone's data comes with (its snapshot's), swapped for this
+    worktree's own on the first connection."""
     deadline, synced = time.monotonic() + READY_TIMEOUT, False
     progress("postgres", "waiting for the server to answer")
     while time.monotonic() < deadline:
-        container.reload()
-        if container.status in ("exited", "dead"):
-            raise _failed(container, f"container {container.name} exited")
         try:
-            with psycopg.connect(host="127.0.0.1", port=port, user=SUPERUSER, password=password,
-                                 dbname=DBNAME, connect_timeout=3) as conn:
+            with _connect(port, password) as conn:
                 conn.execute("SELECT 1")
             return
         except psycopg.OperationalError as exc:
             if "password authentication failed" in str(exc) and not synced:
                 # A container recreated over an existing volume keeps the old password.
-                _exec(container, ["psql", "-U", SUPERUSER, "-d", DBNAME, "-c",
-                                  f"ALTER ROLE {SUPERUSER} PASSWORD '{password}'"])
+                _set_password(container, port, password, first)
                 synced = True
+                continue
+        container.reload()
+        if container.status in ("exited", "dead"):
+            raise _failed(container, f"container {container.name} exited")
         time.sleep(0.05)
     raise _failed(container, f"container {container.name} not ready after {READY_TIMEOUT:.0f} s")
+
+
+def _connect(port: int, password: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(host="127.0.0.1", port=port, user=SUPERUSER, password=password,
+                           dbname=DBNAME, connect_timeout=3, autocommit=True)
+
+
+def _set_password(container: Container, port: int, password: str, first: str | None) -> None:
+    """Give the superuser `password`: over a connection with `first` if that opens one (one
+    round trip), else through psql inside the container (local trust; ~0.4 s)."""
+    statement = sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(SUPERUSER),
+                                                             sql.Literal(password))
+    if first:
+        try:
+            with _connect(port, first) as conn:
+                conn.execute(statement)
+            return
+        except psycopg.OperationalError:
+            pass  # the data came with another password: the local way below
+    _exec(container, ["psql", "-U", SUPERUSER, "-d", DBNAME, "-c", statement.as_string(None)])
 
 
 def _failed(container: Container, message: str) -> DevdError:
@@ -347,7 +371,8 @@ def _backup(ctx: Context, dk: DockerClient, container: Container | None,
         container = _create(dk, ctx, detail, detail["password"], lambda *a, **k: None)
     elif container.status != "running":
         container.start()
-    _wait_ready(container, int(detail["port"]), detail["password"], lambda *a, **k: None)
+    _wait_ready(container, int(detail["port"]), detail["password"], lambda *a, **k: None,
+                detail.get("snapshot_password"))
     target = target or dump.new_dump_path(ctx.paths, ctx.worktree.id)
     exec_id = dk.api.exec_create(container.id, ["pg_dump", "-Fc", "-U", SUPERUSER, DBNAME],
                                  user="postgres")["Id"]

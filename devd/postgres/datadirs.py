@@ -49,7 +49,10 @@ def postgres_dir(paths: Paths, kind: str) -> Path:
 def write_marker(directory: Path, marker: str, **fields: Any) -> None:
     """devd's marker in `directory`, written whole under a temp name, then renamed."""
     temp = directory / f".{marker}.tmp"
-    temp.write_text(json.dumps({"instance": instance.current()} | fields, indent=1) + "\n")
+    # 0600: a snapshot's marker holds the password its clones first connect with.
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps({"instance": instance.current()} | fields, indent=1) + "\n")
     os.replace(temp, directory / marker)
 
 
