@@ -86,6 +86,7 @@ def test_snapshot_clones_reset_and_drop_on_xfs(home_on_xfs: Devd, repo: Repo, dk
     assert query(main_url, "SELECT count(*) FROM t") == [(1,)]
     pg = _pg(devd, a)
     assert pg["strategy"] == "reflink" and pg["snapshot"] == "shop", pg
+    assert "reflink of snapshot shop" in devd.run("status", str(a)).stdout
     data_dir = Path(pg["disk"]["data_dir"])
     assert data_dir.is_relative_to(devd.paths.data_dir) and (data_dir / "PG_VERSION").exists()
     assert pg["disk"]["snapshot_bytes"] > 10 << 20
@@ -176,6 +177,45 @@ def test_source_down_mid_copy_keeps_nothing(devd: Devd, repo: Repo, dk: Any) -> 
     assert "pg_basebackup of" in stderr and "nothing was kept" in stderr, stderr
     assert list(snapshots.iterdir()) == []
     assert devd.json("db", "snapshots")["snapshots"] == []
+
+
+def test_url_snapshot_and_a_plain_copy_on_this_filesystem(devd: Devd, repo: Repo,
+                                                          dk: Any) -> None:
+    """--from URL runs the host's pg_basebackup; the machine's own filesystem (ext4 here)
+    cannot share blocks, so the clone is a full copy and says so."""
+    url = _main_with_data(devd, repo)
+    with_postgres(repo, SNAPSHOT_TOML.replace('"shop"', '"byurl"'))  # its image validates
+    refused = devd.run("db", "snapshot", "--from", url, "byurl", check=False, timeout=120,
+                       cwd=repo.main)
+    assert refused.returncode == 1 and "pg_hba.conf" in refused.stderr, refused.stderr
+    assert env_of(devd, repo.main)["PGPASSWORD"] not in refused.stderr, "the password is masked"
+    source = dk.containers.get(devd.worktree(repo.main)["postgres"]["name"])
+    source.exec_run(["sh", "-c", 'echo "host replication all all scram-sha-256" '
+                     '>> "$PGDATA/pg_hba.conf"'], user="postgres")
+    query(url, "SELECT pg_reload_conf()")
+    taken = json.loads(devd.run("db", "snapshot", "--from", url, "byurl", "--json",
+                                timeout=180, cwd=repo.main).stdout)
+    assert "***" in taken["source"] and "password" not in json.dumps(taken)
+    assert env_of(devd, repo.main)["PGPASSWORD"] not in json.dumps(taken)
+    tree = repo.worktree("shop-url", "url")
+    done = devd.run("provision", str(tree), timeout=180)
+    expected = "reflink" if _can_share(devd.paths.data_dir) else "copy"
+    assert _pg(devd, tree)["strategy"] == expected
+    if expected == "copy":
+        assert "cannot share blocks" in done.stderr, done.stderr
+        assert "copy of snapshot byurl" in devd.run("status", str(tree)).stdout
+    assert query(env_of(devd, tree)["DATABASE_URL"], "SELECT v FROM t") == [("from-main",)]
+
+
+def _can_share(directory: Path) -> bool:
+    from devd import reflink
+
+    probe = directory / "probe"
+    probe.write_bytes(b"x")
+    try:
+        return reflink.supported(probe, directory)
+    finally:
+        probe.unlink()
 
 
 def _devd_argv() -> list[str]:

@@ -41,8 +41,9 @@ class SnapshotRequests(WorktreeRequests):
             name = name or naming.repo_name(wt.repo_main_path)
         snapshots.check_name(name)
         with self._lock(f"snapshot:{name}"):
-            return snapshots.take(container.client(), self.paths, name, origin,
-                                  origin.image, progress)
+            dk = container.client()
+            container.ensure_image(dk, origin.image, progress)
+            return snapshots.take(dk, self.paths, name, origin, origin.image, progress)
 
     def _image_at(self, path: str) -> str:
         """[postgres] image of the checkout at `path` (the copy is validated with it, so it

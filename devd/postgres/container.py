@@ -180,7 +180,7 @@ def _password(container: Container | None) -> str | None:
 def _create(dk: DockerClient, ctx: Context, detail: dict[str, Any], password: str,
             progress: Progress) -> Container:
     image, name, port = ctx.config.postgres.image, detail["container"], int(detail["port"])
-    _ensure_image(dk, image, progress)
+    ensure_image(dk, image, progress)
     progress("postgres", f"starting container {name} from {image} on 127.0.0.1:{port}")
     return dk.containers.run(
         image, name=name, detach=True, labels=labels(ctx.worktree.id),
@@ -193,7 +193,7 @@ def _create(dk: DockerClient, ctx: Context, detail: dict[str, Any], password: st
     )
 
 
-def _ensure_image(dk: DockerClient, image: str, progress: Progress) -> None:
+def ensure_image(dk: DockerClient, image: str, progress: Progress) -> None:
     import docker
 
     try:

@@ -103,8 +103,12 @@ def take(dk: DockerClient, paths: Paths, name: str, source: Source, image: str,
                               image=source.image or image, created=time.time(),
                               bytes=datadirs.allocated(pgdata), password=password)
         os.rename(partial, target)
-    except BaseException:
+    except BaseException as exc:
         datadirs.remove_tree(partial)
+        if type(exc).__module__.startswith("docker"):
+            raise DevdError(f"Docker refused while taking snapshot {name!r}: {exc}; nothing "
+                            "was kept", "check the engine and the image", code="docker_error"
+                            ) from exc
         raise
     seconds = round(time.monotonic() - started, 2)
     return _public(find(paths, name)) | {"seconds": seconds}
@@ -191,6 +195,10 @@ def _source_failed(label: str, logs: str) -> DevdError:
     tail = " / ".join(logs.splitlines()[-3:]) or "no output"
     if "incompatible server version" in logs:
         hint = "take it with a client of the server's major version (its own image)"
+    elif "pg_hba.conf" in logs or "REPLICATION" in logs or "replication" in logs:
+        hint = ("pg_basebackup connects for replication: give the URL's role REPLICATION and "
+                "allow it in the server's pg_hba.conf (host replication ROLE ADDRESS "
+                "scram-sha-256), then reload")
     else:
         hint = "check that the source is up and reachable, then take the snapshot again"
     return DevdError(f"pg_basebackup of {label} failed: {tail}; nothing was kept", hint,
