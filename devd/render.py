@@ -28,11 +28,11 @@ def render_worktree(wt: dict[str, Any]) -> str:
         lines.append(f"  running  pid {proc['pid']} {proc['command']}{on} ({how})")
     if wt.get("postgres"):
         pg = wt["postgres"]
-        how = f"; template {pg['strategy']}" if pg.get("strategy") and not pg.get("snapshot") \
-            else ""
+        how = f", template cloned by {pg['strategy']}" \
+            if pg.get("strategy") and not pg.get("snapshot") else ""
         lines.append(f"  postgres {pg.get('mode')} {pg.get('name')} on "
                      f"{pg.get('host') or 'local socket'}:{pg.get('port')} "
-                     f"({pg.get('state')}{how})")
+                     f"({pg.get('state')}){how}")
         if pg.get("disk"):
             lines.append(f"  data     {data_line(pg)}")
     if wt.get("deps"):
