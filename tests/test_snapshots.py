@@ -102,9 +102,9 @@ def test_snapshot_clones_reset_and_drop_on_xfs(home_on_xfs: Devd, repo: Repo, dk
     assert reset["strategy"] == "reflink" and Path(reset["before"]).is_dir()
     assert env_of(devd, a)["DATABASE_URL"] == url_a
     # Released: a dump is kept, the clone goes; the last user gone, the drop succeeds.
-    for tree in (a, b):
-        released = devd.json("release", str(tree), "--yes")
-        assert Path(released["dumps"][0]).stat().st_size > 0
+    released = devd.json("release", str(a), "--yes")
+    assert Path(released["dumps"][0]).stat().st_size > 0
+    devd.json("release", str(b), "--yes", "--no-backup")
     assert not data_dir.exists()
     devd.run("db", "drop-snapshot", "shop")
     assert devd.json("db", "snapshots")["snapshots"] == []

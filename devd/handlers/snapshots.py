@@ -93,8 +93,13 @@ class SnapshotRequests(WorktreeRequests):
         started = time.monotonic()
         with self._lock(wt.id):
             ctx = self.context(wt)
-            fields = container.reset(ctx, ctx.recorded("postgres"), progress)
-            failure = self._ensure(self._by_kind["postgres"], ctx, progress)
+            detail = ctx.recorded("postgres")
+            try:
+                fields = container.reset(ctx, detail, progress)
+            finally:
+                # Started again whatever happened: on a failed clone, on the data it had.
+                failure = self._ensure(self._by_kind["postgres"], ctx, progress) \
+                    if detail.get("snapshot") else None
         if failure is not None:
             raise failure
         return {"reset": str(wt.path), "snapshot": fields["snapshot"],

@@ -141,3 +141,15 @@ def users(registry: Any, name: str) -> list[str]:
                 wt = registry.worktree(wt_id)
                 found.append(str(wt.path) if wt else wt_id)
     return found
+
+
+def orphans(paths: Paths, known_ids: set[str]) -> list[dict[str, str]]:
+    """Clones (with their data) whose worktree the registry no longer has; what resets kept
+    aside for a released worktree is not one: it goes when its week is over."""
+    root = paths.data_dir / "postgres" / CLONES
+    if not root.is_dir():
+        return []
+    return [{"kind": "clone", "name": str(found), "worktree_id": found.name, "where": "data dir"}
+            for found in sorted(root.iterdir())
+            if found.name not in known_ids and (found / datadirs.PGDATA).is_dir()
+            and (found / datadirs.CLONE_MARKER).is_file()]

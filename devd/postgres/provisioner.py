@@ -106,7 +106,7 @@ def restore(ctx: Context, detail: dict[str, Any], source: str | None) -> dict[st
 
 def orphans(ctx_paths: Any, known_ids: set[str]) -> list[dict[str, str]]:
     """Objects with devd's marker, on every server devd has used, that no worktree owns."""
-    found: list[dict[str, str]] = []
+    found = clones.orphans(ctx_paths, known_ids)
     for url in server.servers(ctx_paths):
         if url == server.DOCKER:
             found += container.orphans(known_ids)

@@ -87,8 +87,11 @@ def take(dk: DockerClient, paths: Paths, name: str, source: Source, image: str,
         raise DevdError(f"snapshot {name!r} already exists ({target})",
                         f"drop it first (devd db drop-snapshot {name}) or pick another name",
                         code="snapshot_exists")
+    # One daemon per data dir and one request per name at a time: any partial copy of this
+    # name is a crashed run's.
+    for stale in target.parent.glob(f".{name}.*-*"):
+        datadirs.remove_tree(stale)
     partial = target.with_name(f".{name}.partial-{os.getpid()}")
-    datadirs.remove_tree(partial)
     partial.mkdir(mode=0o700)
     started = time.monotonic()
     try:
