@@ -79,13 +79,13 @@ class SnapshotRequests(WorktreeRequests):
 
     def do_db_snapshots(self, progress: Progress) -> dict[str, Any]:
         found = snapshots.listing(self.paths)
-        return {"snapshots": [s | {"used_by": clones.users(self.registry, s["name"])}
+        return {"snapshots": [s | {"used_by": clones.users(self.paths, self.registry, s["name"])}
                               for s in found]}
 
     def do_db_drop_snapshot(self, progress: Progress, name: str) -> dict[str, Any]:
         snapshots.check_name(name)
         with self._lock(f"snapshot:{name}"):
-            return snapshots.drop(self.paths, name, clones.users(self.registry, name))
+            return snapshots.drop(self.paths, name, clones.users(self.paths, self.registry, name))
 
     def do_db_reset(self, progress: Progress, path: str) -> dict[str, Any]:
         """The worktree's data back to its snapshot: a fresh clone, the old data kept aside."""

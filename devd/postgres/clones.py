@@ -132,14 +132,17 @@ def disk(paths: Paths, detail: dict[str, Any]) -> dict[str, Any]:
             "kept_aside_bytes": None if None in kept else sum(k or 0 for k in kept)}
 
 
-def users(registry: Any, name: str) -> list[str]:
-    """Paths of the worktrees whose data is a clone of snapshot `name`."""
+def users(paths: Paths, registry: Any, name: str) -> list[str]:
+    """The worktrees (paths; ids if unregistered) whose data is a clone of snapshot `name`,
+    by their clones' markers: the data's own word, whatever devd.toml says now."""
+    root = paths.data_dir / "postgres" / CLONES
     found = []
-    for wt_id, resources in registry.all_resources().items():
-        for resource in resources:
-            if resource.kind == "postgres" and resource.detail.get("snapshot") == name:
-                wt = registry.worktree(wt_id)
-                found.append(str(wt.path) if wt else wt_id)
+    for clone in sorted(root.iterdir()) if root.is_dir() else []:
+        marker = clone / datadirs.CLONE_MARKER
+        if (clone / datadirs.PGDATA).is_dir() and marker.is_file() and \
+                (datadirs.read_marker(clone, datadirs.CLONE_MARKER) or {}).get("snapshot") == name:
+            wt = registry.worktree(clone.name)
+            found.append(str(wt.path) if wt else clone.name)
     return found
 
 

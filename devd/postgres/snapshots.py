@@ -89,8 +89,10 @@ def take(dk: DockerClient, paths: Paths, name: str, source: Source, image: str,
                         code="snapshot_exists")
     # One daemon per data dir and one request per name at a time: any partial copy of this
     # name is a crashed run's.
-    for stale in target.parent.glob(f".{name}.*-*"):
-        datadirs.remove_tree(stale)
+    leftover = re.compile(re.escape(f".{name}.") + r"(partial|dropping)-\d+")
+    for stale in target.parent.iterdir():
+        if leftover.fullmatch(stale.name):
+            datadirs.remove_tree(stale)
     partial = target.with_name(f".{name}.partial-{os.getpid()}")
     partial.mkdir(mode=0o700)
     started = time.monotonic()
