@@ -91,6 +91,15 @@ def test_snapshot_clones_reset_and_drop_on_xfs(home_on_xfs: Devd, repo: Repo, dk
     assert data_dir.is_relative_to(devd.paths.data_dir) and (data_dir / "PG_VERSION").exists()
     assert pg["disk"]["snapshot_bytes"] > 10 << 20
     assert pg["disk"]["own_bytes"] < pg["disk"]["snapshot_bytes"] / 2, pg["disk"]
+    # A clone's server is reached on 127.0.0.1 by password only (it may share the host's
+    # network), and can itself be the source of a snapshot.
+    wrong = psycopg.conninfo.make_conninfo(url_a, password="wrong")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        query(wrong, "SELECT 1")
+    again = json.loads(devd.run("db", "snapshot", "--from", str(b), "from-b", "--json",
+                                timeout=180).stdout)
+    assert again["name"] == "from-b"
+    devd.run("db", "drop-snapshot", "from-b")
     # In use: the drop is refused, naming both worktrees.
     refused = devd.run("db", "drop-snapshot", "shop", check=False)
     assert refused.returncode == 1 and str(a) in refused.stderr and str(b) in refused.stderr

@@ -75,7 +75,7 @@ class SnapshotRequests(WorktreeRequests):
                             code="snapshot_failed")
         return snapshots.Source(f"{wt.path} ({detail['container']})",
                                 container=detail["container"], image=detail["image"],
-                                max_rate=max_rate)
+                                max_rate=max_rate, password=detail.get("password", ""))
 
     def do_db_snapshots(self, progress: Progress) -> dict[str, Any]:
         found = snapshots.listing(self.paths)

@@ -35,9 +35,12 @@ READY_LINE = "database system is ready to accept connections"
 # A cluster whose configuration lives elsewhere (Debian keeps it in /etc) comes without
 # these; a container needs them to start and to be reachable over its published port.
 DEFAULT_CONF = "listen_addresses = '*'\n"
-DEFAULT_HBA = ("local all all trust\nhost all all 127.0.0.1/32 trust\n"
-               "local replication all trust\nhost replication all 127.0.0.1/32 trust\n"
-               "host all all all scram-sha-256\n")
+# A snapshot's own access rules, whatever its source had: trust only on the container's
+# local socket (what `docker exec psql` uses); every TCP login, from 127.0.0.1 too (a clone
+# may share the host's network), needs its password.
+CLONE_HBA = ("# devd: a snapshot's clones. Local socket: inside the container only.\n"
+             "local all all trust\nlocal replication all trust\n"
+             "host all all all scram-sha-256\nhost replication all all scram-sha-256\n")
 
 
 def check_name(name: str) -> str:
@@ -128,9 +131,9 @@ class Source:
     """Where a snapshot comes from: a devd container, or any server reachable by URL."""
 
     def __init__(self, label: str, *, container: str = "", url: str = "", image: str = "",
-                 max_rate: str = "") -> None:
+                 max_rate: str = "", password: str = "") -> None:
         self.label, self.container, self.url, self.image = label, container, url, image
-        self.max_rate = max_rate
+        self.max_rate, self.password = max_rate, password
 
     def _argv(self, target: str) -> list[str]:
         # fast: a checkpoint now rather than at the next scheduled one; stream: the WAL
@@ -147,11 +150,14 @@ class Source:
 
     def _in_helper(self, dk: DockerClient, partial: Path, progress: Progress) -> None:
         source = dk.containers.get(self.container)
-        argv = ["pg_basebackup", "-h", "127.0.0.1", "-U", "postgres",
-                *self._argv(f"/backup/{datadirs.PGDATA}")]
+        # In the source's network namespace (a clone's is the host's, on its own port).
+        env = dict(item.split("=", 1) for item in source.attrs["Config"].get("Env") or [])
+        argv = ["pg_basebackup", "-h", "127.0.0.1", "-p", env.get("PGPORT", "5432"),
+                "-U", "postgres", *self._argv(f"/backup/{datadirs.PGDATA}")]
         helper = dk.containers.run(
             self.image, argv, detach=True, user=run_as(), entrypoint=[],
             network_mode=f"container:{source.id}", labels={names.LABEL_KIND: "snapshot"},
+            environment={"PGPASSWORD": self.password},
             volumes={str(partial): {"bind": "/backup", "mode": "rw"}})
         try:
             code = _wait(lambda: _exited(helper), partial, progress)
@@ -211,9 +217,9 @@ def _source_failed(label: str, logs: str) -> DevdError:
 
 
 def _complete_config(pgdata: Path) -> None:
-    for file, text in (("postgresql.conf", DEFAULT_CONF), ("pg_hba.conf", DEFAULT_HBA)):
-        if not (pgdata / file).exists():
-            (pgdata / file).write_text(text)
+    if not (pgdata / "postgresql.conf").exists():
+        (pgdata / "postgresql.conf").write_text(DEFAULT_CONF)
+    (pgdata / "pg_hba.conf").write_text(CLONE_HBA)
 
 
 def _finalize(dk: DockerClient, pgdata: Path, image: str, password: str) -> None:
@@ -235,6 +241,7 @@ def _finalize(dk: DockerClient, pgdata: Path, image: str, password: str) -> None
             time.sleep(0.1)
         code, output = helper.exec_run(
             ["psql", "-X", "-U", "postgres", "-d", "postgres", "-c",
+             "SET password_encryption = 'scram-sha-256'", "-c",
              f"ALTER ROLE postgres PASSWORD '{password}'"], user="postgres")
         if code != 0:
             raise DevdError("the snapshot has no superuser named postgres: "
