@@ -147,6 +147,8 @@ def test_full_disk_then_another_filesystem_then_another_major(
         copied = devd.run("provision", str(tree), timeout=180)
         assert "cannot share blocks" in copied.stderr and "copied it in full" in copied.stderr
         assert _pg(devd, tree)["strategy"] == "copy"
+        shown = [r for r in devd.worktree(tree)["resources"] if r["kind"] == "postgres"]
+        assert shown[0]["state"] == "ready" and not shown[0]["detail"], "no stale error"
         assert query(env_of(devd, tree)["DATABASE_URL"], "SELECT v FROM t") == [("from-main",)]
         # A snapshot made by another major version is refused before anything starts.
         snapshot = devd.paths.data_dir / "postgres" / "snapshots" / "shop"

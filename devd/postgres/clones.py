@@ -20,6 +20,7 @@ from devd.postgres import datadirs, snapshots
 from devd.provisioners.base import Context, Progress
 
 CLONES = "clones"
+FIELDS = ("snapshot", "data_dir", "strategy", "snapshot_password")  # what a clone records
 
 
 def clone_root(paths: Paths, wt_id: str) -> Path:
@@ -77,9 +78,8 @@ def _clone(root: Path, snap: dict[str, Any], wt_id: str, progress: Progress) -> 
 
 
 def _fields(marker: dict[str, Any], pgdata: Path) -> dict[str, Any]:
-    return {"snapshot": marker.get("snapshot"), "data_dir": str(pgdata),
-            "strategy": marker.get("strategy"),
-            "snapshot_password": marker.get("snapshot_password")}
+    return dict(zip(FIELDS, (marker.get("snapshot"), str(pgdata), marker.get("strategy"),
+                             marker.get("snapshot_password")), strict=True))
 
 
 def replace(ctx: Context, image_major: str | None, progress: Progress) -> dict[str, Any]:

@@ -106,10 +106,11 @@ def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
     _wait_ready(container, port, password, progress,
                 ctx.recorded("postgres").get("snapshot_password"))
     # "initialized": the server came up on this volume once, so it may hold data to dump.
-    return ctx.recorded("postgres") | {
-        "mode": "container", "name": name, "host": "127.0.0.1", "port": port,
-        "user": SUPERUSER, "database": DBNAME, "password": password,
-        "image": ctx.config.postgres.image, "container": name, "initialized": True}
+    recorded = ctx.recorded("postgres")
+    return {"mode": "container", "name": name, "host": "127.0.0.1", "port": port,
+            "user": SUPERUSER, "database": DBNAME, "password": password,
+            "image": ctx.config.postgres.image, "container": name, "initialized": True} | {
+        key: recorded[key] for key in ("volume", *clones.FIELDS) if key in recorded}
 
 
 def _data_source_changed(recorded: dict[str, Any], snapshot: str) -> DevdError:

@@ -204,7 +204,9 @@ def _wait(done: Callable[[], int | None], partial: Path, progress: Progress) -> 
 
 def _source_failed(label: str, logs: str) -> DevdError:
     tail = " / ".join(logs.splitlines()[-3:]) or "no output"
-    if "incompatible server version" in logs:
+    if "No space left" in logs:
+        hint = "free space on devd's data dir (`df -h`), then take the snapshot again"
+    elif "incompatible server version" in logs:
         hint = "take it with a client of the server's major version (its own image)"
     elif "pg_hba.conf" in logs or "REPLICATION" in logs or "replication" in logs:
         hint = ("pg_basebackup connects for replication: give the URL's role REPLICATION and "
