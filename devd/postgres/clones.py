@@ -4,7 +4,8 @@
 A reset keeps what it replaces as a directory beside the new clone (before-reset-STAMP):
 on a reflink filesystem that is a rename, costs only the blocks the worktree changed, and
 keeps everything (roles, extensions, large objects) where a pg_dump of gigabytes would take
-minutes. A server started on it gets the data back; it goes after 7 days, as dumps do.
+minutes. A server started on it gets the data back; it goes after 7 days, or with the
+worktree's release (which keeps a pg_dump of the data it has then).
 """
 
 from __future__ import annotations
@@ -106,13 +107,9 @@ def replace(ctx: Context, image_major: str | None, progress: Progress) -> dict[s
 
 
 def remove(paths: Paths, wt_id: str) -> None:
-    """Teardown: the clone goes; copies kept by resets stay until their week is over."""
+    """Teardown: the clone goes, and what resets kept aside with it (release keeps a dump)."""
     root = clone_root(paths, wt_id)
-    if datadirs.read_marker(root, datadirs.CLONE_MARKER) is None:
-        return
-    datadirs.remove_tree(root / datadirs.PGDATA)
-    datadirs.prune_before_reset(root)
-    if not any(root.glob(datadirs.BEFORE_RESET + "*")):
+    if datadirs.read_marker(root, datadirs.CLONE_MARKER) is not None:
         datadirs.remove_tree(root)
 
 
@@ -147,8 +144,7 @@ def users(paths: Paths, registry: Any, name: str) -> list[str]:
 
 
 def orphans(paths: Paths, known_ids: set[str]) -> list[dict[str, str]]:
-    """Clones (with their data) whose worktree the registry no longer has; what resets kept
-    aside for a released worktree is not one: it goes when its week is over."""
+    """Clones (with their data) whose worktree the registry no longer has."""
     root = paths.data_dir / "postgres" / CLONES
     if not root.is_dir():
         return []
