@@ -129,8 +129,13 @@ _HEADER, _EXTENT, _BATCH = struct.Struct("=QQIIII"), struct.Struct("=QQQ16xI12x"
 
 
 def allocated(tree: Path) -> int:
-    """Bytes the files under `tree` occupy on disk (st_blocks, as `du` counts)."""
-    return sum(os.lstat(path).st_blocks * 512 for path in _files(tree))
+    """Bytes the files under `tree` occupy on disk (st_blocks, as `du` counts); a file gone
+    meanwhile (a backup in progress renames its own) counts as nothing."""
+    total = 0
+    for path in _files(tree):
+        with contextlib.suppress(FileNotFoundError):
+            total += os.lstat(path).st_blocks * 512
+    return total
 
 
 def unshared(tree: Path) -> int | None:
