@@ -132,6 +132,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         from devd.services import commands as service_commands
 
         service_commands.add_parsers(command)
+    cmd = command("db", "Postgres snapshots: take, list, drop; reset a worktree's data")
+    if not isinstance(cmd, _Discard):
+        from devd import cli_db
+
+        cli_db.add_parser(cmd, _path)
     return parser
 
 
@@ -637,6 +642,10 @@ def cmd_mcp(client: Client, args: argparse.Namespace) -> int:
     from devd import mcpserver
 
     return mcpserver.serve(client)
+def cmd_db(client: Client, args: argparse.Namespace) -> int:
+    from devd import cli_db
+
+    return cli_db.run(client, args, _abspath, _progress)
 
 
 COMMANDS = {
@@ -645,5 +654,5 @@ COMMANDS = {
     "env": cmd_env, "run": cmd_run, "ports": cmd_ports, "kill-port": cmd_kill_port,
     "browser": cmd_browser, "init": cmd_init, "wait": cmd_wait, "service": cmd_service,
     "hook": cmd_hook, "stop": cmd_stop, "watchers": cmd_watchers, "doctor": cmd_doctor,
-    "skill": cmd_skill, "mcp": cmd_mcp,
+    "skill": cmd_skill, "mcp": cmd_mcp, "db": cmd_db,
 }

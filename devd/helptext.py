@@ -38,6 +38,7 @@ positional arguments:
     down      stop the worktree's services
     restart   stop and start the worktree's services
     logs      print a service's log (its output and devd's notes)
+    db        Postgres snapshots: take, list, drop; reset a worktree's data
 
 options:
   -h, --help  show this help message and exit

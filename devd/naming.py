@@ -28,3 +28,7 @@ def worktree_id(main_path: Path, path: Path) -> str:
     repo, leaf = repo_name(main_path), slug(path.name, 32) or "worktree"
     base = leaf if leaf.startswith(repo) else f"{repo}-{leaf}"
     return f"{base}-{path_digest(path)}"
+
+
+# A snapshot's name is a directory name under devd's data dir: no separators, no dot first.
+SNAPSHOT_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")

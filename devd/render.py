@@ -28,8 +28,13 @@ def render_worktree(wt: dict[str, Any]) -> str:
         lines.append(f"  running  pid {proc['pid']} {proc['command']}{on} ({how})")
     if wt.get("postgres"):
         pg = wt["postgres"]
+        how = f", template cloned by {pg['strategy']}" \
+            if pg.get("strategy") and not pg.get("snapshot") else ""
         lines.append(f"  postgres {pg.get('mode')} {pg.get('name')} on "
-                     f"{pg.get('host') or 'local socket'}:{pg.get('port')} ({pg.get('state')})")
+                     f"{pg.get('host') or 'local socket'}:{pg.get('port')} "
+                     f"({pg.get('state')}){how}")
+        if pg.get("disk"):
+            lines.append(f"  data     {data_line(pg)}")
     for row in wt.get("containers", []):
         on = f" on 127.0.0.1:{row['port']}" if row.get("port") else ""
         db = f" db {row['db']}" if "db" in row else ""
@@ -78,3 +83,16 @@ def safe(text: str) -> str:
     if text.isprintable():  # the usual case, checked in C
         return text
     return "".join(ch if ch == "\n" or ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def data_line(pg: dict[str, Any]) -> str:
+    """Where a snapshot clone's data lives and what it costs on disk."""
+    from devd.render_status import size_text
+
+    disk = pg["disk"]
+    own = "unknown here (no FIEMAP)" if disk.get("own_bytes") is None \
+        else size_text(disk["own_bytes"])
+    kept = f", kept by resets {size_text(disk['kept_aside_bytes'])}" \
+        if disk.get("kept_aside_bytes") else ""
+    return (f"{disk['data_dir']}: {pg.get('strategy')} of snapshot {pg.get('snapshot')} "
+            f"({size_text(disk.get('snapshot_bytes'))}), its own changes {own}{kept}")

@@ -312,3 +312,14 @@ def render_ports(rows: list[dict[str, Any]], width: int = WIDTH) -> str:
         r.get("pid") or "-", r.get("command") or "-", port_owner(r))] for r in rows]
     widths = table(shown, width, ((2, 5), (6,)))
     return "\n".join(line(row, widths, keep_end=(2,)) for row in shown)
+
+
+def size_text(count: float | None) -> str:
+    """Bytes as people read them: 0 B, 812 KB, 4.9 GB (1024-based, as du -h); ? if unknown."""
+    if count is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1024 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return "?"

@@ -21,6 +21,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from devd.errors import ConfigError
+from devd.naming import SNAPSHOT_NAME
 from devd.paths import Paths
 from devd.services import config as services_config
 
@@ -257,6 +258,22 @@ class PostgresConfig(_Section):
     template_terminate: bool = False  # end other sessions on the template (opt-in only)
     createdb: bool = True  # the worktree role may create databases: test runners' test_<name>
     image: str = "postgres:16-alpine"  # container mode
+    # container mode: start on a copy-on-write clone of this snapshot (`devd db snapshot`)
+    snapshot: str = ""
+
+    @field_validator("snapshot")
+    @classmethod
+    def _snapshot_name(cls, name: str) -> str:
+        if name and not SNAPSHOT_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a snapshot name (lower-case letters, digits, "
+                             "'.', '_', '-')")
+        return name
+
+    @model_validator(mode="after")
+    def _snapshot_needs_container(self) -> PostgresConfig:
+        if self.snapshot and self.mode != "container":
+            raise ValueError('snapshot needs mode = "container" (a server of its own)')
+        return self
 
 
 class DepsConfig(_Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -185,3 +186,33 @@ def devd(devd_home: Devd) -> Iterator[Devd]:
     if devd_home.proc is not None:
         assert devd_home.stop() == 0, devd_home.log()
         assert not devd_home.paths.socket.exists(), "socket left behind after SIGTERM"
+
+
+def unavailable_here(reason: str) -> None:
+    """Skip locally; on CI (DEVD_REQUIRE_INTEGRATION=1) a missing piece fails the run."""
+    if os.environ.get("DEVD_REQUIRE_INTEGRATION") == "1":
+        pytest.fail(f"{reason} (DEVD_REQUIRE_INTEGRATION=1: integration tests must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def xfs_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A reflink-capable XFS on a loop device made for this session."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.xfs"):
+        unavailable_here("a reflink filesystem needs root and mkfs.xfs (apt-get install xfsprogs)")
+    base = tmp_path_factory.mktemp("xfs")
+    image, mount = base / "xfs.img", base / "mnt"
+    mount.mkdir()
+    with open(image, "wb") as handle:
+        handle.truncate(512 << 20)
+    subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True,
+                   capture_output=True)
+    done = subprocess.run(["mount", "-o", "loop", str(image), str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        unavailable_here(f"this machine cannot mount a loop device: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        image.unlink()

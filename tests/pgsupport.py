@@ -9,18 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 from conftest import Devd, Repo
+from conftest import unavailable_here as unavailable
 
 IMAGE = os.environ.get("DEVD_TEST_POSTGRES_IMAGE", "postgres:16-alpine")
 TEST_LABEL = "devd.test"
-
-
-def unavailable(reason: str) -> None:
-    """Skip locally; on CI (DEVD_REQUIRE_INTEGRATION=1) a missing engine or server fails."""
-    if os.environ.get("DEVD_REQUIRE_INTEGRATION") == "1":
-        pytest.fail(f"{reason} (DEVD_REQUIRE_INTEGRATION=1: integration tests must run)")
-    pytest.skip(reason)
 
 
 def docker_client() -> Any:

@@ -406,29 +406,6 @@ def _npm_processes_under(path: Path) -> list[int]:
 # -- the reflink fast path ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def xfs_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A reflink-capable XFS on a loop device made for this session."""
-    if os.geteuid() != 0 or not shutil.which("mkfs.xfs"):
-        _unavailable("a reflink filesystem needs root and mkfs.xfs (apt-get install xfsprogs)")
-    base = tmp_path_factory.mktemp("xfs")
-    image, mount = base / "xfs.img", base / "mnt"
-    mount.mkdir()
-    with open(image, "wb") as handle:
-        handle.truncate(512 << 20)
-    subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True,
-                   capture_output=True)
-    done = subprocess.run(["mount", "-o", "loop", str(image), str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        _unavailable(f"this machine cannot mount a loop device: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-        image.unlink()
-
-
 def test_reflink_clone_of_main_tree_on_xfs(ddevd: Devd, locks, xfs_mount: Path) -> None:
     main = xfs_mount / "src" / "front"
     main.mkdir(parents=True)

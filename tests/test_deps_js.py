@@ -24,7 +24,6 @@ from test_deps import (
     assert_real_tree,
     deps_of,
     provision,
-    xfs_mount,  # noqa: F401 - the session's XFS mount, a fixture
 )
 
 # Majors these tests were written against; `@yarnpkg/cli-dist` is yarn berry's bundle.
@@ -189,7 +188,7 @@ def test_js_package_manager_per_worktree(flavour: str, jsdevd: Devd, make_repo,
 
 @pytest.mark.parametrize("flavour", list(FLAVOURS))
 def test_js_reflink_clone_is_verified_by_its_package_manager(
-        flavour: str, jsdevd: Devd, xfs_mount: Path,  # noqa: F811 - the fixture imported above
+        flavour: str, jsdevd: Devd, xfs_mount: Path,
         js_locks: dict[str, dict[str, bytes]], js_tools: dict[str, str]) -> None:
     main = xfs_mount / "src" / f"front-{flavour}"
     main.mkdir(parents=True)

@@ -86,7 +86,9 @@ def test_database_mode_isolates_clones_dumps_and_restores(pgdevd: Devd, repo: Re
     status = pgdevd.status()
     entry = pgdevd.worktree(a)["postgres"]
     assert entry == {"mode": "database", "name": pg_name(repo, a), "host": env_a["PGHOST"],
-                     "port": int(env_a["PGPORT"]), "state": "ready"}
+                     "port": int(env_a["PGPORT"]), "state": "ready",
+                     # PostgreSQL before 18 (or without file_copy_method = clone) copies bytes
+                     "strategy": "copy"}
     assert env_a["PGPASSWORD"] not in str(status)
     # Release needs consent; the worktree removed by git is collected with a dump kept.
     remove_worktree(repo, a)

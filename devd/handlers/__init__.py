@@ -6,16 +6,17 @@ orchestrates provisioners.
     processes.py  ports, kill-port, the records of `devd run`
     services.py   up, down, logs: the declared dev servers
     watchers.py   the watcher budget
+    snapshots.py  Postgres snapshots and reset (devd db ...)
 """
 
 from devd.handlers.core import default_provisioners
 from devd.handlers.processes import ProcessRequests
 from devd.handlers.services import ServiceRequests
+from devd.handlers.snapshots import SnapshotRequests
 from devd.handlers.watchers import WatcherRequests
-from devd.handlers.worktrees import WorktreeRequests
 
 
-class Service(WorktreeRequests, ProcessRequests, ServiceRequests, WatcherRequests):
+class Service(SnapshotRequests, ProcessRequests, ServiceRequests, WatcherRequests):
     """The daemon's state and every request handler."""
 
 

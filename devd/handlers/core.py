@@ -265,7 +265,7 @@ class ServiceCore:
             "env_file": envfile.get("file"), "resources": shown,
             "deps": deps.status(self.paths.state_dir, wt.id, wt.path),
             "containers": container_rows(checked),
-        } | postgres.status_entry(details, checked)
+        } | postgres.status_entry(self.paths, details, checked)
 
     def _describe_id(self, wt_id: str) -> dict[str, Any]:
         wt = self.registry.worktree(wt_id)

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 
 from devd.errors import DevdError, OwnershipConflict
-from devd.postgres import container, dump, names, server, sqlmodes
+from devd.postgres import clones, container, dump, names, server, sqlmodes
 from devd.postgres.records import SQL_MODES, public_view
 from devd.postgres.restore import restore_sql
 from devd.provisioners.base import Context, Health, Progress, Provisioner
@@ -106,7 +106,7 @@ def restore(ctx: Context, detail: dict[str, Any], source: str | None) -> dict[st
 
 def orphans(ctx_paths: Any, known_ids: set[str]) -> list[dict[str, str]]:
     """Objects with devd's marker, on every server devd has used, that no worktree owns."""
-    found: list[dict[str, str]] = []
+    found = clones.orphans(ctx_paths, known_ids)
     for url in server.servers(ctx_paths):
         if url == server.DOCKER:
             found += container.orphans(known_ids)
@@ -122,7 +122,7 @@ def orphans(ctx_paths: Any, known_ids: set[str]) -> list[dict[str, str]]:
     return found
 
 
-def status_entry(details: dict[str, dict[str, Any]], checked: dict[str, Health]
+def status_entry(paths: Any, details: dict[str, dict[str, Any]], checked: dict[str, Health]
                  ) -> dict[str, Any]:
     """{"postgres": {...}} for `devd status --json` when the worktree has one, else {}."""
     detail = details.get("postgres", {})
@@ -130,4 +130,10 @@ def status_entry(details: dict[str, dict[str, Any]], checked: dict[str, Health]
         return {}
     health = checked.get("postgres")
     state = health.detail.get("state", "ready") if health else "unchecked"
-    return {"postgres": public_view(detail, state)}
+    view = public_view(detail, state)
+    if detail.get("snapshot") and detail.get("data_dir"):
+        view |= {"snapshot": detail["snapshot"], "strategy": detail.get("strategy"),
+                 "disk": clones.disk(paths, detail)}
+    elif detail.get("strategy"):
+        view["strategy"] = detail["strategy"]
+    return {"postgres": view}

@@ -98,9 +98,22 @@ def ensure_sql(ctx: Context, progress: Progress, mode: str) -> dict[str, Any]:
         except psycopg.Error as exc:
             raise server.translate(exc, f"provisioning Postgres {mode} {name}") from exc
         server.remember(ctx.paths, url)
+        strategy = copy_strategy(conn) if mode == "database" and ctx.config.postgres.template \
+            else {}
         return {"mode": mode, "name": name, "host": conn.info.host, "port": conn.info.port,
                 "user": name, "database": dbname, "password": password, "admin_url": url,
-                "kept_owners": kept, "complete": True}
+                "kept_owners": kept, "complete": True} | strategy
+
+
+def copy_strategy(conn: psycopg.Connection[Any]) -> dict[str, str]:
+    """How the server copies a template, as container clones report theirs: "reflink" when
+    PostgreSQL 18's file_copy_method = clone shares the blocks (FILE_COPY on a CoW
+    filesystem), else "copy" (every byte, so the time grows with the template's size)."""
+    if conn.info.server_version >= 180000:
+        method = conn.execute("SELECT current_setting('file_copy_method', true)").fetchone()
+        if method and method[0] == "clone":
+            return {"strategy": "reflink"}
+    return {"strategy": "copy"}
 
 
 def _extension_schemas(conn: psycopg.Connection[Any], name: str, progress: Progress

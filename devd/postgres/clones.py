@@ -1,0 +1,154 @@
+"""A worktree's container on its own copy-on-write clone of a snapshot ([postgres] mode =
+"container" with snapshot = "NAME"): making the clone, resetting it, and its disk use.
+
+A reset keeps what it replaces as a directory beside the new clone (before-reset-STAMP):
+on a reflink filesystem that is a rename, costs only the blocks the worktree changed, and
+keeps everything (roles, extensions, large objects) where a pg_dump of gigabytes would take
+minutes. A server started on it gets the data back; it goes after 7 days, or with the
+worktree's release (which keeps a pg_dump of the data it has then).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from devd.errors import DevdError
+from devd.paths import Paths
+from devd.postgres import datadirs, snapshots
+from devd.provisioners.base import Context, Progress
+
+CLONES = "clones"
+FIELDS = ("snapshot", "data_dir", "strategy", "snapshot_password")  # what a clone records
+
+
+def clone_root(paths: Paths, wt_id: str) -> Path:
+    return datadirs.postgres_dir(paths, CLONES) / wt_id
+
+
+def ensure(ctx: Context, image_major: str | None, progress: Progress) -> dict[str, Any]:
+    """The worktree's clone, made from the configured snapshot if it has none yet; returns
+    the fields to record (snapshot, data_dir, strategy)."""
+    name, wt_id = ctx.config.postgres.snapshot, ctx.worktree.id
+    root = clone_root(ctx.paths, wt_id)
+    pgdata = root / datadirs.PGDATA
+    marker = datadirs.read_marker(root, datadirs.CLONE_MARKER)
+    if marker is not None and pgdata.is_dir():
+        if marker.get("snapshot") != name:
+            raise DevdError(f"this worktree's data is a clone of snapshot "
+                            f"{marker.get('snapshot')!r}, and devd.toml now says {name!r}",
+                            "run `devd db reset` to switch (the current data is kept aside)",
+                            code="config")
+        return _fields(marker, pgdata)
+    if marker is not None and ctx.recorded("postgres").get("initialized"):
+        progress("postgres", f"{pgdata} was deleted: cloning snapshot {name} again",
+                 level="warning")
+    snap = usable(ctx.paths, name, image_major)
+    if marker is None:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return _fields(_clone(root, snap, wt_id, progress), pgdata)
+
+
+def usable(paths: Paths, name: str, image_major: str | None) -> dict[str, Any]:
+    """The snapshot, if the image can run its data (the same PostgreSQL major version)."""
+    snap = snapshots.find(paths, name)
+    if image_major and str(snap.get("pg_major")) != image_major:
+        raise DevdError(f"snapshot {name!r} was made by PostgreSQL {snap.get('pg_major')}, and "
+                        f"the worktree's image runs PostgreSQL {image_major}",
+                        f"set [postgres] image to a PostgreSQL {snap.get('pg_major')} image, or "
+                        "take a snapshot with this one", code="snapshot_version")
+    return snap
+
+
+def _clone(root: Path, snap: dict[str, Any], wt_id: str, progress: Progress) -> dict[str, Any]:
+    started = time.monotonic()
+    progress("postgres", f"cloning snapshot {snap['name']} into {root}")
+    strategy = datadirs.clone_tree(Path(snap["pgdata"]), root / datadirs.PGDATA)
+    took = time.monotonic() - started
+    if strategy == "copy":
+        progress("postgres", f"{root}'s filesystem cannot share blocks with the snapshot "
+                 f"(no reflink): copied it in full in {took:.1f} s; for clones that cost "
+                 "nothing, keep devd's data dir on XFS (reflink=1), btrfs or APFS",
+                 level="warning")
+    datadirs.write_marker(root, datadirs.CLONE_MARKER, worktree=wt_id, snapshot=snap["name"],
+                          strategy=strategy, cloned=time.time(),
+                          clone_seconds=round(took, 3), snapshot_password=snap.get("password"))
+    return datadirs.read_marker(root, datadirs.CLONE_MARKER) or {}
+
+
+def _fields(marker: dict[str, Any], pgdata: Path) -> dict[str, Any]:
+    return dict(zip(FIELDS, (marker.get("snapshot"), str(pgdata), marker.get("strategy"),
+                             marker.get("snapshot_password")), strict=True))
+
+
+def replace(ctx: Context, image_major: str | None, progress: Progress) -> dict[str, Any]:
+    """Put the configured snapshot in place of the worktree's (stopped) data dir; the old
+    one is kept aside. Returns the new clone's fields and `before`, the kept path."""
+    name, wt_id = ctx.config.postgres.snapshot, ctx.worktree.id
+    snap = usable(ctx.paths, name, image_major)
+    root = clone_root(ctx.paths, wt_id)
+    if datadirs.read_marker(root, datadirs.CLONE_MARKER) is None:
+        root.mkdir(mode=0o700, parents=True)
+    before = root / (datadirs.BEFORE_RESET + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    pgdata = root / datadirs.PGDATA
+    if pgdata.is_dir():
+        datadirs.remove_tree(before)  # a second reset within the same second
+        os.rename(pgdata, before)
+    try:
+        fields = _fields(_clone(root, snap, wt_id, progress), pgdata)
+    except DevdError:
+        if before.is_dir():
+            os.rename(before, pgdata)  # the clone failed: the data is back as it was
+        raise
+    datadirs.prune_before_reset(root)
+    return fields | {"before": str(before) if before.is_dir() else None}
+
+
+def remove(paths: Paths, wt_id: str) -> None:
+    """Teardown: the clone goes, and what resets kept aside with it (release keeps a dump)."""
+    root = clone_root(paths, wt_id)
+    if datadirs.read_marker(root, datadirs.CLONE_MARKER) is not None:
+        datadirs.remove_tree(root)
+
+
+def disk(paths: Paths, detail: dict[str, Any]) -> dict[str, Any]:
+    """Where the data lives and what it costs: the snapshot's size, and the bytes only this
+    clone holds (its own changes; all of it for a copy). `own_bytes` is None where the
+    filesystem cannot say which blocks are shared."""
+    pgdata = Path(detail["data_dir"])
+    try:
+        snap_bytes = snapshots.find(paths, detail["snapshot"]).get("bytes")
+    except DevdError:
+        snap_bytes = None
+    measure = datadirs.unshared if detail.get("strategy") == "reflink" else datadirs.allocated
+    own = measure(pgdata)
+    kept = [measure(p) for p in pgdata.parent.glob(datadirs.BEFORE_RESET + "*")]
+    return {"data_dir": str(pgdata), "snapshot_bytes": snap_bytes, "own_bytes": own,
+            "kept_aside_bytes": None if None in kept else sum(k or 0 for k in kept)}
+
+
+def users(paths: Paths, registry: Any, name: str) -> list[str]:
+    """The worktrees (paths; ids if unregistered) whose data is a clone of snapshot `name`,
+    by their clones' markers: the data's own word, whatever devd.toml says now."""
+    root = paths.data_dir / "postgres" / CLONES
+    found = []
+    for clone in sorted(root.iterdir()) if root.is_dir() else []:
+        marker = clone / datadirs.CLONE_MARKER
+        if (clone / datadirs.PGDATA).is_dir() and marker.is_file() and \
+                (datadirs.read_marker(clone, datadirs.CLONE_MARKER) or {}).get("snapshot") == name:
+            wt = registry.worktree(clone.name)
+            found.append(str(wt.path) if wt else clone.name)
+    return found
+
+
+def orphans(paths: Paths, known_ids: set[str]) -> list[dict[str, str]]:
+    """Clones (with their data) whose worktree the registry no longer has."""
+    root = paths.data_dir / "postgres" / CLONES
+    if not root.is_dir():
+        return []
+    return [{"kind": "clone", "name": str(found), "worktree_id": found.name, "where": "data dir"}
+            for found in sorted(root.iterdir())
+            if found.name not in known_ids and (found / datadirs.PGDATA).is_dir()
+            and (found / datadirs.CLONE_MARKER).is_file()]

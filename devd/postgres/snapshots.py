@@ -1,0 +1,283 @@
+"""Snapshots: a consistent copy of a running Postgres cluster, taken without stopping it.
+
+pg_basebackup is PostgreSQL's own online copy: it runs under the backup API, so the source's
+sessions go on undisturbed, and `-X stream` brings the WAL that makes the copy consistent.
+For a devd container it runs in a helper container from the source's own image (its client
+matches its server, and it connects over the source's loopback, which the image trusts for
+replication); for a URL, the host's pg_basebackup does. The copy is then started once in a
+helper container and shut down cleanly: the snapshot is validated by a real server, and a
+clone of it starts at once, without replaying WAL.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from devd.errors import DevdError, UsageError
+from devd.naming import SNAPSHOT_NAME
+from devd.paths import Paths
+from devd.postgres import datadirs, dump, names
+from devd.provisioners.base import Progress
+from devd.render_status import size_text
+
+if TYPE_CHECKING:
+    from docker import DockerClient
+
+IN_CONTAINER = "/var/lib/postgresql/data"
+BACKUP_TIMEOUT = 6 * 3600
+READY_LINE = "database system is ready to accept connections"
+# A cluster whose configuration lives elsewhere (Debian keeps it in /etc) comes without
+# these; a container needs them to start and to be reachable over its published port.
+DEFAULT_CONF = "listen_addresses = '*'\n"
+# A snapshot's own access rules, whatever its source had: trust only on the container's
+# local socket (what `docker exec psql` uses); every TCP login, from 127.0.0.1 too (a clone
+# may share the host's network), needs its password.
+CLONE_HBA = ("# devd: a snapshot's clones. Local socket: inside the container only.\n"
+             "local all all trust\nlocal replication all trust\n"
+             "host all all all scram-sha-256\nhost replication all all scram-sha-256\n")
+
+
+def check_name(name: str) -> str:
+    if not SNAPSHOT_NAME.fullmatch(name):
+        raise UsageError(f"{name!r} is not a snapshot name",
+                         "use lower-case letters, digits, '.', '_' and '-' (up to 63)")
+    return name
+
+
+def run_as() -> str | None:
+    """The uid the helper and clone containers run as: a non-root daemon's own, so the files
+    stay its; for root, the image's default (its entrypoint hands the data to postgres)."""
+    return None if os.geteuid() == 0 else f"{os.getuid()}:{os.getgid()}"
+
+
+def snapshot_dir(paths: Paths, name: str) -> Path:
+    return datadirs.postgres_dir(paths, "snapshots") / check_name(name)
+
+
+def find(paths: Paths, name: str) -> dict[str, Any]:
+    """A snapshot's marker fields with its `path`, or an error naming the ones there are."""
+    where = snapshot_dir(paths, name)
+    marker = datadirs.read_marker(where, datadirs.SNAPSHOT_MARKER)
+    if marker is None:
+        known = ", ".join(s["name"] for s in listing(paths)) or "none yet"
+        raise DevdError(f"no snapshot named {name!r} (snapshots: {known})",
+                        "take one: devd db snapshot NAME", code="snapshot_not_found")
+    return marker | {"path": str(where), "pgdata": str(where / datadirs.PGDATA)}
+
+
+def listing(paths: Paths) -> list[dict[str, Any]]:
+    """Every snapshot of this devd, oldest first, with its size on disk."""
+    found = []
+    for where in sorted(datadirs.postgres_dir(paths, "snapshots").iterdir()):
+        if where.name.startswith(".") or not (where / datadirs.SNAPSHOT_MARKER).exists():
+            continue
+        marker = datadirs.read_marker(where, datadirs.SNAPSHOT_MARKER) or {}
+        found.append(_public(marker) | {"path": str(where)})
+    return sorted(found, key=lambda s: s.get("created", 0))
+
+
+def take(dk: DockerClient, paths: Paths, name: str, source: Source, image: str,
+         progress: Progress) -> dict[str, Any]:
+    """Back up `source` into a new snapshot `name`; on any failure nothing is kept."""
+    target = snapshot_dir(paths, name)
+    if target.exists():
+        raise DevdError(f"snapshot {name!r} already exists ({target})",
+                        f"drop it first (devd db drop-snapshot {name}) or pick another name",
+                        code="snapshot_exists")
+    # One daemon per data dir and one request per name at a time: any partial copy of this
+    # name is a crashed run's.
+    leftover = re.compile(re.escape(f".{name}.") + r"(partial|dropping)-\d+")
+    for stale in target.parent.iterdir():
+        if leftover.fullmatch(stale.name):
+            datadirs.remove_tree(stale)
+    partial = target.with_name(f".{name}.partial-{os.getpid()}")
+    partial.mkdir(mode=0o700)
+    started = time.monotonic()
+    try:
+        source.backup(dk, partial, progress)
+        pgdata = partial / datadirs.PGDATA
+        _complete_config(pgdata)
+        progress("postgres", "starting the copy once to make it consistent and validate it")
+        password = names.new_password()
+        _finalize(dk, pgdata, source.image or image, password)
+        datadirs.write_marker(partial, datadirs.SNAPSHOT_MARKER, name=name,
+                              source=source.label, pg_major=datadirs.major_version(pgdata),
+                              image=source.image or image, created=time.time(),
+                              bytes=datadirs.allocated(pgdata), password=password)
+        os.rename(partial, target)
+    except BaseException as exc:
+        datadirs.remove_tree(partial)
+        if type(exc).__module__.startswith("docker"):
+            raise DevdError(f"Docker refused while taking snapshot {name!r}: {exc}; nothing "
+                            "was kept", "check the engine and the image", code="docker_error"
+                            ) from exc
+        raise
+    seconds = round(time.monotonic() - started, 2)
+    return _public(find(paths, name)) | {"seconds": seconds}
+
+
+def _public(marker: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot as replies show it: everything but its superuser's password."""
+    return {k: v for k, v in marker.items() if k != "password"}
+
+
+class Source:
+    """Where a snapshot comes from: a devd container, or any server reachable by URL."""
+
+    def __init__(self, label: str, *, container: str = "", url: str = "", image: str = "",
+                 max_rate: str = "", password: str = "") -> None:
+        self.label, self.container, self.url, self.image = label, container, url, image
+        self.max_rate, self.password = max_rate, password
+
+    def _argv(self, target: str) -> list[str]:
+        # fast: a checkpoint now rather than at the next scheduled one; stream: the WAL
+        # written meanwhile comes along, so the copy is consistent on its own.
+        argv = ["-D", target, "-X", "stream", "-c", "fast", "--no-password"]
+        return argv + (["--max-rate", self.max_rate] if self.max_rate else [])
+
+    def backup(self, dk: DockerClient, partial: Path, progress: Progress) -> None:
+        progress("postgres", f"pg_basebackup of {self.label} (its sessions go on)")
+        if self.container:
+            self._in_helper(dk, partial, progress)
+        else:
+            self._on_host(partial, progress)
+
+    def _in_helper(self, dk: DockerClient, partial: Path, progress: Progress) -> None:
+        source = dk.containers.get(self.container)
+        # In the source's network namespace (a clone's is the host's, on its own port).
+        env = dict(item.split("=", 1) for item in source.attrs["Config"].get("Env") or [])
+        argv = ["pg_basebackup", "-h", "127.0.0.1", "-p", env.get("PGPORT", "5432"),
+                "-U", "postgres", *self._argv(f"/backup/{datadirs.PGDATA}")]
+        helper = dk.containers.run(
+            self.image, argv, detach=True, user=run_as(), entrypoint=[],
+            network_mode=f"container:{source.id}", labels={names.LABEL_KIND: "snapshot"},
+            environment={"PGPASSWORD": self.password},
+            volumes={str(partial): {"bind": "/backup", "mode": "rw"}})
+        try:
+            code = _wait(lambda: _exited(helper), partial, progress)
+            logs = helper.logs().decode(errors="replace").strip()
+        finally:
+            helper.remove(force=True)
+        if code != 0:
+            raise _source_failed(self.label, logs)
+
+    def _on_host(self, partial: Path, progress: Progress) -> None:
+        import subprocess
+
+        conninfo, env = dump.libpq_args(self.url, "postgres")
+        argv = [dump.binary("pg_basebackup"), "-d", conninfo,
+                *self._argv(str(partial / datadirs.PGDATA))]
+        with subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) as proc:
+            code = _wait(proc.poll, partial, progress)
+            logs = proc.stderr.read().strip() if proc.stderr else ""
+        if code != 0:
+            raise _source_failed(self.label, logs)
+
+
+def _exited(helper: Any) -> int | None:
+    helper.reload()
+    if helper.status in ("exited", "dead"):
+        return int(helper.attrs["State"]["ExitCode"])
+    return None
+
+
+def _wait(done: Callable[[], int | None], partial: Path, progress: Progress) -> int:
+    """Poll until the backup ends, saying how much it has copied once a second."""
+    deadline, last = time.monotonic() + BACKUP_TIMEOUT, time.monotonic()
+    while (code := done()) is None:
+        if time.monotonic() > deadline:
+            raise DevdError("pg_basebackup did not finish in 6 hours; nothing was kept",
+                            "check the source server", code="snapshot_failed")
+        if time.monotonic() - last >= 1:
+            last = time.monotonic()
+            progress("postgres", f"copied {size_text(datadirs.allocated(partial))}")
+        time.sleep(0.1)
+    return code
+
+
+def _source_failed(label: str, logs: str) -> DevdError:
+    tail = " / ".join(logs.splitlines()[-3:]) or "no output"
+    if "No space left" in logs:
+        hint = "free space on devd's data dir (`df -h`), then take the snapshot again"
+    elif "incompatible server version" in logs:
+        hint = "take it with a client of the server's major version (its own image)"
+    elif "pg_hba.conf" in logs or "REPLICATION" in logs or "replication" in logs:
+        hint = ("pg_basebackup connects for replication: give the URL's role REPLICATION and "
+                "allow it in the server's pg_hba.conf (host replication ROLE ADDRESS "
+                "scram-sha-256), then reload")
+    else:
+        hint = "check that the source is up and reachable, then take the snapshot again"
+    return DevdError(f"pg_basebackup of {label} failed: {tail}; nothing was kept", hint,
+                     code="snapshot_failed")
+
+
+def _complete_config(pgdata: Path) -> None:
+    if not (pgdata / "postgresql.conf").exists():
+        (pgdata / "postgresql.conf").write_text(DEFAULT_CONF)
+    (pgdata / "pg_hba.conf").write_text(CLONE_HBA)
+
+
+def _finalize(dk: DockerClient, pgdata: Path, image: str, password: str) -> None:
+    """Start a server on the copy (it replays the streamed WAL), give its superuser the
+    snapshot's own password, then a clean shutdown. A clone's first connection uses that
+    password to set the worktree's (one round trip, where a `docker exec` costs ~0.4 s)."""
+    helper = dk.containers.run(
+        image, ["postgres", "-c", "listen_addresses="], detach=True, user=run_as(),
+        labels={names.LABEL_KIND: "snapshot"},
+        volumes={str(pgdata): {"bind": IN_CONTAINER, "mode": "rw"}})
+    try:
+        deadline = time.monotonic() + 600
+        while READY_LINE not in (logs := helper.logs().decode(errors="replace")):
+            if _exited(helper) is not None or time.monotonic() > deadline:
+                raise version_error(logs, image) or DevdError(
+                    f"the snapshot's copy did not start in {image}: "
+                    f"{' / '.join(logs.strip().splitlines()[-3:])}; nothing was kept",
+                    "check the image and the source", code="snapshot_failed")
+            time.sleep(0.1)
+        code, output = helper.exec_run(
+            ["psql", "-X", "-U", "postgres", "-d", "postgres", "-c",
+             "SET password_encryption = 'scram-sha-256'", "-c",
+             f"ALTER ROLE postgres PASSWORD '{password}'"], user="postgres")
+        if code != 0:
+            raise DevdError("the snapshot has no superuser named postgres: "
+                            f"{output.decode(errors='replace').strip()}; nothing was kept",
+                            "container mode expects the superuser postgres (as the official "
+                            "images make it)", code="snapshot_failed")
+        helper.kill(signal="SIGINT")  # fast shutdown: a checkpoint, then exit
+        helper.wait(timeout=600)
+    finally:
+        helper.remove(force=True)
+
+
+def version_error(logs: str, image: str) -> DevdError | None:
+    """The server's refusal of a data dir made by another major version, as a DevdError."""
+    found = re.search(r"initialized by PostgreSQL version (\d+)[^\n]*compatible with "
+                      r"this version ([\d.]+)", logs)
+    if not found:
+        return None
+    return DevdError(f"the data was made by PostgreSQL {found[1]}, and {image} runs "
+                     f"{found[2]}", f"use an image of PostgreSQL {found[1]} ([postgres] image)",
+                     code="snapshot_version")
+
+
+def drop(paths: Paths, name: str, users: list[str]) -> dict[str, Any]:
+    """Remove a snapshot no worktree's clone comes from (`users`: the paths of those that do)."""
+    found = find(paths, name)
+    if users:
+        raise DevdError(f"snapshot {name!r} is in use by {len(users)} worktree(s): "
+                        + ", ".join(users), "release them first (devd release --yes PATH), "
+                        "or point their [postgres] snapshot elsewhere and `devd db reset`",
+                        code="snapshot_in_use")
+    where = Path(found["path"])
+    # Renamed aside first: a failure half-way leaves no half snapshot under the real name.
+    doomed = where.with_name(f".{name}.dropping-{os.getpid()}")
+    os.rename(where, doomed)
+    shutil.rmtree(doomed)
+    return {"dropped": name, "path": str(where)}

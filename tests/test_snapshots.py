@@ -1,0 +1,245 @@
+"""Snapshots and copy-on-write clones with real Postgres containers, on a loop-mounted XFS
+(reflink) made for the session, and on the machine's own filesystem (plain copies)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import Devd, Repo, unavailable_here, wait_for
+from pgsupport import IMAGE, env_of, image_client, query, remove_owned, with_postgres
+
+from devd.postgres import datadirs
+
+pytestmark = pytest.mark.docker
+SNAPSHOT_TOML = f'mode = "container"\nimage = "{IMAGE}"\nsnapshot = "shop"\n'
+
+
+@pytest.fixture
+def home_on_xfs(devd_home: Devd, xfs_mount: Path) -> Iterator[Devd]:
+    """The test's daemon with its DEVD_HOME (and so its data dir) on the XFS mount."""
+    home = xfs_mount / f"home-{uuid.uuid4().hex[:8]}"
+    home.mkdir()
+    devd_home.env["DEVD_HOME"] = str(home)
+    devd_home.start()
+    yield devd_home
+    devd_home.stop()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def dk(devd_home: Devd) -> Iterator[Any]:
+    """The engine; afterwards every container this test's worktrees got is removed."""
+    client = image_client()
+    yield client
+    ids = {p.name for p in (devd_home.paths.data_dir / "postgres" / "clones").glob("*")}
+    ids |= {w["id"] for w in devd_home.status()["worktrees"]} if devd_home.proc else set()
+    remove_owned(client, ids)
+
+
+def _main_with_data(devd: Devd, repo: Repo) -> str:
+    """The main worktree in container mode (its own volume) with a table: the source."""
+    with_postgres(repo, f'mode = "container"\nimage = "{IMAGE}"\n')
+    devd.run("provision", str(repo.main), timeout=180)
+    url = env_of(devd, repo.main)["DATABASE_URL"]
+    query(url, "CREATE TABLE t (v text)")
+    query(url, "INSERT INTO t VALUES ('from-main')")
+    return url
+
+
+def _clone_config(repo: Repo) -> None:
+    with_postgres(repo, SNAPSHOT_TOML)
+
+
+def _pg(devd: Devd, tree: Path) -> dict[str, Any]:
+    return devd.worktree(tree)["postgres"]
+
+
+def test_snapshot_clones_reset_and_drop_on_xfs(home_on_xfs: Devd, repo: Repo, dk: Any) -> None:
+    devd = home_on_xfs
+    main_url = _main_with_data(devd, repo)
+    # A session holds a transaction open through the snapshot: it is neither stopped nor
+    # disconnected, and what it has not committed is not in the snapshot.
+    with psycopg.connect(main_url) as held:
+        held.execute("INSERT INTO t VALUES ('uncommitted')")
+        taken = json.loads(devd.run("db", "snapshot", "--json", cwd=repo.main, timeout=180).stdout)
+        held.execute("SELECT 1")
+        held.rollback()
+    assert taken["name"] == "shop" and taken["pg_major"] == "15"
+    assert taken["source"].startswith(str(repo.main))
+    _clone_config(repo)
+    a, b = repo.worktree("shop-a", "a"), repo.worktree("shop-b", "b")
+    for tree in (a, b):
+        devd.run("provision", str(tree), timeout=180)
+    url_a, url_b = env_of(devd, a)["DATABASE_URL"], env_of(devd, b)["DATABASE_URL"]
+    assert query(url_a, "SELECT v FROM t") == [("from-main",)]
+    query(url_a, "INSERT INTO t VALUES ('only-a')")
+    assert query(url_b, "SELECT v FROM t") == [("from-main",)]
+    assert query(main_url, "SELECT count(*) FROM t") == [(1,)]
+    pg = _pg(devd, a)
+    assert pg["strategy"] == "reflink" and pg["snapshot"] == "shop", pg
+    assert "reflink of snapshot shop" in devd.run("status", str(a)).stdout
+    data_dir = Path(pg["disk"]["data_dir"])
+    assert data_dir.is_relative_to(devd.paths.data_dir) and (data_dir / "PG_VERSION").exists()
+    assert pg["disk"]["snapshot_bytes"] > 10 << 20
+    assert pg["disk"]["own_bytes"] < pg["disk"]["snapshot_bytes"] / 2, pg["disk"]
+    # A clone's server is reached on 127.0.0.1 by password only (it may share the host's
+    # network), and can itself be the source of a snapshot.
+    wrong = psycopg.conninfo.make_conninfo(url_a, password="wrong")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        query(wrong, "SELECT 1")
+    again = json.loads(devd.run("db", "snapshot", "--from", str(b), "from-b", "--json",
+                                timeout=180).stdout)
+    assert again["name"] == "from-b"
+    devd.run("db", "drop-snapshot", "from-b")
+    # In use: the drop is refused, naming both worktrees.
+    refused = devd.run("db", "drop-snapshot", "shop", check=False)
+    assert refused.returncode == 1 and str(a) in refused.stderr and str(b) in refused.stderr
+    listed = devd.json("db", "snapshots")["snapshots"]
+    assert [s["name"] for s in listed] == ["shop"] and set(listed[0]["used_by"]) == {str(a), str(b)}
+    # Reset: a's write is gone, the data it had is kept aside, the port stays.
+    reset = json.loads(devd.run("db", "reset", str(a), "--json", timeout=180).stdout)
+    assert query(url_a, "SELECT v FROM t") == [("from-main",)]
+    assert reset["strategy"] == "reflink" and Path(reset["before"]).is_dir()
+    assert env_of(devd, a)["DATABASE_URL"] == url_a
+    # Released: a dump is kept, the clone goes; the last user gone, the drop succeeds.
+    released = devd.json("release", str(a), "--yes")
+    assert Path(released["dumps"][0]).stat().st_size > 0
+    devd.json("release", str(b), "--yes", "--no-backup")
+    assert not data_dir.parent.exists(), "the clone and what its reset kept aside are gone"
+    devd.run("db", "drop-snapshot", "shop")
+    assert devd.json("db", "snapshots")["snapshots"] == []
+
+
+def test_full_disk_then_another_filesystem_then_another_major(
+        home_on_xfs: Devd, repo: Repo, dk: Any, tmp_path: Path) -> None:
+    """The clones dir moves off XFS after the snapshot: first onto a tiny full filesystem
+    (nothing is kept, status says why), then onto the machine's own (a copy, said so)."""
+    devd = home_on_xfs
+    _main_with_data(devd, repo)
+    devd.run("db", "snapshot", cwd=repo.main, timeout=180)
+    _clone_config(repo)
+    clones_dir = devd.paths.data_dir / "postgres" / "clones"
+    clones_dir.mkdir(exist_ok=True)
+    _mount(["-t", "tmpfs", "-o", "size=4m", "tmpfs"], clones_dir)
+    tree = repo.worktree("shop-full", "full")
+    try:
+        full = devd.run("provision", str(tree), timeout=180, check=False)
+        assert full.returncode == 1 and "No space left on device" in full.stderr, full.stderr
+        assert "free space" in full.stderr
+        failed = [r for r in devd.worktree(tree)["resources"] if r["kind"] == "postgres"]
+        assert failed[0]["state"] == "failed" and "nothing was kept" in failed[0]["detail"]
+        assert not (clones_dir / devd.worktree(tree)["id"] / "pgdata").exists()
+    finally:
+        subprocess.run(["umount", str(clones_dir)], check=True)
+    elsewhere = tmp_path / "clones-on-root-fs"
+    elsewhere.mkdir()
+    _mount(["--bind"], clones_dir, source=elsewhere)
+    try:
+        copied = devd.run("provision", str(tree), timeout=180)
+        assert "cannot share blocks" in copied.stderr and "copied it in full" in copied.stderr
+        assert _pg(devd, tree)["strategy"] == "copy"
+        shown = [r for r in devd.worktree(tree)["resources"] if r["kind"] == "postgres"]
+        assert shown[0]["state"] == "ready" and not shown[0]["detail"], "no stale error"
+        assert query(env_of(devd, tree)["DATABASE_URL"], "SELECT v FROM t") == [("from-main",)]
+        # A snapshot made by another major version is refused before anything starts.
+        snapshot = devd.paths.data_dir / "postgres" / "snapshots" / "shop"
+        marker = json.loads((snapshot / datadirs.SNAPSHOT_MARKER).read_text())
+        (snapshot / datadirs.SNAPSHOT_MARKER).write_text(json.dumps(marker | {"pg_major": "16"}))
+        other = repo.worktree("shop-v16", "v16")
+        refused = devd.run("provision", str(other), timeout=180, check=False)
+        assert refused.returncode == 1 and "made by PostgreSQL 16" in refused.stderr
+        assert "runs PostgreSQL 15" in refused.stderr
+        devd.json("release", str(tree), "--yes")
+    finally:
+        subprocess.run(["umount", str(clones_dir)], check=True)
+
+
+def _mount(options: list[str], target: Path, source: Path | None = None) -> None:
+    if os.geteuid() != 0:
+        unavailable_here("mounting a filesystem for the test needs root")
+    done = subprocess.run(["mount", *options, *([str(source)] if source else []), str(target)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        unavailable_here(f"cannot mount for the test: {done.stderr.strip()}")
+
+
+def test_source_down_mid_copy_keeps_nothing(devd: Devd, repo: Repo, dk: Any) -> None:
+    _main_with_data(devd, repo)
+    snapshots = devd.paths.data_dir / "postgres" / "snapshots"
+    proc = subprocess.Popen([*_devd_argv(), "db", "snapshot", "--max-rate", "1M", "slow"],
+                            cwd=repo.main, env=devd.env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(datadirs.allocated(p) > (1 << 20) for p in snapshots.glob(".*")),
+                 timeout=60, what="the copy to be under way")
+        dk.containers.get(devd.worktree(repo.main)["postgres"]["name"]).kill()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stderr
+    assert "pg_basebackup of" in stderr and "nothing was kept" in stderr, stderr
+    assert list(snapshots.iterdir()) == []
+    assert devd.json("db", "snapshots")["snapshots"] == []
+
+
+def test_url_snapshot_and_a_plain_copy_on_this_filesystem(devd: Devd, repo: Repo,
+                                                          dk: Any) -> None:
+    """--from URL runs the host's pg_basebackup; the machine's own filesystem (ext4 here)
+    cannot share blocks, so the clone is a full copy and says so."""
+    url = _main_with_data(devd, repo)
+    with_postgres(repo, SNAPSHOT_TOML.replace('"shop"', '"byurl"'))  # its image validates
+    refused = devd.run("db", "snapshot", "--from", url, "byurl", check=False, timeout=120,
+                       cwd=repo.main)
+    assert refused.returncode == 1 and "pg_hba.conf" in refused.stderr, refused.stderr
+    assert env_of(devd, repo.main)["PGPASSWORD"] not in refused.stderr, "the password is masked"
+    source = dk.containers.get(devd.worktree(repo.main)["postgres"]["name"])
+    source.exec_run(["sh", "-c", 'echo "host replication all all scram-sha-256" '
+                     '>> "$PGDATA/pg_hba.conf"'], user="postgres")
+    query(url, "SELECT pg_reload_conf()")
+    taken = json.loads(devd.run("db", "snapshot", "--from", url, "byurl", "--json",
+                                timeout=180, cwd=repo.main).stdout)
+    assert "***" in taken["source"] and "password" not in json.dumps(taken)
+    assert env_of(devd, repo.main)["PGPASSWORD"] not in json.dumps(taken)
+    tree = repo.worktree("shop-url", "url")
+    done = devd.run("provision", str(tree), timeout=180)
+    expected = "reflink" if _can_share(devd.paths.data_dir) else "copy"
+    assert _pg(devd, tree)["strategy"] == expected
+    if expected == "copy":
+        assert "cannot share blocks" in done.stderr, done.stderr
+        assert "copy of snapshot byurl" in devd.run("status", str(tree)).stdout
+    assert query(env_of(devd, tree)["DATABASE_URL"], "SELECT v FROM t") == [("from-main",)]
+
+
+def _can_share(directory: Path) -> bool:
+    from devd import reflink
+
+    probe = directory / "probe"
+    probe.write_bytes(b"x")
+    try:
+        return reflink.supported(probe, directory)
+    finally:
+        probe.unlink()
+
+
+def _devd_argv() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "devd"]
+
+
+def test_hostile_snapshot_names_are_refused_and_reset_needs_a_snapshot(
+        devd: Devd, repo: Repo) -> None:
+    for name in ("../x", ".hidden", "Shop", "a/b", "x" * 64, "-rf"):
+        done = devd.run("db", "drop-snapshot", "--", name, check=False)
+        assert done.returncode == 2 and "is not a snapshot name" in done.stderr, done.stderr
+    devd.run("provision", str(repo.main))
+    done = devd.run("db", "reset", str(repo.main), check=False)
+    assert done.returncode == 1 and 'snapshot = "NAME"' in done.stderr, done.stderr
