@@ -167,3 +167,32 @@ def test_docker_down_is_said_plainly(devd_home: Devd, make_repo: Any) -> None:
         assert "Docker is not reachable" in stderr
     finally:
         devd_home.stop()
+
+
+API = ("python3 -c 'import http.server, os; http.server.HTTPServer((\"127.0.0.1\", "
+       "int(os.environ[\"PORT\"])), http.server.BaseHTTPRequestHandler).serve_forever()'")
+
+
+def test_up_and_down_of_a_whole_worktree_bring_its_compose_project_along(
+        devd: Devd, make_repo: Any, dk: Any) -> None:
+    compose_available()
+    repo = make_repo(devd_toml=f'[ports]\nnames = ["web"]\n\n[compose]\nfiles = ["compose.yaml"]'
+                     f'\nstart = false\n\n[services.web]\ncommand = {json.dumps(API)}\n'
+                     'port = "web"\n')
+    repo.commit({"compose.yaml": f"services:\n  cache:\n    image: {REDIS_IMAGE}\n"})
+    tree = repo.worktree("shop-a", "a")
+    devd.run("provision", str(tree), timeout=120)
+    project = json.loads(devd.run("env", str(tree), "--format", "json").stdout)[
+        "COMPOSE_PROJECT_NAME"]
+    label = {"label": f"com.docker.compose.project={project}"}
+    assert not dk.containers.list(filters=label)  # start = false: not yet
+    up = json.loads(devd.run("up", "--path", str(tree), "--json", timeout=120).stdout)
+    assert up["compose"] == project and up["services"][0]["state"] == "running"
+    assert [c.status for c in dk.containers.list(filters=label)] == ["running"]
+    down = json.loads(devd.run("down", "--path", str(tree), "--json", timeout=120).stdout)
+    assert down["compose"] == project and down["services"][0]["name"] == "web"
+    assert not dk.containers.list(filters=label)
+    # Naming a service acts on that service alone.
+    up = json.loads(devd.run("up", "--path", str(tree), "web", "--json", timeout=120).stdout)
+    assert "compose" not in up and not dk.containers.list(filters=label)
+    devd.run("down", "--path", str(tree))

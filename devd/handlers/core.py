@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from devd import git, instance, owners, processes
+from devd.containers import compose
 from devd.containers.compose import ComposeProvisioner
 from devd.containers.declared import ContainersProvisioner
 from devd.errors import DevdError, NotRegistered, ProtocolError, UsageError
@@ -20,7 +21,7 @@ from devd.handlers.snapshot import StatusSnapshot
 from devd.paths import Paths
 from devd.postgres import provisioner as postgres
 from devd.protocol import peer_holds
-from devd.provisioners import Context, Provisioner, deps, envguard
+from devd.provisioners import Context, Progress, Provisioner, deps, envguard
 from devd.provisioners.deps import DepsProvisioner
 from devd.provisioners.dirs import DirsProvisioner
 from devd.provisioners.envfile import EnvFileProvisioner
@@ -89,6 +90,16 @@ class ServiceCore:
 
     def _stop_services_of(self, wt: Worktree) -> None:
         """Overridden by the services family (devd/handlers/services.py)."""
+
+    def compose_action(self, wt: Worktree, action: str, progress: Progress) -> str | None:
+        """`up` or `down` of the worktree's Compose project; its name, or None without one
+        provisioned (`devd compose`, and `devd up`/`down` of a whole worktree)."""
+        with self._lock(wt.id):
+            ctx = self.context(wt)
+            if not ctx.recorded("compose").get("file"):
+                return None
+            (compose.up if action == "up" else compose.down)(ctx, progress)
+            return str(ctx.recorded("compose")["project"])
 
     def mark_gone(self, wt: Worktree, why: str) -> None:
         log.info("worktree %s is gone (%s)", wt.path, why)

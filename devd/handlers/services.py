@@ -29,6 +29,11 @@ class ServiceRequests(ServiceCore):
     def do_up(self, progress: Progress, path: str, services: list[str] | None = None,
               restart: bool = False, caller_path: str | None = None) -> dict[str, Any]:
         wt = self.find(path)
+        # The whole worktree's `up` brings its Compose project first: what the dev
+        # servers talk to (a database, Redis) must be there when they start.
+        project = None if services else self.compose_action(wt, "up", progress)
+        if project and not self._has_services(wt):
+            return {"worktree": str(wt.path), "services": [], "compose": project}
         declared = self._declared(wt, services)
         env = self._env_of(wt, caller_path)
         specs = [self._spec(wt, name, cfg, env) for name, cfg in declared.items()]
@@ -43,17 +48,25 @@ class ServiceRequests(ServiceCore):
             raise DevdError("; ".join(failure(u) for u in failed),
                             "see `devd logs " + failed[0].spec.name + "`; fix it and run "
                             "`devd up` again", code="service_failed")
-        return {"worktree": str(wt.path), "services": entries_of(self, wt, list(declared))}
+        return {"worktree": str(wt.path), "services": entries_of(self, wt, list(declared))} \
+            | ({"compose": project} if project else {})
 
     def do_down(self, progress: Progress, path: str, services: list[str] | None = None
                 ) -> dict[str, Any]:
         wt = self.find(path)
         names = list(self._declared(wt, services)) if services else None
+        if names is None and not self._has_services(wt):
+            if project := self.compose_action(wt, "down", progress):
+                return {"worktree": str(wt.path), "services": [], "compose": project}
+            self._declared(wt, None)  # says that nothing is declared
         stopped = self.services.stop(wt.id, names)
         for unit, outcome in stopped:
             progress("down", f"{unit.spec.name}: {outcome}")
+        # Then the Compose project (the whole worktree's `down` only; its volumes stay).
+        project = None if services else self.compose_action(wt, "down", progress)
         return {"worktree": str(wt.path), "services": [
-            {"name": u.spec.name, "outcome": outcome, "state": u.state} for u, outcome in stopped]}
+            {"name": u.spec.name, "outcome": outcome, "state": u.state} for u, outcome in stopped]
+        } | ({"compose": project} if project else {})
 
     def do_logs(self, progress: Progress, path: str, service: str) -> dict[str, Any]:
         wt = self.find(path)
@@ -83,6 +96,9 @@ class ServiceRequests(ServiceCore):
         return unit
 
     # -- resolving a service --------------------------------------------------------
+
+    def _has_services(self, wt: Worktree) -> bool:
+        return bool(self.context(wt).config.services)
 
     def _declared(self, wt: Worktree, names: list[str] | None, strict: bool = True
                   ) -> dict[str, ServiceConfig]:

@@ -123,15 +123,12 @@ class WorktreeRequests(ServiceCore):
             raise UsageError(f"compose action {action!r} is not up or down",
                              "devd compose up | devd compose down")
         wt = self.find(path)
-        with self._lock(wt.id):
-            ctx = self.context(wt)
-            if not ctx.recorded("compose").get("file"):
-                raise DevdError(f"{wt.path} has no Compose project provisioned",
-                                "set [compose] files in devd.toml and run `devd provision`",
-                                code="no_compose")
-            (compose.up if action == "up" else compose.down)(ctx, progress)
-        return {"action": action, "project": ctx.recorded("compose")["project"],
-                "path": str(wt.path)}
+        project = self.compose_action(wt, action, progress)
+        if project is None:
+            raise DevdError(f"{wt.path} has no Compose project provisioned",
+                            "set [compose] files in devd.toml and run `devd provision`",
+                            code="no_compose")
+        return {"action": action, "project": project, "path": str(wt.path)}
 
     def orphans(self, max_age: float = 0.0) -> list[dict[str, str]]:
         """Objects carrying devd's marker that no registered worktree owns. Status accepts a
