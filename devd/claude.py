@@ -31,6 +31,7 @@ from devd.hooks import (
     RELEASE_DEADLINE,
     Say,
     claude_config,
+    finished,
     git,
     is_worktree_root,
     read_hook_input,
@@ -380,13 +381,18 @@ def claude_env(stream: IO[str], environ: dict[str, str], client: Client, say: Sa
                          "PORT and DATABASE_URL are not set for Bash: run `devd provision`")
     if env:
         exports = "; ".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
-        mine = (Path(wt["path"]), own_checkout_only(Path(wt["path"]), exports, ask))
+        # Still provisioning (a database on its way): inline values would pin its failing
+        # placeholders for the whole session, so each command asks, as in later worktrees.
+        settled = finished(wt)
+        mine = (Path(wt["path"]), own_checkout_only(Path(wt["path"]), exports, ask)
+                if settled else ask)
         # The more specific directory first: a worktree under the worktree dir, or the
         # worktree dir inside the (main) worktree.
         cases.insert(1 if later.is_relative_to(mine[0]) else 0, mine)
         shown = ", ".join(f"{k}={env[k]}" for k in ("PORT", "DEVD_WORKTREE") if k in env)
         note = (f"devd: Bash commands here get this worktree's environment ({shown}"
-                f"{', DATABASE_URL' if 'DATABASE_URL' in env else ''}); see `devd status`")
+                f"{', DATABASE_URL' if 'DATABASE_URL' in env else ''}"
+                f"{'' if settled else ', the rest once provisioned'}); see `devd status`")
     with open(target, "a", encoding="utf-8") as handle:
         handle.write(env_script(cases))
     return note

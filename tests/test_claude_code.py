@@ -24,16 +24,25 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
+from pgsupport import env_of, query, start_server
+from psycopg import sql
 
+from devd import naming
+from devd.postgres import names as pgnames
 from tests.claudecode import Claude, claude_binary, claude_cli, stand_in, tool_use
 from tests.conftest import Devd, run_git, wait_for
 
 __all__ = ["claude_binary", "claude_cli", "stand_in"]  # fixtures, used by name
 
 NATIVE_SETTINGS = {"permissions": {"allow": []}}
+PORTS_ONLY = '[ports]\nnames = ["web"]\n'
 
 
 @pytest.fixture
@@ -47,15 +56,17 @@ def devd_path(tmp_path: Path, devd_home: Devd) -> dict[str, str]:
         "PATH": f"{bin_dir}:{devd_home.env['PATH']}", "PYTHONPATH": devd_home.env["PYTHONPATH"]}
 
 
-def make_project(base: Path, settings: dict[str, object]) -> tuple[Path, dict[str, str]]:
+def make_project(base: Path, settings: dict[str, object], devd_toml: str = PORTS_ONLY
+                 ) -> tuple[Path, dict[str, str]]:
     """A repo whose origin (a local bare repo) is one commit ahead and has pull/7/head, with
-    the given .claude/settings.json committed; returns it and commit ids by name."""
+    the given .claude/settings.json and devd.toml committed; returns it and commit ids by
+    name."""
     origin, main, other = base / "origin.git", base / "shop", base / "other"
     run_git(base, "init", "-q", "--bare", "-b", "main", str(origin))
     main.mkdir()
     run_git(main, "init", "-q", "-b", "main")
     files = {".gitignore": ".env\nsecrets.json\n.claude/settings.local.json\n",
-             ".worktreeinclude": "secrets.json\n", "devd.toml": '[ports]\nnames = ["web"]\n',
+             ".worktreeinclude": "secrets.json\n", "devd.toml": devd_toml,
              ".claude/settings.json": json.dumps(settings, indent=2)}
     for rel, text in files.items():
         (main / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +88,15 @@ def make_project(base: Path, settings: dict[str, object]) -> tuple[Path, dict[st
              run_git(main, "rev-parse", "origin/main").strip(): "c2",
              run_git(other, "rev-parse", "HEAD").strip(): "pr7"}
     return main, names
+
+
+def hook_settings(devd_home: Devd, tmp_path: Path) -> dict[str, object]:
+    """The .claude/settings.json `devd hook install --claude` writes (into a scratch repo)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    run_git(probe, "init", "-q")
+    devd_home.run("hook", "install", "--claude", str(probe))
+    return dict(json.loads((probe / ".claude" / "settings.json").read_text()))
 
 
 def outcome(base: Path, main: Path, names: dict[str, str]) -> dict[str, object]:
@@ -143,12 +163,7 @@ def test_devd_hooks_give_claudes_native_outcomes(claude_cli: Claude, devd_home: 
     main, names = make_project(native_base, NATIVE_SETTINGS)
     native = scenario(claude_cli, native_base, main, names, {})
 
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    run_git(probe, "init", "-q")
-    devd_home.run("hook", "install", "--claude", str(probe))
-    settings = json.loads((probe / ".claude" / "settings.json").read_text())
-    main, names = make_project(hooked_base, NATIVE_SETTINGS | settings)
+    main, names = make_project(hooked_base, NATIVE_SETTINGS | hook_settings(devd_home, tmp_path))
     devd_home.start()
     hooked = scenario(claude_cli, hooked_base, main, names, devd_path)
     # Claude keeps the hook-made agent worktrees: the daemon's policy removes the unchanged
@@ -181,12 +196,7 @@ def test_bash_tool_sees_the_worktrees_env(claude_cli: Claude, devd_home: Devd,
     main checkout devd does not manage here."""
     base = tmp_path / "env"
     base.mkdir()
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    run_git(probe, "init", "-q")
-    devd_home.run("hook", "install", "--claude", str(probe))
-    settings = json.loads((probe / ".claude" / "settings.json").read_text())
-    main, _ = make_project(base, NATIVE_SETTINGS | settings)
+    main, _ = make_project(base, NATIVE_SETTINGS | hook_settings(devd_home, tmp_path))
     assert "wrote" in devd_home.run("skill", "install", str(main)).stdout
     devd_home.start()
     echo = "echo \"PORT=$PORT WT=$DEVD_WORKTREE\""
@@ -217,3 +227,52 @@ def test_bash_tool_sees_the_worktrees_env(claude_cli: Claude, devd_home: Devd,
     # The main worktree is not devd's here: nothing set there, before and after.
     assert results["main"].strip() == results["back"].strip() == "PORT= WT="
     devd_home.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    yield from start_server()
+
+
+@pytest.mark.postgres
+def test_bash_tool_sees_the_worktrees_database(claude_cli: Claude, devd_home: Devd,
+                                               devd_path: dict[str, str], tmp_path: Path,
+                                               pg_url: str) -> None:
+    """With `[postgres] mode = "schema"`, the Bash tool of a `claude -w` session gets its
+    worktree's DATABASE_URL: its own role and schema, not the main worktree's, and it
+    connects; Postgres still provisioning when the session starts (an open transaction here
+    holds the role's name) gives the failing placeholder only until it is ready."""
+    base = tmp_path / "pg"
+    base.mkdir()
+    main, _ = make_project(base, NATIVE_SETTINGS | hook_settings(devd_home, tmp_path),
+                           PORTS_ONLY + '\n[postgres]\nmode = "schema"\n')
+    devd_home.env["DEVD_POSTGRES_URL"] = pg_url
+    devd_home.start()
+    devd_home.run("provision", str(main))
+    tree = main / ".claude" / "worktrees" / "pg"
+    name = pgnames.identifier(naming.worktree_id(main, tree))
+    with psycopg.connect(pg_url, connect_timeout=10) as blocker:
+        blocker.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(name)))
+        # The model's first command lets devd's CREATE ROLE go on, then waits for it.
+        release = threading.Thread(target=rollback_when, args=(blocker, tree / "go"))
+        release.start()
+        claude_cli.stand_in.play(
+            [tool_use("Bash", {"command": 'touch go; devd wait >/dev/null; echo "$DATABASE_URL"'},
+                      "pending")],
+            [tool_use("Bash", {"command": 'echo "$DATABASE_URL"'}, "url")])
+        done = claude_cli.run(main, "-w", "pg", env=devd_path)
+        release.join()
+    assert done.returncode == 0, done.stderr
+    results = claude_cli.stand_in.tool_results()
+    assert "devd-postgres-pending" in results["pending"], results
+    url = results["url"].strip()
+    assert url == env_of(devd_home, tree)["DATABASE_URL"] != env_of(devd_home, main)["DATABASE_URL"]
+    assert query(url, "SELECT current_user, current_schema()") == [(name, name)]
+    devd_home.stop()
+
+
+def rollback_when(conn: psycopg.Connection[Any], flag: Path) -> None:
+    try:
+        wait_for(flag.exists, timeout=120, what=f"{flag} (the model's first command)")
+    finally:
+        conn.rollback()
