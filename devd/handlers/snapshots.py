@@ -10,7 +10,7 @@ from devd import git, naming
 from devd.errors import DevdError, UsageError
 from devd.handlers.core import absolute
 from devd.handlers.worktrees import WorktreeRequests
-from devd.postgres import clones, container, names, snapshots
+from devd.postgres import clones, container, dump, names, snapshots
 from devd.provisioners import Progress
 from devd.registry import Worktree
 from devd.settings import PostgresConfig
@@ -32,6 +32,7 @@ class SnapshotRequests(WorktreeRequests):
             if not name:
                 raise UsageError("a snapshot of a URL needs a NAME",
                                  "devd db snapshot --from URL NAME")
+            dump.libpq_args(source, "postgres")  # a malformed URL, refused before anything
             image = self._image_at(path)
             origin = snapshots.Source(names.mask_url(source), url=source, image=image,
                                       max_rate=max_rate or "")

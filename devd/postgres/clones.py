@@ -91,7 +91,7 @@ def replace(ctx: Context, image_major: str | None, progress: Progress) -> dict[s
     root = clone_root(ctx.paths, wt_id)
     if datadirs.read_marker(root, datadirs.CLONE_MARKER) is None:
         root.mkdir(mode=0o700, parents=True)
-    before = root / (datadirs.BEFORE_RESET + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    before = root / datadirs.before_reset_name()
     pgdata = root / datadirs.PGDATA
     if pgdata.is_dir():
         datadirs.remove_tree(before)  # a second reset within the same second

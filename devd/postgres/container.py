@@ -486,7 +486,10 @@ def orphans(known_ids: set[str]) -> list[dict[str, str]]:
 def reset(ctx: Context, detail: dict[str, Any], progress: Progress) -> dict[str, Any]:
     """Stop the worktree's server (a fast shutdown: its sessions end) and put a new clone of
     its snapshot in place of its data, which is kept aside; `ensure` starts it again."""
-    if detail.get("mode") != "container" or not ctx.config.postgres.snapshot:
+    # detail's snapshot too: a worktree whose data is a volume (devd.toml changed since) has
+    # no clone to reset, and stopping its server would leave it down behind a "reset".
+    if detail.get("mode") != "container" or not ctx.config.postgres.snapshot \
+            or not detail.get("snapshot"):
         raise DevdError(f"{ctx.worktree.path} has no Postgres cloned from a snapshot; nothing "
                         "was changed", 'set [postgres] mode = "container" and snapshot = '
                         '"NAME" in devd.toml, then `devd provision`', code="no_snapshot")

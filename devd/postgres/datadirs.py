@@ -13,6 +13,7 @@ says so. A directory without devd's marker is never touched.
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import errno
 import fcntl
@@ -34,6 +35,7 @@ SNAPSHOT_MARKER = "devd-snapshot.json"
 CLONE_MARKER = "devd-clone.json"
 PGDATA = "pgdata"
 BEFORE_RESET = "before-reset-"
+STAMP = "%Y%m%dT%H%M%SZ"
 KEEP_SECONDS = 7 * 86400
 CLONE_TIMEOUT = 3600
 
@@ -59,6 +61,10 @@ def write_marker(directory: Path, marker: str, **fields: Any) -> None:
 def read_marker(directory: Path, marker: str) -> dict[str, Any] | None:
     """The marker's fields; None if `directory` does not exist. A directory without our
     marker, or with another instance's, is a conflict: devd did not make it."""
+    if directory.is_symlink():
+        raise OwnershipConflict(f"{directory} is a symlink, where devd makes a directory",
+                                "devd never follows a link out of its data dir: move it "
+                                "away yourself")
     if not directory.exists():
         return None
     try:
@@ -98,17 +104,31 @@ def clone_tree(source: Path, target: Path) -> str:
 
 
 def remove_tree(target: Path) -> None:
-    """rm -r that accepts an absent tree (and files a container made 0700)."""
-    if target.exists() or target.is_symlink():
+    """rm -r that accepts an absent tree (and files a container made 0700). A symlink in
+    its place goes alone: what it points to is not devd's."""
+    if target.is_symlink():
+        target.unlink()
+    elif target.exists():
         shutil.rmtree(target)
 
 
 def prune_before_reset(clone_root: Path, now: float | None = None) -> None:
-    """Drop what resets replaced once it is older than a week, as dumps are."""
+    """Drop what resets replaced once it is older than a week, as dumps are. The age is the
+    reset's, from the name: a renamed data dir keeps the mtime of its server's last stop, so
+    a reset of a server stopped a week ago would otherwise drop what it just kept aside."""
     cutoff = (now or time.time()) - KEEP_SECONDS
     for old in clone_root.glob(BEFORE_RESET + "*"):
-        if old.stat().st_mtime < cutoff:
+        try:
+            kept = calendar.timegm(time.strptime(old.name[len(BEFORE_RESET):], STAMP))
+        except ValueError:
+            continue  # not a name devd gives: not ours to drop
+        if kept < cutoff and not old.is_symlink() and old.is_dir():
             remove_tree(old)
+
+
+def before_reset_name(now: float | None = None) -> str:
+    """The name of what a reset at `now` keeps aside (its age, for pruning, is in it)."""
+    return BEFORE_RESET + time.strftime(STAMP, time.gmtime(now))
 
 
 def major_version(pgdata: Path) -> str:

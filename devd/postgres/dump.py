@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from devd.errors import DevdError
+from devd.errors import DevdError, UsageError
 from devd.paths import Paths, ensure_private_dir
 
 
@@ -76,8 +76,19 @@ def binary(name: str) -> str:
 
 
 def libpq_args(url: str, dbname: str) -> tuple[str, dict[str, str]]:
-    """A conninfo for argv without the password, which goes in PGPASSWORD (argv is public)."""
-    params = {k: v for k, v in conninfo_to_dict(url).items() if v is not None}
+    """A conninfo for argv without the password, which goes in PGPASSWORD (argv is public).
+    A URL libpq cannot parse is a UsageError whose message has the password masked: libpq's
+    own quotes the whole URL, and an internal error would put it in the daemon's log."""
+    from psycopg import ProgrammingError
+
+    from devd.postgres.names import mask_url
+
+    try:
+        params = {k: v for k, v in conninfo_to_dict(url).items() if v is not None}
+    except ProgrammingError as exc:
+        raise UsageError(f"not a Postgres URL: {mask_url(str(exc))}",
+                         "postgres://USER:PASSWORD@HOST:PORT/DB, or key=value conninfo"
+                         ) from None
     password = params.pop("password", None)
     params["dbname"] = dbname
     env = {**os.environ, **({"PGPASSWORD": str(password)} if password else {})}

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from devd.errors import DevdError, UsageError
+from devd.errors import DevdError, OwnershipConflict, UsageError
 from devd.naming import SNAPSHOT_NAME
 from devd.paths import Paths
 from devd.postgres import datadirs, dump, names
@@ -77,7 +77,10 @@ def listing(paths: Paths) -> list[dict[str, Any]]:
     for where in sorted(datadirs.postgres_dir(paths, "snapshots").iterdir()):
         if where.name.startswith(".") or not (where / datadirs.SNAPSHOT_MARKER).exists():
             continue
-        marker = datadirs.read_marker(where, datadirs.SNAPSHOT_MARKER) or {}
+        try:
+            marker = datadirs.read_marker(where, datadirs.SNAPSHOT_MARKER) or {}
+        except OwnershipConflict:
+            continue  # a link, or another instance's: not a snapshot of this devd
         found.append(_public(marker) | {"path": str(where)})
     return sorted(found, key=lambda s: s.get("created", 0))
 
@@ -279,5 +282,9 @@ def drop(paths: Paths, name: str, users: list[str]) -> dict[str, Any]:
     # Renamed aside first: a failure half-way leaves no half snapshot under the real name.
     doomed = where.with_name(f".{name}.dropping-{os.getpid()}")
     os.rename(where, doomed)
+    if doomed.is_symlink():  # swapped for a link since find(): rmtree would refuse it anyway
+        os.rename(doomed, where)
+        raise OwnershipConflict(f"{where} became a symlink while being dropped; nothing was "
+                                "removed", "devd never follows a link out of its data dir")
     shutil.rmtree(doomed)
     return {"dropped": name, "path": str(where)}

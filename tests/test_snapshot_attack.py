@@ -1,0 +1,109 @@
+"""Attacks on snapshots, clones and resets: kept-aside data pruned too early, links swapped
+in for devd's directories, a URL's password in errors and logs, a reset of a worktree whose
+data is not a clone."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Devd, Repo
+from pgsupport import IMAGE, image_client, remove_owned, with_postgres
+
+from devd import instance
+from devd.errors import OwnershipConflict
+from devd.paths import Paths
+from devd.postgres import clones, datadirs, snapshots
+
+DAY = 86400
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Iterator[Paths]:
+    """A data dir of its own, and this process bound to an instance for the test only."""
+    found = Paths(*(tmp_path / d for d in ("config", "state", "cache", "data", "run")))
+    was = instance._bound
+    instance.bind(found.state_dir)
+    yield found
+    instance._bound = was
+
+
+def _outside(tmp_path: Path, marker: str) -> Path:
+    """Someone else's directory, with a marker forged to look like this instance's."""
+    target = tmp_path / "not-devd"
+    (target / datadirs.PGDATA).mkdir(parents=True)
+    (target / datadirs.PGDATA / "precious").write_text("keep me")
+    (target / marker).write_text(json.dumps({"instance": instance.current(), "name": "shop"}))
+    return target
+
+
+def test_a_reset_of_a_long_stopped_server_keeps_its_data(tmp_path: Path, paths: Paths
+                                                         ) -> None:
+    root = tmp_path / "clone"
+    now = time.time()
+    # Just kept aside, but the data dir's mtime is its server's last stop, 30 days ago.
+    fresh = root / datadirs.before_reset_name(now)
+    old = root / datadirs.before_reset_name(now - 8 * DAY)
+    for kept in (fresh, old, root / "before-reset-mine"):
+        kept.mkdir(parents=True)
+        os.utime(kept, (now - 30 * DAY, now - 30 * DAY))
+    outside = _outside(tmp_path, datadirs.CLONE_MARKER)
+    (root / datadirs.before_reset_name(now - 9 * DAY)).symlink_to(outside)
+    datadirs.prune_before_reset(root, now)
+    assert fresh.is_dir(), "what the reset just kept aside is still there"
+    assert not old.exists(), "a week and a day after its reset, it goes"
+    assert (root / "before-reset-mine").is_dir(), "a name devd does not give is left alone"
+    assert (outside / datadirs.PGDATA / "precious").read_text() == "keep me"
+
+
+def test_a_link_in_place_of_a_snapshot_or_clone_is_never_followed(tmp_path: Path,
+                                                                  paths: Paths) -> None:
+    outside = _outside(tmp_path, datadirs.SNAPSHOT_MARKER)
+    (datadirs.postgres_dir(paths, "snapshots") / "shop").symlink_to(outside)
+    with pytest.raises(OwnershipConflict, match="is a symlink"):
+        snapshots.drop(paths, "shop", [])
+    assert snapshots.listing(paths) == []
+    (outside / datadirs.CLONE_MARKER).write_text(json.dumps({"instance": instance.current()}))
+    clones.clone_root(paths, "wt1").symlink_to(outside)
+    with pytest.raises(OwnershipConflict, match="is a symlink"):
+        clones.remove(paths, "wt1")
+    # A crashed run's partial copy replaced by a link: the link goes, not what it points to.
+    partial = datadirs.postgres_dir(paths, "snapshots") / ".shop.partial-1"
+    partial.symlink_to(outside)
+    datadirs.remove_tree(partial)
+    assert not partial.is_symlink()
+    assert (outside / datadirs.PGDATA / "precious").read_text() == "keep me"
+
+
+def test_a_malformed_url_never_shows_or_logs_its_password(devd: Devd) -> None:
+    done = devd.run("db", "snapshot", "--from", "postgres://u:s3cret@[h/db", "x", check=False)
+    assert done.returncode == 2 and "not a Postgres URL" in done.stderr, done.stderr
+    assert "s3cret" not in done.stderr + done.stdout and "s3cret" not in devd.log()
+
+
+@pytest.mark.docker
+def test_reset_of_a_worktree_whose_data_is_a_volume_leaves_it_running(
+        devd: Devd, repo: Repo) -> None:
+    dk = image_client()
+    try:
+        with_postgres(repo, f'mode = "container"\nimage = "{IMAGE}"\n')
+        devd.run("provision", str(repo.main), timeout=180)
+        # A snapshot of this daemon's (its marker, a data dir): taking a real one costs ~15 s.
+        snap = devd.paths.data_dir / "postgres" / "snapshots" / "shop"
+        (snap / datadirs.PGDATA).mkdir(parents=True)
+        (snap / datadirs.SNAPSHOT_MARKER).write_text(json.dumps(
+            {"instance": instance.load(devd.paths.state_dir), "name": "shop", "pg_major": "15"}))
+        # devd.toml now asks for the snapshot; the worktree's data is still its volume.
+        with_postgres(repo, f'mode = "container"\nimage = "{IMAGE}"\nsnapshot = "shop"\n')
+        done = devd.run("db", "reset", str(repo.main), check=False, timeout=120)
+        assert done.returncode == 1 and "no Postgres cloned from a snapshot" in done.stderr, \
+            done.stderr
+        name = devd.worktree(repo.main)["postgres"]["name"]
+        assert dk.containers.get(name).status == "running", "reset did not stop it"
+    finally:
+        remove_owned(dk, {w["id"] for w in devd.status()["worktrees"]})
+
