@@ -26,7 +26,8 @@ def add_parser(cmd: argparse.ArgumentParser, path_argument: Callable[..., None])
     snap.add_argument("name", nargs="?", help="the snapshot's name (default: the repo's)")
     snap.add_argument("--from", dest="source", metavar="PATH|URL",
                       help="a worktree whose devd container to copy (default: the main "
-                      "worktree's), or a server's URL (needs a role with REPLICATION)")
+                      "worktree's), or a server's URL (needs a role with REPLICATION; its "
+                      "password from PGPASSWORD or ~/.pgpass keeps it out of ps)")
     snap.add_argument("--max-rate", help="cap the copy's read rate, e.g. 50M (pg_basebackup)")
     sub.add_parser("snapshots", help="list snapshots, their size and the worktrees using them")
     drop = sub.add_parser("drop-snapshot", help="remove a snapshot no worktree uses")
@@ -46,6 +47,10 @@ def run(client: Client, args: argparse.Namespace, abspath: Callable[[str], str],
             else abspath(args.source)
         params = {"path": abspath("."), "source": source, "name": args.name,
                   "max_rate": args.max_rate}
+        if source and source == args.source:  # a URL
+            # A password in --from is in argv, which every local user sees (ps) while the
+            # copy runs: libpq's PGPASSWORD keeps it out; the daemon's env is not this one's.
+            params["password"] = os.environ.get("PGPASSWORD")
         result = client.call("db_snapshot", {k: v for k, v in params.items() if v}, progress)
         text = (f"snapshot {result['name']}: {size_text(result['bytes'])} of PostgreSQL "
                 f"{result['pg_major']} from {result['source']} in {result['seconds']} s\n"

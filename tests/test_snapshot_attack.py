@@ -107,3 +107,13 @@ def test_reset_of_a_worktree_whose_data_is_a_volume_leaves_it_running(
     finally:
         remove_owned(dk, {w["id"] for w in devd.status()["worktrees"]})
 
+
+
+@pytest.mark.parametrize("url", [
+    "host=h password='s3 cret' user=u", "host=h password = s3cret user=u",
+    "postgres://u:s3@cret@h/db", "postgres://h/db?user=u&password=s3cret&sslmode=disable"])
+def test_a_snapshot_source_label_masks_every_password_form(url: str) -> None:
+    # The label lands in the snapshot's marker and in `devd db snapshots`.
+    from devd.postgres.names import mask_url
+
+    assert "cret" not in mask_url(url) and "***" in mask_url(url)

@@ -204,10 +204,13 @@ def test_url_snapshot_and_a_plain_copy_on_this_filesystem(devd: Devd, repo: Repo
     source.exec_run(["sh", "-c", 'echo "host replication all all scram-sha-256" '
                      '>> "$PGDATA/pg_hba.conf"'], user="postgres")
     query(url, "SELECT pg_reload_conf()")
-    taken = json.loads(devd.run("db", "snapshot", "--from", url, "byurl", "--json",
-                                timeout=180, cwd=repo.main).stdout)
-    assert "***" in taken["source"] and "password" not in json.dumps(taken)
-    assert env_of(devd, repo.main)["PGPASSWORD"] not in json.dumps(taken)
+    # The password in the CLI's PGPASSWORD, not in its argv (which `ps` shows everyone).
+    password = env_of(devd, repo.main)["PGPASSWORD"]
+    taken = json.loads(devd.run("db", "snapshot", "--from", url.replace(f":{password}@", "@"),
+                                "byurl", "--json", timeout=180, cwd=repo.main,
+                                env={"PGPASSWORD": password}).stdout)
+    assert taken["source"] == url.replace(f":{password}@", "@")
+    assert "password" not in json.dumps(taken) and password not in json.dumps(taken)
     tree = repo.worktree("shop-url", "url")
     done = devd.run("provision", str(tree), timeout=180)
     expected = "reflink" if _can_share(devd.paths.data_dir) else "copy"

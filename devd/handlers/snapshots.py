@@ -26,7 +26,8 @@ class SnapshotRequests(WorktreeRequests):
     A reset re-ensures the worktree's Postgres, so this family builds on the worktrees'."""
 
     def do_db_snapshot(self, progress: Progress, path: str, source: str | None = None,
-                       name: str | None = None, max_rate: str | None = None) -> dict[str, Any]:
+                       name: str | None = None, max_rate: str | None = None,
+                       password: str | None = None) -> dict[str, Any]:
         """Snapshot a devd container (the caller's main worktree's by default) or a URL."""
         if source and _is_url(source):
             if not name:
@@ -35,7 +36,7 @@ class SnapshotRequests(WorktreeRequests):
             dump.libpq_args(source, "postgres")  # a malformed URL, refused before anything
             image = self._image_at(path)
             origin = snapshots.Source(names.mask_url(source), url=source, image=image,
-                                      max_rate=max_rate or "")
+                                      max_rate=max_rate or "", password=password or "")
         else:
             wt = self.find(source) if source else self._main_of(self.find(path))
             origin = self._container_source(wt, max_rate or "")

@@ -117,5 +117,8 @@ def test_database_of(detail: dict[str, Any]) -> str:
 
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ***, for status output and error messages."""
-    masked = re.sub(r"(://[^:/@?#]*:)[^@/?#]*@", r"\1***@", url)
-    return re.sub(r"(password=)[^\s&]*", r"\1***", masked)
+    # Up to the last @ of the authority (a password may hold an unencoded one); a keyword
+    # value may be quoted (with spaces inside) or have spaces around its =.
+    masked = re.sub(r"(://[^:/@?#]*:)[^/?#]*@", r"\1***@", url)
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&']*)", r"\1***", masked,
+                  flags=re.IGNORECASE)

@@ -173,7 +173,11 @@ class Source:
     def _on_host(self, partial: Path, progress: Progress) -> None:
         import subprocess
 
+        from psycopg.conninfo import conninfo_to_dict
+
         conninfo, env = dump.libpq_args(self.url, "postgres")
+        if self.password and not conninfo_to_dict(self.url).get("password"):
+            env["PGPASSWORD"] = self.password  # the caller's (the CLI sends its PGPASSWORD)
         argv = [dump.binary("pg_basebackup"), "-d", conninfo,
                 *self._argv(str(partial / datadirs.PGDATA))]
         with subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
