@@ -15,7 +15,7 @@ from conftest import Devd, Repo
 from pgsupport import IMAGE, image_client, remove_owned, with_postgres
 
 from devd import instance
-from devd.errors import OwnershipConflict
+from devd.errors import DevdError, OwnershipConflict
 from devd.paths import Paths
 from devd.postgres import clones, datadirs, snapshots
 
@@ -117,3 +117,19 @@ def test_a_snapshot_source_label_masks_every_password_form(url: str) -> None:
     from devd.postgres.names import mask_url
 
     assert "cret" not in mask_url(url) and "***" in mask_url(url)
+
+
+def test_a_clone_of_a_snapshot_dropped_and_retaken_meanwhile_is_discarded(
+        tmp_path: Path, paths: Paths) -> None:
+    snap = datadirs.postgres_dir(paths, "snapshots") / "shop"
+    (snap / datadirs.PGDATA).mkdir(parents=True)
+    (snap / datadirs.PGDATA / "PG_VERSION").write_text("15\n")
+    datadirs.write_marker(snap, datadirs.SNAPSHOT_MARKER, name="shop", pg_major="15",
+                          created=2.0)
+    # What the worktree read before its copy: the snapshot of that name taken before.
+    found = snapshots.find(paths, "shop") | {"created": 1.0}
+    root = clones.clone_root(paths, "wt1")
+    root.mkdir(parents=True)
+    with pytest.raises(DevdError, match="taken again while it was being cloned"):
+        clones._clone(root, found, "wt1", lambda *a, **k: None)
+    assert not (root / datadirs.PGDATA).exists() and not (root / datadirs.CLONE_MARKER).exists()

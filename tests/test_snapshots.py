@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -96,6 +97,18 @@ def test_snapshot_clones_reset_and_drop_on_xfs(home_on_xfs: Devd, repo: Repo, dk
     wrong = psycopg.conninfo.make_conninfo(url_a, password="wrong")
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         query(wrong, "SELECT 1")
+    # Nor with what another worktree holds: a's password, main's, or the snapshot's own
+    # (every clone starts with it, and swaps it for its own before it is ready).
+    marker = devd.paths.data_dir / "postgres" / "snapshots" / "shop" / datadirs.SNAPSHOT_MARKER
+    for password in (psycopg.conninfo.conninfo_to_dict(url_a)["password"],
+                     psycopg.conninfo.conninfo_to_dict(main_url)["password"],
+                     json.loads(marker.read_text())["password"]):
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            query(psycopg.conninfo.make_conninfo(url_b, password=password), "SELECT 1")
+    # Listening on the loopback only, though a clone may share the host's network.
+    for address in _host_addresses():
+        with pytest.raises(OSError):
+            socket.create_connection((address, _pg(devd, b)["port"]), timeout=2).close()
     again = json.loads(devd.run("db", "snapshot", "--from", str(b), "from-b", "--json",
                                 timeout=180).stdout)
     assert again["name"] == "from-b"
@@ -219,6 +232,12 @@ def test_url_snapshot_and_a_plain_copy_on_this_filesystem(devd: Devd, repo: Repo
         assert "cannot share blocks" in done.stderr, done.stderr
         assert "copy of snapshot byurl" in devd.run("status", str(tree)).stdout
     assert query(env_of(devd, tree)["DATABASE_URL"], "SELECT v FROM t") == [("from-main",)]
+
+
+def _host_addresses() -> list[str]:
+    """This machine's non-loopback IPv4 addresses (`hostname -I`)."""
+    done = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=False)
+    return [a for a in done.stdout.split() if "." in a and not a.startswith("127.")]
 
 
 def _can_share(directory: Path) -> bool:

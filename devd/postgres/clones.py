@@ -67,6 +67,7 @@ def _clone(root: Path, snap: dict[str, Any], wt_id: str, progress: Progress) -> 
     progress("postgres", f"cloning snapshot {snap['name']} into {root}")
     strategy = datadirs.clone_tree(Path(snap["pgdata"]), root / datadirs.PGDATA)
     took = time.monotonic() - started
+    _still_there(snap, root / datadirs.PGDATA)
     if strategy == "copy":
         progress("postgres", f"{root}'s filesystem cannot share blocks with the snapshot "
                  f"(no reflink): copied it in full in {took:.1f} s; for clones that cost "
@@ -76,6 +77,18 @@ def _clone(root: Path, snap: dict[str, Any], wt_id: str, progress: Progress) -> 
                           strategy=strategy, cloned=time.time(),
                           clone_seconds=round(took, 3), snapshot_password=snap.get("password"))
     return datadirs.read_marker(root, datadirs.CLONE_MARKER) or {}
+
+
+def _still_there(snap: dict[str, Any], pgdata: Path) -> None:
+    """A drop-snapshot runs under the snapshot's lock, not the worktree's, and sees a clone
+    only once its marker is written: one dropped (or dropped and taken again) during the
+    copy may have left it with part of the files. Such a clone goes, and the error says so."""
+    now = datadirs.read_marker(Path(snap["path"]), datadirs.SNAPSHOT_MARKER)
+    if now is None or now.get("created") != snap.get("created"):
+        datadirs.remove_tree(pgdata)
+        raise DevdError(f"snapshot {snap['name']!r} was dropped or taken again while it was "
+                        "being cloned; the copy was discarded", "provision again",
+                        code="snapshot_not_found")
 
 
 def _fields(marker: dict[str, Any], pgdata: Path) -> dict[str, Any]:
