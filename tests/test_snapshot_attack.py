@@ -67,6 +67,15 @@ def test_a_link_in_place_of_a_snapshot_or_clone_is_never_followed(tmp_path: Path
     with pytest.raises(OwnershipConflict, match="is a symlink"):
         snapshots.drop(paths, "shop", [])
     assert snapshots.listing(paths) == []
+    # A directory of that name without devd's marker, or with another instance's: refused.
+    for name, marker in (("bare", None), ("theirs", {"instance": "another"})):
+        (datadirs.postgres_dir(paths, "snapshots") / name / datadirs.PGDATA).mkdir(parents=True)
+        if marker:
+            (datadirs.postgres_dir(paths, "snapshots") / name / datadirs.SNAPSHOT_MARKER
+             ).write_text(json.dumps(marker))
+        with pytest.raises(OwnershipConflict):
+            snapshots.drop(paths, name, [])
+        assert (datadirs.postgres_dir(paths, "snapshots") / name / datadirs.PGDATA).is_dir()
     (outside / datadirs.CLONE_MARKER).write_text(json.dumps({"instance": instance.current()}))
     clones.clone_root(paths, "wt1").symlink_to(outside)
     with pytest.raises(OwnershipConflict, match="is a symlink"):
