@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import secrets
 from typing import Any
 
 from devd.paths import ensure_private_dir
@@ -33,14 +34,18 @@ def start(service: Any, running: contextlib.ExitStack) -> None:
 
     paths = service.paths
     ensure_private_dir(paths.runtime_dir)
+    token = secrets.token_urlsafe(24)  # Caddy's wake routes carry it; nobody else knows it
     dashboard = Dashboard(paths.runtime_dir / "dashboard.sock",
                           lambda: service.do_status(_quiet),
                           log_tail=lambda wt_id, name, lines: service_log_tail(
-                              service, wt_id, name, lines))
+                              service, wt_id, name, lines),
+                          wake=service.wake, token=token)
     dashboard.start()
     running.callback(dashboard.stop)
-    proxy = CaddyProxy(service.settings, paths, service.registry, dashboard.socket_path)
+    proxy = CaddyProxy(service.settings, paths, service.registry, dashboard.socket_path,
+                       sleeping=service.sleeping, token=token)
     service.proxy, service.on_change = proxy, proxy.nudge
+    service.services.on_change = proxy.nudge  # idle stops and readiness switch routes
     proxy.start()
     running.callback(proxy.stop)
 

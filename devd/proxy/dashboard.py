@@ -4,6 +4,7 @@ http://devd.localhost:<port>/ to. Read-only (GET only), so no request can change
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -15,12 +16,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from devd.proxy.page import POLICY, page
+from devd.proxy.config import WAKE_HEADER
+from devd.proxy.page import POLICY, page, starting_page
 
 log = logging.getLogger("devd")
 # (worktree id, service, lines) → the log's tail, or None when there is no such service.
 LogTail = Callable[[str, str, int], "str | None"]
 TAIL_LINES, TAIL_MAX = 200, 5000
+# (worktree id, port name) → the woken service's entry ("name", "state", "error"), or None.
+Wake = Callable[[str, str], "dict[str, Any] | None"]
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -32,10 +36,12 @@ class Dashboard:
     """A thread serving the page, /status.json and /logs/<worktree id>/<service>."""
 
     def __init__(self, socket_path: Path, status: Callable[[], dict[str, Any]],
-                 log_tail: LogTail | None = None) -> None:
+                 log_tail: LogTail | None = None, wake: Wake | None = None,
+                 token: str = "") -> None:
         self.socket_path = socket_path
         self.status = status
         self.log_tail = log_tail
+        self.wake, self.token = wake, token
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -82,6 +88,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif parts == ["status.json"]:
             self._send(200, json.dumps(self.server.dashboard.status(), indent=2),
                        "application/json")
+        elif len(parts) == 4 and parts[:2] == ["_devd", "wake"] and self._from_caddy():
+            self._wake(parts[2], parts[3])
         elif len(parts) == 3 and parts[0] == "logs":
             self._logs(parts[1], parts[2], parse_qs(url.query).get("lines", [""])[0])
         else:
@@ -96,7 +104,24 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(200, text, "text/plain")
 
-    def _send(self, code: int, body: str, kind: str) -> None:
+    def _from_caddy(self) -> bool:
+        """A wake request comes through one of Caddy's wake routes, which carry the secret."""
+        token = self.server.dashboard.token
+        given = self.headers.get(WAKE_HEADER) or ""
+        return bool(token) and hmac.compare_digest(given.encode(), token.encode())
+
+    def _wake(self, wt_id: str, port_name: str) -> None:
+        wake = self.server.dashboard.wake
+        woken = wake(wt_id, port_name) if wake else None
+        if woken is None:  # the route is stale: the next push fixes it
+            self._send(503, starting_page(port_name, "unknown", None), "text/html",
+                       {"Retry-After": "1"})
+            return
+        self._send(503, starting_page(woken["name"], woken["state"], woken.get("error")),
+                   "text/html", {"Retry-After": "1"})
+
+    def _send(self, code: int, body: str, kind: str, extra: dict[str, str] | None = None
+              ) -> None:
         data = body.encode("utf-8", "replace")
         self.send_response(code)
         self.send_header("Content-Type", f"{kind}; charset=utf-8")
@@ -104,6 +129,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Security-Policy", POLICY)
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Cache-Control", "no-store")
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
         self.end_headers()
         self.wfile.write(data)
 
