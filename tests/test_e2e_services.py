@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,3 +223,48 @@ def test_a_wake_that_cannot_start_says_why(shop: tuple[Devd, Repo, dict[str, Pat
     finally:
         squatter.kill()
         squatter.wait()
+
+
+ECHO = textwrap.dedent("""\
+    import os
+    from websockets.sync.server import serve
+    def echo(ws):
+        for message in ws:
+            ws.send(message)
+    with serve(echo, "127.0.0.1", int(os.environ["PORT_API"])) as server:
+        print("ready", flush=True)
+        server.serve_forever()
+    """)
+
+
+def test_a_route_change_keeps_open_websockets(shop: tuple[Devd, Repo, dict[str, Path]]
+                                              ) -> None:
+    """Routes are pushed whole; an HMR socket open through the proxy must outlive the push
+    that another worktree's new route makes (else every Vite page through it reloads)."""
+    pytest.importorskip("websockets")
+    import socket
+
+    from websockets.sync.client import connect
+
+    devd, repo, _ = shop
+    one, two = repo.worktree("shop-ws1", "ws1"), repo.worktree("shop-ws2", "ws2")
+    devd.run("provision", str(one))
+    env = json.loads(devd.run("env", "--format", "json", str(one)).stdout)
+    server = subprocess.Popen([sys.executable, "-c", ECHO], env={**os.environ, **env},
+                              stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+        port = int(devd.env["DEVD_PROXY_PORT"])
+        url = env["DEVD_URL_API"].replace("http", "ws", 1) + "/"
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        with connect(url, sock=sock, open_timeout=20) as ws:
+            ws.send("before")
+            assert ws.recv(timeout=20) == "before"
+            devd.run("provision", str(two))  # a new route: a new config pushed
+            two_url = devd.worktree(two)["urls"]["api"]
+            wait_for(lambda: code_of(two_url + "/")[0] == "502", 30, "ws2's route")
+            ws.send("after")
+            assert ws.recv(timeout=20) == "after"
+    finally:
+        server.kill()
+        server.wait()

@@ -60,10 +60,18 @@ def _server(table: Table, port: int, tls: bool, dashboard: Path, sleeping: Sleep
     return server
 
 
+# Every change of routes is a whole new config (POST /load), and Caddy closes the open
+# WebSockets of the config it unloads at once: each Vite page through the proxy would
+# reload whenever any worktree's route changed (one appeared, a service went idle). They
+# are kept instead; one whose upstream stopped ends when that server closes it.
+STREAM_CLOSE_DELAY = "24h"
+
+
 def _route(hosts: list[str], dial: str) -> dict[str, Any]:
     # flush_interval -1: server-sent events and streamed responses pass unbuffered.
     return {"match": [{"host": hosts}], "terminal": True, "handle": [{
-        "handler": "reverse_proxy", "flush_interval": -1, "upstreams": [{"dial": dial}]}]}
+        "handler": "reverse_proxy", "flush_interval": -1, "upstreams": [{"dial": dial}],
+        "stream_close_delay": STREAM_CLOSE_DELAY}]}
 
 
 def _wake(hostname: str, wt_id: str, name: str, dashboard: Path, token: str
