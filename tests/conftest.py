@@ -150,6 +150,37 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+@pytest.fixture(scope="session")
+def vite_modules(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """node_modules with Vite, from the registry once per session (tests/test_services.py and
+    tests/test_e2e_services.py share it)."""
+    if not shutil.which("npm"):
+        _unavailable("npm is not installed (the Vite service tests install Vite with it)")
+    home = tmp_path_factory.mktemp("vite")
+    (home / "package.json").write_text('{"name": "v", "private": true}')
+    done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", vite_for_node()],
+                          cwd=home,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "npm_config_cache": str(home / "npm-cache"),
+                               "npm_config_update_notifier": "false"})
+    if done.returncode != 0:
+        _unavailable(f"npm install vite failed: {done.stderr[-500:]}")
+    return home / "node_modules"
+
+
+def vite_for_node() -> str:
+    """Vite 8 needs Node 20.19 or later; an older Node (a distribution's) gets Vite 5."""
+    out = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout
+    major, minor = (int(n) for n in out.strip().lstrip("v").split(".")[:2])
+    return "vite@8" if (major, minor) >= (20, 19) else "vite@5"
+
+
+def _unavailable(why: str) -> None:
+    from pgsupport import unavailable
+
+    unavailable(why)
+
+
 @pytest.fixture
 def devd_home(tmp_path: Path) -> Iterator[Devd]:
     home = tmp_path / "devd-home"

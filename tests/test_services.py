@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +24,6 @@ from typing import Any
 import psutil
 import pytest
 from conftest import Devd, Repo, run_git, wait_for
-from pgsupport import unavailable
 
 API = textwrap.dedent("""\
     import http.server, json, os
@@ -51,30 +49,6 @@ port = "api"
 ready = "/health"
 env = { WEB_ORIGIN = "{url:web}" }
 """
-
-
-@pytest.fixture(scope="session")
-def vite_modules(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """node_modules with Vite, from the registry once per session."""
-    if not shutil.which("npm"):
-        unavailable("npm is not installed (the Vite service tests install Vite with it)")
-    home = tmp_path_factory.mktemp("vite")
-    (home / "package.json").write_text('{"name": "v", "private": true}')
-    done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", vite_for_node()],
-                          cwd=home,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "npm_config_cache": str(home / "npm-cache"),
-                               "npm_config_update_notifier": "false"})
-    if done.returncode != 0:
-        unavailable(f"npm install vite failed: {done.stderr[-500:]}")
-    return home / "node_modules"
-
-
-def vite_for_node() -> str:
-    """Vite 8 needs Node 20.19 or later; an older Node (a distribution's) gets Vite 5."""
-    out = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout
-    major, minor = (int(n) for n in out.strip().lstrip("v").split(".")[:2])
-    return "vite@8" if (major, minor) >= (20, 19) else "vite@5"
 
 
 def vite_app(root: Path, modules: Path) -> None:

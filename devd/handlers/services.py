@@ -84,6 +84,27 @@ class ServiceRequests(ServiceCore):
         self._check_port_free(wt, spec)
         return self._start(wt, spec, progress)
 
+    def wake(self, wt_id: str, port_name: str) -> dict[str, Any] | None:
+        """A request reached a sleeping service's URL (the proxy's wake route): start it if
+        idle_stop stopped it (never one `devd down` stopped), and say how it is doing."""
+        wt = self.registry.worktree(wt_id)
+        unit = next((u for u in self.services.units(wt_id) if u.spec.port_name == port_name),
+                    None)
+        if wt is None or unit is None:
+            return None
+        self.services.mark_used(wt_id)
+        if unit.state == "idle":
+            try:
+                unit = self.start(wt, unit.spec.name)
+            except DevdError as exc:
+                return {"name": unit.spec.name, "state": "failed", "error": exc.message}
+        down = unit.state in DOWN  # e.g. `devd down` stopped it meanwhile: not woken
+        return {"name": unit.spec.name, "state": unit.state, "error": (
+            unit.error or f"it is {unit.state}") if down else None}
+
+    def sleeping(self) -> frozenset[tuple[str, str]]:
+        return self.services.sleeping()
+
     def _start(self, wt: Worktree, spec: Spec, progress: Progress) -> Unit:
         unit = self.services.unit(wt.id, spec.name)
         if unit is not None and unit.state not in DOWN and \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import secrets
 from typing import Any
 
 from devd.paths import ensure_private_dir
@@ -34,16 +35,19 @@ def start(service: Any, running: contextlib.ExitStack) -> None:
     paths = service.paths
     ensure_private_dir(paths.runtime_dir)
     ensure_private_dir(paths.data_dir)
+    token = secrets.token_urlsafe(24)  # Caddy's wake routes carry it; nobody else knows it
     dashboard = Dashboard(paths.runtime_dir / "dashboard.sock",
                           lambda: service.snapshot.status(),  # the dict, not the wire form
                           log_tail=lambda wt_id, name, lines: service_log_tail(
                               service, wt_id, name, lines),
-                          key=dashboard_key(paths.data_dir / "dashboard.key"))
+                          key=dashboard_key(paths.data_dir / "dashboard.key"),
+                          wake=service.wake, token=token)
     dashboard.start()
     running.callback(dashboard.stop)
     proxy = CaddyProxy(service.settings, paths, service.registry, dashboard.socket_path,
-                       dashboard.key)
+                       dashboard.key, sleeping=service.sleeping, token=token)
     service.proxy, service.on_change = proxy, proxy.nudge
+    service.services.on_change = proxy.nudge  # idle stops and readiness switch routes
     proxy.start()
     running.callback(proxy.stop)
 

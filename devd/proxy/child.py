@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from devd.errors import DevdError
 from devd.paths import Paths, ensure_private_dir, write_atomic
 from devd.provisioners.ports import is_free
 from devd.proxy import caddy
-from devd.proxy.config import caddy_config
+from devd.proxy.config import Sleeping, caddy_config
 from devd.proxy.names import DASHBOARD, host
 from devd.proxy.routes import Table, base_url, build, sites
 from devd.registry import Registry
@@ -38,12 +39,15 @@ class CaddyProxy:
     """One Caddy per daemon; its admin API on a unix socket in the private runtime dir."""
 
     def __init__(self, settings: Settings, paths: Paths, registry: Registry,
-                 dashboard: Path, dashboard_key: str = "") -> None:
+                 dashboard: Path, dashboard_key: str = "",
+                 sleeping: Callable[[], Sleeping] = frozenset, token: str = "") -> None:
         self.port, self.tls, self._configured = settings.proxy_port, settings.proxy_tls, \
             settings.caddy
         self._registry = registry
         self.admin_socket = paths.runtime_dir / "caddy-admin.sock"
         self.dashboard, self._key = dashboard, dashboard_key
+        # Services stopped for idleness (or waking): their names go to the wake handler.
+        self._sleeping, self._token = sleeping, token
         self._config_file = paths.runtime_dir / "caddy.json"
         self.log_path = paths.state_dir / "caddy.log"
         self._data = paths.data_dir / "caddy"
@@ -200,7 +204,8 @@ class CaddyProxy:
     def _config(self) -> dict[str, Any]:
         return caddy_config(self.table(), port=self.port, tls=self.tls,
                             admin=self.admin_socket, storage=self._data / "storage",
-                            dashboard=self.dashboard)
+                            dashboard=self.dashboard, sleeping=self._sleeping(),
+                            token=self._token)
 
     def _env(self) -> dict[str, str]:
         """Caddy's own dirs under devd's: never the user's ~/.local/share/caddy."""

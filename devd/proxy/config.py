@@ -11,19 +11,24 @@ from devd.proxy.names import DASHBOARD, host
 from devd.proxy.routes import Table
 
 SERVER = "devd"
+WAKE_HEADER = "X-Devd-Wake"  # Caddy sets it (the daemon's secret) on a wake request
+# A service of a worktree, by its [ports] name: (worktree id, port name).
+Sleeping = frozenset[tuple[str, str]]
 # Seconds Caddy gives open connections (an HMR socket stays open for ever) when stopping.
 GRACE = "1s"
 
 
 def caddy_config(table: Table, *, port: int, tls: bool, admin: Path, storage: Path,
-                 dashboard: Path) -> dict[str, Any]:
-    """Admin on a unix socket only, storage under devd's data dir, one server on loopback."""
+                 dashboard: Path, sleeping: Sleeping = frozenset(), token: str = ""
+                 ) -> dict[str, Any]:
+    """Admin on a unix socket only, storage under devd's data dir, one server on loopback.
+    The routes of `sleeping` services go to the daemon's wake handler (see _wake)."""
     config: dict[str, Any] = {
         "admin": {"listen": f"unix/{admin}", "config": {"persist": False}},
         "storage": {"module": "file_system", "root": str(storage)},
         "logging": {"logs": {"default": {"level": "WARN"}}},
         "apps": {"http": {"grace_period": GRACE, "servers": {
-            SERVER: _server(table, port, tls, dashboard)}}},
+            SERVER: _server(table, port, tls, dashboard, sleeping, token)}}},
     }
     if tls:
         config["apps"]["tls"] = {"automation": {"policies": [
@@ -33,11 +38,14 @@ def caddy_config(table: Table, *, port: int, tls: bool, admin: Path, storage: Pa
     return config
 
 
-def _server(table: Table, port: int, tls: bool, dashboard: Path) -> dict[str, Any]:
+def _server(table: Table, port: int, tls: bool, dashboard: Path, sleeping: Sleeping,
+            token: str) -> dict[str, Any]:
     server: dict[str, Any] = {
         "listen": [f"{address}:{port}" for address in loopback_addresses()],
         "protocols": ["h1", "h2"] if tls else ["h1", "h2c"],
-        "routes": [*(_route([r.host], f"localhost:{r.port}") for r in table.routes),
+        "routes": [*(_wake(r.host, r.wt_id, r.name, dashboard, token)
+                     if (r.wt_id, r.name) in sleeping else _route([r.host], f"localhost:{r.port}")
+                     for r in table.routes),
                    _route([host(DASHBOARD)], f"unix/{dashboard}"),
                    *not_found(table)],
     }
@@ -52,10 +60,30 @@ def _server(table: Table, port: int, tls: bool, dashboard: Path) -> dict[str, An
     return server
 
 
+# Every change of routes is a whole new config (POST /load), and Caddy closes the open
+# WebSockets of the config it unloads at once: each Vite page through the proxy would
+# reload whenever any worktree's route changed (one appeared, a service went idle). They
+# are kept instead; one whose upstream stopped ends when that server closes it.
+STREAM_CLOSE_DELAY = "24h"
+
+
 def _route(hosts: list[str], dial: str) -> dict[str, Any]:
     # flush_interval -1: server-sent events and streamed responses pass unbuffered.
     return {"match": [{"host": hosts}], "terminal": True, "handle": [{
-        "handler": "reverse_proxy", "flush_interval": -1, "upstreams": [{"dial": dial}]}]}
+        "handler": "reverse_proxy", "flush_interval": -1, "upstreams": [{"dial": dial}],
+        "stream_close_delay": STREAM_CLOSE_DELAY}]}
+
+
+def _wake(hostname: str, wt_id: str, name: str, dashboard: Path, token: str
+          ) -> dict[str, Any]:
+    """A stopped (idle) service's name: the request goes to the daemon's wake handler, which
+    starts the service and answers a "starting…" page until the route points back at it.
+    The header carries the daemon's secret, so only Caddy's wake routes can wake anything
+    (devd.localhost/_devd/wake/... from a browser lacks it)."""
+    return {"match": [{"host": [hostname]}], "terminal": True, "handle": [
+        {"handler": "rewrite", "uri": f"/_devd/wake/{wt_id}/{name}"},
+        {"handler": "reverse_proxy", "upstreams": [{"dial": f"unix/{dashboard}"}],
+         "headers": {"request": {"set": {WAKE_HEADER: [token]}}}}]}
 
 
 def not_found(table: Table) -> list[dict[str, Any]]:

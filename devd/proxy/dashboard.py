@@ -24,7 +24,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from devd.paths import write_atomic
-from devd.proxy.page import POLICY, page
+from devd.proxy.config import WAKE_HEADER
+from devd.proxy.page import POLICY, page, starting_page
 
 log = logging.getLogger("devd")
 # (worktree id, service, lines) → the log's tail, or None when there is no such service.
@@ -47,6 +48,8 @@ def dashboard_key(path: Path) -> str:
     key = secrets.token_urlsafe(32)
     write_atomic(path, key.encode())
     return key
+# (worktree id, port name) → the woken service's entry ("name", "state", "error"), or None.
+Wake = Callable[[str, str], "dict[str, Any] | None"]
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -58,11 +61,13 @@ class Dashboard:
     """A thread serving the page, /status.json and /logs/<worktree id>/<service>."""
 
     def __init__(self, socket_path: Path, status: Callable[[], dict[str, Any]],
-                 log_tail: LogTail | None = None, key: str = "") -> None:
+                 log_tail: LogTail | None = None, key: str = "", wake: Wake | None = None,
+                 token: str = "") -> None:
         self.socket_path = socket_path
         self.key = key or secrets.token_urlsafe(32)
         self.status = status
         self.log_tail = log_tail
+        self.wake, self.token = wake, token
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -104,6 +109,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self) -> None:
         url = urlsplit(self.path)
         parts = [unquote(p) for p in url.path.split("/") if p]
+        if len(parts) == 4 and parts[:2] == ["_devd", "wake"] and self._from_caddy():
+            self._wake(parts[2], parts[3])  # Caddy's wake routes carry their own secret
+            return
         if not parts or not hmac.compare_digest(parts[0].encode("utf-8", "surrogateescape"),
                                                 self.server.dashboard.key.encode()):
             self._send(404, LOCKED, "text/plain")
@@ -132,7 +140,24 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(200, text, "text/plain")
 
-    def _send(self, code: int, body: str, kind: str, location: str = "") -> None:
+    def _from_caddy(self) -> bool:
+        """A wake request comes through one of Caddy's wake routes, which carry the secret."""
+        token = self.server.dashboard.token
+        given = self.headers.get(WAKE_HEADER) or ""
+        return bool(token) and hmac.compare_digest(given.encode(), token.encode())
+
+    def _wake(self, wt_id: str, port_name: str) -> None:
+        wake = self.server.dashboard.wake
+        woken = wake(wt_id, port_name) if wake else None
+        if woken is None:  # the route is stale: the next push fixes it
+            self._send(503, starting_page(port_name, "unknown", None), "text/html",
+                       {"Retry-After": "1"})
+            return
+        self._send(503, starting_page(woken["name"], woken["state"], woken.get("error")),
+                   "text/html", {"Retry-After": "1"})
+
+    def _send(self, code: int, body: str, kind: str, extra: dict[str, str] | None = None,
+              location: str = "") -> None:
         data = body.encode("utf-8", "replace")
         self.send_response(code)
         if location:
@@ -143,6 +168,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Cache-Control", "no-store")
         self.send_header("Referrer-Policy", "no-referrer")  # the key is in the URL
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 

@@ -103,3 +103,19 @@ def _service(wt_id: str, service: dict[str, Any]) -> str:
     logs = f"logs/{quote(wt_id, safe='')}/{quote(name, safe='')}"  # under /<key>/
     return (f"{e(name)}: {e(service.get('state'))} (pid {e(service.get('pid') or '-')}, "
             f"restarts {e(service.get('restarts', 0))}){link} <a href=\"{e(logs)}\">log</a>")
+
+
+def starting_page(name: str, state: str, error: str | None) -> str:
+    """What a request to a stopped (idle) service's URL gets while devd starts it: a page
+    that reloads itself each second (no script: the policy runs none) until the service
+    answers in its place. A start that failed says why and reloads slower."""
+    if error:
+        text = f"<h1>{e(name)} is not running</h1><p class=bad>{e(error)}</p>" \
+            f"<p>See <code>devd logs {e(name)}</code>; <code>devd up</code> starts it again.</p>"
+    else:
+        text = f"<h1>starting {e(name)}…</h1><p>devd stopped it while nobody used it " \
+            f"(idle_stop) and is starting it again ({e(state)}); this page reloads " \
+            "until it answers.</p>"
+    return (f'<!doctype html><html><head><meta charset=utf-8><title>starting {e(name)}…'
+            f'</title><meta http-equiv="refresh" content="{5 if error else 1}">'
+            f"<style>{STYLE}</style></head><body>{text}</body></html>\n")

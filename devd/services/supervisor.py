@@ -105,6 +105,9 @@ class Supervisor:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="devd-services", daemon=True)
         self._idle_checked = 0.0
+        # Set by the daemon to the proxy's nudge: an idle stop sends the service's name to
+        # the wake handler, readiness sends it back to the service.
+        self.on_change: Callable[[], None] = lambda: None
 
     def start_watching(self) -> None:
         """Stop what a previous daemon left, then watch."""
@@ -128,6 +131,12 @@ class Supervisor:
 
     def units(self, wt_id: str) -> list[Unit]:
         return [u for (w, _), u in list(self._units.items()) if w == wt_id]
+
+    def sleeping(self) -> frozenset[tuple[str, str]]:
+        """(worktree id, port name) of each idle_stop service that is stopped for idleness
+        or starting: a request to its URL wakes it, or waits for it."""
+        return frozenset((u.spec.wt_id, u.spec.port_name) for u in list(self._units.values())
+                         if u.spec.idle and u.spec.port_name and u.state in ("idle", "starting"))
 
     def start(self, spec: Spec) -> Unit:
         """Spawn the service unless it is already up (idempotent); the watch thread takes it
@@ -169,7 +178,9 @@ class Supervisor:
         shutil.rmtree(logs.log_dir(self.root.parent, wt_id), ignore_errors=True)
 
     def mark_used(self, wt_id: str) -> None:
-        """A request through the proxy counts as use for idle_stop."""
+        """A request through the proxy counts as use for idle_stop. (Use is otherwise an
+        established connection to the port: Caddy keeps its upstream connections open for
+        a while after each request, so requests through the proxy count as well.)"""
         for unit in self.units(wt_id):
             unit.last_used = time.monotonic()
 
@@ -208,19 +219,23 @@ class Supervisor:
         return [(u, results.get(i, "?")) for i, u in enumerate(chosen)]
 
     def _stop_one(self, unit: Unit, state: str = "stopped") -> str:
-        """Stop a running or starting unit (a pending restart is cancelled; a crashed or
-        failed one keeps its state and reason)."""
+        """Stop a running or starting unit (a pending restart is cancelled, an idle one
+        stopped by `down` is no longer woken by a request; a crashed or failed one keeps
+        its state and reason)."""
         with unit.changed:  # no restart can slip in between this check and `stopping`
             group = unit.group
-            if unit.state == "backoff":
+            if unit.state == "backoff" or (unit.state == "idle" and state != "idle"):
                 unit.set(state)
+                self.on_change()
             if group is None or unit.state not in ("starting", "running"):
                 return "not running"
             unit.set("stopping")
         outcome = group.stop(self.kill_timeout)
         groups.forget(self._record(unit))
-        logs.note(unit.spec.log, f"stopped by devd ({outcome})")
+        logs.note(unit.spec.log, f"stopped by devd ({outcome})" + (
+            ": idle (a request to its URL starts it again)" if state == "idle" else ""))
         unit.set(state)
+        self.on_change()
         return outcome
 
     # -- the watch thread --------------------------------------------------------------
@@ -306,6 +321,7 @@ class Supervisor:
         unit.ever_ready = True
         logs.note(unit.spec.log, f"ready after {time.monotonic() - unit.started:.1f} s")
         unit.set("running")
+        self.on_change()
 
     def _fail(self, unit: Unit, why: str) -> None:
         """A start that went wrong: stop what it started, keep the reason."""
