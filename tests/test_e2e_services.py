@@ -162,14 +162,14 @@ def test_three_worktrees_named_urls_hmr_wiring_and_removal(
              "feat/a's route to go")
     assert "No such name" in code_of(urls["feat/a"]["web"] + "/")[1]
     assert code_of(urls["fix/a"]["web"] + "/")[0] == "200"  # the others go on
-    board = f"http://devd.localhost:{devd.env['DEVD_PROXY_PORT']}/"
+    board = devd.json("status")["proxy"]["dashboard"]  # under its secret key path
     dashboard = code_of(board)[1]
     assert shown["main"]["web"]["url"] in dashboard and urls["feat/a"]["web"] not in dashboard
     # Its service rows: state, the named URL to open, the log tail (Vite's own output).
     main_id = devd.worktree(trees["main"])["id"]
     assert f'web: running (pid {shown["main"]["web"]["pid"]}' in dashboard
     assert f'<a href="{shown["main"]["web"]["url"]}/">open</a>' in dashboard
-    assert f'href="/logs/{main_id}/web"' in dashboard
+    assert f'href="logs/{main_id}/web"' in dashboard
     code, tail = code_of(f"{board}logs/{main_id}/web")
     assert code == "200" and "ready in" in tail and str(shown["main"]["web"]["port"]) in tail
 
