@@ -164,3 +164,24 @@ def test_three_worktrees_own_projects_down_in_one_and_gc_backup_restore(
     assert pg(env["PORT_DB_5432"], "SELECT v FROM t") == [("shop-a",)]
     assert redis_ready(env["PORT_CACHE_6379"], "GET", "k") == "shop-a"
     assert redis(port_of(env["REDIS_URL"]), "GET", "s") == "shop-a"
+
+
+def test_a_same_named_volume_not_devds_is_refused_and_never_removed(
+        devd: Devd, make_repo: Any, dk: Any) -> None:
+    # Compose adopts an unlabelled volume called <project>_<key> (a warning only) and its
+    # `down -v` removes it by name: devd must refuse before either.
+    repo = make_repo(devd_toml='[compose]\nfiles = ["compose.yaml"]\nstart = false\n')
+    repo.commit({"compose.yaml": f"services:\n  cache:\n    image: {REDIS_IMAGE}\n"
+                 "    volumes: [\"data:/data\"]\nvolumes:\n  data:\n"})
+    tree = repo.worktree("squat", "squat")
+    devd.run("provision", str(tree), timeout=120)
+    name = env_of(devd, tree)["COMPOSE_PROJECT_NAME"]
+    squatter = dk.volumes.create(f"{name}_data")  # the user's own: no labels
+    try:
+        up = devd.run("compose", "up", "--path", str(tree), check=False)
+        assert up.returncode != 0 and f"{name}_data" in up.stderr, up.stderr
+        released = devd.run("release", str(tree), "--yes", check=False)
+        assert released.returncode != 0 and f"{name}_data" in released.stderr
+        assert dk.volumes.get(squatter.name).attrs["Labels"] in (None, {})
+    finally:
+        squatter.remove()

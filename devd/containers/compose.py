@@ -65,7 +65,7 @@ class ComposeProvisioner(Provisioner):
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomic(target, json.dumps(project.resolve(model, ports, labels), indent=1,
                                         sort_keys=True).encode())
-        refuse_foreign(dk, name, ctx.worktree.id)
+        refuse_foreign(dk, name, ctx.worktree.id, model)
         _note_own_project(dk, ctx, progress)
         detail: dict[str, Any] = {"project": name, "file": str(target), "ports": ports,
                   "compose": " ".join(binary()), "services": sorted(model["services"])}
@@ -88,7 +88,7 @@ class ComposeProvisioner(Provisioner):
     def check_teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
         dk = engine.client()
         name = detail.get("project") or project_name(ctx.worktree.id)
-        refuse_foreign(dk, name, ctx.worktree.id)
+        refuse_foreign(dk, name, ctx.worktree.id, _resolved(ctx))
         members = {c.id for c in _listed(dk.containers, name, all=True)}
         for volume in _listed(dk.volumes, name):
             volumes.refuse_in_use(dk, volume.name, members, f"of project {name}")
@@ -139,14 +139,16 @@ def _lease(ctx: Context, model: dict[str, Any]) -> dict[str, int]:
 
 def up(ctx: Context, progress: Progress) -> None:
     """`up -d` of the worktree's project (pulls or builds what is missing)."""
-    refuse_foreign(engine.client(), project_name(ctx.worktree.id), ctx.worktree.id)
+    refuse_foreign(engine.client(), project_name(ctx.worktree.id), ctx.worktree.id,
+                   _resolved(ctx))
     progress(KIND, f"starting project {project_name(ctx.worktree.id)}")
     _project(ctx).run("up", "--detach", "--remove-orphans")
 
 
 def down(ctx: Context, progress: Progress) -> None:
     """Stop and remove the project's containers and network; its volumes stay."""
-    refuse_foreign(engine.client(), project_name(ctx.worktree.id), ctx.worktree.id)
+    refuse_foreign(engine.client(), project_name(ctx.worktree.id), ctx.worktree.id,
+                   _resolved(ctx))
     progress(KIND, f"stopping project {project_name(ctx.worktree.id)}")
     _project(ctx).run("down", "--remove-orphans")
 
@@ -155,8 +157,29 @@ def _listed(collection: Any, name: str, **extra: Any) -> list[Any]:
     return list(collection.list(filters={"label": f"{PROJECT_LABEL}={name}"}, **extra))
 
 
-def refuse_foreign(dk: Any, name: str, wt_id: str) -> None:
-    """Everything Compose knows as project `name` must be ours, or devd touches none of it."""
+def _resolved(ctx: Context) -> dict[str, Any]:
+    """The model devd last wrote for the worktree ({} once it is gone)."""
+    try:
+        found = json.loads(resolved_path(ctx).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def refuse_foreign(dk: Any, name: str, wt_id: str, model: dict[str, Any] | None = None
+                   ) -> None:
+    """Everything Compose knows as project `name` must be ours, or devd touches none of it.
+    That includes what merely has the name Compose gives the project's volumes and networks
+    (<project>_<key>): Compose adopts such an unlabelled volume with a warning, and its
+    `down -v` then removes it by name, someone's data with it."""
+    model = model or {}
+    for section, collection in (("volumes", dk.volumes), ("networks", dk.networks)):
+        specs = dict(model.get(section) or {})
+        if section == "networks" and model:
+            specs.setdefault("default", {})
+        for key, spec in sorted(specs.items()):
+            if not project.external(spec or {}):
+                engine.owned(collection, f"{name}_{key}", wt_id)
     for collection, extra in ((dk.containers, {"all": True}), (dk.volumes, {}),
                               (dk.networks, {})):
         for found in _listed(collection, name, **extra):

@@ -87,13 +87,25 @@ def _helper(dk: DockerClient, image: str, mounts: dict[str, str], wt_id: str
 
 
 def archive(dk: DockerClient, volume: str, target: Path, image: str, wt_id: str) -> Path:
-    """The volume's files as a tarball at `target` (streamed, never held in memory)."""
-    with _helper(dk, image, {volume: MOUNT}, wt_id) as helper, \
-            open(target, "wb") as out:
-        stream, _ = helper.get_archive(MOUNT + "/.")
-        for chunk in stream:
-            out.write(chunk)
-    target.chmod(0o600)
+    """The volume's files as a tarball at `target` (streamed, never held in memory). It is
+    written beside and renamed into place whole: a backup cut short (disk full) leaves no
+    truncated tarball for `devd restore` to load, and fails the release before any removal."""
+    part = target.with_name(target.name + ".part")
+    try:
+        with _helper(dk, image, {volume: MOUNT}, wt_id) as helper, open(part, "wb") as out:
+            part.chmod(0o600)
+            stream, _ = helper.get_archive(MOUNT + "/.")
+            for chunk in stream:
+                out.write(chunk)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise DevdError(f"backup of volume {volume} into {target.parent} failed: {exc}; "
+                        "nothing was removed", "free disk space there, then release again",
+                        code="backup_failed") from exc
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    part.rename(target)
     return target
 
 
