@@ -74,9 +74,14 @@ def test_redis_per_worktree_isolated_labelled_backed_up_and_restored(
     assert not dk.volumes.list(filters={"label": f"devd.owner={wt_id}"})
     run_git(repo.main, "worktree", "add", "-q", str(a), "a")
     devd.run("provision", str(a), timeout=120)
-    devd.run("restore", str(a), timeout=120)
     port = port_of(env_of(devd, a)["REDIS_URL"])
+    assert redis(port, "SET", "new", "since") == "+OK"
+    restored = devd.json("restore", str(a))
     assert redis(port, "GET", "k") == "a" and redis(port, "GET", "k2") == "after-restart"
+    # What the volume held since is not lost: set aside first, never taken for the newest.
+    replaced = Path(restored["replaced_backup"]) / "container-redis.tar"
+    assert b"since" in replaced.read_bytes()
+    assert restored["volume_backup"] == gc["volume_backups"][0]
     # Turning it shared would leave this container untracked: refused.
     (a / "devd.toml").write_text(toml("shared = true\n"))
     done = devd.run("provision", str(a), timeout=120, check=False)

@@ -245,6 +245,8 @@ def restore(ctx: Context, folder: Path, progress: Progress) -> list[str]:
         tags = engine.tags_of(old) if old is not None else \
             engine.labels(ctx.worktree.id, KIND) | {PROJECT_LABEL: name, VOLUME_LABEL: key}
         if old is not None:
+            kept = volumes.set_aside(ctx, dk, volume_name, "compose-" + key, image)
+            progress(KIND, f"volume {volume_name} as it was is kept in {kept}")
             old.remove()
         dk.volumes.create(volume_name, labels=tags)
         volumes.load(dk, volume_name, source, image, ctx.worktree.id)

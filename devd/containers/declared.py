@@ -235,9 +235,12 @@ def restore(ctx: Context, detail: dict[str, Any], folder: Path,
             continue
         container = engine.owned(dk.containers, entry["container"], ctx.worktree.id)
         if container is not None:
+            container.stop(timeout=10)  # a clean stop: what is set aside is complete
             container.remove(force=True, v=True)
         old = engine.owned(dk.volumes, entry["volume"], ctx.worktree.id)
         if old is not None:
+            kept = volumes.set_aside(ctx, dk, old.name, "container-" + name, entry["image"])
+            progress(KIND, f"volume {old.name} as it was is kept in {kept}")
             old.remove()
         dk.volumes.create(entry["volume"], labels=engine.labels(ctx.worktree.id, KIND))
         volumes.load(dk, entry["volume"], source, entry["image"], ctx.worktree.id)

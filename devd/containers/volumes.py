@@ -30,12 +30,22 @@ def backups_dir(paths: Paths, wt_id: str) -> Path:
     return paths.state_dir / "backups" / "volumes" / wt_id
 
 
-def new_backup_dir(paths: Paths, wt_id: str) -> Path:
+def new_backup_dir(paths: Paths, wt_id: str, base: Path | None = None) -> Path:
     """A fresh directory per backup, named by UTC time so the latest sorts last."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{time.time_ns() % 10**9:09d}"
-    target = backups_dir(paths, wt_id) / stamp
+    target = (base or backups_dir(paths, wt_id)) / stamp
     target.mkdir(parents=True, mode=0o700)
     return target
+
+
+def set_aside(ctx: Any, dk: DockerClient, volume: str, key: str, image: str) -> Path:
+    """The files a restore is about to replace, kept as a tarball first (in a folder of
+    their own: `devd restore` picks the newest release backup, never these)."""
+    kept = ctx.outputs.setdefault("replaced_backups", [])
+    if not kept:
+        base = ctx.paths.state_dir / "backups" / "replaced-volumes" / ctx.worktree.id
+        kept.append(str(new_backup_dir(ctx.paths, ctx.worktree.id, base)))
+    return archive(dk, volume, tarball(Path(kept[-1]), key), image, ctx.worktree.id)
 
 
 def release_folder(ctx: Any) -> Path:
