@@ -95,7 +95,9 @@ class ContainersProvisioner(Provisioner):
     def check_teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
         dk = engine.client()
         for entry in entries(detail).values():
-            if not entry.get("shared"):
+            if entry.get("shared"):
+                shared.server_of(dk, entry)
+            else:
                 container = engine.owned(dk.containers, entry["container"], ctx.worktree.id)
                 if entry.get("volume"):
                     engine.owned(dk.volumes, entry["volume"], ctx.worktree.id)
