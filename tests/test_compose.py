@@ -176,6 +176,12 @@ def test_a_same_named_volume_not_devds_is_refused_and_never_removed(
     tree = repo.worktree("squat", "squat")
     devd.run("provision", str(tree), timeout=120)
     name = env_of(devd, tree)["COMPOSE_PROJECT_NAME"]
+    # The user's own project name after devd's block wins for a plain `docker compose`
+    # (the last definition does): status says so rather than letting it steer silently.
+    with open(tree / ".env", "a") as env:
+        env.write("COMPOSE_PROJECT_NAME=shop\n")
+    envfile = [r for r in devd.worktree(tree)["resources"] if r["kind"] == "envfile"][0]
+    assert "COMPOSE_PROJECT_NAME at .env:" in envfile["detail"], envfile
     squatter = dk.volumes.create(f"{name}_data")  # the user's own: no labels
     try:
         up = devd.run("compose", "up", "--path", str(tree), check=False)
