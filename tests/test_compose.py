@@ -172,8 +172,11 @@ def test_a_same_named_volume_not_devds_is_refused_and_never_removed(
     # `down -v` removes it by name: devd must refuse before either.
     repo = make_repo(devd_toml='[compose]\nfiles = ["compose.yaml"]\nstart = false\n')
     repo.commit({"compose.yaml": f"services:\n  cache:\n    image: {REDIS_IMAGE}\n"
-                 "    volumes: [\"data:/data\"]\nvolumes:\n  data:\n"})
+                 "    volumes: [\"data:/data\", \"shared:/shared\", \"./host:/host\"]\n"
+                 "volumes:\n  data:\n  shared:\n    external: true\n"
+                 "    name: devd-test-user-shared\n"})
     tree = repo.worktree("squat", "squat")
+    user_shared = dk.volumes.create("devd-test-user-shared")
     devd.run("provision", str(tree), timeout=120)
     name = env_of(devd, tree)["COMPOSE_PROJECT_NAME"]
     # The user's own project name after devd's block wins for a plain `docker compose`
@@ -189,5 +192,17 @@ def test_a_same_named_volume_not_devds_is_refused_and_never_removed(
         released = devd.run("release", str(tree), "--yes", check=False)
         assert released.returncode != 0 and f"{name}_data" in released.stderr
         assert dk.volumes.get(squatter.name).attrs["Labels"] in (None, {})
-    finally:
         squatter.remove()
+        # Once it is gone: up, then release. The external volume and the bind-mounted host
+        # files are the user's: neither removed nor backed up.
+        (tree / "host").mkdir()
+        (tree / "host" / "keep.txt").write_text("mine")
+        devd.run("compose", "up", "--path", str(tree), timeout=120)
+        released = devd.json("release", str(tree), "--yes")
+        assert dk.volumes.get(user_shared.name)
+        assert (tree / "host" / "keep.txt").read_text() == "mine"
+        assert [p.name for p in Path(released["volume_backups"][0]).iterdir()] == [
+            "compose-data.tar"]
+    finally:
+        for volume in dk.volumes.list(filters={"name": name}) + [user_shared]:
+            volume.remove(force=True)
