@@ -206,3 +206,30 @@ def test_a_same_named_volume_not_devds_is_refused_and_never_removed(
     finally:
         for volume in dk.volumes.list(filters={"name": name}) + [user_shared]:
             volume.remove(force=True)
+
+
+def test_a_release_whose_backup_hits_a_full_disk_removes_nothing_and_restarts(
+        devd: Devd, make_repo: Any, dk: Any) -> None:
+    # The daemon's file size limit stands in for a full disk: the volume's tarball cannot
+    # be written, so `down -v` must never run, and the project runs again as it did.
+    repo = make_repo(devd_toml='[compose]\nfiles = ["compose.yaml"]\n')
+    repo.commit({"compose.yaml": f"services:\n  cache:\n    image: {REDIS_IMAGE}\n"
+                 "    volumes: [\"data:/data\"]\nvolumes:\n  data:\n"})
+    tree = repo.worktree("full", "full")
+    devd.run("provision", str(tree), timeout=120)
+    name = env_of(devd, tree)["COMPOSE_PROJECT_NAME"]
+    label = {"label": f"com.docker.compose.project={name}"}
+    cache = dk.containers.list(filters=label)[0]
+    assert cache.exec_run(["sh", "-c", "head -c 3000000 /dev/urandom > /data/blob"])[0] == 0
+    assert devd.proc is not None
+    limit = ["prlimit", f"--pid={devd.proc.pid}"]
+    subprocess.run([*limit, "--fsize=1000000:"], check=True)
+    try:
+        failed = devd.run("release", str(tree), "--yes", check=False, timeout=120)
+    finally:
+        subprocess.run([*limit, "--fsize=unlimited:"], check=True)
+    assert failed.returncode == 1 and "nothing was removed" in failed.stderr, failed.stderr
+    assert [c.id for c in dk.containers.list(filters=label)] == [cache.id]
+    assert cache.exec_run(["ls", "/data/blob"])[0] == 0
+    backups = devd.paths.state_dir / "backups" / "volumes"
+    assert not [p for p in backups.rglob("*") if p.is_file()]

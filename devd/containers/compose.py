@@ -99,9 +99,15 @@ class ComposeProvisioner(Provisioner):
         self.check_teardown(ctx, detail)
         has_file = Path(detail.get("file", "")).is_file()
         if ctx.backup:
-            if has_file:  # stopped first: servers write their data out (Redis' RDB)
+            running = [c for c in _listed(dk.containers, name) if has_file]
+            if running:  # stopped first: servers write their data out (Redis' RDB)
                 _project(ctx).run("stop")
-            backup(ctx, dk, name)
+            try:
+                backup(ctx, dk, name)
+            except BaseException:
+                for container in running:  # all or nothing: the project runs as it did
+                    container.start()
+                raise
         if has_file:
             _project(ctx).run("down", "--volumes", "--remove-orphans")
         _sweep(dk, name, ctx.worktree.id)

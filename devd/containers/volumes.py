@@ -102,11 +102,17 @@ def archive(dk: DockerClient, volume: str, target: Path, image: str, wt_id: str)
     truncated tarball for `devd restore` to load, and fails the release before any removal."""
     part = target.with_name(target.name + ".part")
     try:
-        with _helper(dk, image, {volume: MOUNT}, wt_id) as helper, open(part, "wb") as out:
-            part.chmod(0o600)
+        with _helper(dk, image, {volume: MOUNT}, wt_id) as helper:
             stream, _ = helper.get_archive(MOUNT + "/.")
-            for chunk in stream:
-                out.write(chunk)
+            try:
+                with open(part, "wb") as out:
+                    part.chmod(0o600)
+                    for chunk in stream:
+                        out.write(chunk)
+            except OSError:
+                for _ in stream:
+                    pass  # read to the end: until then the engine holds the helper locked
+                raise
     except OSError as exc:
         part.unlink(missing_ok=True)
         raise DevdError(f"backup of volume {volume} into {target.parent} failed: {exc}; "
