@@ -212,7 +212,8 @@ def test_a_release_whose_backup_hits_a_full_disk_removes_nothing_and_restarts(
         devd: Devd, make_repo: Any, dk: Any) -> None:
     # The daemon's file size limit stands in for a full disk: the volume's tarball cannot
     # be written, so `down -v` must never run, and the project runs again as it did.
-    repo = make_repo(devd_toml='[compose]\nfiles = ["compose.yaml"]\n')
+    repo = make_repo(devd_toml='[compose]\nfiles = ["compose.yaml"]\n\n'
+                     f'[containers.sessions]\npreset = "redis"\nimage = "{REDIS_IMAGE}"\n')
     repo.commit({"compose.yaml": f"services:\n  cache:\n    image: {REDIS_IMAGE}\n"
                  "    volumes: [\"data:/data\"]\nvolumes:\n  data:\n"})
     tree = repo.worktree("full", "full")
@@ -231,5 +232,6 @@ def test_a_release_whose_backup_hits_a_full_disk_removes_nothing_and_restarts(
     assert failed.returncode == 1 and "nothing was removed" in failed.stderr, failed.stderr
     assert [c.id for c in dk.containers.list(filters=label)] == [cache.id]
     assert cache.exec_run(["ls", "/data/blob"])[0] == 0
+    assert redis(port_of(env_of(devd, tree)["REDIS_URL"]), "PING") == "+PONG"
     backups = devd.paths.state_dir / "backups" / "volumes"
     assert not [p for p in backups.rglob("*") if p.is_file()]

@@ -215,14 +215,21 @@ def _remove_one(ctx: Context, dk: DockerClient, name: str, entry: dict[str, Any]
     container = engine.owned(dk.containers, entry["container"], ctx.worktree.id)
     volume = engine.owned(dk.volumes, entry["volume"], ctx.worktree.id) \
         if entry.get("volume") else None
+    was_running = container is not None and container.status == "running"
     if container is not None:
         container.stop(timeout=10)  # a clean stop: servers write their data out (Redis' RDB)
-        container.remove(force=True, v=True)
-    if volume is not None:
-        if folder is not None:
+    if volume is not None and folder is not None:
+        try:
             engine.ensure_image(dk, entry["image"], lambda *a, **k: None, KIND)
             volumes.archive(dk, volume.name, volumes.tarball(folder, "container-" + name),
                             entry["image"], ctx.worktree.id)
+        except BaseException:
+            if was_running:  # all or nothing: the container runs as it did
+                container.start()
+            raise
+    if container is not None:
+        container.remove(force=True, v=True)
+    if volume is not None:
         volume.remove()
 
 
