@@ -164,3 +164,74 @@ def test_three_worktrees_own_projects_down_in_one_and_gc_backup_restore(
     assert pg(env["PORT_DB_5432"], "SELECT v FROM t") == [("shop-a",)]
     assert redis_ready(env["PORT_CACHE_6379"], "GET", "k") == "shop-a"
     assert redis(port_of(env["REDIS_URL"]), "GET", "s") == "shop-a"
+
+
+def test_a_same_named_volume_not_devds_is_refused_and_never_removed(
+        devd: Devd, make_repo: Any, dk: Any) -> None:
+    # Compose adopts an unlabelled volume called <project>_<key> (a warning only) and its
+    # `down -v` removes it by name: devd must refuse before either.
+    repo = make_repo(devd_toml='[compose]\nfiles = ["compose.yaml"]\nstart = false\n')
+    repo.commit({"compose.yaml": f"services:\n  cache:\n    image: {REDIS_IMAGE}\n"
+                 "    volumes: [\"data:/data\", \"shared:/shared\", \"./host:/host\"]\n"
+                 "volumes:\n  data:\n  shared:\n    external: true\n"
+                 "    name: devd-test-user-shared\n"})
+    tree = repo.worktree("squat", "squat")
+    user_shared = dk.volumes.create("devd-test-user-shared")
+    devd.run("provision", str(tree), timeout=120)
+    name = env_of(devd, tree)["COMPOSE_PROJECT_NAME"]
+    # The user's own project name after devd's block wins for a plain `docker compose`
+    # (the last definition does): status says so rather than letting it steer silently.
+    with open(tree / ".env", "a") as env:
+        env.write("COMPOSE_PROJECT_NAME=shop\n")
+    envfile = [r for r in devd.worktree(tree)["resources"] if r["kind"] == "envfile"][0]
+    assert "COMPOSE_PROJECT_NAME at .env:" in envfile["detail"], envfile
+    squatter = dk.volumes.create(f"{name}_data")  # the user's own: no labels
+    try:
+        up = devd.run("compose", "up", "--path", str(tree), check=False)
+        assert up.returncode != 0 and f"{name}_data" in up.stderr, up.stderr
+        released = devd.run("release", str(tree), "--yes", check=False)
+        assert released.returncode != 0 and f"{name}_data" in released.stderr
+        assert dk.volumes.get(squatter.name).attrs["Labels"] in (None, {})
+        squatter.remove()
+        # Once it is gone: up, then release. The external volume and the bind-mounted host
+        # files are the user's: neither removed nor backed up.
+        (tree / "host").mkdir()
+        (tree / "host" / "keep.txt").write_text("mine")
+        devd.run("compose", "up", "--path", str(tree), timeout=120)
+        released = devd.json("release", str(tree), "--yes")
+        assert dk.volumes.get(user_shared.name)
+        assert (tree / "host" / "keep.txt").read_text() == "mine"
+        assert [p.name for p in Path(released["volume_backups"][0]).iterdir()] == [
+            "compose-data.tar"]
+    finally:
+        for volume in dk.volumes.list(filters={"name": name}) + [user_shared]:
+            volume.remove(force=True)
+
+
+def test_a_release_whose_backup_hits_a_full_disk_removes_nothing_and_restarts(
+        devd: Devd, make_repo: Any, dk: Any) -> None:
+    # The daemon's file size limit stands in for a full disk: the volume's tarball cannot
+    # be written, so `down -v` must never run, and the project runs again as it did.
+    repo = make_repo(devd_toml='[compose]\nfiles = ["compose.yaml"]\n\n'
+                     f'[containers.sessions]\npreset = "redis"\nimage = "{REDIS_IMAGE}"\n')
+    repo.commit({"compose.yaml": f"services:\n  cache:\n    image: {REDIS_IMAGE}\n"
+                 "    volumes: [\"data:/data\"]\nvolumes:\n  data:\n"})
+    tree = repo.worktree("full", "full")
+    devd.run("provision", str(tree), timeout=120)
+    name = env_of(devd, tree)["COMPOSE_PROJECT_NAME"]
+    label = {"label": f"com.docker.compose.project={name}"}
+    cache = dk.containers.list(filters=label)[0]
+    assert cache.exec_run(["sh", "-c", "head -c 3000000 /dev/urandom > /data/blob"])[0] == 0
+    assert devd.proc is not None
+    limit = ["prlimit", f"--pid={devd.proc.pid}"]
+    subprocess.run([*limit, "--fsize=1000000:"], check=True)
+    try:
+        failed = devd.run("release", str(tree), "--yes", check=False, timeout=120)
+    finally:
+        subprocess.run([*limit, "--fsize=unlimited:"], check=True)
+    assert failed.returncode == 1 and "nothing was removed" in failed.stderr, failed.stderr
+    assert [c.id for c in dk.containers.list(filters=label)] == [cache.id]
+    assert cache.exec_run(["ls", "/data/blob"])[0] == 0
+    assert redis(port_of(env_of(devd, tree)["REDIS_URL"]), "PING") == "+PONG"
+    backups = devd.paths.state_dir / "backups" / "volumes"
+    assert not [p for p in backups.rglob("*") if p.is_file()]

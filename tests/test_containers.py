@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,9 +75,14 @@ def test_redis_per_worktree_isolated_labelled_backed_up_and_restored(
     assert not dk.volumes.list(filters={"label": f"devd.owner={wt_id}"})
     run_git(repo.main, "worktree", "add", "-q", str(a), "a")
     devd.run("provision", str(a), timeout=120)
-    devd.run("restore", str(a), timeout=120)
     port = port_of(env_of(devd, a)["REDIS_URL"])
+    assert redis(port, "SET", "new", "since") == "+OK"
+    restored = devd.json("restore", str(a))
     assert redis(port, "GET", "k") == "a" and redis(port, "GET", "k2") == "after-restart"
+    # What the volume held since is not lost: set aside first, never taken for the newest.
+    replaced = Path(restored["replaced_backup"]) / "container-redis.tar"
+    assert b"since" in replaced.read_bytes()
+    assert restored["volume_backup"] == gc["volume_backups"][0]
     # Turning it shared would leave this container untracked: refused.
     (a / "devd.toml").write_text(toml("shared = true\n"))
     done = devd.run("provision", str(a), timeout=120, check=False)
@@ -108,3 +114,18 @@ def test_shared_redis_leases_an_index_flushes_on_release_and_says_when_full(
     assert backups and backups[0].stat().st_size > 0
     server = [c for c in dk.containers.list() if c.name.startswith("devd-redis-shared-")]
     assert dk.volumes.get(server[0].name).attrs["Labels"]["devd.kind"] == "redis-shared"
+    # A Redis that merely has the server's name (not devd's labels) is never flushed.
+    server[0].remove(force=True)
+    impostor = dk.containers.run(REDIS_IMAGE, name=server[0].name, detach=True,
+                                 command=["redis-server", "--databases", "2"])
+    try:
+        while impostor.exec_run(["redis-cli", "-n", str(db_b), "SET", "k", "theirs"]
+                                )[0] != 0:
+            time.sleep(0.05)  # until it accepts
+        refused = devd.run("release", str(b), "--yes", timeout=120, check=False)
+        assert refused.returncode == 1 and "not labelled" in refused.stderr
+        assert "REDIS_URL" in (b / ".env").read_text()  # checked first: nothing went
+        out = impostor.exec_run(["redis-cli", "-n", str(db_b), "GET", "k"])[1]
+        assert out.strip() == b"theirs"
+    finally:
+        impostor.remove(force=True)

@@ -196,3 +196,45 @@ def test_up_and_down_of_a_whole_worktree_bring_its_compose_project_along(
     up = json.loads(devd.run("up", "--path", str(tree), "web", "--json", timeout=120).stdout)
     assert "compose" not in up and not dk.containers.list(filters=label)
     devd.run("down", "--path", str(tree))
+
+
+def test_a_backup_cut_short_by_a_full_disk_fails_and_leaves_no_tarball(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file size limit makes the write fail the way a full disk does (EFBIG; Python
+    # ignores SIGXFSZ): the release must stop there, with nothing half-written to restore.
+    import io
+    import resource
+    import tarfile
+
+    from devd import instance
+    from devd.containers import volumes
+    from devd.errors import DevdError
+
+    dk = redis_client()
+    monkeypatch.setattr(instance, "_bound", None)
+    instance.bind(tmp_path)
+    volume = dk.volumes.create(labels={"devd.instance": instance.current()})
+    data, packed = os.urandom(256 * 1024), io.BytesIO()
+    with tarfile.open(fileobj=packed, mode="w") as tar:
+        info = tarfile.TarInfo("dump.rdb")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    target = tmp_path / "compose-data.tar"
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        volumes.load(dk, volume.name, _as_file(tmp_path, packed.getvalue()), REDIS_IMAGE,
+                     "wt")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))
+        with pytest.raises(DevdError, match="nothing was removed") as failed:
+            volumes.archive(dk, volume.name, target, REDIS_IMAGE, "wt")
+        assert failed.value.code == "backup_failed"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["instance-id", "load.tar"]
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        remove_instance(dk, instance.current())
+
+
+def _as_file(folder: Any, data: bytes) -> Any:
+    path = folder / "load.tar"
+    path.write_bytes(data)
+    return path

@@ -65,7 +65,7 @@ class ComposeProvisioner(Provisioner):
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomic(target, json.dumps(project.resolve(model, ports, labels), indent=1,
                                         sort_keys=True).encode())
-        refuse_foreign(dk, name, ctx.worktree.id)
+        refuse_foreign(dk, name, ctx.worktree.id, model)
         _note_own_project(dk, ctx, progress)
         detail: dict[str, Any] = {"project": name, "file": str(target), "ports": ports,
                   "compose": " ".join(binary()), "services": sorted(model["services"])}
@@ -88,7 +88,7 @@ class ComposeProvisioner(Provisioner):
     def check_teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
         dk = engine.client()
         name = detail.get("project") or project_name(ctx.worktree.id)
-        refuse_foreign(dk, name, ctx.worktree.id)
+        refuse_foreign(dk, name, ctx.worktree.id, _resolved(ctx))
         members = {c.id for c in _listed(dk.containers, name, all=True)}
         for volume in _listed(dk.volumes, name):
             volumes.refuse_in_use(dk, volume.name, members, f"of project {name}")
@@ -99,9 +99,15 @@ class ComposeProvisioner(Provisioner):
         self.check_teardown(ctx, detail)
         has_file = Path(detail.get("file", "")).is_file()
         if ctx.backup:
-            if has_file:  # stopped first: servers write their data out (Redis' RDB)
+            running = [c for c in _listed(dk.containers, name) if has_file]
+            if running:  # stopped first: servers write their data out (Redis' RDB)
                 _project(ctx).run("stop")
-            backup(ctx, dk, name)
+            try:
+                backup(ctx, dk, name)
+            except BaseException:
+                for container in running:  # all or nothing: the project runs as it did
+                    container.start()
+                raise
         if has_file:
             _project(ctx).run("down", "--volumes", "--remove-orphans")
         _sweep(dk, name, ctx.worktree.id)
@@ -139,14 +145,16 @@ def _lease(ctx: Context, model: dict[str, Any]) -> dict[str, int]:
 
 def up(ctx: Context, progress: Progress) -> None:
     """`up -d` of the worktree's project (pulls or builds what is missing)."""
-    refuse_foreign(engine.client(), project_name(ctx.worktree.id), ctx.worktree.id)
+    refuse_foreign(engine.client(), project_name(ctx.worktree.id), ctx.worktree.id,
+                   _resolved(ctx))
     progress(KIND, f"starting project {project_name(ctx.worktree.id)}")
     _project(ctx).run("up", "--detach", "--remove-orphans")
 
 
 def down(ctx: Context, progress: Progress) -> None:
     """Stop and remove the project's containers and network; its volumes stay."""
-    refuse_foreign(engine.client(), project_name(ctx.worktree.id), ctx.worktree.id)
+    refuse_foreign(engine.client(), project_name(ctx.worktree.id), ctx.worktree.id,
+                   _resolved(ctx))
     progress(KIND, f"stopping project {project_name(ctx.worktree.id)}")
     _project(ctx).run("down", "--remove-orphans")
 
@@ -155,8 +163,29 @@ def _listed(collection: Any, name: str, **extra: Any) -> list[Any]:
     return list(collection.list(filters={"label": f"{PROJECT_LABEL}={name}"}, **extra))
 
 
-def refuse_foreign(dk: Any, name: str, wt_id: str) -> None:
-    """Everything Compose knows as project `name` must be ours, or devd touches none of it."""
+def _resolved(ctx: Context) -> dict[str, Any]:
+    """The model devd last wrote for the worktree ({} once it is gone)."""
+    try:
+        found = json.loads(resolved_path(ctx).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def refuse_foreign(dk: Any, name: str, wt_id: str, model: dict[str, Any] | None = None
+                   ) -> None:
+    """Everything Compose knows as project `name` must be ours, or devd touches none of it.
+    That includes what merely has the name Compose gives the project's volumes and networks
+    (<project>_<key>): Compose adopts such an unlabelled volume with a warning, and its
+    `down -v` then removes it by name, someone's data with it."""
+    model = model or {}
+    for section, collection in (("volumes", dk.volumes), ("networks", dk.networks)):
+        specs = dict(model.get(section) or {})
+        if section == "networks" and model:
+            specs.setdefault("default", {})
+        for key, spec in sorted(specs.items()):
+            if not project.external(spec or {}):
+                engine.owned(collection, f"{name}_{key}", wt_id)
     for collection, extra in ((dk.containers, {"all": True}), (dk.volumes, {}),
                               (dk.networks, {})):
         for found in _listed(collection, name, **extra):
@@ -222,6 +251,8 @@ def restore(ctx: Context, folder: Path, progress: Progress) -> list[str]:
         tags = engine.tags_of(old) if old is not None else \
             engine.labels(ctx.worktree.id, KIND) | {PROJECT_LABEL: name, VOLUME_LABEL: key}
         if old is not None:
+            kept = volumes.set_aside(ctx, dk, volume_name, "compose-" + key, image)
+            progress(KIND, f"volume {volume_name} as it was is kept in {kept}")
             old.remove()
         dk.volumes.create(volume_name, labels=tags)
         volumes.load(dk, volume_name, source, image, ctx.worktree.id)

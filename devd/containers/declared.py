@@ -95,7 +95,9 @@ class ContainersProvisioner(Provisioner):
     def check_teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
         dk = engine.client()
         for entry in entries(detail).values():
-            if not entry.get("shared"):
+            if entry.get("shared"):
+                shared.server_of(dk, entry)
+            else:
                 container = engine.owned(dk.containers, entry["container"], ctx.worktree.id)
                 if entry.get("volume"):
                     engine.owned(dk.volumes, entry["volume"], ctx.worktree.id)
@@ -213,14 +215,21 @@ def _remove_one(ctx: Context, dk: DockerClient, name: str, entry: dict[str, Any]
     container = engine.owned(dk.containers, entry["container"], ctx.worktree.id)
     volume = engine.owned(dk.volumes, entry["volume"], ctx.worktree.id) \
         if entry.get("volume") else None
+    was_running = container is not None and container.status == "running"
     if container is not None:
         container.stop(timeout=10)  # a clean stop: servers write their data out (Redis' RDB)
-        container.remove(force=True, v=True)
-    if volume is not None:
-        if folder is not None:
+    if volume is not None and folder is not None:
+        try:
             engine.ensure_image(dk, entry["image"], lambda *a, **k: None, KIND)
             volumes.archive(dk, volume.name, volumes.tarball(folder, "container-" + name),
                             entry["image"], ctx.worktree.id)
+        except BaseException:
+            if was_running:  # all or nothing: the container runs as it did
+                container.start()
+            raise
+    if container is not None:
+        container.remove(force=True, v=True)
+    if volume is not None:
         volume.remove()
 
 
@@ -235,9 +244,12 @@ def restore(ctx: Context, detail: dict[str, Any], folder: Path,
             continue
         container = engine.owned(dk.containers, entry["container"], ctx.worktree.id)
         if container is not None:
+            container.stop(timeout=10)  # a clean stop: what is set aside is complete
             container.remove(force=True, v=True)
         old = engine.owned(dk.volumes, entry["volume"], ctx.worktree.id)
         if old is not None:
+            kept = volumes.set_aside(ctx, dk, old.name, "container-" + name, entry["image"])
+            progress(KIND, f"volume {old.name} as it was is kept in {kept}")
             old.remove()
         dk.volumes.create(entry["volume"], labels=engine.labels(ctx.worktree.id, KIND))
         volumes.load(dk, entry["volume"], source, entry["image"], ctx.worktree.id)

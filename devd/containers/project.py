@@ -104,14 +104,14 @@ def _service(name: str, spec: dict[str, Any], leased: dict[str, int],
 
 def _labelled(spec: dict[str, Any] | None, labels: dict[str, str]) -> dict[str, Any]:
     spec = dict(spec or {})
-    if _external(spec):
+    if external(spec):
         return spec  # not the project's: Compose neither makes nor removes it
     spec.pop("name", None)
     spec["labels"] = _labels_of(spec.get("labels")) | labels
     return spec
 
 
-def _external(spec: dict[str, Any]) -> bool:
+def external(spec: dict[str, Any]) -> bool:
     external = spec.get("external")
     return bool(external) and external is not False
 
@@ -119,7 +119,7 @@ def _external(spec: dict[str, Any]) -> bool:
 def externals(model: dict[str, Any]) -> list[str]:
     """External volumes and networks: shared by every worktree, so not isolated."""
     return [f"{section[:-1]} {key}" for section in ("volumes", "networks")
-            for key, spec in (model.get(section) or {}).items() if _external(spec or {})]
+            for key, spec in (model.get(section) or {}).items() if external(spec or {})]
 
 
 def _labels_of(value: Any) -> dict[str, str]:

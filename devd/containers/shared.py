@@ -56,10 +56,7 @@ def _server(ctx: Context, dk: DockerClient, spec: dict[str, Any], progress: Prog
     except docker.errors.NotFound:
         found = None
     if found is not None:
-        tags = engine.tags_of(found)
-        if any(tags.get(key) != value for key, value in _labels().items()):
-            raise OwnershipConflict(f"container {name} exists but is not labelled as this "
-                                    "devd's shared Redis", "remove or rename it yourself")
+        _refuse_foreign(found)
         if found.status != "running":
             found.start()
         bindings = found.attrs["HostConfig"]["PortBindings"]["6379/tcp"]
@@ -80,6 +77,14 @@ def _server(ctx: Context, dk: DockerClient, spec: dict[str, Any], progress: Prog
                                   command=spec["command"] or None,
                                   volumes={name: {"bind": "/data", "mode": "rw"}})
     return container, port
+
+
+def _refuse_foreign(container: Container) -> None:
+    tags = engine.tags_of(container)
+    if any(tags.get(key) != value for key, value in _labels().items()):
+        raise OwnershipConflict(f"container {container.name} exists but is not labelled as "
+                                "this devd's shared Redis; nothing was flushed",
+                                "remove or rename it yourself")
 
 
 def _free_port(ctx: Context) -> int:
@@ -124,14 +129,24 @@ def _databases(container: Container) -> int:
     return int(lines[1]) if len(lines) > 1 and lines[1].isdigit() else 16
 
 
-def release(ctx: Context, dk: DockerClient, entry: dict[str, Any], folder: Path | None
-            ) -> None:
-    """An --rdb backup of the server into `folder`, then FLUSHDB of the worktree's index."""
+def server_of(dk: DockerClient, entry: dict[str, Any]) -> Container | None:
+    """The worktree's shared server, None if gone; a Redis that merely has its name (not
+    this devd's labels) is a conflict: its data is never flushed."""
     import docker
 
     try:
         container = dk.containers.get(entry["container"])
     except docker.errors.NotFound:
+        return None
+    _refuse_foreign(container)
+    return container
+
+
+def release(ctx: Context, dk: DockerClient, entry: dict[str, Any], folder: Path | None
+            ) -> None:
+    """An --rdb backup of the server into `folder`, then FLUSHDB of the worktree's index."""
+    container = server_of(dk, entry)
+    if container is None:
         return  # the server is gone, and its data with it: nothing left to flush
     db = str(int(entry["db"]))
     if folder is not None:

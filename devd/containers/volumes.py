@@ -30,12 +30,22 @@ def backups_dir(paths: Paths, wt_id: str) -> Path:
     return paths.state_dir / "backups" / "volumes" / wt_id
 
 
-def new_backup_dir(paths: Paths, wt_id: str) -> Path:
+def new_backup_dir(paths: Paths, wt_id: str, base: Path | None = None) -> Path:
     """A fresh directory per backup, named by UTC time so the latest sorts last."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{time.time_ns() % 10**9:09d}"
-    target = backups_dir(paths, wt_id) / stamp
+    target = (base or backups_dir(paths, wt_id)) / stamp
     target.mkdir(parents=True, mode=0o700)
     return target
+
+
+def set_aside(ctx: Any, dk: DockerClient, volume: str, key: str, image: str) -> Path:
+    """The files a restore is about to replace, kept as a tarball first (in a folder of
+    their own: `devd restore` picks the newest release backup, never these)."""
+    kept = ctx.outputs.setdefault("replaced_backups", [])
+    if not kept:
+        base = ctx.paths.state_dir / "backups" / "replaced-volumes" / ctx.worktree.id
+        kept.append(str(new_backup_dir(ctx.paths, ctx.worktree.id, base)))
+    return archive(dk, volume, tarball(Path(kept[-1]), key), image, ctx.worktree.id)
 
 
 def release_folder(ctx: Any) -> Path:
@@ -87,13 +97,31 @@ def _helper(dk: DockerClient, image: str, mounts: dict[str, str], wt_id: str
 
 
 def archive(dk: DockerClient, volume: str, target: Path, image: str, wt_id: str) -> Path:
-    """The volume's files as a tarball at `target` (streamed, never held in memory)."""
-    with _helper(dk, image, {volume: MOUNT}, wt_id) as helper, \
-            open(target, "wb") as out:
-        stream, _ = helper.get_archive(MOUNT + "/.")
-        for chunk in stream:
-            out.write(chunk)
-    target.chmod(0o600)
+    """The volume's files as a tarball at `target` (streamed, never held in memory). It is
+    written beside and renamed into place whole: a backup cut short (disk full) leaves no
+    truncated tarball for `devd restore` to load, and fails the release before any removal."""
+    part = target.with_name(target.name + ".part")
+    try:
+        with _helper(dk, image, {volume: MOUNT}, wt_id) as helper:
+            stream, _ = helper.get_archive(MOUNT + "/.")
+            try:
+                with open(part, "wb") as out:
+                    part.chmod(0o600)
+                    for chunk in stream:
+                        out.write(chunk)
+            except OSError:
+                for _ in stream:
+                    pass  # read to the end: until then the engine holds the helper locked
+                raise
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise DevdError(f"backup of volume {volume} into {target.parent} failed: {exc}; "
+                        "nothing was removed", "free disk space there, then release again",
+                        code="backup_failed") from exc
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    part.rename(target)
     return target
 
 

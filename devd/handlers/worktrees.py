@@ -115,6 +115,8 @@ class WorktreeRequests(ServiceCore):
                 if ctx.recorded("compose"):
                     result["volumes"] += compose.restore(ctx, folder, progress)
                 result["volume_backup"] = str(folder)
+            if ctx.outputs.get("replaced_backups"):  # what the volumes held before
+                result["replaced_backup"] = ctx.outputs["replaced_backups"][-1]
             return result
 
     def do_compose(self, progress: Progress, path: str, action: str) -> dict[str, Any]:
