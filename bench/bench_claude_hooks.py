@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import git, start_daemon  # noqa: E402
+from bench_core import new_repo, start_daemon  # noqa: E402
 
 ZEROS = "0" * 40
 
@@ -38,13 +38,7 @@ def side(install: Path, root: Path, name: str) -> dict[str, object]:
     (bin_dir / "devd").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m devd "$@"\n')
     (bin_dir / "devd").chmod(0o755)
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    repo = root / f"repo-{name}"
-    repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    (repo / "devd.toml").write_text('[ports]\nnames = ["web"]\n')
-    (repo / ".gitignore").write_text(".env\n")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "init")
+    repo = new_repo(root / f"repo-{name}", '[ports]\nnames = ["web"]\n', ".env\n")
     subprocess.run([sys.executable, "-m", "devd", "hook", "install", "--git", str(repo)],
                    env=env, check=True, capture_output=True)
     return {"env": env, "repo": repo, "daemon": start_daemon(env, home), "n": 0}

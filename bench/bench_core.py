@@ -32,6 +32,18 @@ def git(cwd: Path, *args: str) -> None:
                         "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@b"})
 
 
+def new_repo(repo: Path, toml: str, gitignore: str | None = None) -> Path:
+    """A git repo at `repo` whose first commit holds `devd.toml` (and a `.gitignore`)."""
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "devd.toml").write_text(toml)
+    if gitignore is not None:
+        (repo / ".gitignore").write_text(gitignore)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "init")
+    return repo
+
+
 def timed(argv: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
     subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -65,12 +77,7 @@ def main() -> None:
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEVD_")}
     env.update(DEVD_HOME=str(home), DEVD_NO_AUTOSTART="1", PYTHONPATH=str(ROOT))
-    repo = work / "shop"
-    repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    (repo / "devd.toml").write_text('[ports]\nnames = ["web", "api"]\n')
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "init")
+    repo = new_repo(work / "shop", '[ports]\nnames = ["web", "api"]\n')
     daemon = start_daemon(env, home)
     try:
         rows = run_benchmarks(work, repo, env, runs)

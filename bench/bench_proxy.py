@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench_core import git, start_daemon
+from bench_core import new_repo, start_daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = ROOT / "tests" / "fixtures" / "proxy_backend.py"
@@ -95,12 +95,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="devd-bench-proxy-") as tmp_name:
         tmp = Path(tmp_name)
         repo, home, port = tmp / "shop", tmp / "home", free_port()
-        repo.mkdir()
+        new_repo(repo, '[ports]\nnames = ["web", "ws"]\n')
         home.mkdir()
-        git(repo, "init", "-q", "-b", "main")
-        (repo / "devd.toml").write_text('[ports]\nnames = ["web", "ws"]\n')
-        git(repo, "add", "-A")
-        git(repo, "commit", "-q", "-m", "init")
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEVD_")} | {
             "DEVD_HOME": str(home), "DEVD_NO_AUTOSTART": "1", "DEVD_PROXY_PORT": str(port)}
         daemon = start_daemon(env, home)

@@ -23,14 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import git, new_repo, timed  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKTREES = 100
-
-
-def git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True,
-                   env={**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b",
-                        "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@b"})
 
 
 def install(venv: Path) -> None:
@@ -38,12 +35,6 @@ def install(venv: Path) -> None:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(ROOT)], check=True,
                    cwd=tempfile.gettempdir())
-
-
-def timed(argv: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return time.perf_counter() - start
 
 
 def ask(sock_path: Path, method: str, params: dict[str, object] | None = None) -> object:
@@ -133,13 +124,7 @@ def main() -> None:
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DEVD_", "PYTHON"))}
     env.update(DEVD_HOME=str(home), DEVD_NO_AUTOSTART="1")
-    repo = work / "shop"
-    repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    (repo / "devd.toml").write_text('[ports]\nnames = ["web", "api"]\n')
-    (repo / ".gitignore").write_text(".env\n")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "init")
+    repo = new_repo(work / "shop", '[ports]\nnames = ["web", "api"]\n', ".env\n")
     daemon = start_daemon(python, env, home)
     try:
         register(repo, home / "run" / "devd.sock", WORKTREES)
