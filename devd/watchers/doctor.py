@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from devd.watchers import analysis
-from devd.watchers.linux import binding_limits, in_child_userns
+from devd.watchers.linux import binding_limits, in_child_userns, limit_names, sysctl_path
 
 
 def localise(result: dict[str, Any]) -> dict[str, Any]:
@@ -26,8 +26,7 @@ def localise(result: dict[str, Any]) -> dict[str, Any]:
         return result
     watches, instances = binding_limits()
     found = [limit for limit in (watches, instances) if limit is not None]
-    names = {kind: limit.sysctl for kind, limit in (("watches", watches),
-                                                    ("instances", instances)) if limit}
+    names = limit_names(watches, instances)
     result["limits"] = [{"sysctl": limit.sysctl, "value": limit.value,
                          "namespace": limit.namespace} for limit in found]
     result["fix"] = analysis.fix(watches.value if watches else None,
@@ -58,7 +57,7 @@ def _raise_in_namespace(lines: list[str]) -> dict[str, Any]:
         if not name.startswith("user."):
             skipped.append(name)  # the machine's: not from in here
             continue
-        path = "/proc/sys/" + name.replace(".", "/")
+        path = sysctl_path(name)
         try:
             Path(path).write_text(value)
         except OSError as exc:

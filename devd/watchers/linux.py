@@ -45,8 +45,7 @@ class LinuxSampler:
         out = Sample(time.time(), full, self.uid, watches.value if watches else None,
                      instances.value if instances else None,
                      watch_lines=self._watch_lines is not False,
-                     limits={kind: limit.sysctl for kind, limit in
-                             (("watches", watches), ("instances", instances)) if limit})
+                     limits=limit_names(watches, instances))
         kinds: dict[FdKey, bool] = {}
         inodes: dict[FdKey, tuple[int, frozenset[tuple[int, int]]]] = {}
         for name in os.listdir(self.proc):
@@ -217,7 +216,7 @@ class Limit:
 
     @property
     def path(self) -> str:
-        return "/proc/sys/" + self.sysctl.replace(".", "/")
+        return sysctl_path(self.sysctl)
 
     @property
     def namespace(self) -> bool:
@@ -226,6 +225,18 @@ class Limit:
 
 LIMITS = {"watches": ("fs.inotify.max_user_watches", "user.max_inotify_watches"),
           "instances": ("fs.inotify.max_user_instances", "user.max_inotify_instances")}
+
+
+def sysctl_path(sysctl: str, proc: str = "/proc") -> str:
+    """The /proc/sys file of a sysctl: `user.max_inotify_watches` ->
+    `/proc/sys/user/max_inotify_watches`."""
+    return f"{proc}/sys/{sysctl.replace('.', '/')}"
+
+
+def limit_names(watches: Limit | None, instances: Limit | None) -> dict[str, str]:
+    """{"watches": sysctl, "instances": sysctl} of the binding limits found."""
+    return {kind: limit.sysctl for kind, limit in (("watches", watches),
+                                                   ("instances", instances)) if limit}
 
 
 def binding_limits(proc: str = "/proc") -> tuple[Limit | None, Limit | None]:
@@ -238,7 +249,7 @@ def binding_limits(proc: str = "/proc") -> tuple[Limit | None, Limit | None]:
 def _binding(proc: str, machine: str, own: str, child: bool) -> Limit | None:
     names = (machine, own) if child else (machine,)
     found = [Limit(name, value) for name in names
-             if (value := _read_int(f"{proc}/sys/{name.replace('.', '/')}")) is not None]
+             if (value := _read_int(sysctl_path(name, proc))) is not None]
     # The lowest binds; on a tie the namespace's (raising the machine's would not help).
     return min(found, key=lambda limit: (limit.value, not limit.namespace), default=None)
 
