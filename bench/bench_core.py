@@ -50,9 +50,13 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def start_daemon(env: dict[str, str], home: Path) -> subprocess.Popen[bytes]:
+def start_daemon(env: dict[str, str], home: Path, python: Path | str = sys.executable,
+                 cwd: str | None = None) -> subprocess.Popen[bytes]:
+    """`python -m devd daemon`, once its socket takes connections (`cwd="/"`: no devd
+    source tree in the current directory shadows the installed one)."""
     log = open(home / "daemon.log", "wb")  # noqa: SIM115 - lives as long as the daemon
-    proc = subprocess.Popen([sys.executable, "-m", "devd", "daemon"], env=env, stderr=log)
+    proc = subprocess.Popen([str(python), "-m", "devd", "daemon"], env=env, stderr=log,
+                            cwd=cwd)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         sock = home / "run" / "devd.sock"

@@ -23,7 +23,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,9 @@ from typing import Any
 
 import docker
 import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import start_daemon  # noqa: E402
 
 IMAGE = os.environ.get("DEVD_TEST_POSTGRES_IMAGE", "postgres:16-alpine")
 LABEL = {"devd.bench": "snapshots"}
@@ -216,20 +218,6 @@ def provision(env: dict[str, str], tree: Path) -> tuple[float, dict[str, Any], d
 def pg_password(env: dict[str, str], tree: Path) -> str:
     done = sh([*CLI, "env", str(tree), "--format", "json"], env=env)
     return str(json.loads(done.stdout)["PGPASSWORD"])
-
-
-def start_daemon(env: dict[str, str], home: Path) -> subprocess.Popen[bytes]:
-    log = open(home / "daemon.log", "wb")  # noqa: SIM115 - lives as long as the daemon
-    proc = subprocess.Popen([*CLI, "daemon"], env=env, stderr=log)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with socket.socket(socket.AF_UNIX) as probe:
-                probe.connect(str(home / "run" / "devd.sock"))
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("daemon did not start")
 
 
 def report(results: list[dict[str, Any]], load: tuple[float, float]) -> None:

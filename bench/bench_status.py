@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import git, new_repo, timed  # noqa: E402
+from bench_core import git, new_repo, start_daemon, timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKTREES = 100
@@ -73,21 +73,6 @@ def raw_status(sock_path: Path) -> float:
     return elapsed
 
 
-def start_daemon(python: Path, env: dict[str, str], home: Path) -> subprocess.Popen[bytes]:
-    log = open(home / "daemon.log", "wb")  # noqa: SIM115 - lives as long as the daemon
-    proc = subprocess.Popen([str(python), "-m", "devd", "daemon"], env=env, stderr=log,
-                            cwd="/")
-    sock = home / "run" / "devd.sock"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            ask(sock, "ping")
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("daemon did not start")
-
-
 def register(repo: Path, sock: Path, count: int) -> None:
     for i in range(count):
         path = repo.parent / f"wt-{i:03d}"
@@ -125,7 +110,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DEVD_", "PYTHON"))}
     env.update(DEVD_HOME=str(home), DEVD_NO_AUTOSTART="1")
     repo = new_repo(work / "shop", '[ports]\nnames = ["web", "api"]\n', ".env\n")
-    daemon = start_daemon(python, env, home)
+    daemon = start_daemon(env, home, python, cwd="/")
     try:
         register(repo, home / "run" / "devd.sock", WORKTREES)
         report(measure(python, devd, env, home / "run" / "devd.sock", args.runs), args.runs)
