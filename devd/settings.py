@@ -333,7 +333,6 @@ class ComposeConfig(_Section):
         return [_check_relative(name) for name in files]
 
 
-_CONTAINER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 
 
 class ContainerConfig(_Section):
@@ -383,7 +382,7 @@ class RepoConfig(_Section):
     @classmethod
     def _container_names(cls, found: dict[str, ContainerConfig]) -> dict[str, ContainerConfig]:
         for name, spec in found.items():
-            if not _CONTAINER_NAME.match(name):
+            if not _PORT_NAME.match(name):  # the same rule (it names PORT_<NAME>)
                 raise ValueError(f"container name {name!r} must be lowercase letters, digits "
                                  "and _, starting with a letter")
             if not (spec.preset or spec.image):

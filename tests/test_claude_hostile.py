@@ -85,7 +85,8 @@ def test_a_trailing_newline_is_no_name_and_no_bare_value(tmp_path: Path) -> None
     """`$` matches before a final newline: a devd.toml name "web\\n" would become an
     `export PORT_WEB\\n=...` in every Bash command, a value "/x/wt\\n" a .env line naming
     the worktree /x/wt."""
-    for toml in ('[ports]\nnames = ["web\\n"]\n', '[cache]\nenv = ["FOO\\n"]\n'):
+    for toml in ('[ports]\nnames = ["web\\n"]\n', '[cache]\nenv = ["FOO\\n"]\n',
+                 '[containers."redis\\n"]\npreset = "redis"\n'):
         (tmp_path / "devd.toml").write_text(toml)
         with pytest.raises(ConfigError):
             load_repo_config(tmp_path)
