@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from devd.client import Client
 from devd.render import safe
-from devd.render_status import size_text
+from devd.render_status import line, size_text, table
 
 Call = Callable[[Client, argparse.Namespace], dict[str, Any]]
 
@@ -75,13 +76,12 @@ def render_snapshots(found: list[dict[str, Any]]) -> str:
     """One aligned row per snapshot: name, size, major, age, source, users."""
     if not found:
         return "no snapshots yet (devd db snapshot NAME)"
-    rows = [("NAME", "SIZE", "PG", "TAKEN", "SOURCE", "USED BY")]
+    rows = [["NAME", "SIZE", "PG", "TAKEN", "SOURCE", "USED BY"]]
     for snap in found:
         taken = time.strftime("%Y-%m-%d %H:%M", time.localtime(snap.get("created", 0)))
         users = snap.get("used_by") or []
-        rows.append((snap["name"], size_text(snap.get("bytes")), str(snap.get("pg_major")),
+        rows.append([snap["name"], size_text(snap.get("bytes")), str(snap.get("pg_major")),
                      taken, str(snap.get("source")),
-                     ", ".join(os.path.basename(u) for u in users) or "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
-                     + "  " + row[-1] for row in rows)
+                     ", ".join(os.path.basename(u) for u in users) or "-"])
+    widths = table(rows, sys.maxsize, ())  # natural widths: nothing is clipped
+    return "\n".join(line(row, widths) for row in rows)

@@ -23,8 +23,9 @@ HOST = "127.0.0.1"  # every port devd publishes is on loopback only
 USED_FILE = "containers-used"
 
 
-def client(timeout: int = 60) -> DockerClient:
-    """A pinged client (DOCKER_HOST honoured), or an error saying how to get one."""
+def client(timeout: int = 60, hint: str = "then provision again") -> DockerClient:
+    """A pinged client (DOCKER_HOST honoured), or an error saying how to get one; `hint`
+    ends "start the Docker engine (or set DOCKER_HOST), ..."."""
     import docker
 
     try:
@@ -32,7 +33,7 @@ def client(timeout: int = 60) -> DockerClient:
         found.ping()
     except docker.errors.DockerException as exc:
         raise DevdError(f"Docker is not reachable: {exc}",
-                        "start the Docker engine (or set DOCKER_HOST), then provision again",
+                        f"start the Docker engine (or set DOCKER_HOST), {hint}",
                         code="docker_unavailable") from exc
     return found
 
@@ -65,15 +66,17 @@ def tags_of(found: Any) -> dict[str, str]:
             else attrs.get("Labels")) or {}
 
 
-def owned(collection: Any, name: str, wt_id: str) -> Any:
-    """The object named `name` if it carries our labels; None if absent; a conflict if not."""
+def owned(collection: Any, name: str, wt_id: str,
+          accept: Callable[[dict[str, str], str], bool] = ours) -> Any:
+    """The object named `name` if its labels are `accept`ed as ours; None if absent; a
+    conflict if not."""
     import docker
 
     try:
         found = collection.get(name)
     except docker.errors.NotFound:
         return None
-    if not ours(tags_of(found), wt_id):
+    if not accept(tags_of(found), wt_id):
         raise OwnershipConflict(
             f"Docker {type(found).__name__.lower()} {name!r} exists but is not labelled as "
             f"this devd's for worktree {wt_id}",
@@ -81,8 +84,10 @@ def owned(collection: Any, name: str, wt_id: str) -> Any:
     return found
 
 
-def ensure_image(dk: DockerClient, image: str, progress: Progress, phase: str) -> None:
-    """The image locally, pulled if missing; a pull that fails names the image."""
+def ensure_image(dk: DockerClient, image: str, progress: Progress, phase: str,
+                 hint: str = "") -> None:
+    """The image locally, pulled if missing (its progress at most once a second); a pull
+    that fails names the image."""
     import docker
 
     try:
@@ -90,12 +95,18 @@ def ensure_image(dk: DockerClient, image: str, progress: Progress, phase: str) -
         return
     except docker.errors.ImageNotFound:
         progress(phase, f"pulling {image}")
-    hint = f"check the image name and your registry access, or build {image} locally"
+    hint = hint or f"check the image name and your registry access, or build {image} locally"
+    repo, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
+    last = 0.0
     try:
-        for event in dk.api.pull(image, stream=True, decode=True):
+        for event in dk.api.pull(repo, tag=tag, stream=True, decode=True):
             if "error" in event:
                 raise DevdError(f"cannot pull {image}: {event['error']}", hint,
                                 code="docker_image")
+            if time.monotonic() - last > 1:
+                last = time.monotonic()
+                progress(phase, f"pull {image}: {event.get('status', '')} "
+                         f"{event.get('progress', '')}".rstrip())
     except docker.errors.APIError as exc:
         raise DevdError(f"image {image} is not here and cannot be pulled: {exc.explanation}",
                         hint, code="docker_image") from exc
@@ -112,23 +123,27 @@ def api_error(exc: Any, what: str) -> DevdError:
                      code="docker_error")
 
 
-def wait_ready(container: Container, probe: Callable[[], bool], timeout: float) -> None:
-    """Poll `probe` until it answers True; an exit or the timeout fails with the logs."""
+def wait_ready(container: Container, probe: Callable[[], bool], timeout: float,
+               explain: Callable[[str], DevdError | None] | None = None) -> None:
+    """Poll `probe` until it answers True; an exit or the timeout fails with the logs
+    (`explain` reads them first: a refusal it knows, as its own error, else None)."""
     deadline = time.monotonic() + timeout
     while not probe():
         container.reload()  # only when not ready yet: an API round trip per poll
         if container.status in ("exited", "dead"):
-            raise failed(container, f"container {container.name} exited")
+            raise failed(container, f"container {container.name} exited", explain)
         if time.monotonic() > deadline:
             raise failed(container, f"container {container.name} not ready after "
-                         f"{timeout:.0f} s")
+                         f"{timeout:.0f} s", explain)
         time.sleep(0.02)
 
 
-def failed(container: Container, message: str) -> DevdError:
+def failed(container: Container, message: str,
+           explain: Callable[[str], DevdError | None] | None = None) -> DevdError:
     logs = container.logs(tail=15).decode(errors="replace").strip() or "(no output)"
-    return DevdError(f"{message}; last log lines:\n{logs}",
-                     f"see `docker logs {container.name}`", code="docker_error")
+    known = explain(logs) if explain is not None else None
+    return known or DevdError(f"{message}; last log lines:\n{logs}",
+                              f"see `docker logs {container.name}`", code="docker_error")
 
 
 def state_of(container: Any) -> str:

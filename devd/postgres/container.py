@@ -11,7 +11,7 @@ import io
 import sys
 import tarfile
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -19,7 +19,8 @@ import psycopg
 from psycopg import sql
 
 from devd import instance
-from devd.errors import DevdError, OwnershipConflict
+from devd.containers import engine
+from devd.errors import DevdError
 from devd.postgres import clones, datadirs, dump, names, server, snapshots
 from devd.postgres.records import mark_dropping, record_intent
 from devd.provisioners.base import Context, Health, Progress
@@ -36,24 +37,8 @@ SUPERUSER = DBNAME = "postgres"
 
 
 def client() -> DockerClient:
-    """A pinged client (DOCKER_HOST honoured), or an error saying how to get one."""
-    import docker
-
-    try:
-        found = docker.from_env(timeout=60)
-        found.ping()
-    except docker.errors.DockerException as exc:
-        raise DevdError(f"Docker is not reachable: {exc}",
-                        "start the Docker engine (or set DOCKER_HOST), or use [postgres] mode "
-                        "\"schema\" or \"database\" with a running server",
-                        code="docker_unavailable") from exc
-    return found
-
-
-def labels(wt_id: str) -> dict[str, str]:
-    """Ownership labels: the worktree and the devd instance (several may share an engine)."""
-    return {names.LABEL_OWNER: wt_id, names.LABEL_INSTANCE: instance.current(),
-            names.LABEL_KIND: "postgres"}
+    return engine.client(hint='or use [postgres] mode "schema" or "database" with a running '
+                         "server")
 
 
 def ours(tags: dict[str, str], wt_id: str) -> bool:
@@ -87,7 +72,7 @@ def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
             if had_data:
                 progress("postgres", f"volume {name} was deleted: starting with an empty one",
                          level="warning")
-            dk.volumes.create(name, labels=labels(wt_id))
+            dk.volumes.create(name, labels=engine.labels(wt_id, "postgres"))
         if container is not None and _published_port(container) != port:
             progress("postgres", f"container {name} publishes another port: recreating it "
                      "(the data stays in its volume)")
@@ -147,20 +132,7 @@ def _had_data(recorded: dict[str, Any]) -> bool:
 
 def _owned(collection: Any, name: str, wt_id: str) -> Any:
     """The container or volume named `name` if it carries our label; None if absent."""
-    import docker
-
-    try:
-        found = collection.get(name)
-    except docker.errors.NotFound:
-        return None
-    owner = (found.attrs.get("Config", {}).get("Labels") if hasattr(found, "status")
-             else found.attrs.get("Labels")) or {}
-    if not ours(owner, wt_id):
-        raise OwnershipConflict(
-            f"Docker {type(found).__name__.lower()} {name!r} exists but is not labelled as "
-            f"this devd's for worktree {wt_id}",
-            "devd never touches what it did not make: remove or rename it yourself")
-    return found
+    return engine.owned(collection, name, wt_id, accept=ours)
 
 
 def _published_port(container: Container) -> int | None:
@@ -188,7 +160,7 @@ def _create(dk: DockerClient, ctx: Context, detail: dict[str, Any], password: st
     ensure_image(dk, image, progress)
     progress("postgres", f"starting container {name} from {image} on 127.0.0.1:{port}")
     return dk.containers.run(
-        image, name=name, detach=True, labels=labels(ctx.worktree.id),
+        image, name=name, detach=True, labels=engine.labels(ctx.worktree.id, "postgres"),
         volumes=_mount(detail), user=snapshots.run_as() if detail.get("snapshot") else None,
         **_network(dk, detail, {"POSTGRES_PASSWORD": password, "POSTGRES_USER": SUPERUSER,
                                 "POSTGRES_DB": DBNAME}))
@@ -220,27 +192,7 @@ def _host_network_is_ours(dk: DockerClient) -> bool:
 
 
 def ensure_image(dk: DockerClient, image: str, progress: Progress) -> None:
-    import docker
-
-    try:
-        dk.images.get(image)
-        return
-    except docker.errors.ImageNotFound:
-        progress("postgres", f"pulling {image}")
-    repo, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
-    last = 0.0
-    try:
-        for event in dk.api.pull(repo, tag=tag, stream=True, decode=True):
-            if "error" in event:
-                raise DevdError(f"cannot pull {image}: {event['error']}", _PULL_HINT,
-                                code="docker_image")
-            if time.monotonic() - last > 1:
-                last = time.monotonic()
-                progress("postgres", f"pull {image}: {event.get('status', '')} "
-                         f"{event.get('progress', '')}".rstrip())
-    except docker.errors.APIError as exc:
-        raise DevdError(f"image {image} is not here and cannot be pulled: {exc.explanation}",
-                        _PULL_HINT, code="docker_image") from exc
+    engine.ensure_image(dk, image, progress, "postgres", _PULL_HINT)
 
 
 _PULL_HINT = "check the name and your registry access, or set [postgres] image to a local image"
@@ -261,24 +213,24 @@ def _wait_ready(container: Container, port: int, password: str, progress: Progre
     """Ready means a real query answers over the published port, not just an open port.
     `first`: the password a clone's data comes with (its snapshot's), swapped for this
     worktree's own on the first connection."""
-    deadline, synced = time.monotonic() + READY_TIMEOUT, False
-    progress("postgres", "waiting for the server to answer")
-    while time.monotonic() < deadline:
+    synced = False
+
+    def answers() -> bool:
+        nonlocal synced
         try:
             with _connect(port, password) as conn:
                 conn.execute("SELECT 1")
-            return
+            return True
         except psycopg.OperationalError as exc:
-            if "password authentication failed" in str(exc) and not synced:
-                # A container recreated over an existing volume keeps the old password.
-                _set_password(container, port, password, first)
-                synced = True
-                continue
-        container.reload()
-        if container.status in ("exited", "dead"):
-            raise _failed(container, f"container {container.name} exited")
-        time.sleep(0.05)
-    raise _failed(container, f"container {container.name} not ready after {READY_TIMEOUT:.0f} s")
+            if "password authentication failed" not in str(exc) or synced:
+                return False
+        # A container recreated over an existing volume keeps the old password.
+        _set_password(container, port, password, first)
+        synced = True
+        return answers()
+
+    progress("postgres", "waiting for the server to answer")
+    engine.wait_ready(container, answers, READY_TIMEOUT, _explain(container))
 
 
 def _connect(port: int, password: str) -> psycopg.Connection[Any]:
@@ -302,13 +254,9 @@ def _set_password(container: Container, port: int, password: str, first: str | N
     _exec(container, ["psql", "-U", SUPERUSER, "-d", DBNAME, "-c", statement.as_string(None)])
 
 
-def _failed(container: Container, message: str) -> DevdError:
-    logs = container.logs(tail=15).decode(errors="replace").strip()
-    refused = snapshots.version_error(logs, str(container.attrs["Config"]["Image"]))
-    if refused is not None:
-        return refused
-    return DevdError(f"{message}; last log lines:\n{logs}",
-                     f"see `docker logs {container.name}`", code="docker_error")
+def _explain(container: Container) -> Callable[[str], DevdError | None]:
+    """A server that refuses its data's version says so in its logs: that, said plainly."""
+    return lambda logs: snapshots.version_error(logs, str(container.attrs["Config"]["Image"]))
 
 
 def _exec(container: Container, argv: list[str], consequence: str = "") -> str:

@@ -29,7 +29,7 @@ from typing import Any
 
 from devd import instance, reflink
 from devd.errors import DevdError, OwnershipConflict
-from devd.paths import Paths, ensure_private_dir
+from devd.paths import Paths, ensure_private_dir, write_atomic
 
 SNAPSHOT_MARKER = "devd-snapshot.json"
 CLONE_MARKER = "devd-clone.json"
@@ -50,12 +50,9 @@ def postgres_dir(paths: Paths, kind: str) -> Path:
 
 def write_marker(directory: Path, marker: str, **fields: Any) -> None:
     """devd's marker in `directory`, written whole under a temp name, then renamed."""
-    temp = directory / f".{marker}.tmp"
     # 0600: a snapshot's marker holds the password its clones first connect with.
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(json.dumps({"instance": instance.current()} | fields, indent=1) + "\n")
-    os.replace(temp, directory / marker)
+    write_atomic(directory / marker,
+                 (json.dumps({"instance": instance.current()} | fields, indent=1) + "\n").encode())
 
 
 def read_marker(directory: Path, marker: str) -> dict[str, Any] | None:
