@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,8 +195,6 @@ class ServiceRequests(ServiceCore):
 
     def _stop_services_of(self, wt: Worktree) -> None:
         """A worktree went: its services go too (in the background: reconcile goes on)."""
-        import threading
-
         if self.services.units(wt.id):
             threading.Thread(target=self.services.stop, args=(wt.id,), daemon=True,
                              name="devd-services-gone").start()
