@@ -90,6 +90,18 @@ def services(devd: Devd, path: Path) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in devd.worktree(path).get("services", [])}
 
 
+def idle_api(devd: Devd, repo: Repo, branch: str, name: str) -> tuple[Path, dict[str, Any]]:
+    """A worktree whose api has idle_stop = "1s", brought up and then stopped for idleness."""
+    path = repo.worktree(branch, name)
+    (path / "api.py").write_text(API)
+    (path / "devd.toml").write_text(TOML.replace('ready = "/health"\n',
+                                                 'ready = "/health"\nidle_stop = "1s"\n'))
+    devd.run("provision", str(path))
+    api = up(devd, path, "api")["api"]
+    wait_for(lambda: services(devd, path)["api"]["state"] == "idle", 60, "the idle stop")
+    return path, api
+
+
 def code_of(url: str) -> tuple[str, str]:
     """(status code, body) of a GET through the proxy."""
     reply = curl(url, "-w", "\n%{http_code}")
@@ -178,13 +190,7 @@ def test_idle_stop_then_a_request_wakes_it(shop: tuple[Devd, Repo, dict[str, Pat
     """An idle_stop service stopped for idleness: its URL answers "starting…" (503, a page
     that reloads itself) while devd starts it, then the service itself."""
     devd, repo, _ = shop
-    path = repo.worktree("shop-idle", "idle")
-    (path / "api.py").write_text(API)
-    (path / "devd.toml").write_text(TOML.replace('ready = "/health"\n',
-                                                 'ready = "/health"\nidle_stop = "1s"\n'))
-    devd.run("provision", str(path))
-    api = up(devd, path, "api")["api"]
-    wait_for(lambda: services(devd, path)["api"]["state"] == "idle", 60, "the idle stop")
+    path, api = idle_api(devd, repo, "shop-idle", "idle")
     assert gone(api["pid"])
 
     code, page = code_of(api["url"] + "/")
@@ -212,13 +218,7 @@ def test_idle_stop_then_a_request_wakes_it(shop: tuple[Devd, Repo, dict[str, Pat
 def test_a_wake_that_cannot_start_says_why(shop: tuple[Devd, Repo, dict[str, Path]]) -> None:
     """Woken while a foreign process holds its port: the page says so, nothing starts."""
     devd, repo, _ = shop
-    path = repo.worktree("shop-held", "held")
-    (path / "api.py").write_text(API)
-    (path / "devd.toml").write_text(TOML.replace('ready = "/health"\n',
-                                                 'ready = "/health"\nidle_stop = "1s"\n'))
-    devd.run("provision", str(path))
-    api = up(devd, path, "api")["api"]
-    wait_for(lambda: services(devd, path)["api"]["state"] == "idle", 60, "the idle stop")
+    path, api = idle_api(devd, repo, "shop-held", "held")
     squatter = subprocess.Popen(["python3", "-m", "http.server", "--bind", "127.0.0.1",
                                  str(api["port"])], cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)

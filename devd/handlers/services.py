@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ from devd.owners import inside
 from devd.provisioners import Progress
 from devd.registry import Worktree
 from devd.services import config as service_config
-from devd.services import groups, logs, portflags
+from devd.services import logs, portflags
 from devd.services.supervisor import Spec, Unit
 
 if TYPE_CHECKING:
@@ -169,7 +170,7 @@ class ServiceRequests(ServiceCore):
         unit = self.services.unit(wt.id, spec.name)
         if unit is not None and unit.state not in DOWN:
             return
-        if spec.port is None or spec.port not in groups.Listeners(groups_too=False).every:
+        if spec.port is None or spec.port not in processes.all_listening_ports():
             return  # the common case, from /proc/net/tcp alone: no fd of anyone read
         pid = processes.listener_pids().get(spec.port)
         holder = processes.describe(pid)
@@ -194,8 +195,6 @@ class ServiceRequests(ServiceCore):
 
     def _stop_services_of(self, wt: Worktree) -> None:
         """A worktree went: its services go too (in the background: reconcile goes on)."""
-        import threading
-
         if self.services.units(wt.id):
             threading.Thread(target=self.services.stop, args=(wt.id,), daemon=True,
                              name="devd-services-gone").start()
@@ -207,7 +206,7 @@ def entries_of(core: ServiceCore, wt: Worktree, names: list[str] | None = None,
     declared = core._config(wt, strict=False).services
     known = {u.spec.name: u for u in core.services.units(wt.id)}
     chosen = names or list(dict.fromkeys([*declared, *known]))
-    listening = groups.Listeners(groups_too=False).every if listening is None else listening
+    listening = processes.all_listening_ports() if listening is None else listening
     ports = {n: p for p, n, _ in core.registry.leases(wt.id)}
     env = core.environment(wt)[0] if wt.state != "gone" else {}
     return [entry(name, known.get(name), declared.get(name), ports, listening, env)
@@ -264,7 +263,6 @@ def add_to_status(service: ServiceCore, entries: list[dict[str, Any]],
     for wt, shown in zip(chosen, entries, strict=True):
         shown["services"] = []
         if service._config(wt, strict=False).services or service.services.units(wt.id):
-            listening = groups.Listeners(groups_too=False).every if listening is None \
-                else listening
+            listening = processes.all_listening_ports() if listening is None else listening
             shown["services"] = entries_of(service, wt, listening=listening)
     return entries

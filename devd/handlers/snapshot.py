@@ -90,7 +90,7 @@ class StatusSnapshot:
         for wt in worktrees:
             described[wt.id] = self._describe(wt, resources.get(wt.id, []))
             time.sleep(0)  # let a waiting request have the GIL: this pass is in no hurry
-        listening = set(processes.listeners())
+        listening = processes.all_listening_ports()
         running = leftovers.running([w for w in worktrees if w.state == "gone"],
                                     service.registry)
         service.orphans(max_age=ORPHAN_SCAN_MAX_AGE)

@@ -82,8 +82,8 @@ class Listeners:
     groups asked about, in that order (a socket in the table was made before its owner
     was listed); psutil's socket table reads every process's fds, ten times the cost."""
 
-    def __init__(self, groups_too: bool = True) -> None:
-        self.table = _listen_table()
+    def __init__(self) -> None:
+        self.table = processes.listen_table()
         self.every: set[int] = set(self.table.values()) if self.table is not None else set()
         self.pids: dict[int, int | None] = {}
         self.by_group: dict[int, list[int]] = {}
@@ -91,7 +91,7 @@ class Listeners:
             self.pids = processes.listener_pids()
             self.every = set(self.pids)
             return
-        for pid in psutil.pids() if groups_too else ():
+        for pid in psutil.pids():
             with contextlib.suppress(OSError):
                 self.by_group.setdefault(os.getpgid(pid), []).append(pid)
 
@@ -100,7 +100,7 @@ class Listeners:
         if self.table is None:
             return {port for port, pid in self.pids.items()
                     if pid is not None and _in_group(pid, pgid)}
-        inodes = {i for pid in self.by_group.get(pgid, []) for i in _socket_inodes(pid)}
+        inodes = {i for pid in self.by_group.get(pgid, []) for i in processes.socket_inodes(pid)}
         return {port for inode, port in self.table.items() if inode in inodes}
 
 
@@ -109,35 +109,6 @@ def _in_group(pid: int, pgid: int) -> bool:
         return os.getpgid(pid) == pgid
     except OSError:
         return False
-
-
-def _listen_table() -> dict[str, int] | None:
-    """{socket inode: port} of every listening TCP socket, or None without /proc."""
-    found: dict[str, int] = {}
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(name, encoding="ascii") as table:
-                rows = table.read().splitlines()[1:]
-        except FileNotFoundError:
-            if name.endswith("6"):
-                continue
-            return None
-        for row in rows:
-            fields = row.split()
-            if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
-                found[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
-    return found
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    found = set()
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link.startswith("socket:["):
-                    found.add(link[8:-1])
-    return found
 
 
 def record(path: Path, group: Group) -> None:

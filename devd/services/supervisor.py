@@ -20,8 +20,6 @@ import os
 import shutil
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,6 +372,9 @@ def _ports(ports: set[int]) -> str:
 
 def _answers(port: int, path: str) -> bool:
     """Does http://127.0.0.1:port/path answer below 500?"""
+    import urllib.error  # only services with a ready path need it, not the daemon's start
+    import urllib.request
+
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=0.5) as reply:
             return int(reply.status) < 500
