@@ -344,6 +344,23 @@ def test_skill_install_writes_an_agent_skill(devd_home: Devd, repo: Repo) -> Non
     assert target.read_text() == "---\nname: mine\n---\n"
 
 
+def test_installs_never_write_through_a_planted_temp_file(devd_home: Devd, repo: Repo,
+                                                          tmp_path: Path) -> None:
+    """A checked-in symlink where devd once named its temp file leads nowhere: the skill
+    and the Claude settings are written beside it, the file it points to is untouched."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    skills = repo.main / ".claude" / "skills" / "devd"
+    skills.mkdir(parents=True)
+    (skills / ".SKILL.md.devd-tmp").symlink_to(victim)
+    (repo.main / ".claude" / "..settings.json.devd-tmp").symlink_to(victim)
+    devd_home.run("skill", "install", str(repo.main))
+    devd_home.run("hook", "install", "--claude", str(repo.main))
+    assert victim.read_text() == "precious\n"
+    for target in (skills / "SKILL.md", repo.main / ".claude" / "settings.json"):
+        assert target.is_file() and not target.is_symlink(), target
+
+
 def test_claude_env_never_fails_a_session(devd_home: Devd, repo: Repo, tmp_path: Path) -> None:
     """SessionStart: a bad call is one line and a status; no repo, or no daemon, is no
     failure (stdout tells the model what it lacks)."""
