@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Devd, Repo, run_git, wait_for
+from tests.conftest import Devd, Repo, devd_shim, run_git, wait_for
 
 ZEROS = "0" * 40
 
@@ -19,11 +18,7 @@ ZEROS = "0" * 40
 @pytest.fixture
 def shim(tmp_path: Path, devd_home: Devd) -> dict[str, str]:
     """devd_home.env with a `devd` on PATH that runs this checkout: what the hooks call."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "devd"
-    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m devd "$@"\n')
-    script.chmod(0o755)
+    bin_dir = devd_shim(tmp_path / "bin")
     return {**devd_home.env, "PATH": f"{bin_dir}:{devd_home.env['PATH']}"}
 
 
