@@ -30,6 +30,7 @@ import psutil
 from devd import leftovers
 from devd.claude import read_mark
 from devd.errors import DevdError
+from devd.git import clean_env
 from devd.registry import Worktree
 
 if TYPE_CHECKING:
@@ -175,10 +176,9 @@ def _git(cwd: Path, *args: str) -> str | None:
 
 
 def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    try:
+    try:  # clean_env: no inherited GIT_DIR, no index refresh racing the user, C messages
         return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True,
-                              timeout=GIT_TIMEOUT, env=env, check=False)
+                              timeout=GIT_TIMEOUT, env=clean_env(), check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
 

@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from devd.client import Client, caller_overrides
 from devd.errors import DevdError, NotAWorktree, NotRegistered, UsageError
+from devd.git import admin_dir
 from devd.hooks import (
     RELEASE_DEADLINE,
     Say,
@@ -211,15 +212,10 @@ def _copy_local_settings(repo: Path, path: Path, say: Say) -> None:
 
 
 def _git_dir(path: Path) -> Path | None:
-    """The linked worktree's own git dir, from its `.git` file."""
-    try:
-        text = (path / ".git").read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-    if not text.startswith("gitdir:"):
-        return None
-    found = (path / text.removeprefix("gitdir:").strip()).resolve()
-    return found if found.is_dir() else None
+    """The linked worktree's own git dir, if its `.git` file points to one that is there."""
+    admin = admin_dir(path)
+    found = admin.resolve() if admin is not None else None
+    return found if found is not None and found.is_dir() else None
 
 
 def _linked_worktree(path: Path, common: Path) -> bool:

@@ -123,7 +123,8 @@ def _branch_of(git_dir: Path) -> str | None:
 def admin_dir(top: Path) -> Path | None:
     """The admin dir (<common>/worktrees/<name>) of the linked worktree at `top`, from its
     `.git` file; None for the main worktree (a `.git` directory), or a `.git` that is no
-    regular file (a FIFO would block the reader) or cannot be read."""
+    regular file (a FIFO would block the reader), cannot be read, or is no `gitdir: `
+    pointer (git's own rule for the file)."""
     dot_git = top / ".git"
     if not dot_git.is_file():
         return None
@@ -131,7 +132,8 @@ def admin_dir(top: Path) -> Path | None:
         pointer = dot_git.read_text(encoding="utf-8", errors="surrogateescape")
     except OSError:
         return None
-    return top / pointer.partition("\n")[0].removeprefix("gitdir: ")
+    line = pointer.partition("\n")[0].rstrip("\r")
+    return top / line.removeprefix("gitdir: ") if line.startswith("gitdir: ") else None
 
 
 def clean_env() -> dict[str, str]:

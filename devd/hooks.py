@@ -25,6 +25,7 @@ from typing import IO, Any
 from devd.client import Client
 from devd.errors import DevdError, NotAWorktree, NotRegistered, OwnershipConflict, UsageError
 from devd.git import admin_dir as git_admin_dir
+from devd.paths import write_atomic
 
 Say = Callable[[str], None]
 BEGIN = "# >>> devd: provision new worktrees (devd hook install --git); edit outside it >>>"
@@ -228,10 +229,9 @@ def is_new_worktree(prev: str, top: Path) -> bool:
 
 
 def _write_keeping_mode(target: Path, text: str, mode: int) -> None:
-    tmp = target.with_name(f".{target.name}.devd-tmp")
-    tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
-    os.chmod(tmp, mode)
-    os.replace(tmp, target)
+    # write_atomic's temp file is new (O_EXCL): a fixed name could be a checked-in symlink
+    # that the write would follow out of the repository.
+    write_atomic(target, text.encode("utf-8", "surrogateescape"), mode)
 
 
 # -- Claude Code: settings -----------------------------------------------------------

@@ -181,39 +181,17 @@ def hand_over(old: Target, say: Say, grace: float = 5.0, timeout: float = 15.0) 
     One too old to notice gets SIGTERM after `grace`."""
     from devd import signals
 
-    if not _gone_within(old, grace):
+    if not signals.exited_within(old, grace):
         try:
             signals.send_once(old, signal.SIGTERM)
         except signals.Refused:
             return
-        if not _gone_within(old, timeout):
+        if not signals.exited_within(old, timeout):
             say(f"the daemon the CLI had started (pid {old.pid}) is still finishing after "
                 f"SIGTERM; the service's daemon takes over once it exits")
             return
     say(f"the daemon the CLI had started (pid {old.pid}) stopped; the service manager's "
         "daemon serves the socket now")
-
-
-def _gone_within(meant: Target, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _alive(meant):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
-def _alive(meant: Target) -> bool:
-    import psutil
-
-    from devd import signals
-
-    try:
-        proc = psutil.Process(meant.pid)
-        return signals.same_start(proc.create_time(), meant.create_time) and \
-            proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def stop_autostarted(paths: Paths, say: Say) -> None:

@@ -73,6 +73,15 @@ def send_once(meant: Target, sig: int, check: Check | None = None) -> bool:
         return pin is not None and pin.send(meant, sig, check)
 
 
+def exited_within(meant: Target, timeout: float) -> bool:
+    """Wait up to `timeout` for the process meant to exit (a zombie counts; a pid now naming
+    another process means it did); True once it has."""
+    with _pinned(meant.pid) as pin:
+        if pin is None or verify(pin.proc, meant) == EXITED:
+            return True
+        return pin.wait(timeout)
+
+
 def _both(check: Check | None, first: Check | None) -> Check | None:
     if check is None or first is None:
         return check or first

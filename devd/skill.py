@@ -8,6 +8,7 @@ from pathlib import Path
 
 from devd.errors import OwnershipConflict
 from devd.hooks import Say, toplevel
+from devd.paths import write_atomic
 
 TARGET = Path(".claude") / "skills" / "devd" / "SKILL.md"
 
@@ -29,8 +30,6 @@ def install_skill(path: Path, say: Say) -> Path:
             raise OwnershipConflict(f"{target} exists and is not devd's skill",
                                     "move it away, or keep it and skip this")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(".SKILL.md.devd-tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(target)
+    write_atomic(target, text.encode("utf-8"), 0o644)  # a fresh temp file: never a symlink
     say(f"wrote {target} (commit it so every worktree and agent gets it)")
     return target

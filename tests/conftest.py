@@ -140,6 +140,16 @@ def _answers(path: Path) -> bool:
         return False
 
 
+def devd_shim(bin_dir: Path) -> Path:
+    """A new `bin_dir` holding a `devd` that runs this checkout: what hooks and the tools
+    they come from call by name."""
+    bin_dir.mkdir()
+    script = bin_dir / "devd"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m devd "$@"\n')
+    script.chmod(0o755)
+    return bin_dir
+
+
 def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
     """Poll until true; a deadline keeps a broken daemon from hanging the suite."""
     deadline = time.monotonic() + timeout

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +36,7 @@ from psycopg import sql
 from devd import naming
 from devd.postgres import names as pgnames
 from tests.claudecode import Claude, claude_binary, claude_cli, stand_in, tool_use
-from tests.conftest import Devd, run_git, wait_for
+from tests.conftest import Devd, devd_shim, run_git, wait_for
 
 __all__ = ["claude_binary", "claude_cli", "stand_in"]  # fixtures, used by name
 
@@ -48,10 +47,7 @@ PORTS_ONLY = '[ports]\nnames = ["web"]\n'
 @pytest.fixture
 def devd_path(tmp_path: Path, devd_home: Devd) -> dict[str, str]:
     """What Claude's hooks need: a `devd` on PATH running this checkout, and DEVD_HOME."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "devd").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m devd "$@"\n')
-    (bin_dir / "devd").chmod(0o755)
+    bin_dir = devd_shim(tmp_path / "bin")
     return {k: v for k, v in devd_home.env.items() if k.startswith("DEVD_")} | {
         "PATH": f"{bin_dir}:{devd_home.env['PATH']}", "PYTHONPATH": devd_home.env["PYTHONPATH"]}
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Devd, Repo, run_git, wait_for
+from tests.conftest import Devd, Repo, devd_shim, run_git, wait_for
 
 ZEROS = "0" * 40
 
@@ -19,11 +18,7 @@ ZEROS = "0" * 40
 @pytest.fixture
 def shim(tmp_path: Path, devd_home: Devd) -> dict[str, str]:
     """devd_home.env with a `devd` on PATH that runs this checkout: what the hooks call."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "devd"
-    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m devd "$@"\n')
-    script.chmod(0o755)
+    bin_dir = devd_shim(tmp_path / "bin")
     return {**devd_home.env, "PATH": f"{bin_dir}:{devd_home.env['PATH']}"}
 
 
@@ -342,6 +337,23 @@ def test_skill_install_writes_an_agent_skill(devd_home: Devd, repo: Repo) -> Non
     refused = devd_home.run("skill", "install", str(repo.main), check=False)
     assert refused.returncode == 1 and "not devd's skill" in refused.stderr
     assert target.read_text() == "---\nname: mine\n---\n"
+
+
+def test_installs_never_write_through_a_planted_temp_file(devd_home: Devd, repo: Repo,
+                                                          tmp_path: Path) -> None:
+    """A checked-in symlink where devd once named its temp file leads nowhere: the skill
+    and the Claude settings are written beside it, the file it points to is untouched."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    skills = repo.main / ".claude" / "skills" / "devd"
+    skills.mkdir(parents=True)
+    (skills / ".SKILL.md.devd-tmp").symlink_to(victim)
+    (repo.main / ".claude" / "..settings.json.devd-tmp").symlink_to(victim)
+    devd_home.run("skill", "install", str(repo.main))
+    devd_home.run("hook", "install", "--claude", str(repo.main))
+    assert victim.read_text() == "precious\n"
+    for target in (skills / "SKILL.md", repo.main / ".claude" / "settings.json"):
+        assert target.is_file() and not target.is_symlink(), target
 
 
 def test_claude_env_never_fails_a_session(devd_home: Devd, repo: Repo, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Devd, Repo, run_git
+from tests.conftest import ROOT, Devd, Repo, devd_shim, run_git
 
 TEMPLATES = ROOT / "templates"
 # https://worktrunk.dev/hook/: "Hook Types" and "Template variables".
@@ -40,10 +40,7 @@ GTR_KEYS = {"hooks.postcreate", "hooks.preremove", "hooks.postremove", "hooks.po
 @pytest.fixture
 def tool_env(tmp_path: Path, devd_home: Devd) -> dict[str, str]:
     """The tools call plain `devd`: put one that runs this checkout first on PATH."""
-    bin_dir = tmp_path / "tool-bin"
-    bin_dir.mkdir()
-    (bin_dir / "devd").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m devd "$@"\n')
-    (bin_dir / "devd").chmod(0o755)
+    bin_dir = devd_shim(tmp_path / "tool-bin")
     return {**devd_home.env, "PATH": f"{bin_dir}{os.pathsep}{devd_home.env['PATH']}"}
 
 
