@@ -86,14 +86,13 @@ def test_1100_idle_connections_at_a_1024_fd_limit(devd_home: Devd, repo: Repo) -
 def test_accept_failing_for_lack_of_fds_is_logged_once_and_backed_off(devd: Devd) -> None:
     pid = devd.proc.pid
     soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    in_use = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
-    lowest_free = min(set(range(len(in_use) + 1)) - in_use)
     waiting = []
-    try:  # below the limit every fd is taken: the next accept gets EMFILE
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
-        # The daemon's threads open and close fds of their own, so a hole may open below the
-        # limit after the snapshot: keep connecting until the holes are full and accept has
-        # no fd to give (each accepted client holds one while it waits).
+    try:
+        # A limit of 3 leaves no fd to give beyond stdin/out/err, which stay open: with
+        # a limit just above the fds in use, a daemon thread closing one of its own opened a
+        # hole, one client got in, and every later EMFILE took the drop-the-oldest-idle-client
+        # path instead of the back-off this test is about.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))
         def connect_one() -> bool:
             waiting.append(socket.socket(socket.AF_UNIX))
             waiting[-1].connect(str(devd.paths.socket))
