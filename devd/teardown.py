@@ -1,13 +1,20 @@
-"""Release, all or nothing: every precondition checked first, then the teardowns in order.
+"""Release, all or nothing: every precondition checked first, then every backup, then the
+teardowns in order.
 
-The order puts data-bearing resources (Postgres) first: they are the ones that can fail
-(sessions, a dump, objects depending on a role), and the first failure stops the release,
-so the worktree's .env block, dirs and ports stay as they were while its data is in doubt.
+A backup is the step most likely to fail (a full disk, a dump refused), so each data-bearing
+resource keeps its copy first (back_up_all) and only when all of them have one does anything
+go: a failed Compose volume tarball never finds Postgres already dropped. The teardown order
+puts data-bearing resources (Postgres) first: they are the ones that can still fail
+(sessions, objects depending on a role), and the first failure stops the release, so the
+worktree's .env block, dirs and ports stay as they were while its data is in doubt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+from pathlib import Path
 
 from devd.errors import DevdError
 from devd.provisioners import Context, Progress, Provisioner
@@ -30,6 +37,64 @@ def check_all(by_kind: dict[str, Provisioner], ctx: Context, order: list[Resourc
                 exc.hint, code=exc.code) from exc
 
 
+def back_up_all(by_kind: dict[str, Provisioner], ctx: Context, order: list[Resource],
+                progress: Progress) -> None:
+    """Phase 1: each data-bearing resource's backup (ctx.made), nothing removed. On a
+    failure, what the backups stopped or closed is resumed and the copies already made are
+    deleted (the data they hold is still in place), and the release is refused."""
+    if not ctx.backup:
+        return
+    for resource in order:
+        provisioner = by_kind.get(resource.kind)
+        if provisioner is None or not provisioner.holds_data:
+            continue
+        progress(resource.kind, "backing up")
+        try:
+            ctx.made[resource.kind] = provisioner.back_up(ctx, resource.detail)
+        except Exception as exc:  # any failure refuses the release; reported, not swallowed
+            log.exception("backup of %s for %s failed", resource.kind, ctx.worktree.id)
+            unresumed = _resume_all(by_kind, ctx, order)
+            _discard_backups(ctx)
+            raise _not_backed_up(ctx, resource, exc, unresumed) from exc
+
+
+def _resume_all(by_kind: dict[str, Provisioner], ctx: Context, order: list[Resource]
+                ) -> list[str]:
+    """Undo each backup made so far, the latest first; the kinds that could not be."""
+    failed = []
+    for resource in reversed(order):
+        if resource.kind in ctx.made:
+            try:
+                by_kind[resource.kind].resume(ctx, resource.detail, ctx.made.pop(resource.kind))
+            except Exception:  # the others are still resumed; the error names this one
+                log.exception("resuming %s for %s failed", resource.kind, ctx.worktree.id)
+                failed.append(resource.kind)
+    return failed
+
+
+def _discard_backups(ctx: Context) -> None:
+    """A refused release leaves no backup behind: `devd restore` would take a partial one
+    for the newest (the data is where it was, nothing needs one)."""
+    for dumped in ctx.outputs.pop("dumps", []):
+        Path(dumped).unlink(missing_ok=True)
+    for folder in ctx.outputs.pop("volume_backups", []):
+        with contextlib.suppress(OSError):
+            shutil.rmtree(folder)
+
+
+def _not_backed_up(ctx: Context, failed: Resource, exc: Exception, unresumed: list[str]
+                   ) -> DevdError:
+    message = getattr(exc, "message", str(exc))
+    text = (f"release of {ctx.worktree.path} refused: the backup of {failed.kind} failed "
+            f"({message}); nothing was released (data, .env block, dirs and ports are as "
+            "they were)")
+    if unresumed:
+        text += f"; could not start again what the backup of {', '.join(unresumed)} " \
+                "stopped (see the daemon log): run `devd provision`"
+    return DevdError(text, getattr(exc, "hint", "") or "fix the cause and run `devd release` "
+                     "again", code="release_failed")
+
+
 def run_all(by_kind: dict[str, Provisioner], ctx: Context, order: list[Resource],
             progress: Progress) -> None:
     """Tear down in `order`, forgetting each resource once it is gone; stop at a failure."""
@@ -42,6 +107,8 @@ def run_all(by_kind: dict[str, Provisioner], ctx: Context, order: list[Resource]
                 provisioner.teardown(ctx, resource.detail)
         except Exception as exc:  # any failure stops the release; reported, not swallowed
             log.exception("teardown of %s for %s failed", resource.kind, ctx.worktree.id)
+            ctx.made.pop(resource.kind, None)  # its own teardown undoes what it can
+            _resume_all(by_kind, ctx, [r for r in order if r.kind not in done])
             raise _stopped(ctx, order, done, resource, exc) from exc
         ctx.registry.drop_resource(ctx.worktree.id, resource.kind)
         done.append(resource.kind)

@@ -97,24 +97,39 @@ class ComposeProvisioner(Provisioner):
         dk = engine.client()
         name = detail.get("project") or project_name(ctx.worktree.id)
         self.check_teardown(ctx, detail)
-        has_file = Path(detail.get("file", "")).is_file()
-        if ctx.backup:
-            running = [c for c in _listed(dk.containers, name) if has_file]
-            if running:  # stopped first: servers write their data out (Redis' RDB)
-                _project(ctx).run("stop")
-            try:
-                backup(ctx, dk, name)
-            except BaseException:
-                for container in running:  # all or nothing: the project runs as it did
-                    container.start()
-                raise
-        if has_file:
+        if ctx.backup and KIND not in ctx.made:  # a release made it in its phase 1
+            ctx.made[KIND] = self.back_up(ctx, detail)
+        if Path(detail.get("file", "")).is_file():
             _project(ctx).run("down", "--volumes", "--remove-orphans")
         _sweep(dk, name, ctx.worktree.id)
         ctx.registry.release_leases(ctx.worktree.id, {
             n for _, n, _ in ctx.registry.leases(ctx.worktree.id)
             if n.startswith(project.LEASE_PREFIX)})
         resolved_path(ctx).unlink(missing_ok=True)
+
+    def back_up(self, ctx: Context, detail: dict[str, Any]) -> dict[str, Any]:
+        """A tarball of each named volume; the project stopped first (servers write their
+        data out: Redis' RDB), and left so until teardown or resume."""
+        dk = engine.client()
+        name = detail.get("project") or project_name(ctx.worktree.id)
+        has_file = Path(detail.get("file", "")).is_file()
+        made = {"running": [c.id for c in _listed(dk.containers, name) if has_file]}
+        try:
+            if made["running"]:
+                _project(ctx).run("stop")
+            backup(ctx, dk, name)
+        except BaseException:
+            self.resume(ctx, detail, made)  # all or nothing: the project runs as it did
+            raise
+        return made
+
+    def resume(self, ctx: Context, detail: dict[str, Any], made: dict[str, Any]) -> None:
+        import docker
+
+        dk = engine.client()
+        for container_id in made.get("running", []):
+            with contextlib.suppress(docker.errors.NotFound):
+                dk.containers.get(container_id).start()
 
     def env(self, ctx: Context, detail: dict[str, Any]) -> dict[str, str]:
         if "file" not in detail:

@@ -105,16 +105,40 @@ class ContainersProvisioner(Provisioner):
                                           {container.id} if container else set(),
                                           f"of container {entry['container']}")
 
+    def back_up(self, ctx: Context, detail: dict[str, Any]) -> dict[str, Any]:
+        """A tarball of each container's volume (stopped first, and left so until teardown
+        or resume), an --rdb of the shared Redis, in the release's backup folder."""
+        dk = engine.client()
+        made: dict[str, Any] = {"stopped": []}
+        try:
+            for name, entry in entries(detail).items():
+                if entry.get("shared"):
+                    shared.back_up(dk, entry, volumes.release_folder(ctx))
+                elif entry.get("volume"):
+                    _back_up_one(ctx, dk, name, entry, made["stopped"])
+        except BaseException:
+            self.resume(ctx, detail, made)  # all or nothing: they run as they did
+            raise
+        return made
+
+    def resume(self, ctx: Context, detail: dict[str, Any], made: dict[str, Any]) -> None:
+        dk, recorded = engine.client(), entries(detail)
+        for name in made.get("stopped", []):
+            container = engine.owned(dk.containers, recorded[name]["container"],
+                                     ctx.worktree.id)
+            if container is not None:
+                container.start()
+
     def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
         dk = engine.client()
         self.check_teardown(ctx, detail)
-        keeps = any(e.get("volume") or e.get("shared") for e in entries(detail).values())
-        folder = volumes.release_folder(ctx) if ctx.backup and keeps else None
-        for name, entry in entries(detail).items():
+        if ctx.backup and KIND not in ctx.made:  # a release made it in its phase 1
+            ctx.made[KIND] = self.back_up(ctx, detail)
+        for entry in entries(detail).values():
             if entry.get("shared"):
-                shared.release(ctx, dk, entry, folder)
+                shared.flush(dk, entry)
             else:
-                _remove_one(ctx, dk, name, entry, folder)
+                _remove_one(ctx, dk, entry)
         ctx.registry.release_leases(ctx.worktree.id, {
             n for _, n, _ in ctx.registry.leases(ctx.worktree.id)
             if n.startswith(LEASE_PREFIX)})
@@ -210,25 +234,27 @@ def _succeeds(container: Container, argv: list[str]) -> bool:
         return False
 
 
-def _remove_one(ctx: Context, dk: DockerClient, name: str, entry: dict[str, Any],
-                folder: Path | None) -> None:
+def _back_up_one(ctx: Context, dk: DockerClient, name: str, entry: dict[str, Any],
+                 stopped: list[str]) -> None:
     container = engine.owned(dk.containers, entry["container"], ctx.worktree.id)
-    volume = engine.owned(dk.volumes, entry["volume"], ctx.worktree.id) \
-        if entry.get("volume") else None
-    was_running = container is not None and container.status == "running"
-    if container is not None:
+    volume = engine.owned(dk.volumes, entry["volume"], ctx.worktree.id)
+    if volume is None:
+        return
+    if container is not None and container.status == "running":
+        stopped.append(name)
         container.stop(timeout=10)  # a clean stop: servers write their data out (Redis' RDB)
-    if volume is not None and folder is not None:
-        try:
-            engine.ensure_image(dk, entry["image"], lambda *a, **k: None, KIND)
-            volumes.archive(dk, volume.name, volumes.tarball(folder, "container-" + name),
-                            entry["image"], ctx.worktree.id)
-        except BaseException:
-            if was_running:  # all or nothing: the container runs as it did
-                container.start()
-            raise
+    engine.ensure_image(dk, entry["image"], lambda *a, **k: None, KIND)
+    volumes.archive(dk, volume.name, volumes.tarball(volumes.release_folder(ctx),
+                                                     "container-" + name),
+                    entry["image"], ctx.worktree.id)
+
+
+def _remove_one(ctx: Context, dk: DockerClient, entry: dict[str, Any]) -> None:
+    container = engine.owned(dk.containers, entry["container"], ctx.worktree.id)
     if container is not None:
         container.remove(force=True, v=True)
+    volume = engine.owned(dk.volumes, entry["volume"], ctx.worktree.id) \
+        if entry.get("volume") else None
     if volume is not None:
         volume.remove()
 

@@ -3,8 +3,8 @@
 Cheaper than a container each, isolated enough for caches and queues keyed by database
 (BullMQ, Sidekiq, Celery take a /<db> in their URL). The index is recorded in the worktree's
 `containers` resource, so the registry is the lease table; a lock makes choosing one atomic
-within the daemon. Release saves the whole server's RDB (`redis-cli --rdb`) before FLUSHDB
-of the worktree's index; the file is kept for inspection (a single index cannot be loaded
+within the daemon. Release saves the whole server's RDB (`redis-cli --rdb`, its phase 1) before
+FLUSHDB of the worktree's index; the file is kept for inspection (a single index cannot be loaded
 back into a live shared server without touching the others, so `devd restore` skips it).
 """
 
@@ -142,20 +142,30 @@ def server_of(dk: DockerClient, entry: dict[str, Any]) -> Container | None:
     return container
 
 
-def release(ctx: Context, dk: DockerClient, entry: dict[str, Any], folder: Path | None
-            ) -> None:
-    """An --rdb backup of the server into `folder`, then FLUSHDB of the worktree's index."""
+def back_up(dk: DockerClient, entry: dict[str, Any], folder: Path) -> None:
+    """An --rdb backup of the whole server into `folder` (release's phase 1)."""
     container = server_of(dk, entry)
     if container is None:
-        return  # the server is gone, and its data with it: nothing left to flush
-    db = str(int(entry["db"]))
-    if folder is not None:
-        _run(container, ["redis-cli", "--rdb", "/tmp/devd-backup.rdb"])
-        stream, _ = container.get_archive("/tmp/devd-backup.rdb")
-        with open(folder / f"redis-shared-db{db}.rdb.tar", "wb") as out:
+        return  # the server is gone, and its data with it: nothing left to keep
+    _run(container, ["redis-cli", "--rdb", "/tmp/devd-backup.rdb"])
+    stream, _ = container.get_archive("/tmp/devd-backup.rdb")
+    target = folder / f"redis-shared-db{int(entry['db'])}.rdb.tar"
+    try:
+        with open(target, "wb") as out:
             for chunk in stream:
                 out.write(chunk)
-    _run(container, ["redis-cli", "-n", db, "FLUSHDB"])
+    except OSError as exc:
+        target.unlink(missing_ok=True)
+        raise DevdError(f"backup of the shared Redis {container.name} into {folder} failed: "
+                        f"{exc}; nothing was flushed", "free disk space there, then release "
+                        "again", code="backup_failed") from exc
+
+
+def flush(dk: DockerClient, entry: dict[str, Any]) -> None:
+    """FLUSHDB of the worktree's index (after back_up, unless the release skips backups)."""
+    container = server_of(dk, entry)
+    if container is not None:
+        _run(container, ["redis-cli", "-n", str(int(entry["db"])), "FLUSHDB"])
 
 
 def _run(container: Container, argv: list[str]) -> None:

@@ -244,8 +244,15 @@ class WorktreeRequests(ServiceCore):
             ctx = self.context(wt, strict=False)
             ctx.backup, ctx.force = backup, force
             order = sorted(reversed(recorded), key=lambda r: not self._holds_data(r.kind))
-            teardown.check_all(self._by_kind, ctx, order)
-            teardown.run_all(self._by_kind, ctx, order, progress)
+            try:
+                teardown.check_all(self._by_kind, ctx, order)
+                teardown.back_up_all(self._by_kind, ctx, order, progress)
+                teardown.run_all(self._by_kind, ctx, order, progress)
+            except DevdError as exc:  # status says why the worktree is still here
+                found = self.registry.worktree(wt.id)
+                self.registry.set_state(wt.id, found.state if found else wt.state,
+                                        exc.message)
+                raise
             self.registry.forget(wt.id)
             self.services.forget(wt.id)  # stopped above; now their logs go too
         self.on_change()

@@ -303,16 +303,46 @@ def check_teardown(ctx: Context, detail: dict[str, Any]) -> None:
         datadirs.read_marker(clones.clone_root(ctx.paths, ctx.worktree.id), datadirs.CLONE_MARKER)
 
 
+def back_up(ctx: Context, detail: dict[str, Any]) -> dict[str, Any]:
+    """Phase 1 of a release: the dump, then the server stopped, so nothing is written that
+    the dump does not hold while the other resources are backed up."""
+    dk, wt_id, name = client(), ctx.worktree.id, detail["container"]
+    container, volume = _owned(dk.containers, name, wt_id), _owned(dk.volumes, name, wt_id)
+    if not _holds_data(ctx, detail, volume):
+        return {}
+    was_running = container is not None and container.status == "running"
+    container = _backup(ctx, dk, container, detail)
+    tests = _test_databases(container)
+    container.stop(timeout=30)
+    return {"dump": ctx.outputs["dumps"][-1], "running": was_running, "test_databases": tests}
+
+
+def resume(ctx: Context, detail: dict[str, Any], made: dict[str, Any]) -> None:
+    """The server runs again if it ran before the backup."""
+    if made.get("running"):
+        found = _owned(client().containers, detail["container"], ctx.worktree.id)
+        if found is not None:
+            found.start()
+
+
+def _holds_data(ctx: Context, detail: dict[str, Any], volume: Any) -> bool:
+    # A volume whose server never came up (say, the image could not be pulled) holds nothing.
+    clone = detail.get("snapshot") and Path(detail.get("data_dir", "")).is_dir()
+    return bool((volume is not None or clone) and detail.get("initialized"))
+
+
 def teardown(ctx: Context, detail: dict[str, Any]) -> None:
     import docker
 
     dk, wt_id, name = client(), ctx.worktree.id, detail["container"]
     container, volume = _owned(dk.containers, name, wt_id), _owned(dk.volumes, name, wt_id)
     clone = detail.get("snapshot") and Path(detail.get("data_dir", "")).is_dir()
-    # A volume whose server never came up (say, the image could not be pulled) holds nothing.
-    if ctx.backup and (volume is not None or clone) and detail.get("initialized"):
+    made = ctx.made.get("postgres")
+    if ctx.backup and made is None and _holds_data(ctx, detail, volume):
         container = _backup(ctx, dk, container, detail)
-    if container is not None and container.status == "running":
+    if made:  # dumped and stopped in phase 1; it knew the test databases then
+        ctx.outputs.setdefault("test_databases_dropped", []).extend(made["test_databases"])
+    elif container is not None and container.status == "running":
         ctx.outputs.setdefault("test_databases_dropped", []).extend(_test_databases(container))
     if container is not None or volume is not None or clone:
         mark_dropping(ctx)
@@ -352,12 +382,18 @@ def _backup(ctx: Context, dk: DockerClient, container: Container | None,
     exec_id = dk.api.exec_create(container.id, ["pg_dump", "-Fc", "-U", SUPERUSER, DBNAME],
                                  user="postgres")["Id"]
     errors = []
-    with open(target, "wb") as out:
-        for stdout, stderr in dk.api.exec_start(exec_id, stream=True, demux=True):
-            if stdout:
-                out.write(stdout)
-            if stderr:
-                errors.append(stderr.decode(errors="replace"))
+    try:
+        with open(target, "wb") as out:
+            for stdout, stderr in dk.api.exec_start(exec_id, stream=True, demux=True):
+                if stdout:
+                    out.write(stdout)
+                if stderr:
+                    errors.append(stderr.decode(errors="replace"))
+    except OSError as exc:  # a full disk: no truncated dump left for `devd restore` to take
+        target.unlink(missing_ok=True)
+        raise DevdError(f"writing the dump of {container.name} to {target} failed: {exc}; "
+                        "nothing was dropped", "free disk space there, then release again",
+                        code="backup_failed") from exc
     if dk.api.exec_inspect(exec_id)["ExitCode"] != 0:
         target.unlink(missing_ok=True)
         raise DevdError(f"pg_dump in {container.name} failed: {''.join(errors).strip()}; "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -59,29 +59,38 @@ class PostgresProvisioner(Provisioner):
         _tolerating_intent(detail, _by_mode(detail, container.teardown,
                                             sqlmodes.teardown_sql), ctx)
 
+    def back_up(self, ctx: Context, detail: dict[str, Any]) -> dict[str, Any]:
+        return _tolerating_intent(detail, _by_mode(detail, container.back_up,
+                                                   sqlmodes.back_up_sql), ctx) or {}
+
+    def resume(self, ctx: Context, detail: dict[str, Any], made: dict[str, Any]) -> None:
+        (container.resume if detail.get("mode") == "container" else sqlmodes.resume_sql)(
+            ctx, detail, made)
+
     def env(self, ctx: Context, detail: dict[str, Any]) -> dict[str, str]:
         if detail.get("mode", "none") == "none" or "password" not in detail:
             return {}
         return names.env_for(detail)
 
 
-Step = Callable[[Context, dict[str, Any]], None]
+T = TypeVar("T")
+Step = Callable[[Context, dict[str, Any]], T]
 
 
-def _by_mode(detail: dict[str, Any], in_container: Step, in_sql: Step) -> Step | None:
+def _by_mode(detail: dict[str, Any], in_container: Step[T], in_sql: Step[T]) -> Step[T] | None:
     mode = detail.get("mode", "none")
     return in_container if mode == "container" else in_sql if mode in SQL_MODES else None
 
 
-def _tolerating_intent(detail: dict[str, Any], step: Step | None, ctx: Context) -> None:
+def _tolerating_intent(detail: dict[str, Any], step: Step[T] | None, ctx: Context) -> T | None:
     """Run a teardown step; a conflict on a name only an intent was recorded for means the
     name was someone else's from the start (the provision failed on it): nothing of ours."""
     try:
-        if step is not None:
-            step(ctx, detail)
+        return step(ctx, detail) if step is not None else None
     except OwnershipConflict:
         if detail.get("complete") or detail.get("initialized"):
             raise  # something replaced what devd made: say so, touch nothing
+        return None
 
 
 def restore(ctx: Context, detail: dict[str, Any], source: str | None) -> dict[str, Any]:

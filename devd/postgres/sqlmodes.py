@@ -316,11 +316,44 @@ def teardown_sql(ctx: Context, detail: dict[str, Any]) -> None:
     dump.prune(ctx.paths)
 
 
+def back_up_sql(ctx: Context, detail: dict[str, Any]) -> dict[str, Any]:
+    """Phase 1 of a release: the role's logins closed (and, with --force, its sessions
+    ended), then the dump. The logins stay closed, so nothing is written that the dump does
+    not hold, until teardown_sql drops the role or resume_sql opens them again."""
+    name, mode = detail["name"], detail["mode"]
+    with _admin(detail) as conn:
+        try:
+            conn.execute("SET lock_timeout = '10s'")
+            present, role, tests = _claims(ctx, conn, detail)
+            if not present:
+                return {}
+            _set_login(conn, name, role, False)
+            try:
+                _release_sessions(ctx, conn, detail, tests)
+                _dump(ctx, detail)
+            except BaseException:
+                with contextlib.suppress(psycopg.Error):
+                    _set_login(conn, name, role, True)
+                raise
+        except psycopg.Error as exc:
+            raise server.translate(exc, f"dumping Postgres {mode} {name}") from exc
+    return {"dump": ctx.outputs["dumps"][-1], "closed": role}
+
+
+def resume_sql(ctx: Context, detail: dict[str, Any], made: dict[str, Any]) -> None:
+    if made.get("closed"):
+        with _admin(detail) as conn:
+            try:
+                _set_login(conn, detail["name"], True, True)
+            except psycopg.Error as exc:
+                raise server.translate(exc, f"reopening Postgres {detail['name']}") from exc
+
+
 def _dump_and_drop(ctx: Context, conn: psycopg.Connection[Any], detail: dict[str, Any],
                    claims: tuple[bool, bool, list[str]]) -> None:
     present, role, tests = claims
     _release_sessions(ctx, conn, detail, tests)
-    if present and ctx.backup:
+    if present and ctx.backup and records.KIND not in ctx.made:  # else dumped in phase 1
         _dump(ctx, detail)
     records.mark_dropping(ctx)
     for test in tests:

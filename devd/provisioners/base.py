@@ -6,6 +6,9 @@
 - check: read-only and fast; says whether the resource is still as recorded.
 - teardown: remove what devd made; already absent counts as success.
 - check_teardown: read-only; raises what teardown would fail on, before any teardown runs.
+- back_up: phase 1 of a release (data-bearing kinds): a copy of the data, nothing removed;
+  teardown then uses it (ctx.made) instead of making its own, and resume undoes what the
+  copy needed (a container stopped, logins closed) when another resource's backup fails.
 - env: the variables the worktree's processes should see.
 Anything that exists under one of our names without devd's marker is an ownership
 conflict: refuse and touch nothing.
@@ -41,6 +44,8 @@ class Context:
     force: bool = False
     # What a teardown wants the caller to report, e.g. {"dumps": [path, ...]}.
     outputs: dict[str, Any] = field(default_factory=dict)
+    # What each kind's back_up made in phase 1 of this release: its teardown only removes.
+    made: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Request options for ensure, e.g. {"fix_deps": True} from `devd provision --fix-deps`.
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -78,6 +83,17 @@ class Provisioner(ABC):
         """Raise the DevdError a teardown would fail with (sessions holding a database,
         objects depending on it), before anything of the worktree is torn down: release
         is all or nothing. Read-only."""
+        return None
+
+    def back_up(self, ctx: Context, detail: dict[str, Any]) -> dict[str, Any]:
+        """Keep a copy of the resource's data (a dump, tarballs) and remove nothing; what
+        it needed to keep the copy whole (logins closed, a server stopped) stays so until
+        teardown or resume. Returns what was made (teardown finds it in ctx.made)."""
+        return {}
+
+    def resume(self, ctx: Context, detail: dict[str, Any], made: dict[str, Any]) -> None:
+        """Another resource's backup failed, so nothing is released: undo what back_up did
+        to the resource (start what it stopped, reopen what it closed)."""
         return None
 
     def env(self, ctx: Context, detail: dict[str, Any]) -> dict[str, str]:

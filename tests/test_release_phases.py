@@ -1,0 +1,132 @@
+"""Release in two phases against real Postgres, Redis and Compose: every backup first, and
+only when all of them were made does anything go. The backup that fails is the last one
+taken (Postgres' dump), so every other resource already had its copy: the old one-pass
+release had removed the Compose volume and the Redis container by then."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Devd
+from containersupport import REDIS_IMAGE, compose_available, redis, redis_client, remove_instance
+from pgsupport import env_of, query, start_server
+
+pytestmark = [pytest.mark.docker, pytest.mark.postgres]
+
+TOML = ('[ports]\nnames = ["web"]\n\n[postgres]\nmode = "database"\n\n'
+        '[compose]\nfiles = ["compose.yaml"]\n\n'
+        f'[containers.sessions]\npreset = "redis"\nimage = "{REDIS_IMAGE}"\n')
+COMPOSE = f'services:\n  cache:\n    image: {REDIS_IMAGE}\n    volumes: ["data:/data"]\n' \
+    'volumes:\n  data:\n'
+# Over the file size limit once dumped (md5 text compresses to about half), while the
+# Redis volumes' tarballs stay far below it.
+BLOB = "CREATE TABLE blob AS SELECT string_agg(md5(random()::text), '') AS t " \
+    "FROM generate_series(1, 120000)"
+LIMIT = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    yield from start_server()
+
+
+@pytest.fixture
+def pgdevd(devd_home: Devd, pg_url: str) -> Iterator[Devd]:
+    compose_available()
+    client = redis_client()
+    devd_home.env["DEVD_POSTGRES_URL"] = pg_url
+    devd_home.start()
+    yield devd_home
+    remove_instance(client, (devd_home.paths.state_dir / "instance-id").read_text().strip())
+    if devd_home.proc is not None:
+        assert devd_home.stop() == 0, devd_home.log()
+
+
+def answer(port: int, *command: str) -> str:
+    """A Redis reply, once the server (just started again) accepts."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return redis(port, *command)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def cache_of(dk: Any, project: str) -> Any:
+    found = dk.containers.list(filters={"label": f"com.docker.compose.project={project}"})
+    assert len(found) == 1, found
+    return found[0]
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+
+
+def test_the_last_backup_failing_releases_nothing_and_a_retry_restores_everything(
+        pgdevd: Devd, make_repo: Any, pg_url: str) -> None:
+    devd, dk = pgdevd, redis_client()
+    repo = make_repo(devd_toml=TOML)
+    repo.commit({"compose.yaml": COMPOSE})
+    tree = repo.worktree("full", "full")
+    devd.run("provision", str(tree), timeout=180)
+    env, wt_id = env_of(devd, tree), devd.worktree(tree)["id"]
+    query(env["DATABASE_URL"], BLOB)
+    redis_port = int(env["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    assert redis(redis_port, "SET", "k", "kept") == "+OK"
+    project = env["COMPOSE_PROJECT_NAME"]
+    cache = cache_of(dk, project)
+    assert cache.exec_run(["sh", "-c", "echo kept > /data/marker"])[0] == 0
+
+    # The daemon's file size limit stands in for a full disk (pg_dump inherits it).
+    assert devd.proc is not None
+    limit = ["prlimit", f"--pid={devd.proc.pid}"]
+    subprocess.run([*limit, f"--fsize={LIMIT}:"], check=True)
+    try:
+        failed = devd.run("release", str(tree), "--yes", check=False, timeout=180)
+    finally:
+        subprocess.run([*limit, "--fsize=unlimited:"], check=True)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "the backup of postgres failed" in failed.stderr, failed.stderr
+    assert "nothing was released" in failed.stderr
+
+    # Nothing went, and what the backups stopped or closed runs again.
+    assert query(env["DATABASE_URL"], "SELECT length(t) FROM blob") == [(120000 * 32,)]
+    assert answer(redis_port, "GET", "k") == "kept"
+    assert cache_of(dk, project).id == cache.id
+    assert cache.exec_run(["cat", "/data/marker"]).output == b"kept\n"
+    assert f"REDIS_URL={env['REDIS_URL']}" in (tree / ".env").read_text()
+    shown = devd.worktree(tree)
+    assert "the backup of postgres failed" in shown["error"]
+    assert {r["kind"]: r["state"] for r in shown["resources"]}["compose"] == "ready"
+    # No partial backup is left for `devd restore` to take for the newest.
+    state = devd.paths.state_dir
+    assert not files_under(state / "backups" / "volumes")
+    assert not [p for p in files_under(state / "dumps") if p.name.startswith(wt_id)]
+
+    # The cause gone, the release goes through, every backup in place.
+    released = json.loads(devd.run("release", str(tree), "--yes", "--json",
+                                   timeout=180).stdout)
+    kept = sorted(p.name for p in Path(released["volume_backups"][0]).iterdir())
+    assert kept == ["compose-data.tar", "container-sessions.tar"]
+    assert Path(released["dumps"][0]).stat().st_size > LIMIT
+    assert not dk.containers.list(all=True, filters={"label": f"devd.owner={wt_id}"})
+    assert not query(pg_url, "SELECT 1 FROM pg_database WHERE datname = %s",
+                     env["DATABASE_URL"].rsplit("/", 1)[1])
+
+    # Provisioned again and restored: each resource has its data back.
+    devd.run("provision", str(tree), timeout=180)
+    restored = devd.json("restore", str(tree))
+    assert restored["restored"] == released["dumps"][0]
+    env = env_of(devd, tree)
+    assert query(env["DATABASE_URL"], "SELECT length(t) FROM blob") == [(120000 * 32,)]
+    redis_port = int(env["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    assert answer(redis_port, "GET", "k") == "kept"
+    assert cache_of(dk, project).exec_run(["cat", "/data/marker"]).output == b"kept\n"
