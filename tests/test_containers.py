@@ -129,3 +129,38 @@ def test_shared_redis_leases_an_index_flushes_on_release_and_says_when_full(
         assert out.strip() == b"theirs"
     finally:
         impostor.remove(force=True)
+
+
+def test_gc_retires_the_shared_redis_once_no_worktree_leases_an_index(
+        devd: Devd, make_repo: Any, dk: Any) -> None:
+    import tarfile
+
+    repo = make_repo(devd_toml=toml("shared = true\n"))
+    a, b = repo.worktree("shop-a", "a"), repo.worktree("shop-b", "b")
+    for tree in (a, b):
+        devd.run("provision", str(tree), timeout=120)
+    url_b = env_of(devd, b)["REDIS_URL"]
+    server = next(c for c in dk.containers.list() if c.name.startswith("devd-redis-shared-"))
+    devd.run("release", str(a), "--yes", timeout=120)
+    assert "shared_redis" not in devd.json("gc", "--grace", "0")  # b still leases one
+    assert redis(port_of(url_b), "PING") == "+PONG"
+    devd.run("release", str(b), "--yes", timeout=120)
+    redis(port_of(url_b), "SET", "outside", "any-index")  # what the RDB backup keeps
+    # A Redis that merely has the server's name is left alone.
+    name = server.name
+    server.rename(name + "-real")
+    impostor = dk.containers.create(REDIS_IMAGE, name=name)
+    try:
+        left = devd.json("gc", "--grace", "0")["shared_redis"]
+        assert not left["removed"] and "not labelled" in left["reason"]
+        assert dk.containers.get(name).id == impostor.id
+    finally:
+        impostor.remove(force=True)
+        server.rename(name)
+    retired = devd.json("gc", "--grace", "0")["shared_redis"]
+    assert retired["removed"] and retired["name"] == name
+    with tarfile.open(retired["backup"]) as tar:
+        rdb = next(m for m in tar.getmembers() if m.name.endswith("dump.rdb"))
+        assert b"any-index" in tar.extractfile(rdb).read()  # type: ignore[union-attr]
+    assert not dk.containers.list(all=True, filters={"name": name})
+    assert not dk.volumes.list(filters={"name": name})

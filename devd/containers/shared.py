@@ -6,19 +6,23 @@ Cheaper than a container each, isolated enough for caches and queues keyed by da
 within the daemon. Release saves the whole server's RDB (`redis-cli --rdb`, its phase 1) before
 FLUSHDB of the worktree's index; the file is kept for inspection (a single index cannot be loaded
 back into a live shared server without touching the others, so `devd restore` skips it).
+gc removes the server (retire) once no worktree leases an index, keeping its volume first.
 """
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devd import instance
-from devd.containers import engine
+from devd.containers import engine, volumes
 from devd.errors import DevdError, OwnershipConflict
+from devd.paths import Paths
 from devd.provisioners.base import Context, Progress
 from devd.provisioners.ports import is_free
+from devd.registry import Registry
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -39,9 +43,11 @@ def _labels() -> dict[str, str]:
 
 def ensure(ctx: Context, dk: DockerClient, name: str, spec: dict[str, Any],
            progress: Progress) -> dict[str, Any]:
-    container, port = _server(ctx, dk, spec, progress)
-    engine.wait_ready(container, lambda: engine.ping(port), spec["timeout"])
-    db = _lease_db(ctx, name, container)
+    # Under the lock gc's retire takes: the server is never removed while an index is leased.
+    with _choosing:
+        container, port = _server(ctx, dk, spec, progress)
+        engine.wait_ready(container, lambda: engine.ping(port), spec["timeout"])
+        db = _lease_db(ctx, name, container)
     return {"container": container.name, "port": port, "image": spec["image"],
             "shared": True, "db": db, "env": engine.exported(spec["vars"], name, port, db)}
 
@@ -69,7 +75,7 @@ def _server(ctx: Context, dk: DockerClient, spec: dict[str, Any], progress: Prog
         volume = dk.volumes.get(name)
     except docker.errors.NotFound:
         volume = dk.volumes.create(name, labels=_labels())  # labelled: never an unmarked one
-    if any(engine.tags_of(volume).get(key) != value for key, value in _labels().items()):
+    if not _labelled(volume):
         raise OwnershipConflict(f"volume {name} exists but is not labelled as this devd's "
                                 "shared Redis", "remove or rename it yourself")
     container = dk.containers.run(spec["image"], name=name, detach=True, labels=_labels(),
@@ -79,9 +85,14 @@ def _server(ctx: Context, dk: DockerClient, spec: dict[str, Any], progress: Prog
     return container, port
 
 
+def _labelled(found: Any) -> bool:
+    """The container or volume carries this devd's shared-Redis labels."""
+    tags = engine.tags_of(found)
+    return all(tags.get(key) == value for key, value in _labels().items())
+
+
 def _refuse_foreign(container: Container) -> None:
-    tags = engine.tags_of(container)
-    if any(tags.get(key) != value for key, value in _labels().items()):
+    if not _labelled(container):
         raise OwnershipConflict(f"container {container.name} exists but is not labelled as "
                                 "this devd's shared Redis; nothing was flushed",
                                 "remove or rename it yourself")
@@ -101,26 +112,28 @@ def _lease_db(ctx: Context, name: str, container: Container) -> int:
     mine = ctx.recorded("containers").get("entries", {}).get(name, {})
     if "db" in mine:
         return int(mine["db"])
-    with _choosing:
-        taken = {int(entry["db"]) for wt_id, found in ctx.registry.all_resources().items()
-                 for r in found if r.kind == "containers"
-                 for entry in (r.detail.get("entries") or {}).values()
-                 if entry.get("shared") and "db" in entry}
-        total = _databases(container)
-        free = [db for db in range(total) if db not in taken]
-        if not free:
-            raise DevdError(f"the shared Redis {container.name} has all of its {total} "
-                            "database indexes leased to other worktrees",
-                            "release worktrees you no longer need (`devd gc`), or set "
-                            "shared = false for this repo's Redis (a container each)",
-                            code="redis_full")
-        # Recorded before the lock is let go: the next worktree's choice sees it.
-        recorded = dict(ctx.recorded("containers").get("entries") or {})
-        recorded[name] = {"container": container.name, "shared": True, "db": free[0],
-                          "port": 0}
-        ctx.registry.set_resource(ctx.worktree.id, "containers", "pending",
-                                  {"entries": recorded})
-        return free[0]
+    taken = _leased(ctx.registry)
+    total = _databases(container)
+    free = [db for db in range(total) if db not in taken]
+    if not free:
+        raise DevdError(f"the shared Redis {container.name} has all of its {total} "
+                        "database indexes leased to other worktrees",
+                        "release worktrees you no longer need (`devd gc`), or set "
+                        "shared = false for this repo's Redis (a container each)",
+                        code="redis_full")
+    # Recorded before the lock is let go: the next worktree's choice sees it.
+    recorded = dict(ctx.recorded("containers").get("entries") or {})
+    recorded[name] = {"container": container.name, "shared": True, "db": free[0], "port": 0}
+    ctx.registry.set_resource(ctx.worktree.id, "containers", "pending", {"entries": recorded})
+    return free[0]
+
+
+def _leased(registry: Registry) -> set[int]:
+    """The indexes worktrees hold (a worktree whose release failed still holds its own)."""
+    return {int(entry["db"]) for found in registry.all_resources().values()
+            for r in found if r.kind == "containers"
+            for entry in (r.detail.get("entries") or {}).values()
+            if entry.get("shared") and "db" in entry}
 
 
 def _databases(container: Container) -> int:
@@ -174,3 +187,69 @@ def _run(container: Container, argv: list[str]) -> None:
         raise DevdError(f"{' '.join(argv)} in {container.name} failed: "
                         f"{out.decode(errors='replace').strip()}; nothing was flushed",
                         f"see `docker logs {container.name}`", code="backup_failed")
+
+
+def retire(paths: Paths, registry: Registry, backup: bool) -> dict[str, Any]:
+    """gc: the server once no worktree leases an index, its RDB kept first (a tarball of its
+    volume, in backups/redis-shared/), then the container and its volume removed; only
+    what carries this devd's labels. {} when there is no server to retire."""
+    import docker
+
+    if not engine.used(paths.state_dir):
+        return {}
+    with _choosing:
+        if _leased(registry):
+            return {}
+        name = server_name()
+        try:
+            dk = engine.client(timeout=5)
+        except DevdError:
+            return {}  # the engine is down: like orphans, nothing to do until it is back
+        found = [_get(dk.containers, name), _get(dk.volumes, name)]
+        if not any(found):
+            return {}
+        foreign = [f"{kind} {name}" for kind, f in zip(("container", "volume"), found,
+                                                      strict=True)
+                   if f is not None and not _labelled(f)]
+        if foreign:
+            return {"name": name, "removed": False,
+                    "reason": f"{' and '.join(foreign)} not labelled as this devd's shared "
+                              "Redis: left alone"}
+        container, volume = found
+        kept = _keep_rdb(paths, dk, container, volume) if backup and volume else None
+        try:
+            if container is not None:
+                container.remove(force=True, v=True)
+            if volume is not None:
+                volume.remove()
+        except docker.errors.APIError as exc:
+            raise engine.api_error(exc, f"the shared Redis {name}") from exc
+        return {"name": name, "removed": True} | ({"backup": str(kept)} if kept else {})
+
+
+def _get(collection: Any, name: str) -> Any:
+    import docker
+
+    try:
+        return collection.get(name)
+    except docker.errors.NotFound:
+        return None
+
+
+def _keep_rdb(paths: Paths, dk: DockerClient, container: Container | None, volume: Any
+              ) -> Path:
+    """The volume as a tarball, the server stopped first (a clean stop writes its RDB out);
+    a failed backup starts it again and removes nothing."""
+    running = container is not None and container.status == "running"
+    if container is not None:
+        container.stop(timeout=10)
+    image = str(container.attrs["Image"]) if container is not None else \
+        str(dk.images.list()[0].id)
+    folder = volumes.new_backup_dir(paths, KIND, paths.state_dir / "backups" / KIND)
+    try:
+        return volumes.archive(dk, volume.name, volumes.tarball(folder, KIND), image, KIND)
+    except BaseException:
+        if running and container is not None:
+            container.start()
+        shutil.rmtree(folder, ignore_errors=True)
+        raise

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from devd import __version__, git, leftovers, naming, processes, teardown
-from devd.containers import compose, declared, volumes
+from devd.containers import compose, declared, shared, volumes
 from devd.errors import DevdError, NotRegistered, ProvisionFailed, UsageError
 from devd.handlers.core import ServiceCore, absolute
 from devd.postgres import provisioner as postgres
@@ -168,7 +168,9 @@ class WorktreeRequests(ServiceCore):
                     entry["skipped" if exc.code == "not_gone" else "error"] = exc.to_dict()
             results.append(entry)
         processes.prune_runs(self.registry)
+        retired = {} if dry_run else shared.retire(self.paths, self.registry, not no_backup)
         return {"dry_run": dry_run, "grace_seconds": seconds, "worktrees": results,
+                **({"shared_redis": retired} if retired else {}),
                 "not_due": [not_due(wt, now, seconds) for wt in gone if wt not in due],
                 "orphans": self.orphans()}
 
