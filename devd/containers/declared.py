@@ -250,13 +250,9 @@ def _back_up_one(ctx: Context, dk: DockerClient, name: str, entry: dict[str, Any
 
 
 def _remove_one(ctx: Context, dk: DockerClient, entry: dict[str, Any]) -> None:
-    container = engine.owned(dk.containers, entry["container"], ctx.worktree.id)
-    if container is not None:
-        container.remove(force=True, v=True)
-    volume = engine.owned(dk.volumes, entry["volume"], ctx.worktree.id) \
-        if entry.get("volume") else None
-    if volume is not None:
-        volume.remove()
+    engine.remove(engine.owned(dk.containers, entry["container"], ctx.worktree.id),
+                  engine.owned(dk.volumes, entry["volume"], ctx.worktree.id)
+                  if entry.get("volume") else None)
 
 
 def restore(ctx: Context, detail: dict[str, Any], folder: Path,

@@ -84,6 +84,14 @@ def owned(collection: Any, name: str, wt_id: str,
     return found
 
 
+def remove(container: Any, volume: Any) -> None:
+    """A container (its anonymous volumes with it), then its named volume, each if there."""
+    if container is not None:
+        container.remove(force=True, v=True)
+    if volume is not None:
+        volume.remove()
+
+
 def ensure_image(dk: DockerClient, image: str, progress: Progress, phase: str,
                  hint: str = "") -> None:
     """The image locally, pulled if missing (its progress at most once a second); a pull

@@ -218,10 +218,7 @@ def retire(paths: Paths, registry: Registry, backup: bool) -> dict[str, Any]:
         container, volume = found
         kept = _keep_rdb(paths, dk, container, volume) if backup and volume else None
         try:
-            if container is not None:
-                container.remove(force=True, v=True)
-            if volume is not None:
-                volume.remove()
+            engine.remove(container, volume)
         except docker.errors.APIError as exc:
             raise engine.api_error(exc, f"the shared Redis {name}") from exc
         return {"name": name, "removed": True} | ({"backup": str(kept)} if kept else {})

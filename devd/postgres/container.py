@@ -347,10 +347,7 @@ def teardown(ctx: Context, detail: dict[str, Any]) -> None:
     if container is not None or volume is not None or clone:
         mark_dropping(ctx)
     try:
-        if container is not None:
-            container.remove(force=True, v=True)
-        if volume is not None:
-            volume.remove()
+        engine.remove(container, volume)
     except docker.errors.APIError as exc:
         raise _api_error(exc, name, int(detail.get("port", 0))) from exc
     if detail.get("snapshot"):
