@@ -87,10 +87,7 @@ def _not_backed_up(ctx: Context, failed: Resource, exc: Exception, unresumed: li
     message = getattr(exc, "message", str(exc))
     text = (f"release of {ctx.worktree.path} refused: the backup of {failed.kind} failed "
             f"({message}); nothing was released (data, .env block, dirs and ports are as "
-            "they were)")
-    if unresumed:
-        text += f"; could not start again what the backup of {', '.join(unresumed)} " \
-                "stopped (see the daemon log): run `devd provision`"
+            "they were)") + _unresumed(unresumed)
     return DevdError(text, getattr(exc, "hint", "") or "fix the cause and run `devd release` "
                      "again", code="release_failed")
 
@@ -108,14 +105,14 @@ def run_all(by_kind: dict[str, Provisioner], ctx: Context, order: list[Resource]
         except Exception as exc:  # any failure stops the release; reported, not swallowed
             log.exception("teardown of %s for %s failed", resource.kind, ctx.worktree.id)
             ctx.made.pop(resource.kind, None)  # its own teardown undoes what it can
-            _resume_all(by_kind, ctx, [r for r in order if r.kind not in done])
-            raise _stopped(ctx, order, done, resource, exc) from exc
+            unresumed = _resume_all(by_kind, ctx, [r for r in order if r.kind not in done])
+            raise _stopped(ctx, order, done, resource, exc, unresumed) from exc
         ctx.registry.drop_resource(ctx.worktree.id, resource.kind)
         done.append(resource.kind)
 
 
 def _stopped(ctx: Context, order: list[Resource], done: list[str], failed: Resource,
-             exc: Exception) -> DevdError:
+             exc: Exception, unresumed: list[str]) -> DevdError:
     """Say where the release stopped and what is left. A teardown that destroys in steps
     marks its resource failed before its first drop (see postgres/sqlmodes.py), so status
     tells the truth even for a gone worktree, whose resources status does not check."""
@@ -124,5 +121,10 @@ def _stopped(ctx: Context, order: list[Resource], done: list[str], failed: Resou
     text = f"release of {ctx.worktree.path} stopped at {failed.kind}: {message}; "
     text += f"released: {', '.join(done)}; " if done else ""
     text += f"kept as they were: {', '.join(kept) or 'nothing else'}"
-    return DevdError(text, getattr(exc, "hint", "") or "fix the cause and run `devd release` "
-                     "again", code="release_failed")
+    return DevdError(text + _unresumed(unresumed), getattr(exc, "hint", "") or
+                     "fix the cause and run `devd release` again", code="release_failed")
+
+
+def _unresumed(kinds: list[str]) -> str:
+    return f"; could not start again what the backup of {', '.join(kinds)} stopped (see " \
+        "the daemon log): run `devd provision`" if kinds else ""
