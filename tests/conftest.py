@@ -191,6 +191,16 @@ def _unavailable(why: str) -> None:
     unavailable(why)
 
 
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """One Postgres server for every module that does not start its own. Here because
+    `pg_url = other_module.pg_url` is no sharing: pytest runs a session fixture again for
+    each module it is registered in (a server each)."""
+    from pgsupport import start_server
+
+    yield from start_server()
+
+
 @pytest.fixture
 def devd_home(tmp_path: Path) -> Iterator[Devd]:
     home = tmp_path / "devd-home"

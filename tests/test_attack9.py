@@ -158,7 +158,6 @@ def test_lowercase_keys_pydantic_settings_reads_are_neutralised(
 
 # -- Postgres ------------------------------------------------------------------------------
 
-pg_url = test_postgres.pg_url  # one server per session, shared with test_postgres.py
 PUBLIC_GRANTS = ["CREATE TABLE orders (id int, who text)", "INSERT INTO orders VALUES (1, 'main')",
                  "GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public TO PUBLIC",
                  "CREATE FUNCTION archive() RETURNS void LANGUAGE sql SECURITY DEFINER "

@@ -20,8 +20,8 @@ from devd import naming
 from devd.postgres import names as pgnames
 
 pytestmark = pytest.mark.postgres
-# The same server (one per session) and daemon fixtures as test_postgres.py.
-pg_url, pgdevd = test_postgres.pg_url, test_postgres.pgdevd
+# The daemon fixture of test_postgres.py (pg_url: the session's server, conftest.py).
+pgdevd = test_postgres.pgdevd
 dk = test_pgcontainer.dk
 PG_DUMP = "/usr/lib/postgresql/15/bin/pg_dump"
 

@@ -12,17 +12,12 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import Devd, Repo, run_git, wait_for
-from pgsupport import IMAGE, TEST_LABEL, docker_client, env_of, query, start_server, with_postgres
+from pgsupport import IMAGE, TEST_LABEL, docker_client, env_of, query, with_postgres
 
 from devd import naming
 from devd.postgres import names as pgnames
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    yield from start_server()
 
 
 @pytest.fixture

@@ -11,18 +11,13 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import Devd, Repo, run_git
-from pgsupport import env_of, query, start_server, with_postgres
+from pgsupport import env_of, query, with_postgres
 
 from devd import naming
 from devd.postgres import names as pgnames
 
 pytestmark = pytest.mark.postgres
 PSQL = "/usr/lib/postgresql/15/bin/psql"
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    yield from start_server()
 
 
 @pytest.fixture

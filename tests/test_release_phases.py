@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import Devd
 from containersupport import REDIS_IMAGE, compose_available, redis, redis_client, remove_instance
-from pgsupport import env_of, query, start_server
+from pgsupport import env_of, query
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
 
@@ -29,11 +29,6 @@ COMPOSE = f'services:\n  cache:\n    image: {REDIS_IMAGE}\n    volumes: ["data:/
 BLOB = "CREATE TABLE blob AS SELECT string_agg(md5(random()::text), '') AS t " \
     "FROM generate_series(1, 120000)"
 LIMIT = 1_000_000
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    yield from start_server()
 
 
 @pytest.fixture
