@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devd import instance
-from devd.containers import engine, volumes
+from devd.containers import compose, engine, volumes
 from devd.errors import DevdError, OwnershipConflict
 from devd.paths import Paths
 from devd.provisioners.base import Context, Progress
@@ -192,9 +192,8 @@ def _run(container: Container, argv: list[str]) -> None:
 def retire(paths: Paths, registry: Registry, backup: bool) -> dict[str, Any]:
     """gc: the server once no worktree leases an index, its RDB kept first (a tarball of its
     volume, in backups/redis-shared/), then the container and its volume removed; only
-    what carries this devd's labels. {} when there is no server to retire."""
-    import docker
-
+    what carries this devd's labels. {} when there is no server to retire; a failure is
+    said in "reason" (gc's other results stand), the server left as it was."""
     if not engine.used(paths.state_dir):
         return {}
     with _choosing:
@@ -215,13 +214,23 @@ def retire(paths: Paths, registry: Registry, backup: bool) -> dict[str, Any]:
             return {"name": name, "removed": False,
                     "reason": f"{' and '.join(foreign)} not labelled as this devd's shared "
                               "Redis: left alone"}
-        container, volume = found
-        kept = _keep_rdb(paths, dk, container, volume) if backup and volume else None
         try:
-            engine.remove(container, volume)
-        except docker.errors.APIError as exc:
-            raise engine.api_error(exc, f"the shared Redis {name}") from exc
+            kept = _remove(paths, dk, found[0], found[1], backup)
+        except DevdError as exc:
+            return {"name": name, "removed": False, "reason": exc.message}
         return {"name": name, "removed": True} | ({"backup": str(kept)} if kept else {})
+
+
+def _remove(paths: Paths, dk: DockerClient, container: Container | None, volume: Any,
+            backup: bool) -> Path | None:
+    import docker
+
+    try:
+        kept = _keep_rdb(paths, dk, container, volume) if backup and volume else None
+        engine.remove(container, volume)
+    except docker.errors.APIError as exc:
+        raise engine.api_error(exc, f"the shared Redis {server_name()}") from exc
+    return kept
 
 
 def _get(collection: Any, name: str) -> Any:
@@ -240,8 +249,9 @@ def _keep_rdb(paths: Paths, dk: DockerClient, container: Container | None, volum
     running = container is not None and container.status == "running"
     if container is not None:
         container.stop(timeout=10)
+    # The server's image for the helper; any local one once the container is gone.
     image = str(container.attrs["Image"]) if container is not None else \
-        str(dk.images.list()[0].id)
+        compose.helper_image(dk, server_name())
     folder = volumes.new_backup_dir(paths, KIND, paths.state_dir / "backups" / KIND)
     try:
         return volumes.archive(dk, volume.name, volumes.tarball(folder, KIND), image, KIND)
