@@ -308,7 +308,7 @@ def back_up(ctx: Context, detail: dict[str, Any]) -> dict[str, Any]:
     the dump does not hold while the other resources are backed up."""
     dk, wt_id, name = client(), ctx.worktree.id, detail["container"]
     container, volume = _owned(dk.containers, name, wt_id), _owned(dk.volumes, name, wt_id)
-    if not _holds_data(ctx, detail, volume):
+    if not _holds_data(detail, volume):
         return {}
     was_running = container is not None and container.status == "running"
     container = _backup(ctx, dk, container, detail)
@@ -325,7 +325,7 @@ def resume(ctx: Context, detail: dict[str, Any], made: dict[str, Any]) -> None:
             found.start()
 
 
-def _holds_data(ctx: Context, detail: dict[str, Any], volume: Any) -> bool:
+def _holds_data(detail: dict[str, Any], volume: Any) -> bool:
     # A volume whose server never came up (say, the image could not be pulled) holds nothing.
     clone = detail.get("snapshot") and Path(detail.get("data_dir", "")).is_dir()
     return bool((volume is not None or clone) and detail.get("initialized"))
@@ -338,7 +338,7 @@ def teardown(ctx: Context, detail: dict[str, Any]) -> None:
     container, volume = _owned(dk.containers, name, wt_id), _owned(dk.volumes, name, wt_id)
     clone = detail.get("snapshot") and Path(detail.get("data_dir", "")).is_dir()
     made = ctx.made.get("postgres")
-    if ctx.backup and made is None and _holds_data(ctx, detail, volume):
+    if ctx.backup and made is None and _holds_data(detail, volume):
         container = _backup(ctx, dk, container, detail)
     if made:  # dumped and stopped in phase 1; it knew the test databases then
         ctx.outputs.setdefault("test_databases_dropped", []).extend(made["test_databases"])
