@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import Devd
 from containersupport import REDIS_IMAGE, compose_available, redis, redis_client, remove_instance
-from pgsupport import env_of, query
+from pgsupport import IMAGE, env_of, query
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
 
@@ -125,3 +125,39 @@ def test_the_last_backup_failing_releases_nothing_and_a_retry_restores_everythin
     redis_port = int(env["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
     assert answer(redis_port, "GET", "k") == "kept"
     assert cache_of(dk, project).exec_run(["cat", "/data/marker"]).output == b"kept\n"
+
+
+def test_a_container_dump_cut_short_leaves_no_dump_and_the_project_running(
+        devd: Devd, make_repo: Any) -> None:
+    # Container mode: the dump streams out of `docker exec` into the daemon's file, so the
+    # full disk hits devd's own write; the Compose project, backed up and stopped before it,
+    # runs again, and no truncated dump is left for `devd restore` to take for the newest.
+    compose_available()
+    dk = redis_client()
+    try:
+        repo = make_repo(devd_toml=f'[postgres]\nmode = "container"\nimage = "{IMAGE}"\n\n'
+                         '[compose]\nfiles = ["compose.yaml"]\n')
+        repo.commit({"compose.yaml": COMPOSE})
+        tree = repo.worktree("cfull", "cfull")
+        devd.run("provision", str(tree), timeout=180)
+        env, wt_id = env_of(devd, tree), devd.worktree(tree)["id"]
+        query(env["DATABASE_URL"], BLOB)
+        cache = cache_of(dk, env["COMPOSE_PROJECT_NAME"])
+        assert devd.proc is not None
+        limit = ["prlimit", f"--pid={devd.proc.pid}"]
+        subprocess.run([*limit, f"--fsize={LIMIT}:"], check=True)
+        try:
+            failed = devd.run("release", str(tree), "--yes", check=False, timeout=180)
+        finally:
+            subprocess.run([*limit, "--fsize=unlimited:"], check=True)
+        assert failed.returncode == 1 and "the backup of postgres failed" in failed.stderr, \
+            failed.stderr
+        assert "writing the dump" in failed.stderr and "nothing was released" in failed.stderr
+        assert query(env["DATABASE_URL"], "SELECT length(t) FROM blob") == [(120000 * 32,)]
+        cache.reload()
+        assert cache.status == "running"
+        state = devd.paths.state_dir
+        assert not [p for p in files_under(state / "dumps") if p.name.startswith(wt_id)]
+        assert not files_under(state / "backups" / "volumes")
+    finally:
+        remove_instance(dk, (devd.paths.state_dir / "instance-id").read_text().strip())
