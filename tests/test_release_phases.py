@@ -61,6 +61,20 @@ def cache_of(dk: Any, project: str) -> Any:
     return found[0]
 
 
+def release_on_a_full_disk(devd: Devd, tree: Path) -> subprocess.CompletedProcess[str]:
+    """`devd release --yes` while the daemon's file size limit stands in for a full disk
+    (pg_dump, its child, inherits it); the failure it must end in."""
+    assert devd.proc is not None
+    limit = ["prlimit", f"--pid={devd.proc.pid}"]
+    subprocess.run([*limit, f"--fsize={LIMIT}:"], check=True)
+    try:
+        failed = devd.run("release", str(tree), "--yes", check=False, timeout=180)
+    finally:
+        subprocess.run([*limit, "--fsize=unlimited:"], check=True)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    return failed
+
+
 def files_under(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
 
@@ -80,15 +94,7 @@ def test_the_last_backup_failing_releases_nothing_and_a_retry_restores_everythin
     cache = cache_of(dk, project)
     assert cache.exec_run(["sh", "-c", "echo kept > /data/marker"])[0] == 0
 
-    # The daemon's file size limit stands in for a full disk (pg_dump inherits it).
-    assert devd.proc is not None
-    limit = ["prlimit", f"--pid={devd.proc.pid}"]
-    subprocess.run([*limit, f"--fsize={LIMIT}:"], check=True)
-    try:
-        failed = devd.run("release", str(tree), "--yes", check=False, timeout=180)
-    finally:
-        subprocess.run([*limit, "--fsize=unlimited:"], check=True)
-    assert failed.returncode == 1, failed.stdout + failed.stderr
+    failed = release_on_a_full_disk(devd, tree)
     assert "the backup of postgres failed" in failed.stderr, failed.stderr
     assert "nothing was released" in failed.stderr
 
@@ -143,15 +149,8 @@ def test_a_container_dump_cut_short_leaves_no_dump_and_the_project_running(
         env, wt_id = env_of(devd, tree), devd.worktree(tree)["id"]
         query(env["DATABASE_URL"], BLOB)
         cache = cache_of(dk, env["COMPOSE_PROJECT_NAME"])
-        assert devd.proc is not None
-        limit = ["prlimit", f"--pid={devd.proc.pid}"]
-        subprocess.run([*limit, f"--fsize={LIMIT}:"], check=True)
-        try:
-            failed = devd.run("release", str(tree), "--yes", check=False, timeout=180)
-        finally:
-            subprocess.run([*limit, "--fsize=unlimited:"], check=True)
-        assert failed.returncode == 1 and "the backup of postgres failed" in failed.stderr, \
-            failed.stderr
+        failed = release_on_a_full_disk(devd, tree)
+        assert "the backup of postgres failed" in failed.stderr, failed.stderr
         assert "writing the dump" in failed.stderr and "nothing was released" in failed.stderr
         assert query(env["DATABASE_URL"], "SELECT length(t) FROM blob") == [(120000 * 32,)]
         cache.reload()
