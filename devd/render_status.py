@@ -93,14 +93,16 @@ def epoch(value: Any) -> float | None:
 
 
 class Painter:
-    """ANSI colour on a terminal only; NO_COLOR (any value) turns it off."""
+    """ANSI colour on a terminal only; NO_COLOR (any value) or TERM=dumb (Emacs' shell, a
+    terminal that prints escapes as text) turns it off."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
 
     @classmethod
     def for_stream(cls, stream: Any, environ: dict[str, str]) -> Painter:
-        return cls(bool(getattr(stream, "isatty", lambda: False)()) and not environ.get("NO_COLOR"))
+        return cls(bool(getattr(stream, "isatty", lambda: False)()) and not environ.get("NO_COLOR")
+                   and environ.get("TERM") != "dumb")
 
     def __call__(self, text: str, code: str | None) -> str:
         return f"\033[{code}m{text}\033[0m" if self.enabled and code else text
@@ -260,6 +262,11 @@ def warnings(result: dict[str, Any]) -> list[str]:
     found += [f"orphan {o['kind']} {o['name']} ({o['where']}, worktree {o['worktree_id']}): "
               "no registered worktree owns it; remove it by hand if unwanted"
               for o in result.get("orphans", [])]
+    if result.get("check_error"):
+        when = epoch(result.get("checked_at"))
+        last = f"from {ago(time.time() - when)} ago" if when is not None else "not checked yet"
+        found.append(f"the daemon's status checks failed ({result['check_error']}): the rows "
+                     f"are {last}; see the daemon log")
     proxy = result.get("proxy") or {}
     if proxy.get("enabled") and proxy.get("state") not in ("running", "starting"):
         found.append(f"proxy {proxy.get('state')}: {proxy.get('error')} ({proxy.get('hint')}); "
@@ -275,6 +282,10 @@ def _worktree_warnings(wt: dict[str, Any]) -> list[str]:
     found += [f"{name}: gone, but pid {p['pid']} {p['command']} still runs"
               + (f" on port {p['port']}" if p.get("port") else "")
               for p in wt.get("processes", [])]
+    found += [f"{name}: port {h['name']} {h['port']} is held by pid {h['pid']} {h['command']}, "
+              + (f"a process of {os.path.basename(h['worktree'])}" if h.get("worktree")
+                 else "outside any worktree") + "; its own server cannot listen there"
+              for h in wt.get("foreign_holders", [])]
     found += [f"{name}: service {s['name']} {s['state']}: {s.get('error') or ''}".rstrip(": ")
               + "".join(f" | {line}" for line in output_of(s.get("log_tail") or [])[-1:])
               for s in wt.get("services") or [] if s["state"] in ("crashed", "failed")]

@@ -270,7 +270,8 @@ class ServiceCore:
         dirs, envfile = details.get("dirs", {}), details.get("envfile", {})
         return {
             "id": wt.id, "path": str(wt.path), "repo": str(wt.repo_main_path),
-            "branch": wt.branch, "state": wt.state, "error": wt.error, "gone_at": wt.gone_at,
+            "branch": wt.branch if wt.state == "gone" else git.branch_now(wt.path, wt.branch),
+            "state": wt.state, "error": wt.error, "gone_at": wt.gone_at,
             "ports": details.get("ports", {}).get("ports", {}),
             "cache_dir": dirs.get("cache_dir"), "browser_profile": dirs.get("browser_profile"),
             "env_file": envfile.get("file"), "resources": shown,
