@@ -21,7 +21,7 @@ from devd.handlers.snapshot import StatusSnapshot
 from devd.paths import Paths
 from devd.postgres import provisioner as postgres
 from devd.protocol import peer_holds
-from devd.provisioners import Context, Progress, Provisioner, deps, envguard
+from devd.provisioners import Context, Health, Progress, Provisioner, deps, envguard
 from devd.provisioners.deps import DepsProvisioner
 from devd.provisioners.dirs import DirsProvisioner
 from devd.provisioners.envfile import EnvFileProvisioner
@@ -263,7 +263,7 @@ class ServiceCore:
             provisioner = self._by_kind.get(resource.kind)
             if provisioner and state == "ready" and wt.state != "gone":
                 ctx = ctx or self.context(wt, strict=False)
-                health = checked[resource.kind] = provisioner.check(ctx, resource.detail)
+                health = checked[resource.kind] = _checked(provisioner, ctx, resource.detail)
                 note = health.message
                 state = state if health.ok else "failed"
             shown.append({"kind": resource.kind, "state": state, "detail": note})
@@ -294,6 +294,16 @@ class ServiceCore:
     def _busy(self, wt_id: str) -> bool:
         lock = self._locks.get(wt_id)
         return bool(lock and lock.locked())
+
+def _checked(provisioner: Provisioner, ctx: Context, detail: dict[str, Any]) -> Health:
+    """The resource's check; one that throws (a bug) fails that resource, saying so, rather
+    than every `devd status`."""
+    try:
+        return provisioner.check(ctx, detail)
+    except Exception as exc:  # the log has the traceback
+        log.exception("the %s check of %s failed", provisioner.kind, ctx.worktree.path)
+        return Health(False, f"its check failed: {type(exc).__name__}: {exc}")
+
 
 def _made_after(path: Path, since: float) -> bool:
     """Whether git made the linked worktree at `path` after `since`: its admin dir's
