@@ -54,6 +54,15 @@ def clip(text: str, width: int, keep_end: bool = False) -> str:
     return "…" + "".join(reversed(out)) if keep_end else "".join(out) + "…"
 
 
+def clip_middle(text: str, width: int) -> str:
+    """`text` cut to `width` cells in its middle: names sharing a start (shop-feature-1,
+    shop-feature-2, ...) are told apart by their ends, which a cut at the end would drop."""
+    if cells(text) <= width:
+        return text
+    start = clip(text, (width - 1) // 3 + 1)[:-1]
+    return start + clip(text, width - cells(start), keep_end=True)
+
+
 def pad(text: str, width: int) -> str:
     return text + " " * max(0, width - cells(text))
 
@@ -204,9 +213,11 @@ def table(rows: list[list[str]], limit: int, tiers: tuple[tuple[int, ...], ...]
 
 
 def line(row: list[str], widths: list[int], paint: Painter | None = None,
-         colour: str | None = None, keep_end: tuple[int, ...] = ()) -> str:
-    """One row: every cell clipped and padded to its column, the state cell coloured."""
-    shown = [pad(clip(c, w, i in keep_end), w)
+         colour: str | None = None, keep_end: tuple[int, ...] = (),
+         middle: tuple[int, ...] = ()) -> str:
+    """One row: every cell clipped (at its end, its start for `keep_end`, its middle for
+    `middle`) and padded to its column, the state cell coloured."""
+    shown = [pad(clip_middle(c, w) if i in middle else clip(c, w, i in keep_end), w)
              for i, (c, w) in enumerate(zip(row, widths, strict=True))]
     if paint is not None:
         shown[STATE] = paint(shown[STATE], colour)
@@ -224,7 +235,8 @@ def render_status(result: dict[str, Any], cwd: str | None, paint: Painter,
     for repo, rows in groups:
         out.append(paint(safe(tilde(repo, home)), "1"))
         for row in rows:
-            out.append(line(row, widths, paint, COLOURS.get(row[STATE].split(" ")[0])))
+            out.append(line(row, widths, paint, COLOURS.get(row[STATE].split(" ")[0]),
+                            middle=(0, 1)))
     proxy = result.get("proxy") or {}
     if proxy.get("state") == "running" and proxy.get("dashboard"):
         out.append(f"dashboard {proxy['dashboard']}")  # its key is only in status

@@ -208,3 +208,23 @@ def test_a_dumb_terminal_gets_no_colour(devd: Devd, repo: Repo) -> None:
         out = os.read(leader, 65536).decode()
         os.close(leader)
         assert done.returncode == 0 and "shop" in out and "\033[" not in out, out
+
+
+def test_twenty_rows_at_80_columns_stay_told_apart() -> None:
+    """Cut at the end, every `shop-feature-N` read `shop-feat…` and every branch
+    `feature/a-r…`: twenty rows nobody could tell apart."""
+    from devd.render_status import Painter, cells, render_status
+
+    worktrees = [{"path": f"/home/u/src/{repo}" + (f"-feature-{i}" if i else ""),
+                  "repo": f"/home/u/src/{repo}", "state": "ready",
+                  "branch": f"feature/a-rather-long-branch-name-{i}" if i else "main",
+                  "ports": {"web": 20000 + i, "api": 20100 + i}, "resources": [],
+                  "postgres": {"mode": "database", "state": "ready"}}
+                 for repo, count in (("shop", 7), ("billing-service", 7), ("docs", 6))
+                 for i in range(count)]
+    result = {"daemon": {"version": "0", "pid": 1}, "worktrees": worktrees, "orphans": []}
+    lines = render_status(result, None, Painter(False), 80, home="/home/u").split("\n")
+    rows = [line.split() for line in lines if "web=" in line]
+    assert len(lines) == 24 and all(cells(line) <= 80 for line in lines)
+    assert len({(row[0], row[1]) for row in rows}) == 20, "\n".join(lines)
+    assert len({row[0] for row in rows}) == 20, "\n".join(lines)
