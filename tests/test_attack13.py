@@ -228,3 +228,29 @@ def test_twenty_rows_at_80_columns_stay_told_apart() -> None:
     assert len(lines) == 24 and all(cells(line) <= 80 for line in lines)
     assert len({(row[0], row[1]) for row in rows}) == 20, "\n".join(lines)
     assert len({row[0] for row in rows}) == 20, "\n".join(lines)
+
+
+def test_a_server_that_hangs_up_is_said_in_full() -> None:
+    """libpq's message runs over lines; status showed the last alone: `\\tbefore or while
+    processing the request.`"""
+    from devd.errors import DevdError
+    from devd.postgres import server
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+
+        def hang_up() -> None:
+            for _ in range(4):  # libpq may try again (without, then with SSL)
+                try:
+                    listening.accept()[0].close()
+                except OSError:
+                    return
+
+        threading.Thread(target=hang_up, daemon=True).start()
+        port = listening.getsockname()[1]
+        with pytest.raises(DevdError) as caught:
+            server.connect(f"postgresql://u:pw@127.0.0.1:{port}/postgres", timeout=5)
+    message = caught.value.message
+    assert "server closed the connection unexpectedly" in message, message
+    assert "\t" not in message and "\n" not in message
