@@ -191,6 +191,7 @@ def test_a_pass_that_throws_or_sticks_is_said_and_never_holds_status(
     wait_for(lambda: Path(f"{trigger}.entered").exists(), what="the pass to stick")
     wait_for(lambda: "· checked " in devd.run("status", timeout=30).stdout.split("\n")[0],
              what="the answer to say it is old")
+    assert "· checked " in devd.run("status", "--fresh", timeout=30).stdout  # not held either
     trigger.unlink()
 
 

@@ -45,6 +45,7 @@ IDLE_SECONDS = 60.0  # the cadence rests this long after the last status request
 ORPHAN_SCAN_MAX_AGE = 30.0  # it connects to servers: one that is down costs its timeout
 CATCH_UP_SECONDS = 2.0  # a request waits this long at most for a pass it asked for
 FIRST_PASS_SECONDS = 30.0  # ... or for the first one, without which it has nothing to show
+FRESH_WAIT_SECONDS = 5.0  # `fresh` waits this long at most for a pass under way to end
 
 
 class StatusSnapshot:
@@ -94,23 +95,27 @@ class StatusSnapshot:
             self._hurry = False
             self._wake.clear()
 
-    def check_all(self) -> None:
-        """One full pass (one at a time); a pass that fails keeps the last one's answer and
-        says why: the daemon and `devd status` must outlive a check that throws."""
-        with self._passing:
-            try:
-                self._check_all()
-                failure = None
-            except Exception as exc:  # the log has the traceback
-                log.exception("status pass failed")
-                failure = f"{type(exc).__name__}: {exc}"
-            with self._lock:
-                if failure != self._failure:
-                    self._answer = None
-                self._failure = failure
-            with self._passed:
-                self._passes += 1
-                self._passed.notify_all()
+    def check_all(self, wait: float = -1) -> None:
+        """One full pass, one at a time (`wait`: seconds at most for the one under way, else
+        none is run); a pass that fails keeps the last one's answer and says why: the daemon
+        and `devd status` must outlive a check that throws."""
+        if not self._passing.acquire(timeout=wait):
+            return  # one is stuck: the answer is the last pass's, and says when it ran
+        try:
+            self._check_all()
+            failure = None
+        except Exception as exc:  # the log has the traceback
+            log.exception("status pass failed")
+            failure = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._passing.release()
+        with self._lock:
+            if failure != self._failure:
+                self._answer = None
+            self._failure = failure
+        with self._passed:
+            self._passes += 1
+            self._passed.notify_all()
 
     def _catch_up(self) -> None:
         """Have the cadence run a pass now and wait for it, CATCH_UP_SECONDS at most: a slow
@@ -153,7 +158,7 @@ class StatusSnapshot:
             service.watchers.refresh(max_age=0.0 if fresh else 2.0)  # as status did
         self._asked = time.monotonic()
         if fresh and path is None:
-            self.check_all()
+            self.check_all(wait=FRESH_WAIT_SECONDS)
         elif self._stale():
             self._catch_up()
         if path is not None:  # one worktree, checked now, as `devd wait` needs
