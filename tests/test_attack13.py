@@ -255,3 +255,24 @@ def test_a_server_that_hangs_up_is_said_in_full() -> None:
     message = caught.value.message
     assert "server closed the connection unexpectedly" in message, message
     assert "\t" not in message and "\n" not in message
+
+
+def test_a_hand_edit_inside_devd_s_env_block_is_warned(devd: Devd, repo: Repo) -> None:
+    a, b = repo.worktree("shop-a", "a"), repo.worktree("shop-b", "b")
+    for tree in (a, b):
+        devd.run("provision", str(tree))
+    env = a / ".env"
+    written = env.read_text()
+    web_b = _entry(devd, b)["ports"]["web"]  # type: ignore[index]
+    port_a = next(line for line in written.splitlines() if line.startswith("PORT="))
+    env.write_text(written.replace(port_a, f"PORT={web_b}"))  # now a's server takes b's port
+    entry = _entry(devd, a)
+    envfile = next(r for r in entry["resources"] if r["kind"] == "envfile")  # type: ignore[attr-defined]
+    assert envfile["state"] == "failed" and "edited by hand (PORT)" in envfile["detail"]
+    assert "! shop-a: envfile failed devd's block in .env was edited by hand (PORT)" in \
+        devd.run("status").stdout
+    devd.run("provision", str(a))
+    assert env.read_text() == written and " degraded " not in devd.run("status").stdout
+    # Lines of the user's own outside the block are theirs to edit.
+    env.write_text(written + "MINE=1\n")
+    assert all(r["state"] == "ready" for r in _entry(devd, a)["resources"])  # type: ignore[attr-defined]

@@ -196,6 +196,13 @@ class StatusSnapshot:
             self._forms[form] = (answer, value)
         return value
 
+    def forget(self, wt_id: str) -> None:
+        """Describe the worktree again in the next answer, though its records read the same
+        (a provision that fixed a hand-edited .env or a stopped server rewrites none)."""
+        with self._lock:
+            self._described.pop(wt_id, None)
+            self._answer = None
+
     def _version(self) -> tuple[Any, ...]:
         """What the answer is built from, besides this pass: the registry's generation, the
         watcher monitor's latest full pass, the services' states and the proxy's."""
