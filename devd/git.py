@@ -109,15 +109,27 @@ def _listed(fields: dict[str, str]) -> ListedWorktree:
     )
 
 
-def _branch_of(git_dir: Path) -> str | None:
-    """Read HEAD directly: cheaper than another git process, and exact for odd branch names."""
+def _branch_of(git_dir: Path, unreadable: str | None = None) -> str | None:
+    """Read HEAD directly: cheaper than another git process. Bytes that are not UTF-8 are
+    shown as escapes (a branch is only ever shown: a surrogate would fail the registry and
+    JSON). Opened non-blocking, as a FIFO in its place must not hang the daemon."""
     try:
-        head = (git_dir / "HEAD").read_text(encoding="utf-8", errors="surrogateescape").strip()
+        fd = os.open(git_dir / "HEAD", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            head = os.read(fd, 4096).decode("utf-8", "backslashreplace").strip()
+        finally:
+            os.close(fd)
     except OSError:
-        return None
+        return unreadable
     if head.startswith("ref: "):
         return head[5:].removeprefix("refs/heads/")
     return None
+
+
+def branch_now(top: Path, known: str | None) -> str | None:
+    """The branch checked out in the worktree at `top` now (None: a detached HEAD): a
+    `git switch` there goes through no devd command. `known` when HEAD cannot be read."""
+    return _branch_of(admin_dir(top) or top / ".git", unreadable=known)
 
 
 def admin_dir(top: Path) -> Path | None:

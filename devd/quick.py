@@ -70,7 +70,8 @@ def _status(view: str) -> int | None:
     if view == "rows":
         tty = sys.stdout.isatty()
         params |= {"cwd": _cwd(), "width": _width(tty), "home": os.path.expanduser("~"),
-                   "colour": tty and not os.environ.get("NO_COLOR")}
+                   "colour": tty and not os.environ.get("NO_COLOR")
+                   and os.environ.get("TERM") != "dumb"}
     try:
         text = _ask(sock, "status_view", params, timeout)
     except TimeoutError:  # connect (a full backlog) or read: as devd.client says it

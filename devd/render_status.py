@@ -54,6 +54,15 @@ def clip(text: str, width: int, keep_end: bool = False) -> str:
     return "…" + "".join(reversed(out)) if keep_end else "".join(out) + "…"
 
 
+def clip_middle(text: str, width: int) -> str:
+    """`text` cut to `width` cells in its middle: names sharing a start (shop-feature-1,
+    shop-feature-2, ...) are told apart by their ends, which a cut at the end would drop."""
+    if cells(text) <= width:
+        return text
+    start = clip(text, (width - 1) // 3 + 1)[:-1]
+    return start + clip(text, width - cells(start), keep_end=True)
+
+
 def pad(text: str, width: int) -> str:
     return text + " " * max(0, width - cells(text))
 
@@ -93,14 +102,16 @@ def epoch(value: Any) -> float | None:
 
 
 class Painter:
-    """ANSI colour on a terminal only; NO_COLOR (any value) turns it off."""
+    """ANSI colour on a terminal only; NO_COLOR (any value) or TERM=dumb (Emacs' shell, a
+    terminal that prints escapes as text) turns it off."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
 
     @classmethod
     def for_stream(cls, stream: Any, environ: dict[str, str]) -> Painter:
-        return cls(bool(getattr(stream, "isatty", lambda: False)()) and not environ.get("NO_COLOR"))
+        return cls(bool(getattr(stream, "isatty", lambda: False)()) and not environ.get("NO_COLOR")
+                   and environ.get("TERM") != "dumb")
 
     def __call__(self, text: str, code: str | None) -> str:
         return f"\033[{code}m{text}\033[0m" if self.enabled and code else text
@@ -202,9 +213,11 @@ def table(rows: list[list[str]], limit: int, tiers: tuple[tuple[int, ...], ...]
 
 
 def line(row: list[str], widths: list[int], paint: Painter | None = None,
-         colour: str | None = None, keep_end: tuple[int, ...] = ()) -> str:
-    """One row: every cell clipped and padded to its column, the state cell coloured."""
-    shown = [pad(clip(c, w, i in keep_end), w)
+         colour: str | None = None, keep_end: tuple[int, ...] = (),
+         middle: tuple[int, ...] = ()) -> str:
+    """One row: every cell clipped (at its end, its start for `keep_end`, its middle for
+    `middle`) and padded to its column, the state cell coloured."""
+    shown = [pad(clip_middle(c, w) if i in middle else clip(c, w, i in keep_end), w)
              for i, (c, w) in enumerate(zip(row, widths, strict=True))]
     if paint is not None:
         shown[STATE] = paint(shown[STATE], colour)
@@ -222,7 +235,8 @@ def render_status(result: dict[str, Any], cwd: str | None, paint: Painter,
     for repo, rows in groups:
         out.append(paint(safe(tilde(repo, home)), "1"))
         for row in rows:
-            out.append(line(row, widths, paint, COLOURS.get(row[STATE].split(" ")[0])))
+            out.append(line(row, widths, paint, COLOURS.get(row[STATE].split(" ")[0]),
+                            middle=(0, 1)))
     proxy = result.get("proxy") or {}
     if proxy.get("state") == "running" and proxy.get("dashboard"):
         out.append(f"dashboard {proxy['dashboard']}")  # its key is only in status
@@ -260,6 +274,11 @@ def warnings(result: dict[str, Any]) -> list[str]:
     found += [f"orphan {o['kind']} {o['name']} ({o['where']}, worktree {o['worktree_id']}): "
               "no registered worktree owns it; remove it by hand if unwanted"
               for o in result.get("orphans", [])]
+    if result.get("check_error"):
+        when = epoch(result.get("checked_at"))
+        last = f"from {ago(time.time() - when)} ago" if when is not None else "not checked yet"
+        found.append(f"the daemon's status checks failed ({result['check_error']}): the rows "
+                     f"are {last}; see the daemon log")
     proxy = result.get("proxy") or {}
     if proxy.get("enabled") and proxy.get("state") not in ("running", "starting"):
         found.append(f"proxy {proxy.get('state')}: {proxy.get('error')} ({proxy.get('hint')}); "
@@ -275,6 +294,10 @@ def _worktree_warnings(wt: dict[str, Any]) -> list[str]:
     found += [f"{name}: gone, but pid {p['pid']} {p['command']} still runs"
               + (f" on port {p['port']}" if p.get("port") else "")
               for p in wt.get("processes", [])]
+    found += [f"{name}: port {h['name']} {h['port']} is held by pid {h['pid']} {h['command']}, "
+              + (f"a process of {os.path.basename(h['worktree'])}" if h.get("worktree")
+                 else "outside any worktree") + "; its own server cannot listen there"
+              for h in wt.get("foreign_holders", [])]
     found += [f"{name}: service {s['name']} {s['state']}: {s.get('error') or ''}".rstrip(": ")
               + "".join(f" | {line}" for line in output_of(s.get("log_tail") or [])[-1:])
               for s in wt.get("services") or [] if s["state"] in ("crashed", "failed")]

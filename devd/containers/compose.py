@@ -328,12 +328,10 @@ def _copy_main_volumes(ctx: Context, dk: Any, model: dict[str, Any],
 def service_states(name: str) -> list[dict[str, Any]]:
     """Each container of the project: service, state (Docker's health if declared)."""
     import docker
-    import requests
 
     try:
-        dk = docker.from_env(timeout=5)
-        found = _listed(dk.containers, name, all=True)
-    except (docker.errors.DockerException, requests.RequestException):
+        found = engine.ask(lambda dk: _listed(dk.containers, name, all=True))
+    except (docker.errors.DockerException, engine.Unanswered):
         return [{"name": name, "state": "unknown"}]
     return [{"name": c.labels.get("com.docker.compose.service", c.name),
              "container": c.name, "state": engine.state_of(c)} for c in found]
@@ -342,19 +340,21 @@ def service_states(name: str) -> list[dict[str, Any]]:
 def orphans(state_dir: Path, known_ids: set[str]) -> list[dict[str, str]]:
     """Containers, volumes and networks of this instance's worktrees the registry lost."""
     import docker
-    import requests
 
     if not engine.used(state_dir):
         return []
     mine = {"label": [engine.LABEL_OWNER, f"{engine.LABEL_INSTANCE}={instance.current()}"]}
+
+    def listed(dk: Any) -> list[tuple[str, str, dict[str, str]]]:
+        return [("container", c.name, c.labels) for c in
+                dk.containers.list(all=True, filters=mine)] + \
+            [(kind, o.name, engine.tags_of(o)) for kind, col in
+             (("volume", dk.volumes), ("network", dk.networks))
+             for o in col.list(filters=mine)]
+
     try:
-        dk = docker.from_env(timeout=5)
-        found = [("container", c.name, c.labels) for c in
-                 dk.containers.list(all=True, filters=mine)]
-        found += [(kind, o.name, engine.tags_of(o)) for kind, col in
-                  (("volume", dk.volumes), ("network", dk.networks))
-                  for o in col.list(filters=mine)]
-    except (docker.errors.DockerException, requests.RequestException):
+        found = engine.ask(listed)
+    except (docker.errors.DockerException, engine.Unanswered):
         return []
     return [{"kind": kind, "name": name, "worktree_id": owner, "where": "docker"}
             for kind, name, tags in found

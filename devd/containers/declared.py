@@ -283,11 +283,10 @@ def restore(ctx: Context, detail: dict[str, Any], folder: Path,
 
 def _state(name: str) -> str:
     import docker
-    import requests
 
     try:
-        return engine.state_of(docker.from_env(timeout=5).containers.get(name))
+        return engine.state_of(engine.ask(lambda dk: dk.containers.get(name)))
     except docker.errors.NotFound:
         return "missing"
-    except (docker.errors.DockerException, requests.RequestException):
+    except (docker.errors.DockerException, engine.Unanswered):
         return "unknown"

@@ -4,10 +4,11 @@ local images, a readiness wait whose timeout carries the container's logs."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from devd import instance
 from devd.errors import DevdError, OwnershipConflict
@@ -21,6 +22,17 @@ if TYPE_CHECKING:
 __all__ = ["LABEL_INSTANCE", "LABEL_KIND", "LABEL_OWNER"]
 HOST = "127.0.0.1"  # every port devd publishes is on loopback only
 USED_FILE = "containers-used"
+CHECK_TIMEOUT = 5  # seconds a status check waits for the engine's answer
+# After the engine failed to answer, checks do not ask again for this long: status checks
+# every worktree, and behind a hung engine each would wait out the timeout on its own.
+SILENT_FOR = 15.0
+T = TypeVar("T")
+_silent: dict[str, float] = {}  # DOCKER_HOST (or "") → until when (time.monotonic())
+_silent_guard = threading.Lock()
+
+
+class Unanswered(Exception):
+    """The engine did not answer a status check's question (or failed to, moments ago)."""
 
 
 def client(timeout: int = 60, hint: str = "then provision again") -> DockerClient:
@@ -36,6 +48,32 @@ def client(timeout: int = 60, hint: str = "then provision again") -> DockerClien
                         f"start the Docker engine (or set DOCKER_HOST), {hint}",
                         code="docker_unavailable") from exc
     return found
+
+
+def ask(question: Callable[[DockerClient], T]) -> T:
+    """`question` put to the engine (DOCKER_HOST honoured) for a status check: its answer,
+    its APIError (docker.errors.NotFound: it answered), or Unanswered when the engine cannot
+    be reached or stays silent, said at once for SILENT_FOR seconds after that."""
+    import os
+
+    import docker
+    import requests
+
+    host = os.environ.get("DOCKER_HOST", "")
+    with _silent_guard:
+        if time.monotonic() < _silent.get(host, 0.0):
+            raise Unanswered(f"the Docker engine did not answer in the last {SILENT_FOR:.0f} s")
+    try:
+        answer = question(docker.from_env(timeout=CHECK_TIMEOUT))
+    except docker.errors.APIError:
+        raise
+    except (docker.errors.DockerException, requests.RequestException) as exc:
+        with _silent_guard:
+            _silent[host] = time.monotonic() + SILENT_FOR
+        raise Unanswered(f"the Docker engine did not answer: {exc}") from exc
+    with _silent_guard:
+        _silent.pop(host, None)
+    return answer
 
 
 def remember(state_dir: Path) -> None:

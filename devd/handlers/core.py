@@ -21,7 +21,7 @@ from devd.handlers.snapshot import StatusSnapshot
 from devd.paths import Paths
 from devd.postgres import provisioner as postgres
 from devd.protocol import peer_holds
-from devd.provisioners import Context, Progress, Provisioner, deps, envguard
+from devd.provisioners import Context, Health, Progress, Provisioner, deps, envguard
 from devd.provisioners.deps import DepsProvisioner
 from devd.provisioners.dirs import DirsProvisioner
 from devd.provisioners.envfile import EnvFileProvisioner
@@ -263,14 +263,15 @@ class ServiceCore:
             provisioner = self._by_kind.get(resource.kind)
             if provisioner and state == "ready" and wt.state != "gone":
                 ctx = ctx or self.context(wt, strict=False)
-                health = checked[resource.kind] = provisioner.check(ctx, resource.detail)
+                health = checked[resource.kind] = _checked(provisioner, ctx, resource.detail)
                 note = health.message
                 state = state if health.ok else "failed"
             shown.append({"kind": resource.kind, "state": state, "detail": note})
         dirs, envfile = details.get("dirs", {}), details.get("envfile", {})
         return {
             "id": wt.id, "path": str(wt.path), "repo": str(wt.repo_main_path),
-            "branch": wt.branch, "state": wt.state, "error": wt.error, "gone_at": wt.gone_at,
+            "branch": wt.branch if wt.state == "gone" else git.branch_now(wt.path, wt.branch),
+            "state": wt.state, "error": wt.error, "gone_at": wt.gone_at,
             "ports": details.get("ports", {}).get("ports", {}),
             "cache_dir": dirs.get("cache_dir"), "browser_profile": dirs.get("browser_profile"),
             "env_file": envfile.get("file"), "resources": shown,
@@ -293,6 +294,16 @@ class ServiceCore:
     def _busy(self, wt_id: str) -> bool:
         lock = self._locks.get(wt_id)
         return bool(lock and lock.locked())
+
+def _checked(provisioner: Provisioner, ctx: Context, detail: dict[str, Any]) -> Health:
+    """The resource's check; one that throws (a bug) fails that resource, saying so, rather
+    than every `devd status`."""
+    try:
+        return provisioner.check(ctx, detail)
+    except Exception as exc:  # the log has the traceback
+        log.exception("the %s check of %s failed", provisioner.kind, ctx.worktree.path)
+        return Health(False, f"its check failed: {type(exc).__name__}: {exc}")
+
 
 def _made_after(path: Path, since: float) -> bool:
     """Whether git made the linked worktree at `path` after `since`: its admin dir's

@@ -12,7 +12,11 @@ worktrees (reading each .env, a /proc pass for who listens) took ~50-150 ms a ca
   when the registry changed since the last answer (devd provisioned, released, leased a
   port, saw a worktree go), re-describes just the worktrees whose records changed: what
   devd itself does shows at once;
-- `status PATH` (one worktree) and `fresh` still check at once.
+- `status PATH` (one worktree) and `fresh` still check at once;
+- a request finding the last pass old (the cadence rested, or a pass is slow: a hung Docker
+  engine, a server that does not answer) has one run and waits for it CATCH_UP_SECONDS at
+  most; past that it answers from the last pass, which says when it ran (`checked_at`),
+  and a pass that failed says why (`check_error`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from devd import leftovers, processes, protocol
+from devd.handlers.holders import ForeignHolders
 from devd.proxy import api as proxy_api
 from devd.services import supervisor
 from devd.watchers import api as watchers_api
@@ -38,6 +43,9 @@ log = logging.getLogger("devd")
 SETTLE_SECONDS = 0.5  # after a change, the next pass waits this long for the burst to end
 IDLE_SECONDS = 60.0  # the cadence rests this long after the last status request
 ORPHAN_SCAN_MAX_AGE = 30.0  # it connects to servers: one that is down costs its timeout
+CATCH_UP_SECONDS = 2.0  # a request waits this long at most for a pass it asked for
+FIRST_PASS_SECONDS = 30.0  # ... or for the first one, without which it has nothing to show
+FRESH_WAIT_SECONDS = 5.0  # `fresh` waits this long at most for a pass under way to end
 
 
 class StatusSnapshot:
@@ -51,7 +59,14 @@ class StatusSnapshot:
         self._described: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._listening: set[int] = set()
         self._running: dict[str, list[dict[str, Any]]] = {}
+        self._holders = ForeignHolders()
+        self._foreign: dict[str, list[dict[str, Any]]] = {}  # see holders.py
         self._checked_at: float | None = None
+        self._failure: str | None = None  # why the last pass failed, if it did
+        self._passing = threading.Lock()  # one pass at a time
+        self._passed = threading.Condition()  # notified with each pass's end
+        self._passes = 0  # passes ended (guarded by _passed)
+        self._hurry = False  # a request waits for the next pass: no settling first
         self._answer: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         # ^ (what _version() said, the answer built then)
         # Per form (json_text, encoded): (the answer it was made of, it).
@@ -73,17 +88,47 @@ class StatusSnapshot:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                if time.monotonic() - self._asked < IDLE_SECONDS:
-                    self.check_all()
-            except Exception:  # the daemon must outlive a bad pass; the log says what
-                log.exception("status pass failed")
-            if self._wake.wait(self._refresh) and not self._stop.is_set():
+            if time.monotonic() - self._asked < IDLE_SECONDS:
+                self.check_all()
+            if self._wake.wait(self._refresh) and not self._stop.is_set() and not self._hurry:
                 self._stop.wait(SETTLE_SECONDS)
+            self._hurry = False
             self._wake.clear()
 
-    def check_all(self) -> None:
-        """One full pass: every check, every /proc pass; then the answer is rebuilt."""
+    def check_all(self, wait: float = -1) -> None:
+        """One full pass, one at a time (`wait`: seconds at most for the one under way, else
+        none is run); a pass that fails keeps the last one's answer and says why: the daemon
+        and `devd status` must outlive a check that throws."""
+        if not self._passing.acquire(timeout=wait):
+            return  # one is stuck: the answer is the last pass's, and says when it ran
+        try:
+            self._check_all()
+            failure = None
+        except Exception as exc:  # the log has the traceback
+            log.exception("status pass failed")
+            failure = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._passing.release()
+        with self._lock:
+            if failure != self._failure:
+                self._answer = None
+            self._failure = failure
+        with self._passed:
+            self._passes += 1
+            self._passed.notify_all()
+
+    def _catch_up(self) -> None:
+        """Have the cadence run a pass now and wait for it, CATCH_UP_SECONDS at most: a slow
+        pass must not hold up every `devd status` (the answer then says when it was checked)."""
+        with self._passed:
+            ended = self._passes
+            self._hurry = True
+            self._wake.set()
+            self._passed.wait_for(lambda: self._passes != ended, CATCH_UP_SECONDS
+                                  if self._checked_at is not None else FIRST_PASS_SECONDS)
+
+    def _check_all(self) -> None:
+        """Every check, every /proc pass; then the answer is rebuilt."""
         service = self._service
         worktrees, resources = service.registry.worktrees(), service.registry.all_resources()
         described = {}
@@ -93,9 +138,13 @@ class StatusSnapshot:
         listening = processes.all_listening_ports()
         running = leftovers.running([w for w in worktrees if w.state == "gone"],
                                     service.registry)
+        foreign = self._holders.scan(worktrees, {
+            wt.id: described[wt.id][1].get("ports", {}) for wt in worktrees
+            if wt.state != "gone"}, service.registry)
         service.orphans(max_age=ORPHAN_SCAN_MAX_AGE)
         with self._lock:
             self._described, self._listening, self._running = described, listening, running
+            self._foreign = foreign
             self._checked_at = time.time()
             self._answer = None
 
@@ -108,8 +157,10 @@ class StatusSnapshot:
         if (fresh or path is not None) and service.watchers is not None:
             service.watchers.refresh(max_age=0.0 if fresh else 2.0)  # as status did
         self._asked = time.monotonic()
-        if (fresh and path is None) or self._stale():
-            self.check_all()
+        if fresh and path is None:
+            self.check_all(wait=FRESH_WAIT_SECONDS)
+        elif self._stale():
+            self._catch_up()
         if path is not None:  # one worktree, checked now, as `devd wait` needs
             wt = service.find(path)
             running = leftovers.running([wt] if wt.state == "gone" else [], service.registry)
@@ -144,6 +195,13 @@ class StatusSnapshot:
         with self._lock:
             self._forms[form] = (answer, value)
         return value
+
+    def forget(self, wt_id: str) -> None:
+        """Describe the worktree again in the next answer, though its records read the same
+        (a provision that fixed a hand-edited .env or a stopped server rewrites none)."""
+        with self._lock:
+            self._described.pop(wt_id, None)
+            self._answer = None
 
     def _version(self) -> tuple[Any, ...]:
         """What the answer is built from, besides this pass: the registry's generation, the
@@ -192,7 +250,8 @@ class StatusSnapshot:
 
         service = self._service
         with self._lock:
-            listening, checked_at = self._listening, self._checked_at
+            listening, checked_at, failure = self._listening, self._checked_at, self._failure
+            foreign = self._foreign
             running = self._running if running is None else running
         entries = []
         for wt in chosen:
@@ -202,10 +261,13 @@ class StatusSnapshot:
                                   for name, port in entry.get("ports", {}).items()}
             if wt.id in running:
                 entry["processes"] = running[wt.id]
+            if wt.id in foreign and wt.state != "gone":
+                entry["foreign_holders"] = foreign[wt.id]
             entries.append(entry)
         result = proxy_api.add_to_status(service, watchers_api.add_to_status(service, {
             "schema": STATUS_SCHEMA,
             "checked_at": iso_utc(checked_at),
+            "check_error": failure,
             "check_interval_seconds": self._refresh,
             "daemon": service.daemon_info(),
             "worktrees": services_api.add_to_status(service, entries, chosen),

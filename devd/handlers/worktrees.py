@@ -198,6 +198,7 @@ class WorktreeRequests(ServiceCore):
                         if p.applies(ctx) and (f := self._ensure(p, ctx, progress))]
             self.registry.set_state(wt_id, "failed" if failures else "ready",
                                     "; ".join(f.message for f in failures) or None)
+        self.snapshot.forget(wt_id)  # it may have fixed what no record says (.env, a server)
         self.on_change()
         if failures:
             raise ProvisionFailed(

@@ -276,6 +276,9 @@ def check(ctx: Context, detail: dict[str, Any]) -> Health:
     state = container_state(detail.get("container", ""))
     if state == "running":
         return Health(True, "", {"state": state})
+    if state == "unknown":
+        return Health(False, f"container {detail.get('container')}: Docker does not answer "
+                      "(start the Docker engine, or set DOCKER_HOST)", {"state": state})
     return Health(False, f"container {detail.get('container')} is {state} "
                   "(`devd provision` starts or recreates it)", {"state": state})
 
@@ -283,13 +286,12 @@ def check(ctx: Context, detail: dict[str, Any]) -> Health:
 def container_state(name: str) -> str:
     """running, stopped, missing, or unknown when Docker does not answer."""
     import docker
-    import requests
 
     try:
-        found = docker.from_env(timeout=5).containers.get(name)
+        found = engine.ask(lambda dk: dk.containers.get(name))
     except docker.errors.NotFound:
         return "missing"
-    except (docker.errors.DockerException, requests.RequestException):
+    except (docker.errors.DockerException, engine.Unanswered):
         return "unknown"
     return "running" if found.status == "running" else "stopped"
 
@@ -448,16 +450,18 @@ def orphans(known_ids: set[str]) -> list[dict[str, str]]:
     longer has. Another instance's are never listed, nor unlabelled-instance (older) ones,
     which may be anyone's."""
     import docker
-    import requests
 
     mine = {"label": [names.LABEL_OWNER, f"{names.LABEL_INSTANCE}={instance.current()}"]}
+
+    def listed(dk: Any) -> list[tuple[str, str, dict[str, str]]]:
+        return [("container", c.name, c.labels) for c in
+                dk.containers.list(all=True, filters=mine)] + \
+            [("volume", v.name, v.attrs.get("Labels") or {}) for v in
+             dk.volumes.list(filters=mine)]
+
     try:
-        dk = docker.from_env(timeout=5)
-        found = [("container", c.name, c.labels) for c in
-                 dk.containers.list(all=True, filters=mine)]
-        found += [("volume", v.name, v.attrs.get("Labels") or {}) for v in
-                  dk.volumes.list(filters=mine)]
-    except (docker.errors.DockerException, requests.RequestException):
+        found = engine.ask(listed)
+    except (docker.errors.DockerException, engine.Unanswered):
         return []
     return [{"kind": kind, "name": name, "worktree_id": owner, "where": "docker"}
             for kind, name, tags in found

@@ -54,7 +54,10 @@ def connect(url: str, dbname: str | None = None,
 
 def connect_error(url: str, exc: psycopg.Error) -> DevdError:
     where = names.mask_url(url) if url else "the default server (libpq: socket or PG* vars)"
-    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    # libpq's message runs over lines ("server closed the connection unexpectedly" / "This
+    # probably means ..." / "before or while ..."): the last alone says nothing.
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) \
+        or type(exc).__name__
     lowered = str(exc).lower()
     if "authentication failed" in lowered or "no password supplied" in lowered:
         hint = "fix the user or password in DEVD_POSTGRES_URL or [postgres] url"

@@ -53,11 +53,11 @@ class EnvFileProvisioner(Provisioner):
         if warning:
             progress("envfile", warning)
         copies = self._copy(ctx, progress, envguard.managed_keys(ctx, env))
-        created, refused = write_block(target, env)
+        created, refused, block = write_block(target, env)
         # The early pass may have made the file: it stays devd's to remove when emptied.
         created = created or bool(ctx.recorded(self.kind).get("created"))
         detail = {"file": str(target), "created": created, "copies": copies,
-                  "ignored": git.is_ignored(wt, rel)}
+                  "ignored": git.is_ignored(wt, rel), "block": block_digests(block)}
         if refused:
             self._refuse(ctx, detail, refused)
         return detail
@@ -101,21 +101,22 @@ class EnvFileProvisioner(Provisioner):
         warning = envguard.postgres_note(ctx)
         if warning:
             notes.append(warning)
-        shadowed = self._shadowed(ctx, detail, copies)
-        if shadowed:
-            notes.append(envguard.describe_shadowing(shadowed, ctx.config.env.file))
-        return Health(not shadowed, "; ".join(notes), {"drift": drifted, "shadowed": shadowed})
-
-    def _shadowed(self, ctx: Context, detail: dict[str, Any], copies: dict[str, Any]
-                  ) -> list[dict[str, Any]]:
         target = Path(detail.get("file", ctx.worktree.path / ctx.config.env.file))
         try:
             text = target.read_text(encoding="utf-8", errors="surrogateescape")
         except OSError:
             text = ""
+        edited = _edited(detail.get("block"), text)
+        if edited:
+            notes.append(f"devd's block in {target.name} was edited by hand "
+                         f"({', '.join(edited)}): `devd provision` writes it again")
         files = [*envguard.DEV_FILES, ctx.config.env.file, *copies,
                  *ctx.config.env.copy_files]
-        return envguard.shadowing(ctx, files, target, envguard.block_keys(text))
+        shadowed = envguard.shadowing(ctx, files, target, envguard.block_keys(text))
+        if shadowed:
+            notes.append(envguard.describe_shadowing(shadowed, ctx.config.env.file))
+        return Health(not (shadowed or edited), "; ".join(notes),
+                      {"drift": drifted, "shadowed": shadowed})
 
     def check_teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
         self._readable(ctx, detail)
@@ -240,9 +241,10 @@ def _has_block(target: Path) -> bool:
         return False
 
 
-def write_block(target: Path, env: dict[str, str]) -> tuple[bool, list[DevdError]]:
-    """Replace (or append) devd's block in `target`; returns whether devd created the file
-    and the values it refused to write (each left out of the block, named in a comment)."""
+def write_block(target: Path, env: dict[str, str]) -> tuple[bool, list[DevdError], str]:
+    """Replace (or append) devd's block in `target`; returns whether devd created the file,
+    the values it refused to write (each left out of the block, named in a comment) and the
+    block."""
     if target.is_symlink():
         raise OwnershipConflict(
             f"{target} is a symlink (to {os.readlink(target)}); devd will not write through it",
@@ -259,7 +261,31 @@ def write_block(target: Path, env: dict[str, str]) -> tuple[bool, list[DevdError
         new = text + ("\n" if text and not text.endswith("\n") else "") + block
     if new != text or _mode(target) & ~PRIVATE:
         _write_atomic(target, new)
-    return created, refused
+    return created, refused, block
+
+
+def block_digests(text: str) -> dict[str, str] | None:
+    """Per key of devd's block in `text`, a digest of its lines (the values are secrets: the
+    record keeps none); None without a block."""
+    found = _BLOCK.search(text)
+    if found is None:
+        return None
+    lines = dotenv.split_lines(found.group(0))
+    return {key: hashlib.sha256("\n".join(lines[first:last + 1]).encode(
+        "utf-8", "surrogateescape")).hexdigest()[:16]
+        for key, first, last in dotenv.definitions(found.group(0))}
+
+
+def _edited(written: dict[str, str] | None, text: str) -> list[str]:
+    """The keys of devd's block changed, added or removed since devd wrote it (a PORT or
+    DATABASE_URL edited there is a worktree no longer isolated, though nothing else says
+    so); ["the whole block"] when it is gone."""
+    if written is None:
+        return []
+    now = block_digests(text)
+    if now is None:
+        return ["the whole block"]
+    return sorted(key for key in written.keys() | now.keys() if written.get(key) != now.get(key))
 
 
 def _check_block(target: Path, text: str) -> str:
