@@ -12,7 +12,11 @@ worktrees (reading each .env, a /proc pass for who listens) took ~50-150 ms a ca
   when the registry changed since the last answer (devd provisioned, released, leased a
   port, saw a worktree go), re-describes just the worktrees whose records changed: what
   devd itself does shows at once;
-- `status PATH` (one worktree) and `fresh` still check at once.
+- `status PATH` (one worktree) and `fresh` still check at once;
+- one pass at a time: a request that finds the snapshot stale while a pass is under way
+  (a burst right after the daemon starts) does not wait for it nor start its own; it
+  answers from the last pass, and a worktree no pass has described yet from the registry
+  alone (`"checked": false`, no resource checked), so a burst never fills the handler slots.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class StatusSnapshot:
         self._service = service
         self._refresh = refresh
         self._lock = threading.Lock()  # guards the fields below; never held while checking
+        self._passing = threading.Lock()  # held for a full pass: one at a time
         self._described: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._listening: set[int] = set()
         self._running: dict[str, list[dict[str, Any]]] = {}
@@ -82,8 +87,18 @@ class StatusSnapshot:
                 self._stop.wait(SETTLE_SECONDS)
             self._wake.clear()
 
-    def check_all(self) -> None:
-        """One full pass: every check, every /proc pass; then the answer is rebuilt."""
+    def check_all(self, wait: bool = True) -> bool:
+        """One full pass: every check, every /proc pass; then the answer is rebuilt.
+        With `wait=False` nothing is done while another pass is under way (False)."""
+        if not self._passing.acquire(blocking=wait):
+            return False
+        try:
+            self._pass()
+        finally:
+            self._passing.release()
+        return True
+
+    def _pass(self) -> None:
         service = self._service
         worktrees, resources = service.registry.worktrees(), service.registry.all_resources()
         described = {}
@@ -108,8 +123,10 @@ class StatusSnapshot:
         if (fresh or path is not None) and service.watchers is not None:
             service.watchers.refresh(max_age=0.0 if fresh else 2.0)  # as status did
         self._asked = time.monotonic()
-        if (fresh and path is None) or self._stale():
+        if fresh and path is None:
             self.check_all()
+        elif self._stale():
+            self.check_all(wait=False)  # under way already: answer from what is known
         if path is not None:  # one worktree, checked now, as `devd wait` needs
             wt = service.find(path)
             running = leftovers.running([wt] if wt.state == "gone" else [], service.registry)
@@ -150,7 +167,7 @@ class StatusSnapshot:
         watcher monitor's latest full pass, the services' states and the proxy's."""
         service = self._service
         monitor, proxy = service.watchers, service.proxy
-        view = monitor.latest() if monitor is not None else None
+        view = monitor.peek() if monitor is not None else None  # never waits for a pass
         return (service.registry.generation, view.sample.at if view else None,
                 supervisor.CHANGES, repr(proxy.status()) if proxy is not None else None)
 
@@ -167,15 +184,19 @@ class StatusSnapshot:
         with self._lock:
             described = dict(self._described)
         changed = False
+        first = self._checked_at is None  # no pass yet: it is under way (see status)
         for wt in worktrees:
             records = resources.get(wt.id, [])
-            if wt.id not in described or described[wt.id][0] != _key(wt, records):
+            if wt.id not in described and first:
+                described[wt.id] = _key(wt, records), service.describe(wt, records, check=False)
+            elif wt.id not in described or described[wt.id][0] != _key(wt, records):
                 described[wt.id] = self._describe(wt, records)
                 changed = True
         if changed:
             self._wake.set()  # the listener and process passes follow soon
-            with self._lock:
-                self._described = {**self._described, **described}
+            with self._lock:  # the checked ones only: a pass replaces the unchecked
+                self._described = {**self._described, **{
+                    k: v for k, v in described.items() if v[1].get("checked", True)}}
         return self._assemble(worktrees, described)
 
     def _describe(self, wt: Worktree, records: list[Resource]
@@ -194,6 +215,8 @@ class StatusSnapshot:
         with self._lock:
             listening, checked_at = self._listening, self._checked_at
             running = self._running if running is None else running
+        checked = all(described[wt.id][1].get("checked", True) for wt in chosen)
+        # ^ False: answered before the first pass, which must not be waited on here
         entries = []
         for wt in chosen:
             entry = dict(described[wt.id][1])
@@ -209,8 +232,8 @@ class StatusSnapshot:
             "check_interval_seconds": self._refresh,
             "daemon": service.daemon_info(),
             "worktrees": services_api.add_to_status(service, entries, chosen),
-            "orphans": service.orphans(max_age=math.inf),
-        }))
+            "orphans": service.orphans(max_age=math.inf, scan=checked),
+        }, wait=checked))
         budget = result.get("watchers")
         if budget:
             budget.pop("top", None)

@@ -22,12 +22,16 @@ def _monitor(service: Service) -> WatcherMonitor:
     return monitor
 
 
-def add_to_status(service: Service, result: dict[str, Any]) -> dict[str, Any]:
-    """Top-level `watchers` and each worktree's `watchers` block (only keys are added)."""
+def add_to_status(service: Service, result: dict[str, Any], wait: bool = True
+                  ) -> dict[str, Any]:
+    """Top-level `watchers` and each worktree's `watchers` block (only keys are added);
+    `wait=False` adds none while the monitor's first pass is still under way."""
     monitor = getattr(service, "watchers", None)
     if monitor is None:
         return result
-    view = monitor.latest()  # the monitor's own cadence keeps it current
+    view = monitor.latest() if wait else monitor.peek()  # its own cadence keeps it current
+    if view is None:
+        return result
     result["watchers"] = monitor.report(view)
     for entry in result.get("worktrees", []):
         wt = service.registry.worktree(entry["id"])

@@ -114,6 +114,10 @@ class WatcherMonitor:
         view = self._view
         return self.refresh() if view is None else view
 
+    def peek(self) -> View | None:
+        """The latest full pass, None before the first one ends (never waits for it)."""
+        return self._view
+
     def touch(self, wt_id: str) -> None:
         """A request named this worktree: it is in use (see idle.py)."""
         self.idle.touch(wt_id)
