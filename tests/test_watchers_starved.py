@@ -81,9 +81,9 @@ def test_starved_watchers_that_say_nothing_are_seen_and_doctor_fixes_the_namespa
     script.write_text(QUIET_CHOKIDAR)
     ns = Namespace(wdevd.env)
     try:
-        # A silent Vite short of watches dies of the error, which node prints whatever
-        # --logLevel says: `devd run` sees the line, and the worktree is broken.
-        ns.ask(limit=3)
+        # A silent Vite that gets no watch at all dies of the error, which node prints
+        # whatever --logLevel says: `devd run` sees the line, and the worktree is broken.
+        ns.ask(limit=0)
         ns.ask(spawn=_vite(vite, crashed, ports[crashed]), cwd=str(crashed),
                out=str(tmp_path / "crashed.log"))
         wait_for(lambda: wdevd.worktree(crashed)["watchers"]["state"] == "broken",
@@ -193,3 +193,45 @@ def test_the_lower_limit_binds_and_a_tie_names_the_namespace(tmp_path: Path) -> 
     # The initial namespace: user.* is the machine's limit under another name.
     assert binding_limits(proc(50, 10, initial))[0] == Limit("fs.inotify.max_user_watches", 50)
     assert Limit("user.max_inotify_watches", 1).path == "/proc/sys/user/max_inotify_watches"
+
+
+def test_a_silent_vite_service_starved_of_watches_is_broken_and_restarted(
+        devd_home: Devd, make_repo, vite: Path) -> None:
+    """A declared service writes to its log, not through `devd run`'s scanner: the
+    supervisor scans that log, so a silent Vite that dies of ENOSPC (node prints it
+    whatever --logLevel says) reads broken at once; `devd watchers --restart` starts the
+    service again under the daemon once the limit rose. The daemon runs in the namespace."""
+    need_userns()
+    command = f"node {vite} --logLevel silent --port $PORT --strictPort --host 127.0.0.1"
+    repo: Repo = make_repo("shop", '[ports]\nnames = ["web"]\n[services.web]\n'
+                           f'command = {json.dumps(command)}\nport = "web"\n')
+    fill(repo.main, 5, 3)
+    (repo.main / "index.html").write_text("<p>shop</p>\n")
+    devd_home.env.update({"DEVD_WATCHERS_NOTIFY": "0", "DEVD_WATCHERS_SETTLE": "0"})
+    ns = Namespace(devd_home.env)
+    try:
+        ns.ask(limit=2)
+        ns.ask(spawn=devd_argv("daemon"), cwd="/", out=str(devd_home.home / "daemon-ns.log"))
+        wait_for(lambda: devd_home.run("status", check=False).returncode == 0, what="daemon")
+        devd_home.run("provision", str(repo.main))
+        # It listens first (ready: `up` may well succeed), then its watcher dies.
+        devd_home.run("up", "--path", str(repo.main), check=False, timeout=120)
+        wait_for(lambda: devd_home.worktree(repo.main)["watchers"]["state"] == "broken",
+                 timeout=60, what="the starved Vite service broken")
+        state = devd_home.worktree(repo.main)["watchers"]
+        assert "ENOSPC" in state["reason"], state
+        assert "broken" in devd_home.run("status").stdout
+        early = ns.ask(call=devd_argv("watchers", "--restart", "--json"))
+        assert early["code"] == 1 and json.loads(early["out"])["services"] == [], early
+        ns.ask(limit=100_000)
+        done = ns.ask(call=devd_argv("watchers", "--restart", "--json"))
+        assert done["code"] == 0, done
+        [restarted] = json.loads(done["out"])["services"]
+        assert restarted["service"] == "web" and restarted["worktree"] == str(repo.main)
+        wait_for(lambda: devd_home.worktree(repo.main)["services"][0]["state"] == "running",
+                 timeout=60, what="the restarted Vite service")
+        state = devd_home.worktree(repo.main)["watchers"]
+        assert state["state"] == "ok" and state["watches"] > 2, state
+        assert devd_home.run("stop").returncode == 0
+    finally:
+        ns.close()
