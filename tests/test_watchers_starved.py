@@ -52,14 +52,16 @@ def _vite(vite: Path, tree: Path, port: int) -> list[str]:
                      "silent", "--port", str(port), "--strictPort", "--host", "127.0.0.1")
 
 
-# chokidar as tools that "keep going" use it: errors swallowed, nothing printed; a file
-# says when its initial walk is done.
+# chokidar as tools that "keep going" use it: errors swallowed, nothing printed, the process
+# alive (with no watch at all and nothing else to do, node would just exit); a file says
+# when its initial walk is done.
 QUIET_CHOKIDAR = """
 const chokidar = require(process.argv[2]);
 const w = chokidar.watch(process.env.DEVD_WORKTREE,
   {ignored: /(^|[\\/\\\\])(\\.git|node_modules)([\\/\\\\]|$)/, ignoreInitial: true});
 w.on('error', () => {});
 w.on('ready', () => require('fs').writeFileSync(process.argv[3], 'ready'));
+setInterval(() => {}, 1 << 30);  // what a dev server's listening socket does: it lives on
 """
 
 
@@ -68,8 +70,9 @@ def test_starved_watchers_that_say_nothing_are_seen_and_doctor_fixes_the_namespa
         ) -> None:
     need_userns()
     repo: Repo = make_repo("shop")
-    healthy, crashed, quiet = (repo.worktree(f"shop-{n}", n) for n in ("ok", "vite", "quiet"))
-    for tree in (healthy, crashed, quiet):
+    healthy, crashed, quiet, none = (repo.worktree(f"shop-{n}", n)
+                                     for n in ("ok", "vite", "quiet", "none"))
+    for tree in (healthy, crashed, quiet, none):
         fill(tree, 5, 3)
         wdevd.run("provision", str(tree))
     need = estimate(str(quiet)).chokidar
@@ -89,9 +92,20 @@ def test_starved_watchers_that_say_nothing_are_seen_and_doctor_fixes_the_namespa
         wait_for(lambda: wdevd.worktree(crashed)["watchers"]["state"] == "broken",
                  timeout=60, what="the starved Vite broken")
         assert "ENOSPC" in wdevd.worktree(crashed)["watchers"]["reason"]
-        # A watcher that swallows the error and keeps going with 2 watches: partial at the
-        # next full pass (each status --fresh takes one). (With none at all node closes its
-        # inotify instance: then nothing tells it from a process that never watched.)
+        # A watcher that swallows the error and keeps going with no watch at all: it keeps
+        # its inotify instance (libuv made it before inotify_add_watch failed), holding
+        # none: partial at the next full pass (each status --fresh takes one).
+        ns.ask(limit=0)
+        none_ready = tmp_path / "none.ready"
+        ns.ask(spawn=devd_argv("run", "--path", str(none), "--", "node", str(script),
+                               str(chokidar / "node_modules" / "chokidar"), str(none_ready)),
+               cwd=str(none), out=str(tmp_path / "none.log"))
+        wait_for(none_ready.exists, timeout=60, what="the starved chokidar's walk")
+        wait_for(lambda: wdevd.worktree(none)["watchers"]["state"] == "partial", timeout=30,
+                 what="the chokidar with no watch partial")
+        assert re.search(r"pid \d+ holds 0 of the ~\d+ watches",
+                         wdevd.worktree(none)["watchers"]["reason"])
+        # One that keeps going with 2 watches: partial too.
         ns.ask(limit=2)
         ns.ask(spawn=devd_argv("run", "--path", str(quiet), "--", "node", str(script),
                                str(chokidar / "node_modules" / "chokidar"), str(ready)),
@@ -111,7 +125,7 @@ def test_starved_watchers_that_say_nothing_are_seen_and_doctor_fixes_the_namespa
         assert {"sysctl": "user.max_inotify_watches", "value": 2, "namespace": True} \
             in inside["limits"]
         assert "sysctl -w user.max_inotify_watches=524288" in inside["fix"]["now"]
-        assert [p["worktree"] for p in inside["partial"]] == [str(quiet)]
+        assert sorted(p["worktree"] for p in inside["partial"]) == sorted([str(quiet), str(none)])
         text = ns.ask(call=devd_argv("doctor"))["out"]
         assert "binding limit: user.max_inotify_watches = 2 (this user namespace's)" in text
         fixed = ns.ask(call=devd_argv("doctor", "--fix", "--json"))
@@ -125,8 +139,9 @@ def test_starved_watchers_that_say_nothing_are_seen_and_doctor_fixes_the_namespa
         done = ns.ask(call=devd_argv("watchers", "--restart", "--json"))
         assert done["code"] == 0, done
         plan = json.loads(done["out"])
-        assert sorted(r["worktree"] for r in plan["runs"]) == sorted([str(crashed), str(quiet)])
-        for tree in (crashed, quiet):
+        assert sorted(r["worktree"] for r in plan["runs"]) == \
+            sorted([str(crashed), str(quiet), str(none)])
+        for tree in (crashed, quiet, none):
             wait_for(lambda tree=tree: wdevd.worktree(tree)["watchers"]["state"] == "ok",
                      timeout=60, what="restarted watchers ok")
     finally:

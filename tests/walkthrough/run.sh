@@ -22,6 +22,10 @@ git config --global user.name Newcomer && git config --global user.email new@exa
 mkdir -p ~/shop && cd ~/shop && git init -q -b main && echo shop >README && git add README &&
   git commit -qm init
 EOS
+# This machine reaches PyPI through a TLS-inspecting proxy whose CA is in the host's bundle
+# (and its /etc/pip.conf): the container gets the same two, nothing of devd's.
+cp /etc/ssl/certs/ca-certificates.crt "$WALK/host-ca.crt"
+printf '[global]\ncert = /walk/host-ca.crt\n' >"$WALK/pip.conf"
 chmod -R a+rX "$WALK"
 status=0
 for user in $USERS; do
@@ -30,7 +34,8 @@ for user in $USERS; do
   [ -n "${FULL:-}" ] && pytest_args=(-e PYTEST_ARGS=-q)
   # A login shell of that user, as a newcomer's terminal is (git for repo.sh comes from
   # the README's apt line: steps.sh runs repo.sh only after it).
-  docker run --rm -v "$WALK:/walk:ro" "${pytest_args[@]}" "$IMAGE" \
+  docker run --rm -v "$WALK:/walk:ro" -v "$WALK/pip.conf:/etc/pip.conf:ro" \
+    "${pytest_args[@]}" "$IMAGE" \
     su - "$user" -c 'bash /walk/steps.sh' || status=1
 done
 exit $status

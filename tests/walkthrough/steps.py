@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 # What a reader fills in, and what the walkthrough gives instead.
 SUBSTITUTE = {
@@ -24,7 +25,7 @@ def blocks(text: str, heading: str) -> list[list[str]]:
 
 
 def main() -> None:
-    text = open(sys.argv[1], encoding="utf-8").read()
+    text = Path(sys.argv[1]).read_text(encoding="utf-8")
     chosen = blocks(text, "Quick start") + blocks(text, "Service and hooks")[:1]
     out = ["set -u", "step() { printf '\\n$ %s\\n' \"$1\"; eval \"$1\" || "
            "{ rc=$?; printf 'WALKTHROUGH FAILED (exit %s) at: %s\\n' \"$rc\" \"$1\"; exit 1; }; }"]
