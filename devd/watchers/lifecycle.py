@@ -49,9 +49,9 @@ def restart_plan(monitor: WatcherMonitor, only: Worktree | None, max_watches: in
             continue
         taken += pre["need"]
         latest = _latest_per_run(records)
+        by_name = {name: b for b in latest if (name := service_of(b))}  # its latest run
         services += [{"worktree": str(wt.path), "worktree_id": wt.id, "pid": b.pid,
-                      "kind": b.kind, "service": name}
-                     for b in latest if (name := service_of(b))]
+                      "kind": b.kind, "service": name} for name, b in by_name.items()]
         runs += [_restart(monitor, wt, b) for b in latest if not service_of(b)]
     return {"runs": [r for r in runs if r["argv"]], "services": services,
             "skipped": skipped + [r for r in runs if not r["argv"]]}
