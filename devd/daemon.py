@@ -27,6 +27,7 @@ from devd.proxy import api as proxy
 from devd.registry import Registry
 from devd.settings import Settings, load_settings
 from devd.watch import RepoWatcher
+from devd.watchers import api as watchers_api
 from devd.watchers.monitor import WatcherMonitor
 
 log = logging.getLogger("devd")
@@ -90,6 +91,7 @@ class Daemon:
             service.on_register = watcher.nudge
             budget = WatcherMonitor(registry, self.settings)
             service.watchers = budget
+            watchers_api.watch_services(service)
             adopted = self._adopt()
             self._listener = adopted or self._bind()
             service.manager = _manager(adopted is not None or bool(self._notifier.address))

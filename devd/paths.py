@@ -136,9 +136,12 @@ def check_private_tree(path: Path, root: Path, create: bool = False) -> None:
     rel = path.relative_to(root)
     root = root.resolve()  # a symlinked root is the user's choice; below it, none is followed
     uid = os.getuid()
-    _refuse(path, next(filter(None, (_not_safe_above(d, uid) for d in root.parents)), ""))
-    if create:
+    if create:  # a new user may have no ~/.cache yet: the levels that exist are checked
+        # first, so nothing is made inside an unsafe one; then all of them
+        _refuse(path, next(filter(None, (_not_safe_above(d, uid) for d in root.parents
+                                         if os.path.lexists(d))), ""))
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _refuse(path, next(filter(None, (_not_safe_above(d, uid) for d in root.parents)), ""))
     for level in (root, *(root / part for part in reversed(rel.parents[:-1])), root / rel):
         if create:
             level.mkdir(exist_ok=True, mode=0o700)

@@ -259,7 +259,10 @@ def summary(result: dict[str, Any], now: float | None = None) -> str:
 
 def stale(result: dict[str, Any], now: float) -> str:
     """` · checked 2m ago` once the daemon's last pass is over two cadences old (a pass is
-    stuck or slow: the rows may be out of date); nothing while the cadence keeps up."""
+    stuck or slow: the rows may be out of date); ` · not checked yet` for an answer made
+    before the daemon's first pass ended; nothing while the cadence keeps up."""
+    if any(wt.get("checked") is False for wt in result.get("worktrees", [])):
+        return " · not checked yet"
     checked, interval = epoch(result.get("checked_at")), result.get("check_interval_seconds")
     if checked is None or not isinstance(interval, (int, float)) \
             or now - checked <= 2 * interval + 1:

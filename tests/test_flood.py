@@ -285,3 +285,33 @@ def test_an_older_daemon_without_heartbeats_is_waited_for(devd_home: Devd) -> No
         finally:
             thread.join()
     assert result == {"pid": 1, "version": "0.0.9"}
+
+
+def test_a_burst_of_status_before_the_first_pass_is_answered_not_busy(devd_home: Devd,
+                                                                       repo: Repo) -> None:
+    """Right after the daemon starts no pass has run: one request runs it, the rest answer
+    from the registry (`"checked": false`) instead of each waiting on (or running) a pass
+    and filling the handler slots."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from devd.daemon import MAX_WORKERS
+
+    devd_home.start()
+    trees = [repo.worktree(f"shop-{i}", f"b{i}") for i in range(4)]
+    for tree in trees:
+        devd_home.run("provision", str(tree))
+    assert devd_home.stop() == 0
+    devd_home.start()  # it answers ping: no status pass has run yet
+    request = protocol.request("status")
+    socks = [send(devd_home, request) for _ in range(MAX_WORKERS + 8)]
+    with ThreadPoolExecutor(len(socks)) as pool:
+        answers = [r[-1] for r in pool.map(replies, socks)]
+    assert not [a for a in answers if "error" in a], answers
+    for answer in answers:
+        assert {w["path"] for w in answer["result"]["worktrees"]} >= {str(t) for t in trees}
+        for wt in answer["result"]["worktrees"]:
+            assert isinstance(wt["checked"], bool)
+            assert wt["checked"] or all(r["state"] != "failed" for r in wt["resources"])
+    shown = devd_home.run("status").stdout  # a pass has run by now: no mark
+    assert "not checked yet" not in shown.splitlines()[0]
+    assert devd_home.stop() == 0

@@ -104,3 +104,22 @@ def test_a_git_that_names_a_newline_path_is_caught_by_count(tmp_path: Path) -> N
     run_git(main, "worktree", "add", "-q", "--detach", str(odd))
     with pytest.raises(DevdError, match="not valid UTF-8"):
         git.resolve(odd)
+
+
+def test_a_new_user_without_a_cache_dir_gets_one(devd_home: Devd, repo: Repo,
+                                                tmp_path: Path) -> None:
+    """A fresh account has no ~/.cache (nor ~/.local/share): provisioning makes them, after
+    checking the levels above that exist (found by the Debian walkthrough)."""
+    home = tmp_path / "newcomer"
+    home.mkdir()
+    devd_home.env["DEVD_HOME"] = ""  # empty: the default dirs (and the fixture finds it)
+    devd_home.env.update({"HOME": str(home), "XDG_RUNTIME_DIR": str(tmp_path / "run")})
+    for name in ("XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CONFIG_HOME"):
+        devd_home.env.pop(name, None)
+    devd_home.home = tmp_path  # where the test keeps the daemon's output
+    tree = repo.worktree("shop-a", "a")
+    devd_home.start()
+    devd_home.run("provision", str(tree))
+    assert (home / ".cache" / "devd" / "worktrees").is_dir()
+    assert (home / ".local" / "share" / "devd" / "browser-profiles").is_dir()
+    assert devd_home.stop() == 0

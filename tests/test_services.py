@@ -311,14 +311,17 @@ def test_term_ignored_then_killed_and_concurrent_ups(devd_home: Devd, make_repo)
 
 
 @pytest.fixture(autouse=True)
-def _no_leftovers() -> Iterator[None]:
-    """No service of a test survives it (each daemon stops its own; this checks)."""
+def _no_leftovers(tmp_path: Path) -> Iterator[None]:
+    """No service of a test survives it (each daemon stops its own; this checks). Only
+    this test's: services of other test runs on the machine have another DEVD_HOME."""
     before = {p.pid for p in psutil.process_iter()}
     yield
     time.sleep(0.1)
     for proc in psutil.process_iter(["environ"]):
         try:
-            if proc.pid not in before and "DEVD_SERVICE_TOKEN" in (proc.info["environ"] or {}):
+            env = proc.info["environ"] or {}
+            if proc.pid not in before and "DEVD_SERVICE_TOKEN" in env and \
+                    env.get("DEVD_HOME", "").startswith(str(tmp_path)):
                 proc.kill()
                 raise AssertionError(f"service process {proc.pid} outlived its daemon")
         except psutil.Error:

@@ -188,3 +188,13 @@ def test_postgres_in_a_word_and_its_loss_warned(devd_home: Devd, repo: Repo,
 
 def _row(text: str, name: str) -> str:
     return next(line for line in text.splitlines() if line[2:].startswith(name + " "))
+
+
+def test_an_answer_made_before_the_first_pass_says_so() -> None:
+    from devd.render_status import stale
+
+    unchecked = {"worktrees": [{"checked": False}, {"checked": True}], "checked_at": None,
+                 "check_interval_seconds": 5}
+    assert stale(unchecked, now=0.0) == " · not checked yet"
+    checked = unchecked | {"worktrees": [{"checked": True}]}
+    assert stale(checked, now=0.0) == ""

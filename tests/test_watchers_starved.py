@@ -52,14 +52,16 @@ def _vite(vite: Path, tree: Path, port: int) -> list[str]:
                      "silent", "--port", str(port), "--strictPort", "--host", "127.0.0.1")
 
 
-# chokidar as tools that "keep going" use it: errors swallowed, nothing printed; a file
-# says when its initial walk is done.
+# chokidar as tools that "keep going" use it: errors swallowed, nothing printed, the process
+# alive (with no watch at all and nothing else to do, node would just exit); a file says
+# when its initial walk is done.
 QUIET_CHOKIDAR = """
 const chokidar = require(process.argv[2]);
 const w = chokidar.watch(process.env.DEVD_WORKTREE,
   {ignored: /(^|[\\/\\\\])(\\.git|node_modules)([\\/\\\\]|$)/, ignoreInitial: true});
 w.on('error', () => {});
 w.on('ready', () => require('fs').writeFileSync(process.argv[3], 'ready'));
+setInterval(() => {}, 1 << 30);  // what a dev server's listening socket does: it lives on
 """
 
 
@@ -68,8 +70,9 @@ def test_starved_watchers_that_say_nothing_are_seen_and_doctor_fixes_the_namespa
         ) -> None:
     need_userns()
     repo: Repo = make_repo("shop")
-    healthy, crashed, quiet = (repo.worktree(f"shop-{n}", n) for n in ("ok", "vite", "quiet"))
-    for tree in (healthy, crashed, quiet):
+    healthy, crashed, quiet, none = (repo.worktree(f"shop-{n}", n)
+                                     for n in ("ok", "vite", "quiet", "none"))
+    for tree in (healthy, crashed, quiet, none):
         fill(tree, 5, 3)
         wdevd.run("provision", str(tree))
     need = estimate(str(quiet)).chokidar
@@ -81,17 +84,28 @@ def test_starved_watchers_that_say_nothing_are_seen_and_doctor_fixes_the_namespa
     script.write_text(QUIET_CHOKIDAR)
     ns = Namespace(wdevd.env)
     try:
-        # A silent Vite short of watches dies of the error, which node prints whatever
-        # --logLevel says: `devd run` sees the line, and the worktree is broken.
-        ns.ask(limit=3)
+        # A silent Vite that gets no watch at all dies of the error, which node prints
+        # whatever --logLevel says: `devd run` sees the line, and the worktree is broken.
+        ns.ask(limit=0)
         ns.ask(spawn=_vite(vite, crashed, ports[crashed]), cwd=str(crashed),
                out=str(tmp_path / "crashed.log"))
         wait_for(lambda: wdevd.worktree(crashed)["watchers"]["state"] == "broken",
                  timeout=60, what="the starved Vite broken")
         assert "ENOSPC" in wdevd.worktree(crashed)["watchers"]["reason"]
-        # A watcher that swallows the error and keeps going with 2 watches: partial at the
-        # next full pass (each status --fresh takes one). (With none at all node closes its
-        # inotify instance: then nothing tells it from a process that never watched.)
+        # A watcher that swallows the error and keeps going with no watch at all: it keeps
+        # its inotify instance (libuv made it before inotify_add_watch failed), holding
+        # none: partial at the next full pass (each status --fresh takes one).
+        ns.ask(limit=0)
+        none_ready = tmp_path / "none.ready"
+        ns.ask(spawn=devd_argv("run", "--path", str(none), "--", "node", str(script),
+                               str(chokidar / "node_modules" / "chokidar"), str(none_ready)),
+               cwd=str(none), out=str(tmp_path / "none.log"))
+        wait_for(none_ready.exists, timeout=60, what="the starved chokidar's walk")
+        wait_for(lambda: wdevd.worktree(none)["watchers"]["state"] == "partial", timeout=30,
+                 what="the chokidar with no watch partial")
+        assert re.search(r"pid \d+ holds 0 of the ~\d+ watches",
+                         wdevd.worktree(none)["watchers"]["reason"])
+        # One that keeps going with 2 watches: partial too.
         ns.ask(limit=2)
         ns.ask(spawn=devd_argv("run", "--path", str(quiet), "--", "node", str(script),
                                str(chokidar / "node_modules" / "chokidar"), str(ready)),
@@ -111,7 +125,7 @@ def test_starved_watchers_that_say_nothing_are_seen_and_doctor_fixes_the_namespa
         assert {"sysctl": "user.max_inotify_watches", "value": 2, "namespace": True} \
             in inside["limits"]
         assert "sysctl -w user.max_inotify_watches=524288" in inside["fix"]["now"]
-        assert [p["worktree"] for p in inside["partial"]] == [str(quiet)]
+        assert sorted(p["worktree"] for p in inside["partial"]) == sorted([str(quiet), str(none)])
         text = ns.ask(call=devd_argv("doctor"))["out"]
         assert "binding limit: user.max_inotify_watches = 2 (this user namespace's)" in text
         fixed = ns.ask(call=devd_argv("doctor", "--fix", "--json"))
@@ -125,8 +139,9 @@ def test_starved_watchers_that_say_nothing_are_seen_and_doctor_fixes_the_namespa
         done = ns.ask(call=devd_argv("watchers", "--restart", "--json"))
         assert done["code"] == 0, done
         plan = json.loads(done["out"])
-        assert sorted(r["worktree"] for r in plan["runs"]) == sorted([str(crashed), str(quiet)])
-        for tree in (crashed, quiet):
+        assert sorted(r["worktree"] for r in plan["runs"]) == \
+            sorted([str(crashed), str(quiet), str(none)])
+        for tree in (crashed, quiet, none):
             wait_for(lambda tree=tree: wdevd.worktree(tree)["watchers"]["state"] == "ok",
                      timeout=60, what="restarted watchers ok")
     finally:
@@ -193,3 +208,45 @@ def test_the_lower_limit_binds_and_a_tie_names_the_namespace(tmp_path: Path) -> 
     # The initial namespace: user.* is the machine's limit under another name.
     assert binding_limits(proc(50, 10, initial))[0] == Limit("fs.inotify.max_user_watches", 50)
     assert Limit("user.max_inotify_watches", 1).path == "/proc/sys/user/max_inotify_watches"
+
+
+def test_a_silent_vite_service_starved_of_watches_is_broken_and_restarted(
+        devd_home: Devd, make_repo, vite: Path) -> None:
+    """A declared service writes to its log, not through `devd run`'s scanner: the
+    supervisor scans that log, so a silent Vite that dies of ENOSPC (node prints it
+    whatever --logLevel says) reads broken at once; `devd watchers --restart` starts the
+    service again under the daemon once the limit rose. The daemon runs in the namespace."""
+    need_userns()
+    command = f"node {vite} --logLevel silent --port $PORT --strictPort --host 127.0.0.1"
+    repo: Repo = make_repo("shop", '[ports]\nnames = ["web"]\n[services.web]\n'
+                           f'command = {json.dumps(command)}\nport = "web"\n')
+    fill(repo.main, 5, 3)
+    (repo.main / "index.html").write_text("<p>shop</p>\n")
+    devd_home.env.update({"DEVD_WATCHERS_NOTIFY": "0", "DEVD_WATCHERS_SETTLE": "0"})
+    ns = Namespace(devd_home.env)
+    try:
+        ns.ask(limit=2)
+        ns.ask(spawn=devd_argv("daemon"), cwd="/", out=str(devd_home.home / "daemon-ns.log"))
+        wait_for(lambda: devd_home.run("status", check=False).returncode == 0, what="daemon")
+        devd_home.run("provision", str(repo.main))
+        # It listens first (ready: `up` may well succeed), then its watcher dies.
+        devd_home.run("up", "--path", str(repo.main), check=False, timeout=120)
+        wait_for(lambda: devd_home.worktree(repo.main)["watchers"]["state"] == "broken",
+                 timeout=60, what="the starved Vite service broken")
+        state = devd_home.worktree(repo.main)["watchers"]
+        assert "ENOSPC" in state["reason"], state
+        assert "broken" in devd_home.run("status").stdout
+        early = ns.ask(call=devd_argv("watchers", "--restart", "--json"))
+        assert early["code"] == 1 and json.loads(early["out"])["services"] == [], early
+        ns.ask(limit=100_000)
+        done = ns.ask(call=devd_argv("watchers", "--restart", "--json"))
+        assert done["code"] == 0, done
+        [restarted] = json.loads(done["out"])["services"]
+        assert restarted["service"] == "web" and restarted["worktree"] == str(repo.main)
+        wait_for(lambda: devd_home.worktree(repo.main)["services"][0]["state"] == "running",
+                 timeout=60, what="the restarted Vite service")
+        state = devd_home.worktree(repo.main)["watchers"]
+        assert state["state"] == "ok" and state["watches"] > 2, state
+        assert devd_home.run("stop").returncode == 0
+    finally:
+        ns.close()

@@ -254,14 +254,17 @@ class ServiceCore:
         raise NotRegistered(f"worktree {info.path} is not registered with devd",
                             f"run `devd provision {info.path}` first")
 
-    def describe(self, wt: Worktree, resources: list[Resource]) -> dict[str, Any]:
+    def describe(self, wt: Worktree, resources: list[Resource], check: bool = True
+                 ) -> dict[str, Any]:
+        """A worktree as status shows it; `check=False` runs no resource check (the
+        recorded states, as the registry knows them: `"checked": false`)."""
         ctx: Context | None = None
         details = {r.kind: r.detail for r in resources}
         shown, checked = [], {}
         for resource in resources:
             state, note = resource.state, resource.detail.get("error", "")
             provisioner = self._by_kind.get(resource.kind)
-            if provisioner and state == "ready" and wt.state != "gone":
+            if check and provisioner and state == "ready" and wt.state != "gone":
                 ctx = ctx or self.context(wt, strict=False)
                 health = checked[resource.kind] = _checked(provisioner, ctx, resource.detail)
                 note = health.message
@@ -276,7 +279,7 @@ class ServiceCore:
             "cache_dir": dirs.get("cache_dir"), "browser_profile": dirs.get("browser_profile"),
             "env_file": envfile.get("file"), "resources": shown,
             "deps": deps.status(self.paths.state_dir, wt.id, wt.path),
-            "containers": container_rows(checked),
+            "containers": container_rows(checked), "checked": check,
         } | postgres.status_entry(self.paths, details, checked)
 
     def _describe_id(self, wt_id: str) -> dict[str, Any]:

@@ -16,7 +16,10 @@ worktrees (reading each .env, a /proc pass for who listens) took ~50-150 ms a ca
 - a request finding the last pass old (the cadence rested, or a pass is slow: a hung Docker
   engine, a server that does not answer) has one run and waits for it CATCH_UP_SECONDS at
   most; past that it answers from the last pass, which says when it ran (`checked_at`),
-  and a pass that failed says why (`check_error`).
+  and a pass that failed says why (`check_error`);
+- before the first pass ends, a request does not wait for it (a burst right after the
+  daemon starts would fill the handler slots): a worktree no pass has described yet is
+  answered from the registry alone (`"checked": false`, no resource checked).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class StatusSnapshot:
         self._service = service
         self._refresh = refresh
         self._lock = threading.Lock()  # guards the fields below; never held while checking
+        self._passing = threading.Lock()  # held for a full pass: one at a time
         self._described: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._listening: set[int] = set()
         self._running: dict[str, list[dict[str, Any]]] = {}
@@ -159,8 +163,8 @@ class StatusSnapshot:
         self._asked = time.monotonic()
         if fresh and path is None:
             self.check_all(wait=FRESH_WAIT_SECONDS)
-        elif self._stale():
-            self._catch_up()
+        elif self._stale() and not (self._checked_at is None and self._passing.locked()):
+            self._catch_up()  # (the first pass under way: answered unchecked, see _current)
         if path is not None:  # one worktree, checked now, as `devd wait` needs
             wt = service.find(path)
             running = leftovers.running([wt] if wt.state == "gone" else [], service.registry)
@@ -208,7 +212,7 @@ class StatusSnapshot:
         watcher monitor's latest full pass, the services' states and the proxy's."""
         service = self._service
         monitor, proxy = service.watchers, service.proxy
-        view = monitor.latest() if monitor is not None else None
+        view = monitor.peek() if monitor is not None else None  # never waits for a pass
         return (service.registry.generation, view.sample.at if view else None,
                 supervisor.CHANGES, repr(proxy.status()) if proxy is not None else None)
 
@@ -225,15 +229,19 @@ class StatusSnapshot:
         with self._lock:
             described = dict(self._described)
         changed = False
+        first = self._checked_at is None  # no pass yet: it is under way (see status)
         for wt in worktrees:
             records = resources.get(wt.id, [])
-            if wt.id not in described or described[wt.id][0] != _key(wt, records):
+            if wt.id not in described and first:
+                described[wt.id] = _key(wt, records), service.describe(wt, records, check=False)
+            elif wt.id not in described or described[wt.id][0] != _key(wt, records):
                 described[wt.id] = self._describe(wt, records)
                 changed = True
         if changed:
             self._wake.set()  # the listener and process passes follow soon
-            with self._lock:
-                self._described = {**self._described, **described}
+            with self._lock:  # the checked ones only: a pass replaces the unchecked
+                self._described = {**self._described, **{
+                    k: v for k, v in described.items() if v[1].get("checked", True)}}
         return self._assemble(worktrees, described)
 
     def _describe(self, wt: Worktree, records: list[Resource]
@@ -253,6 +261,8 @@ class StatusSnapshot:
             listening, checked_at, failure = self._listening, self._checked_at, self._failure
             foreign = self._foreign
             running = self._running if running is None else running
+        checked = all(described[wt.id][1].get("checked", True) for wt in chosen)
+        # ^ False: answered before the first pass, which must not be waited on here
         entries = []
         for wt in chosen:
             entry = dict(described[wt.id][1])
@@ -271,8 +281,8 @@ class StatusSnapshot:
             "check_interval_seconds": self._refresh,
             "daemon": service.daemon_info(),
             "worktrees": services_api.add_to_status(service, entries, chosen),
-            "orphans": service.orphans(max_age=math.inf),
-        }))
+            "orphans": service.orphans(max_age=math.inf, scan=checked),
+        }, wait=checked))
         budget = result.get("watchers")
         if budget:
             budget.pop("top", None)

@@ -132,12 +132,15 @@ class WorktreeRequests(ServiceCore):
                             code="no_compose")
         return {"action": action, "project": project, "path": str(wt.path)}
 
-    def orphans(self, max_age: float = 0.0) -> list[dict[str, str]]:
+    def orphans(self, max_age: float = 0.0, scan: bool = True) -> list[dict[str, str]]:
         """Objects carrying devd's marker that no registered worktree owns. Status accepts a
         scan up to `max_age` seconds old: it connects to servers, and one that is down costs
-        its timeout, which a prompt calling `devd status` must not pay every time."""
+        its timeout, which a prompt calling `devd status` must not pay every time.
+        `scan=False`: none before the first scan (a status answered before its first pass)."""
         known = {wt.id for wt in self.registry.worktrees()}
         now = time.monotonic()
+        if self._orphans is None and not scan:
+            return []
         if self._orphans is None or now - self._orphans[0] > max_age:
             self._orphans = (now, postgres.orphans(self.paths, known)
                              + compose.orphans(self.paths.state_dir, known))

@@ -66,6 +66,20 @@ def size(path: Path) -> int:
         return 0
 
 
+def read_from(path: Path, offset: int, limit: int = 1 << 20) -> tuple[bytes, int]:
+    """What was appended to a log since byte `offset` (at most `limit` bytes) and the new
+    offset; a log rotated (truncated) meanwhile is read from its start."""
+    try:
+        with open(path, "rb") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            offset = 0 if end < offset else offset
+            handle.seek(offset)
+            data = handle.read(min(limit, end - offset))
+    except OSError:
+        return b"", offset
+    return data, offset + len(data)
+
+
 def tail(path: Path, lines: int = TAIL_LINES, end: int | None = None) -> list[str]:
     """The last `lines` lines of a log (up to byte `end`; only its end is read: logs grow)."""
     try:

@@ -27,6 +27,7 @@ from pathlib import Path
 from devd import processes
 from devd.errors import DevdError
 from devd.services import groups, logs
+from devd.watchers.signatures import LineScanner, Signature
 
 log = logging.getLogger("devd")
 MAX_FAILURES = 5
@@ -73,6 +74,8 @@ class Unit:
     error: str | None = None
     last_used: float = field(default_factory=time.monotonic)
     changed: threading.Condition = field(default_factory=threading.Condition)
+    scanned: int = 0  # how far into its log this run's output was scanned for breaks
+    scanner: LineScanner = field(default_factory=LineScanner)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -106,6 +109,12 @@ class Supervisor:
         # Set by the daemon to the proxy's nudge: an idle stop sends the service's name to
         # the wake handler, readiness sends it back to the service.
         self.on_change: Callable[[], None] = lambda: None
+        # Set by the daemon to the watcher monitor's: each spawn is recorded as a
+        # devd-started run, and a break line in its output (a Vite that ran out of inotify
+        # watches, whatever its --logLevel: node prints the error it dies of) marks it
+        # broken, as `devd run`'s scanner does for what it runs.
+        self.on_spawn: Callable[[Unit], None] = lambda unit: None
+        self.on_break: Callable[[Unit, Signature, str], None] = lambda unit, sig, line: None
 
     def start_watching(self) -> None:
         """Stop what a previous daemon left, then watch."""
@@ -200,7 +209,9 @@ class Supervisor:
         groups.record(self._record(unit), unit.group)
         unit.started = unit.last_used = time.monotonic()
         unit.elsewhere_since = None
+        unit.scanned, unit.scanner = logs.size(spec.log), LineScanner()
         unit.set("starting")
+        self._tell(self.on_spawn, unit)
 
     def _record(self, unit: Unit) -> Path:
         return unit.spec.log.with_suffix(".pid")
@@ -261,6 +272,7 @@ class Supervisor:
 
     def _tick_one(self, unit: Unit, now: float, seen: groups.Listeners | None) -> None:
         if unit.state in ("starting", "running"):
+            self._scan(unit)
             self._check_exit(unit, now)
         if unit.state == "starting" and seen is not None:
             self._probe(unit, now, seen)
@@ -278,6 +290,7 @@ class Supervisor:
         threading.Thread(target=unit.group.stop, args=(self.kill_timeout,), daemon=True,
                          name="devd-service-reap").start()  # its leftovers, then the zombie
         groups.forget(self._record(unit))
+        self._scan(unit, last=True)  # what it wrote before it exited
         logs.note(unit.spec.log, f"exited with status {status}")
         how = f"exited with status {status}" if status >= 0 else f"killed by signal {-status}"
         if not unit.ever_ready and unit.restarts == 0:
@@ -289,6 +302,20 @@ class Supervisor:
             return
         unit.next_start = now + min(BACKOFF[0] * 2 ** (unit.failures - 1), BACKOFF[1])
         unit.set("backoff", how)
+
+    def _scan(self, unit: Unit, last: bool = False) -> None:
+        """Feed what the run added to its log since the last tick to its break scanner."""
+        chunk, unit.scanned = logs.read_from(unit.spec.log, unit.scanned)
+        hits = unit.scanner.feed(chunk) + (unit.scanner.close() if last else [])
+        for signature, line in hits:
+            self._tell(self.on_break, unit, signature, line)
+
+    @staticmethod
+    def _tell(hook: Callable[..., None], *args: object) -> None:
+        try:
+            hook(*args)
+        except Exception:  # the watcher monitor's trouble must not stop the services
+            log.exception("services: watcher hook failed")
 
     def _probe(self, unit: Unit, now: float, seen: groups.Listeners) -> None:
         """Ready once its group listens on its port (and its path answers); failed if it

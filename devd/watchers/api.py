@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from devd import processes
 from devd.errors import DevdError, NotOwner
 from devd.watchers import advice
+from devd.watchers.breaks import SERVICE
 from devd.watchers.monitor import WatcherMonitor
 
 if TYPE_CHECKING:
@@ -22,12 +23,16 @@ def _monitor(service: Service) -> WatcherMonitor:
     return monitor
 
 
-def add_to_status(service: Service, result: dict[str, Any]) -> dict[str, Any]:
-    """Top-level `watchers` and each worktree's `watchers` block (only keys are added)."""
+def add_to_status(service: Service, result: dict[str, Any], wait: bool = True
+                  ) -> dict[str, Any]:
+    """Top-level `watchers` and each worktree's `watchers` block (only keys are added);
+    `wait=False` adds none while the monitor's first pass is still under way."""
     monitor = getattr(service, "watchers", None)
     if monitor is None:
         return result
-    view = monitor.latest()  # the monitor's own cadence keeps it current
+    view = monitor.latest() if wait else monitor.peek()  # its own cadence keeps it current
+    if view is None:
+        return result
     result["watchers"] = monitor.report(view)
     for entry in result.get("worktrees", []):
         wt = service.registry.worktree(entry["id"])
@@ -89,10 +94,50 @@ def _strings(argv: list[str] | None) -> list[str]:
 
 def restart(service: Service, path: str | None, max_watches: int | None, userns: str | None,
             force: bool) -> dict[str, Any]:
-    """`devd watchers --restart`: which failed runs to start again (stopping live ones)."""
+    """`devd watchers --restart`: which failed runs to start again (stopping live ones);
+    broken declared services are restarted here, under the daemon's supervisor."""
     from devd.watchers.lifecycle import restart_plan
 
     only = service.find(path) if path else None
     limit = int(max_watches) if isinstance(max_watches, int) else None
-    return restart_plan(_monitor(service), only, limit, str(userns) if userns else None,
+    plan = restart_plan(_monitor(service), only, limit, str(userns) if userns else None,
                         bool(force))
+    for entry in plan["services"]:
+        wt = service.registry.worktree(entry["worktree_id"])
+        if wt is None:
+            continue
+        service.services.stop(wt.id, [entry["service"]])
+        try:
+            unit = service.start(wt, entry["service"])  # type: ignore[attr-defined]
+        except DevdError as exc:
+            entry |= {"new_pid": None, "state": "failed", "why": exc.message}
+            plan["skipped"].append(entry)
+            continue
+        entry |= {"new_pid": unit.pid, "state": unit.state, "log": str(unit.spec.log)}
+    plan["services"] = [e for e in plan["services"] if e not in plan["skipped"]]
+    return plan
+
+
+def watch_services(service: Service) -> None:
+    """Declared services as devd-started watchers: each spawn recorded as a run (so its
+    watches are judged and it can be restarted), each break line in its log a break."""
+    supervisor = service.services
+
+    def spawned(unit: Any) -> None:
+        wt = service.registry.worktree(unit.spec.wt_id)
+        if wt is None or unit.pid is None:
+            return
+        argv = [SERVICE, unit.spec.name]
+        if unit.restarts:  # the supervisor's restart after a crash: its break stays
+            _monitor(service).records.add_run(wt.id, unit.pid, argv, str(unit.spec.cwd))
+        else:
+            run_started(service, wt, unit.pid, argv, str(unit.spec.cwd))
+
+    def broke(unit: Any, signature: Any, line: str) -> None:
+        wt = service.registry.worktree(unit.spec.wt_id)
+        if wt is not None and unit.group is not None:
+            _monitor(service).record_break(wt, unit.group.pgid, signature.name,
+                                           signature.budget, line,
+                                           [SERVICE, unit.spec.name], str(unit.spec.cwd))
+
+    supervisor.on_spawn, supervisor.on_break = spawned, broke

@@ -16,6 +16,9 @@ import psutil
 from devd.registry import Registry
 
 KINDS = ("broken", "partial", "stopped")
+# The recorded argv of a declared service's run: [SERVICE, its name]. The daemon starts a
+# service again itself (its supervisor runs it), never the CLI.
+SERVICE = "devd:service"
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,11 @@ class Breaks:
         for b in self.all():
             if b.worktree_id == wt_id and not alive(b.pid, b.create_time):
                 self.registry.drop_watcher_run(b.pid, b.create_time)
+        self.add_run(wt_id, pid, argv, cwd)
+
+    def add_run(self, wt_id: str, pid: int, argv: list[str], cwd: str) -> None:
+        """Record a run, replacing nothing (a service's restart after it crashed: the
+        crash's break stays until the service is started anew)."""
         started = create_time(pid)
         if started and argv:
             self.registry.add_watcher_run(pid, started, wt_id, argv, cwd)

@@ -15,21 +15,27 @@ from typing import TYPE_CHECKING, Any
 
 from devd.processes import stop_run
 from devd.registry import Worktree
-from devd.watchers.breaks import Break
+from devd.watchers.breaks import SERVICE, Break
 
 if TYPE_CHECKING:
     from devd.watchers.monitor import WatcherMonitor
 
 
+def service_of(b: Break) -> str | None:
+    """The declared service a break record is of, None for a `devd run`."""
+    return b.argv[1] if len(b.argv) == 2 and b.argv[0] == SERVICE else None
+
+
 def restart_plan(monitor: WatcherMonitor, only: Worktree | None, max_watches: int | None,
                  userns: str | None, force: bool) -> dict[str, Any]:
     """Which failed runs to start again: those of worktrees that now have room for their
-    estimated need (or all, with `force`). Still-running ones are stopped first."""
+    estimated need (or all, with `force`). Still-running ones are stopped first; declared
+    services are listed apart (`services`: the caller restarts them under the daemon)."""
     from devd.watchers.advice import preflight
 
     by_id = {w.id: w for w in monitor.registry.worktrees() if w.state != "gone"}
     grouped = monitor.records.by_worktree()
-    runs, skipped, taken = [], [], 0
+    runs, services, skipped, taken = [], [], [], 0
     for wt_id, records in grouped.items():
         wt = by_id.get(wt_id)
         if wt is None or (only is not None and wt.id != only.id):
@@ -42,8 +48,12 @@ def restart_plan(monitor: WatcherMonitor, only: Worktree | None, max_watches: in
                 "first (`devd doctor`), or pass --force")})
             continue
         taken += pre["need"]
-        runs += [_restart(monitor, wt, b) for b in _latest_per_run(records)]
-    return {"runs": [r for r in runs if r["argv"]],
+        latest = _latest_per_run(records)
+        by_name = {name: b for b in latest if (name := service_of(b))}  # its latest run
+        services += [{"worktree": str(wt.path), "worktree_id": wt.id, "pid": b.pid,
+                      "kind": b.kind, "service": name} for name, b in by_name.items()]
+        runs += [_restart(monitor, wt, b) for b in latest if not service_of(b)]
+    return {"runs": [r for r in runs if r["argv"]], "services": services,
             "skipped": skipped + [r for r in runs if not r["argv"]]}
 
 

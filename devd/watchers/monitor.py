@@ -24,7 +24,7 @@ from devd.watchers import (
     default_sampler,
 )
 from devd.watchers.analysis import Owner, Run, Thresholds
-from devd.watchers.breaks import Break, Breaks
+from devd.watchers.breaks import SERVICE, Break, Breaks
 from devd.watchers.estimate import Estimate, estimate
 from devd.watchers.idle import IdleStopper
 from devd.watchers.linux import kernel_dev
@@ -114,6 +114,10 @@ class WatcherMonitor:
         view = self._view
         return self.refresh() if view is None else view
 
+    def peek(self) -> View | None:
+        """The latest full pass, None before the first one ends (never waits for it)."""
+        return self._view
+
     def touch(self, wt_id: str) -> None:
         """A request named this worktree: it is in use (see idle.py)."""
         self.idle.touch(wt_id)
@@ -128,6 +132,9 @@ class WatcherMonitor:
         level, reasons = analysis.level_of(sample, self.thresholds)
         trees = self._live()
         runs = [Run(p, t, w) for p, t, w in self.registry.processes()]
+        # Declared services' runs too (devd/services/supervisor.py): devd started them.
+        runs += [Run(p, t, w) for p, t, w, argv, _ in self.registry.watcher_runs()
+                 if argv[:1] == [SERVICE]]
         needs_index = any(c.inodes for c in sample.consumers)
         index = self._inode_index(trees) if needs_index else {}
         owners = analysis.attribute(sample, {w.id: w.path for w in trees}, runs, index,

@@ -91,6 +91,10 @@ def restarted(plan: dict[str, Any]) -> str:
                      f"({run['kind']}, {run.get('stopped', 'already exited')}) → pid "
                      f"{run['new_pid']}: {one_line(' '.join(run['argv']), 120)}")
         lines.append(f"  output: {one_line(run['log'])}")
+    for unit in plan.get("services", []):
+        lines.append(f"restarted {one_line(unit['worktree'])}: service {one_line(unit['service'])}"
+                     f" ({unit['kind']}, pid {unit['pid']}) → pid {unit['new_pid']}, "
+                     f"{unit['state']} (`devd logs {one_line(unit['service'])}`)")
     lines += [f"not restarted {one_line(s['worktree'])}: {one_line(s['why'], 200)}"
               for s in plan["skipped"]]
     return "\n".join(lines) or "nothing to restart: no devd-started watcher has failed."
