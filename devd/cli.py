@@ -365,6 +365,8 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         _print_json(result)
     elif args.path or args.verbose:
         print(render_status.summary(result))
+        if (board := render_status.dashboard(result)) and not args.path:
+            print(board)
         for wt in result["worktrees"]:
             print()
             print(render_worktree(wt))

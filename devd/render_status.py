@@ -237,10 +237,16 @@ def render_status(result: dict[str, Any], cwd: str | None, paint: Painter,
         for row in rows:
             out.append(line(row, widths, paint, COLOURS.get(row[STATE].split(" ")[0]),
                             middle=(0, 1)))
+    return "\n".join(out + warnings(result))
+
+
+def dashboard(result: dict[str, Any]) -> str | None:
+    """`dashboard <url>` for `status -v`: at 81 cells it wrapped the glance, whose 20
+    worktrees of 3 repos must fit one 80x24 screen (the key is only in status)."""
     proxy = result.get("proxy") or {}
     if proxy.get("state") == "running" and proxy.get("dashboard"):
-        out.append(f"dashboard {proxy['dashboard']}")  # its key is only in status
-    return "\n".join(out + warnings(result))
+        return f"dashboard {proxy['dashboard']}"
+    return None
 
 
 def summary(result: dict[str, Any], now: float | None = None) -> str:

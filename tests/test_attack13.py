@@ -223,7 +223,9 @@ def test_twenty_rows_at_80_columns_stay_told_apart() -> None:
                   "postgres": {"mode": "database", "state": "ready"}}
                  for repo, count in (("shop", 7), ("billing-service", 7), ("docs", 6))
                  for i in range(count)]
-    result = {"daemon": {"version": "0", "pid": 1}, "worktrees": worktrees, "orphans": []}
+    result = {"daemon": {"version": "0", "pid": 1}, "worktrees": worktrees, "orphans": [],
+              "proxy": {"state": "running", "port": 1356,  # the default: its 81-cell
+                        "dashboard": f"http://devd.localhost:1356/{'k' * 43}/"}}  # line wrapped
     lines = render_status(result, None, Painter(False), 80, home="/home/u").split("\n")
     rows = [line.split() for line in lines if "web=" in line]
     assert len(lines) == 24 and all(cells(line) <= 80 for line in lines)
