@@ -6,6 +6,8 @@ import contextlib
 import os
 import secrets
 import shlex
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -58,7 +60,13 @@ def all_listening_ports() -> set[int]:
 
 def listen_table() -> dict[str, int] | None:
     """{socket inode: port} of every listening TCP socket, or None without /proc."""
-    found: dict[str, int] = {}
+    sockets = listen_sockets()
+    return None if sockets is None else {inode: port for inode, (_, port) in sockets.items()}
+
+
+def listen_sockets() -> dict[str, tuple[str, int]] | None:
+    """{socket inode: (address, port)} of every listening TCP socket, or None without /proc."""
+    found: dict[str, tuple[str, int]] = {}
     for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(name, encoding="ascii") as table:
@@ -70,8 +78,17 @@ def listen_table() -> dict[str, int] | None:
         for row in rows:
             fields = row.split()
             if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
-                found[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
+                address, port = fields[1].rsplit(":", 1)
+                found[fields[9]] = (_address(address), int(port, 16))
     return found
+
+
+def _address(hexed: str) -> str:
+    """/proc/net/tcp's address: 32-bit words, each printed in the host's byte order."""
+    raw = bytes.fromhex(hexed)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
 
 
 def socket_inodes(pid: int) -> set[str]:

@@ -71,6 +71,7 @@ class Unit:
     next_start: float = 0.0
     elsewhere_since: float | None = None
     error: str | None = None
+    dial: str | None = None  # the address its listener uses (groups.dial_host), once ready
     last_used: float = field(default_factory=time.monotonic)
     changed: threading.Condition = field(default_factory=threading.Condition)
 
@@ -135,6 +136,12 @@ class Supervisor:
         or starting: a request to its URL wakes it, or waits for it."""
         return frozenset((u.spec.wt_id, u.spec.port_name) for u in list(self._units.values())
                          if u.spec.idle and u.spec.port_name and u.state in ("idle", "starting"))
+
+    def dials(self) -> dict[tuple[str, str], str]:
+        """(worktree id, port name) → the address its running service's listener uses, as
+        verified at readiness: what the proxy dials (never a squatter on the other family)."""
+        return {(u.spec.wt_id, u.spec.port_name): u.dial for u in list(self._units.values())
+                if u.state == "running" and u.spec.port_name and u.dial}
 
     def start(self, spec: Spec) -> Unit:
         """Spawn the service unless it is already up (idempotent); the watch thread takes it
@@ -300,7 +307,8 @@ class Supervisor:
             return self._ready(unit)
         mine, every = seen.of_group(group.pgid), seen.every
         if spec.port in mine:
-            if spec.ready == "port" or _answers(spec.port, spec.ready):
+            unit.dial = groups.dial_host(seen.addresses_of(group.pgid, spec.port))
+            if spec.ready == "port" or _answers(spec.port, spec.ready, unit.dial):
                 return self._ready(unit)
         elif spec.port in every:
             unit.elsewhere_since = unit.elsewhere_since or now
@@ -370,13 +378,14 @@ def _ports(ports: set[int]) -> str:
     return ", ".join(map(str, sorted(ports)))
 
 
-def _answers(port: int, path: str) -> bool:
-    """Does http://127.0.0.1:port/path answer below 500?"""
+def _answers(port: int, path: str, host: str | None) -> bool:
+    """Does http://HOST:port/path (the address it listens on) answer below 500?"""
     import urllib.error  # only services with a ready path need it, not the daemon's start
     import urllib.request
 
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=0.5) as reply:
+        with urllib.request.urlopen(f"http://{host or '127.0.0.1'}:{port}{path}",
+                                    timeout=0.5) as reply:
             return int(reply.status) < 500
     except urllib.error.HTTPError as exc:
         return exc.code < 500
