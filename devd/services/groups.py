@@ -78,9 +78,11 @@ def spawn(command: str, cwd: Path, env: dict[str, str], log_fd: int) -> Group:
 class Listeners:
     """Who listens where, taken once per watch tick for every starting service.
 
-    On Linux from /proc/net/tcp{,6}, then the process groups, then only the fds of the
-    groups asked about, in that order (a socket in the table was made before its owner
-    was listed); psutil's socket table reads every process's fds, ten times the cost."""
+    On Linux from /proc/net/tcp{,6}, then (only when a group is asked about) the process
+    groups, then only the fds of the groups asked about, in that order (a socket in the
+    table was made before its owner was listed); psutil's socket table reads every
+    process's fds, ten times the cost. The table alone is a few files: what each fast
+    tick reads while a service starts."""
 
     def __init__(self) -> None:
         self.sockets = processes.listen_sockets()
@@ -88,15 +90,21 @@ class Listeners:
             inode: port for inode, (_, port) in self.sockets.items()}
         self.every: set[int] = set(self.table.values()) if self.table is not None else set()
         self.pids: dict[int, int | None] = {}
-        self.by_group: dict[int, list[int]] = {}
+        self._by_group: dict[int, list[int]] | None = None
         self._inodes_of: dict[int, set[str]] = {}
         if self.table is None:  # no /proc (macOS): psutil's table, pids included
             self.pids = processes.listener_pids()
             self.every = set(self.pids)
-            return
-        for pid in psutil.pids():
-            with contextlib.suppress(OSError):
-                self.by_group.setdefault(os.getpgid(pid), []).append(pid)
+
+    @property
+    def by_group(self) -> dict[int, list[int]]:
+        """Every process group's pids, listed once (the first time it is needed)."""
+        if self._by_group is None:
+            self._by_group = {}
+            for pid in psutil.pids():
+                with contextlib.suppress(OSError):
+                    self._by_group.setdefault(os.getpgid(pid), []).append(pid)
+        return self._by_group
 
     def of_group(self, pgid: int) -> set[int]:
         """The TCP ports processes of group `pgid` listen on."""

@@ -33,7 +33,10 @@ MAX_FAILURES = 5
 STABLE = 10.0  # a run this long resets the failure count
 BACKOFF = (0.25, 30.0)  # first delay, doubled per failure up to the cap
 SETTLE = 2.0  # listening elsewhere this long (and not on its port) fails it
-FAST_TICK, SLOW_TICK, IDLE_EVERY = 0.05, 0.5, 2.0
+# While a service starts, each tick reads the listen table alone (a few files); its
+# group's sockets are looked at once its port shows up, and every SLOW_TICK regardless
+# (to see it listen elsewhere). FAST_TICK is how late `up` may notice it is ready.
+FAST_TICK, SLOW_TICK, IDLE_EVERY = 0.02, 0.5, 2.0
 UP = ("starting", "running", "backoff")
 
 
@@ -70,6 +73,7 @@ class Unit:
     failures: int = 0
     next_start: float = 0.0
     elsewhere_since: float | None = None
+    looked: float = 0.0  # monotonic time its group's sockets were last read (_probe)
     error: str | None = None
     dial: str | None = None  # the address its listener uses (groups.dial_host), once ready
     last_used: float = field(default_factory=time.monotonic)
@@ -305,7 +309,12 @@ class Supervisor:
         assert group is not None
         if spec.port is None:
             return self._ready(unit)
-        mine, every = seen.of_group(group.pgid), seen.every
+        every = seen.every
+        if spec.port not in every and now - unit.looked < SLOW_TICK and \
+                now - unit.started <= spec.timeout:
+            return None  # nothing new to see: its port is not in the table yet
+        unit.looked = now
+        mine = seen.of_group(group.pgid)
         if spec.port in mine:
             unit.dial = groups.dial_host(seen.addresses_of(group.pgid, spec.port))
             if spec.ready == "port" or _answers(spec.port, spec.ready, unit.dial):
