@@ -33,10 +33,11 @@ MAX_FAILURES = 5
 STABLE = 10.0  # a run this long resets the failure count
 BACKOFF = (0.25, 30.0)  # first delay, doubled per failure up to the cap
 SETTLE = 2.0  # listening elsewhere this long (and not on its port) fails it
-# While a service starts, each tick reads the listen table alone (a few files); its
-# group's sockets are looked at once its port shows up, and every SLOW_TICK regardless
-# (to see it listen elsewhere). FAST_TICK is how late `up` may notice it is ready.
-FAST_TICK, SLOW_TICK, IDLE_EVERY = 0.02, 0.5, 2.0
+# While a service starts, each tick reads the listen table alone (sock_diag: under a
+# millisecond); its group's sockets (every process's group id: tens of ms on a loaded
+# machine) are looked at once its port shows up, and every LOOK_EVERY regardless, to see
+# it listen elsewhere. FAST_TICK is how late `up` may notice it is ready.
+FAST_TICK, SLOW_TICK, IDLE_EVERY, LOOK_EVERY = 0.02, 0.5, 2.0, 1.0
 UP = ("starting", "running", "backoff")
 
 
@@ -310,7 +311,7 @@ class Supervisor:
         if spec.port is None:
             return self._ready(unit)
         every = seen.every
-        if spec.port not in every and now - unit.looked < SLOW_TICK and \
+        if spec.port not in every and now - unit.looked < LOOK_EVERY and \
                 now - unit.started <= spec.timeout:
             return None  # nothing new to see: its port is not in the table yet
         unit.looked = now
