@@ -76,7 +76,7 @@ class Unit:
     elsewhere_since: float | None = None
     looked: float = 0.0  # monotonic time its group's sockets were last read (_probe)
     error: str | None = None
-    dial: str | None = None  # the address its listener uses (groups.dial_host), once ready
+    dial: str | None = None  # where its listener is (groups.dial_host): verified once ready
     last_used: float = field(default_factory=time.monotonic)
     changed: threading.Condition = field(default_factory=threading.Condition)
 
@@ -143,10 +143,11 @@ class Supervisor:
                          if u.spec.idle and u.spec.port_name and u.state in ("idle", "starting"))
 
     def dials(self) -> dict[tuple[str, str], str]:
-        """(worktree id, port name) → the address its running service's listener uses, as
-        verified at readiness: what the proxy dials (never a squatter on the other family)."""
+        """(worktree id, port name) → the address its service's listener uses, as verified
+        at readiness (while it starts: where devd's flags bind it): what the proxy dials,
+        never a squatter on the other family."""
         return {(u.spec.wt_id, u.spec.port_name): u.dial for u in list(self._units.values())
-                if u.state == "running" and u.spec.port_name and u.dial}
+                if u.state in ("starting", "running") and u.spec.port_name and u.dial}
 
     def start(self, spec: Spec) -> Unit:
         """Spawn the service unless it is already up (idempotent); the watch thread takes it
@@ -212,7 +213,12 @@ class Supervisor:
         groups.record(self._record(unit), unit.group)
         unit.started = unit.last_used = time.monotonic()
         unit.elsewhere_since = None
+        # The flags devd added bind it to 127.0.0.1: the proxy is told now, while it boots,
+        # so readiness (which verifies it) rarely changes the route and reloads Caddy just
+        # as the first request comes.
+        unit.dial = "127.0.0.1" if spec.tool else None
         unit.set("starting")
+        self.on_change()
 
     def _record(self, unit: Unit) -> Path:
         return unit.spec.log.with_suffix(".pid")
