@@ -103,6 +103,20 @@ def plain_vite(web: Path) -> float:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
+        gone(proc.pid)
+
+
+def gone(pgid: int) -> None:
+    """Wait until the whole group is gone, as `devd down` does: a Vite still shutting down
+    (writing node_modules/.vite) was seen to stall the next run's dependency scan."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    os.killpg(pgid, signal.SIGKILL)
 
 
 def devd_up(devd: str, main: Path, port: int, env: dict[str, str], host: str | None = None
@@ -114,7 +128,15 @@ def devd_up(devd: str, main: Path, port: int, env: dict[str, str], host: str | N
     if up.returncode:
         raise SystemExit(f"devd up failed:\n{up.stderr}")
     returned = time.monotonic() - start
-    took = first_200(port, start + 60, host) - start
+    try:
+        took = first_200(port, start + 60, host) - start
+    except SystemExit:
+        logs = subprocess.run([devd, "logs", "web", "--path", str(main), "-n", "30"], env=env,
+                              capture_output=True, text=True).stdout
+        status = subprocess.run([devd, "status", "--json"], env=env, capture_output=True,
+                                text=True).stdout
+        raise SystemExit(f"no 200 on port {port} (Host {host}) after `devd up`; the service's "
+                         f"log:\n{logs}\nstatus: {status}") from None
     subprocess.run([devd, "down", "--path", str(main)], env=env, check=True,
                    capture_output=True)
     return took, returned
