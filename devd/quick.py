@@ -7,6 +7,10 @@ codes are the same either way.
 
 The daemon renders the text (`status_view`, docs/protocol.md): the reply is one JSON string,
 decoded by the C scanner the json package itself uses.
+
+`devd up` is sent from here before devd.cli is imported (its shapes that argparse reads
+the same), and devd.cli then reads the reply on that connection: the imports overlap the
+daemon's start of the services instead of delaying it.
 """
 
 from __future__ import annotations
@@ -47,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             return lost_daemon(argv, lost.timeout, lost.dropped)
         if code is not None:
             return code
+    # `up` goes out first: devd.cli's imports then overlap the daemon's work.
+    sent = _send_up(argv[1:]) if argv[:1] == ["up"] else None
     from devd.cli import main as full
 
-    if argv[:1] == ["up"] and (sent := _send_up(argv[1:])) is not None:
-        return full(argv, sent)  # its imports now overlap the daemon's work
-    return full(argv)
+    return full(argv) if sent is None else full(argv, sent)
 
 
 class _Lost(Exception):

@@ -179,3 +179,35 @@ def test_up_sent_early_says_what_the_full_path_says(devd: Devd, make_repo) -> No
         assert fast.returncode == full.returncode == 2, fast.stderr  # nothing declared
         assert (fast.stdout, fast.stderr) == (full.stdout, full.stderr)
         assert "declares no services" in fast.stderr + fast.stdout
+
+
+EARLY = """
+import os, socket, sys, threading
+from devd import quick
+path = os.path.join(sys.argv[1], "run", "devd.sock")
+os.makedirs(os.path.dirname(path), mode=0o700)
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen()
+seen = {}
+def answer():
+    conn, _ = server.accept()
+    conn.makefile("rb").readline()
+    seen["cli imported"] = "devd.cli" in sys.modules
+    conn.sendall(b'{"ok": false, "error": {"code": "usage", "message": "none", "hint": "h"}}\\n')
+    conn.close()
+thread = threading.Thread(target=answer)
+thread.start()
+code = quick.main(["up", "--path", "/"])
+thread.join()
+print(seen, code)
+"""
+
+
+def test_up_goes_out_before_the_cli_is_imported(tmp_path: Path) -> None:
+    """The point of sending it early: the daemon starts while devd.cli imports."""
+    home = tmp_path / "h"
+    reply = subprocess.run([sys.executable, "-c", EARLY, str(home)], capture_output=True,
+                           text=True, timeout=60,
+                           env={**os.environ, "DEVD_HOME": str(home), "DEVD_NO_AUTOSTART": "1"})
+    assert reply.stdout.strip() == "{'cli imported': False} 2", reply.stderr
