@@ -95,6 +95,8 @@ def main() -> None:
                 vite.kill()
             daemon.terminate()
             daemon.wait(20)
+    if lost["direct"] or lost["proxied"]:
+        raise SystemExit(f"updates lost: {lost} (each must show; see hmr_browser.js)")
     direct, proxied = (statistics.median(times[k]) for k in ("direct", "proxied"))
     print(machine(f"{len(times['direct'])} and {len(times['proxied'])} updates timed "
                   f"(lost: {lost['direct']} direct, {lost['proxied']} proxied); vite 7, "

@@ -6,9 +6,10 @@ Both run `npx vite` in the same app dir; devd adds its port flags, the baseline 
 same flags by hand. Timed from the moment the command is started (the `devd up` CLI call,
 or the `npx` process) to the first 200 answer to `GET /`. The daemon is started once,
 outside the timing, and the app is stopped (`devd down`, or SIGTERM) between runs.
-Run it with a plain (non-editable) install of devd on PATH:
+Run it with a plain (non-editable) install of devd on PATH; it prints a markdown section
+(with the load averages before and after) and appends it to docs/benchmarks.md:
 
-    python bench/bench_services.py [--runs 9] [--devd /path/to/devd]
+    python bench/bench_services.py [--runs 9] [--devd /path/to/devd] [--no-append]
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 GIT = ["git", "-c", "user.name=b", "-c", "user.email=b@example.com"]
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+VITE = "8"
 
 
 def first_200(port: int, deadline: float, host: str | None = None) -> float:
@@ -74,7 +77,7 @@ def app(root: Path) -> Path:
                                                   "type": "module"}))
     (web / "index.html").write_text("<h1>bench</h1><script type=module src=/main.js></script>\n")
     (web / "main.js").write_text("document.title = 'bench';\n")
-    subprocess.run(["npm", "install", "--no-audit", "--no-fund", "vite@8"], cwd=web,
+    subprocess.run(["npm", "install", "--no-audit", "--no-fund", f"vite@{VITE}"], cwd=web,
                    check=True, capture_output=True)
     return web
 
@@ -100,17 +103,43 @@ def plain_vite(web: Path) -> float:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
+        gone(proc.pid)
+
+
+def gone(pgid: int) -> None:
+    """Wait until the whole group is gone, as `devd down` does: a Vite still shutting down
+    (writing node_modules/.vite) was seen to stall the next run's dependency scan."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    os.killpg(pgid, signal.SIGKILL)
 
 
 def devd_up(devd: str, main: Path, port: int, env: dict[str, str], host: str | None = None
-            ) -> float:
+            ) -> tuple[float, float]:
+    """(seconds to the first 200, seconds the `devd up` command itself took)."""
     start = time.monotonic()
-    subprocess.run([devd, "up", "--path", str(main)], env=env, check=True,
-                   capture_output=True)
-    took = first_200(port, start + 60, host) - start
+    up = subprocess.run([devd, "up", "--path", str(main)], env=env, capture_output=True,
+                        text=True)
+    if up.returncode:
+        raise SystemExit(f"devd up failed:\n{up.stderr}")
+    returned = time.monotonic() - start
+    try:
+        took = first_200(port, start + 60, host) - start
+    except SystemExit:
+        logs = subprocess.run([devd, "logs", "web", "--path", str(main), "-n", "30"], env=env,
+                              capture_output=True, text=True).stdout
+        status = subprocess.run([devd, "status", "--json"], env=env, capture_output=True,
+                                text=True).stdout
+        raise SystemExit(f"no 200 on port {port} (Host {host}) after `devd up`; the service's "
+                         f"log:\n{logs}\nstatus: {status}") from None
     subprocess.run([devd, "down", "--path", str(main)], env=env, check=True,
                    capture_output=True)
-    return took
+    return took, returned
 
 
 def wait_proxy(devd: str, env: dict[str, str]) -> None:
@@ -135,7 +164,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--devd", default=shutil.which("devd") or "devd")
+    parser.add_argument("--no-append", action="store_true",
+                        help="print only; do not append to docs/benchmarks.md")
     args = parser.parse_args()
+    load_before = os.getloadavg()
+    series = measure(args.devd, args.runs)
+    text = report(series, args.runs, load_before, os.getloadavg(), args.devd)
+    print(text)
+    if not args.no_append:
+        with open(DOCS, "a", encoding="utf-8") as docs:
+            docs.write("\n" + text)
+        print(f"(appended to {DOCS})")
+
+
+def measure(devd: str, runs: int) -> dict[str, list[float]]:
+    """Each run: `devd up` to the first 200 on its port, through its named URL, and plain
+    `npx vite`, the three rotating which goes first."""
+    series: dict[str, list[float]] = {"port": [], "url": [], "plain": [], "cli": []}
     with tempfile.TemporaryDirectory(prefix="bench-services-") as tmp:
         root = Path(tmp)
         main_repo = repo(root)
@@ -143,45 +188,64 @@ def main() -> None:
         proxy_port = free_port()
         env = {**os.environ, "DEVD_HOME": str(root / "home"), "DEVD_NO_AUTOSTART": "1",
                "DEVD_PROXY_PORT": str(proxy_port)}
-        daemon = subprocess.Popen([args.devd, "daemon"], env=env, stdout=subprocess.DEVNULL,
+        daemon = subprocess.Popen([devd, "daemon"], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:
-            wait_daemon(args.devd, env)
-            subprocess.run([args.devd, "provision", str(main_repo)], env=env, check=True,
+            wait_daemon(devd, env)
+            subprocess.run([devd, "provision", str(main_repo)], env=env, check=True,
                            capture_output=True)
-            status = json.loads(subprocess.run([args.devd, "status", "--json"], env=env,
+            status = json.loads(subprocess.run([devd, "status", "--json"], env=env,
                                                check=True, capture_output=True).stdout)
             port = status["worktrees"][0]["ports"]["web"]
             host = urlsplit(status["worktrees"][0]["urls"]["web"]).hostname
-            wait_proxy(args.devd, env)
-            plain_vite(web), devd_up(args.devd, main_repo, port, env)  # warm-up: dep cache
-            devd_s, url_s, plain_s = [], [], []
-            for i in range(args.runs):
+            wait_proxy(devd, env)
+            plain_vite(web), devd_up(devd, main_repo, port, env)  # warm-up: dep cache
+            for i in range(runs):
                 order = [0, 1, 2][i % 3:] + [0, 1, 2][:i % 3]  # each first in turn
                 for which in order:
-                    if which == 1:
-                        devd_s.append(devd_up(args.devd, main_repo, port, env))
-                    elif which == 2:
-                        url_s.append(devd_up(args.devd, main_repo, proxy_port, env, host))
-                    else:
-                        plain_s.append(plain_vite(web))
+                    if which == 0:
+                        series["plain"].append(plain_vite(web))
+                        continue
+                    took, returned = devd_up(devd, main_repo, port if which == 1 else
+                                             proxy_port, env, None if which == 1 else host)
+                    series["port" if which == 1 else "url"].append(took)
+                    series["cli"].append(returned)
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(30)
-    d, u, p = statistics.median(devd_s), statistics.median(url_s), statistics.median(plain_s)
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {platform.node()} · "
-          f"{os.cpu_count()} cores · load {os.getloadavg()[0]:.1f} · {args.runs} runs each")
-    print("| | median | min | max |\n|---|---|---|---|")
-    for name, values in (("`devd up` → first 200 on its port", devd_s),
-                         ("`devd up` → first 200 through its named URL", url_s),
-                         ("`npx vite` → first 200", plain_s)):
-        print(f"| {name} | {statistics.median(values) * 1000:.0f} ms | "
-              f"{min(values) * 1000:.0f} ms | {max(values) * 1000:.0f} ms |")
-    for what, series, median in (("port", devd_s, d), ("named URL", url_s, u)):
-        paired = [a / b for a, b in zip(series, plain_s, strict=True)]  # neighbours in time
-        print(f"| ratio, {what} (medians) | **{median / p:.2f}** | | |")
-        print(f"| ratio, {what} (median of the {len(paired)} paired runs) | "
-              f"**{statistics.median(paired):.2f}** | {min(paired):.2f} | {max(paired):.2f} |")
+    return series
+
+
+def report(series: dict[str, list[float]], runs: int, before: tuple[float, ...],
+           after: tuple[float, ...], devd: str) -> str:
+    """A markdown section: the medians, the ratios (of medians, and the median of each run's
+    pair: neighbours in time see the same load), the load averages before and after."""
+    def ms(values: list[float]) -> str:
+        return f"{statistics.median(values) * 1000:.0f} ms | {min(values) * 1000:.0f} ms | " \
+            f"{max(values) * 1000:.0f} ms"
+
+    def loads(values: tuple[float, ...]) -> str:
+        return " / ".join(f"{v:.1f}" for v in values)
+
+    plain = statistics.median(series["plain"])
+    lines = [f"### `devd up` → first 200 (bench/bench_services.py), "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+             f"{platform.node()} · {platform.machine()} · {os.cpu_count()} cores · "
+             f"{platform.system()} {platform.release()} · Python {platform.python_version()} · "
+             f"vite {VITE} · {runs} runs each · devd `{devd}` · load average (1/5/15 min) "
+             f"before {loads(before)}, after {loads(after)}", "",
+             "| | median | min | max |", "|---|---|---|---|",
+             f"| `npx vite` → first 200 (baseline) | {ms(series['plain'])} |",
+             f"| `devd up` → first 200 on its port | {ms(series['port'])} |",
+             f"| `devd up` → first 200 through its named URL | {ms(series['url'])} |",
+             f"| the `devd up` command itself (until it returned) | {ms(series['cli'])} |"]
+    for what, key in (("port", "port"), ("named URL", "url")):
+        paired = [a / b for a, b in zip(series[key], series["plain"], strict=True)]
+        ratio = statistics.median(series[key]) / plain
+        lines += [f"| **ratio, {what}** (of medians) | **{ratio:.2f}** | | |",
+                  f"| ratio, {what} (median of the {len(paired)} paired runs) | "
+                  f"{statistics.median(paired):.2f} | {min(paired):.2f} | {max(paired):.2f} |"]
+    return "\n".join(lines + ["", "Target (issue 11): named URL ≤ 1.15 × `npx vite`.", ""])
 
 
 if __name__ == "__main__":

@@ -179,7 +179,8 @@ def _hook_parser(cmd: argparse.ArgumentParser) -> None:
                    "$CLAUDE_ENV_FILE (JSON on stdin)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, sent: int | None = None) -> int:
+    """`sent`: devd/quick.py already sent argv's request on this connection (`up`)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:  # a newcomer typing `devd` wants the command list, not an error
         build_parser().print_help(sys.stderr)
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = Client(paths, autostart=os.environ.get("DEVD_NO_AUTOSTART", "") in ("", "0"),
                         on_autostart=_starting, timeout=timeout_from(os.environ))
+        if sent is not None:
+            client.adopt(sent)
         return _command(args.command)(client, args)
     except DaemonUnreachable as exc:
         return _fail(exc, EXIT_UNREACHABLE, args)

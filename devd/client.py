@@ -35,15 +35,23 @@ class Client:
         self.autostart = autostart
         self.on_autostart = on_autostart  # starting takes a second: say so
         self.timeout = timeout
+        self._sent: socket.socket | None = None
+
+    def adopt(self, fd: int) -> None:
+        """The next call's request was already sent on this connection (devd/quick.py sends
+        `up` before the CLI's imports, so they overlap the daemon's work): read its reply."""
+        self._sent = socket.socket(fileno=fd)
 
     def call(self, method: str, params: dict[str, Any] | None = None,
              on_progress: ProgressHandler | None = None, deadline: float | None = None) -> Any:
         """Send one request; raise the daemon's error as the matching DevdError. The daemon
         must say something (progress or a heartbeat) every `timeout` seconds; with
         `deadline` (time.monotonic()), the whole call ends by then, whatever it says."""
-        sock = self._connect()
+        sent, self._sent = self._sent, None
+        sock = sent or self._connect()
         with sock:
-            _send(sock, protocol.request(method, params) | {"heartbeat": True})
+            if sent is None:
+                _send(sock, protocol.request(method, params) | {"heartbeat": True})
             reader = protocol.LineReader(sock, protocol.MAX_REPLY_BYTES)
             # This daemon says "heartbeat" at once; an older one never does, and after its
             # first word is given all the time its work takes, as before.

@@ -7,6 +7,10 @@ codes are the same either way.
 
 The daemon renders the text (`status_view`, docs/protocol.md): the reply is one JSON string,
 decoded by the C scanner the json package itself uses.
+
+`devd up` is sent from here before devd.cli is imported (its shapes that argparse reads
+the same), and devd.cli then reads the reply on that connection: the imports overlap the
+daemon's start of the services instead of delaying it.
 """
 
 from __future__ import annotations
@@ -47,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             return lost_daemon(argv, lost.timeout, lost.dropped)
         if code is not None:
             return code
+    # `up` goes out first: devd.cli's imports then overlap the daemon's work.
+    sent = _send_up(argv[1:]) if argv[:1] == ["up"] else None
     from devd.cli import main as full
 
-    return full(argv)
+    return full(argv) if sent is None else full(argv, sent)
 
 
 class _Lost(Exception):
@@ -87,6 +93,61 @@ def _status(view: str) -> int | None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     return 0
+
+
+def _send_up(args: list[str]) -> int | None:
+    """`devd up [--path P] [-v] [--json] [SERVICE...]`: send the request at once and return
+    the connection's fd, so the CLI's imports (argparse and the rest: a few hundred ms on
+    a loaded machine) run while the daemon starts the services. None for any other shape,
+    or when the daemon is not simply there (the full path starts it, or says why)."""
+    params = _up_params(args)
+    sock_path = socket_path(os.environ)
+    timeout = _timeout(os.environ.get("DEVD_TIMEOUT", ""))
+    if params is None or sock_path is None or timeout is None:
+        return None
+    import _json
+    import _socket
+
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(sock_path)
+        if _ours(sock):
+            sock.sendall(_request("up", params, _json.encode_basestring).encode())
+            return int(sock.detach())
+    except OSError:
+        pass
+    sock.close()
+    return None
+
+
+def _up_params(args: list[str]) -> dict[str, object] | None:
+    """The params devd.services.commands.cmd_up sends for `args`, or None for any shape
+    argparse might read otherwise (or refuse: the request must never go out first)."""
+    path, names, ended = ".", [], False
+    rest = list(args)
+    while rest:
+        word = rest.pop(0)
+        if word == "--path" and rest and not rest[0].startswith("-"):
+            path = rest.pop(0)
+        elif word in ("-v", "--verbose", "--json"):
+            pass
+        elif word[:1].isalnum() and word.isascii() and word.isprintable() and not ended:
+            names.append(word)
+            ended = bool(rest) and rest[0].startswith("-")  # argparse takes one run of them
+            continue
+        else:
+            return None
+        ended = ended or bool(names)
+    try:
+        where = os.path.abspath(os.path.join(os.getcwd(), path))
+    except OSError:  # the current directory was removed: the full path says so
+        return None
+    if not where.isprintable():  # devd.paths.faithful's refusal comes from the full path
+        return None
+    params: dict[str, object] = {"path": where, "restart": False,
+                                 "caller_path": os.environ.get("PATH", "")}
+    return params | ({"services": names} if names else {})
 
 
 def socket_path(environ: os._Environ[str] | dict[str, str]) -> str | None:
@@ -162,6 +223,8 @@ def _ours(sock: _socket.socket) -> bool:
 def _request(method: str, params: dict[str, object], quote: Callable[[str], str]) -> str:
     """The request line (as devd.protocol.request writes it, heartbeats asked for)."""
     def value(v: object) -> str:
+        if isinstance(v, list):
+            return "[" + ",".join(map(value, v)) + "]"
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, int):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
@@ -15,6 +16,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +29,11 @@ from conftest import ROOT, Devd, Repo, run_git, wait_for
 from pgsupport import unavailable
 
 from devd.proxy import caddy
+from devd.proxy.child import dies_with_daemon
+from devd.proxy.config import loopback_addresses
 from devd.proxy.names import label, with_path
 from devd.proxy.routes import Site, base_url, build
+from devd.services.groups import dial_host
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOML = '[ports]\nnames = ["web", "ws"]\n'
@@ -512,12 +518,16 @@ def test_killed_caddy_is_restarted_and_a_killed_daemon_leaves_nothing_behind(
              timeout=20, what="caddy restarted")
     assert proxy_of(devd)["restarts"] == 1
     assert curl(url + "/", "-o", "/dev/null", "-w", "%{http_code}").stdout == "502"
-    # The daemon killed -9: its Caddy lives on; the next daemon stops it and takes over.
+    # The daemon killed -9: its Caddy gets SIGTERM from the kernel (parent death) and
+    # stops serving the old routes at once; without setpriv the next daemon stops it.
     assert devd.proc is not None
     orphan = proxy_of(devd)["pid"]
     devd.proc.kill()
     devd.proc.wait()
     devd.proc = None
+    if dies_with_daemon():
+        wait_for(lambda: not _alive(orphan), timeout=10, what="caddy gone with its daemon")
+        assert curl(url + "/", "-o", "/dev/null", "-w", "%{http_code}").stdout == "000"
     devd.start()
     wait_for(lambda: (p := proxy_of(devd))["state"] == "running" and p["pid"] != orphan,
              timeout=20, what="a new caddy")
@@ -594,3 +604,63 @@ def test_proxy_false_means_no_caddy_and_no_urls(devd: Devd, repo: Repo) -> None:
     env = json.loads(devd.run("env", "--format", "json", str(repo.main)).stdout)
     assert "PORT_WEB" in env and not any(k.startswith("DEVD_URL") for k in env)
     assert not (devd.paths.runtime_dir / "caddy-admin.sock").exists()
+
+
+# The owner's server listens on [::1] only; `localhost` would let Caddy reach a squatter.
+V6_ONLY = textwrap.dedent("""\
+    import http.server, os, socket
+    class Six(http.server.HTTPServer):
+        address_family = socket.AF_INET6
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200); self.end_headers(); self.wfile.write(b"owner")
+        def log_message(self, *args): pass
+    Six(("::1", int(os.environ["PORT"])), H).serve_forever()
+    """)
+
+
+def test_a_squatter_on_the_other_family_never_gets_the_owners_traffic(
+        lone: tuple[Devd, Repo]) -> None:
+    devd, repo = lone
+    if not loopback_addresses()[1:]:
+        unavailable("no IPv6 loopback on this host")
+    repo.commit({"v6.py": V6_ONLY, "devd.toml": TOML + '[services.web]\n'
+                 'command = "python3 v6.py"\nport = "web"\n'}, "a server on [::1] only")
+    devd.start()
+    devd.run("provision", str(repo.main))
+    wait_running(devd)
+    devd.run("up", "--path", str(repo.main), timeout=60)
+    entry = devd.worktree(repo.main.resolve())
+    port, url = entry["ports"]["web"], entry["urls"]["web"]
+    # Another local process takes 127.0.0.1 on the same port once the owner is up (it
+    # could not before: `up` refuses a taken port).
+    squatter = http.server.HTTPServer(("127.0.0.1", port), _Squatter)
+    threading.Thread(target=squatter.serve_forever, daemon=True).start()
+    try:
+        for _ in range(5):  # fresh connections each: the proxy dials [::1], not localhost
+            assert curl(url + "/").stdout == "owner"
+        devd.run("down", "--path", str(repo.main))
+        # Nothing verified now: the route falls back to localhost (the squatter answers
+        # on 127.0.0.1 then, as it would on any direct connection to localhost:PORT).
+    finally:
+        squatter.shutdown()
+        squatter.server_close()
+    assert devd.stop() == 0
+
+
+class _Squatter(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"squatter")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_dial_hosts_are_the_listeners_own_family() -> None:
+    assert dial_host({"127.0.0.1"}) == dial_host({"0.0.0.0"}) == "127.0.0.1"
+    assert dial_host({"::1"}) == dial_host({"::"}) == "[::1]"
+    assert dial_host({"::1", "127.0.0.1"}) == "127.0.0.1"
+    assert dial_host({"::ffff:127.0.0.1"}) == "127.0.0.1"
+    assert dial_host({"127.0.0.2"}) == "127.0.0.2" and dial_host(set()) is None

@@ -311,9 +311,12 @@ def test_term_ignored_then_killed_and_concurrent_ups(devd_home: Devd, make_repo)
 
 
 @pytest.fixture(autouse=True)
-def _no_leftovers(tmp_path: Path) -> Iterator[None]:
+def _no_leftovers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """No service of a test survives it (each daemon stops its own; this checks). Only
-    this test's: services of other test runs on the machine have another DEVD_HOME."""
+    services of this session's daemons (their DEVD_HOME is under its temp dir) count: the
+    services of other daemons on the machine (a developer's own, a benchmark's, another
+    session's) are none of this test's business, and were SIGKILLed by it."""
+    ours = str(tmp_path_factory.getbasetemp())
     before = {p.pid for p in psutil.process_iter()}
     yield
     time.sleep(0.1)
@@ -321,7 +324,7 @@ def _no_leftovers(tmp_path: Path) -> Iterator[None]:
         try:
             env = proc.info["environ"] or {}
             if proc.pid not in before and "DEVD_SERVICE_TOKEN" in env and \
-                    env.get("DEVD_HOME", "").startswith(str(tmp_path)):
+                    env.get("DEVD_HOME", "").startswith(ours):
                 proc.kill()
                 raise AssertionError(f"service process {proc.pid} outlived its daemon")
         except psutil.Error:

@@ -100,3 +100,38 @@ def test_log_rotation_keeps_an_appending_writer_going(tmp_path: Path) -> None:
     with open(path, "a") as handle:
         handle.write("VITE ready\n")
     assert logs.output_of(logs.last_run(path)) == ["VITE ready"]
+
+
+def test_listen_table_from_sock_diag_is_proc_net_tcps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sock_diag (fast) and /proc/net/tcp{,6} (the fallback) name the same sockets, both
+    families, with their addresses; a refused dump falls back."""
+    import socket
+
+    from devd import processes
+
+    held = []
+    for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        try:
+            sock = socket.socket(family)
+            sock.bind((address, 0))
+        except OSError:
+            continue  # no IPv6 loopback here
+        sock.listen()
+        held.append((sock, (address, sock.getsockname()[1])))
+    wants = [want for _, want in held]
+    try:
+        fast = processes.listen_sockets()
+        monkeypatch.setattr(processes, "_diag_listening", _refused)
+        slow = processes.listen_sockets()
+        assert fast is not None and slow is not None
+        # The same (address, port) under the same socket inode either way.
+        assert {w: i for i, w in fast.items() if w in wants} == \
+            {w: i for i, w in slow.items() if w in wants} and len(wants) >= 1
+        assert all(want in fast.values() for want in wants)
+    finally:
+        for sock, _ in held:
+            sock.close()
+
+
+def _refused() -> dict[str, tuple[str, int]]:
+    raise OSError("sock_diag refused the dump")

@@ -4,6 +4,7 @@ CLI's fast path (devd/quick.py) prints what the full path would, with the same e
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -144,3 +145,72 @@ def test_what_devd_changes_shows_at_once_and_the_rest_by_the_next_pass(
 
 def _entry(devd: Devd, tree: Path) -> dict[str, object]:
     return next(w for w in devd.status(fresh=False)["worktrees"] if w["path"] == str(tree))
+
+
+UP_SHAPES = [[], ["web"], ["web", "api"], ["--path", "/x", "web"], ["web", "-v"],
+             ["web", "-v", "api"], ["-v", "web", "api", "--json"], ["web", "--path", "/y"],
+             ["--json", "web", "--path", "/z", "-v"], ["--path=x"], ["--pa", "x"], ["-x"],
+             ["--path"], ["--path", "-v"], ["--", "web"], ["web", "--", "api"], ["-h"],
+             ["wéb"], ["we\nb"]]
+
+
+@pytest.mark.parametrize("args", UP_SHAPES, ids=repr)
+def test_up_is_sent_early_only_when_argparse_reads_it_the_same(args: list[str]) -> None:
+    """devd/quick.py sends `up` before argparse runs: never for a shape argparse would
+    refuse or read otherwise (the request would already be out)."""
+    from devd.cli import build_parser
+
+    early = quick._up_params(args)
+    if early is None:
+        return
+    parsed = build_parser("up").parse_args(["up", *args])  # must not exit
+    assert early["path"] == os.path.abspath(parsed.path)
+    assert early.get("services", []) == parsed.services
+    line = quick._request("up", early, json.encoder.encode_basestring)  # type: ignore[attr-defined]
+    assert json.loads(line) == protocol.request("up", early) | {"heartbeat": True}
+
+
+def test_up_sent_early_says_what_the_full_path_says(devd: Devd, make_repo) -> None:
+    repo: Repo = make_repo("shop")
+    devd.run("provision", str(repo.main))
+    for args in (["up", "--path", str(repo.main)], ["up", "--json", "--path", str(repo.main),
+                                                    "web"]):
+        fast, full = _both(devd, *args)
+        assert fast.returncode == full.returncode == 2, fast.stderr  # nothing declared
+        assert (fast.stdout, fast.stderr) == (full.stdout, full.stderr)
+        assert "declares no services" in fast.stderr + fast.stdout
+
+
+EARLY = """
+import os, socket, sys, threading
+from devd import quick
+path = os.path.join(sys.argv[1], "run", "devd.sock")
+os.makedirs(os.path.dirname(path), mode=0o700)
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen()
+seen = {}
+def spy(*args):  # the request line is made right before it is sent
+    seen["cli imported"] = "devd.cli" in sys.modules
+    return request(*args)
+request, quick._request = quick._request, spy
+def answer():
+    conn, _ = server.accept()
+    conn.makefile("rb").readline()
+    conn.sendall(b'{"ok": false, "error": {"code": "usage", "message": "none", "hint": "h"}}\\n')
+    conn.close()
+thread = threading.Thread(target=answer)
+thread.start()
+code = quick.main(["up", "--path", "/"])
+thread.join()
+print(seen, code)
+"""
+
+
+def test_up_goes_out_before_the_cli_is_imported(tmp_path: Path) -> None:
+    """The point of sending it early: the daemon starts while devd.cli imports."""
+    home = tmp_path / "h"
+    reply = subprocess.run([sys.executable, "-c", EARLY, str(home)], capture_output=True,
+                           text=True, timeout=60,
+                           env={**os.environ, "DEVD_HOME": str(home), "DEVD_NO_AUTOSTART": "1"})
+    assert reply.stdout.strip() == "{'cli imported': False} 2", reply.stderr

@@ -192,6 +192,9 @@ class ServiceRequests(ServiceCore):
             if unit.state == "running":
                 progress("up", f"{unit.spec.name}: ready" + (f" at {unit.spec.url}"
                                                                  if unit.spec.url else ""))
+        if self.proxy is not None and any(u.dial not in (None, "127.0.0.1") for u in units
+                                          if u.state == "running"):
+            self.proxy.settle()  # its URL must reach it on its [::1] before `up` returns
 
     def _stop_services_of(self, wt: Worktree) -> None:
         """A worktree went: its services go too (in the background: reconcile goes on)."""

@@ -45,7 +45,8 @@ def start(service: Any, running: contextlib.ExitStack) -> None:
     dashboard.start()
     running.callback(dashboard.stop)
     proxy = CaddyProxy(service.settings, paths, service.registry, dashboard.socket_path,
-                       dashboard.key, sleeping=service.sleeping, token=token)
+                       dashboard.key, sleeping=service.sleeping, token=token,
+                       dials=service.services.dials)
     service.proxy, service.on_change = proxy, proxy.nudge
     service.services.on_change = proxy.nudge  # idle stops and readiness switch routes
     proxy.start()

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -20,7 +21,7 @@ from devd.errors import DevdError
 from devd.paths import Paths, ensure_private_dir, write_atomic
 from devd.provisioners.ports import is_free
 from devd.proxy import caddy
-from devd.proxy.config import Sleeping, caddy_config
+from devd.proxy.config import Dials, Sleeping, caddy_config
 from devd.proxy.names import DASHBOARD, host
 from devd.proxy.routes import Table, base_url, build, sites
 from devd.registry import Registry
@@ -40,14 +41,15 @@ class CaddyProxy:
 
     def __init__(self, settings: Settings, paths: Paths, registry: Registry,
                  dashboard: Path, dashboard_key: str = "",
-                 sleeping: Callable[[], Sleeping] = frozenset, token: str = "") -> None:
+                 sleeping: Callable[[], Sleeping] = frozenset, token: str = "",
+                 dials: Callable[[], Dials] = dict) -> None:
         self.port, self.tls, self._configured = settings.proxy_port, settings.proxy_tls, \
             settings.caddy
         self._registry = registry
         self.admin_socket = paths.runtime_dir / "caddy-admin.sock"
         self.dashboard, self._key = dashboard, dashboard_key
         # Services stopped for idleness (or waking): their names go to the wake handler.
-        self._sleeping, self._token = sleeping, token
+        self._sleeping, self._token, self._dials = sleeping, token, dials
         self._config_file = paths.runtime_dir / "caddy.json"
         self.log_path = paths.state_dir / "caddy.log"
         self._data = paths.data_dir / "caddy"
@@ -60,6 +62,7 @@ class CaddyProxy:
         self.restarts = 0
         self._state: dict[str, Any] = {"state": "starting", "error": None, "hint": None}
         self._guard = threading.Lock()
+        self._passes, self._passed = 0, threading.Condition()  # see settle()
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._loop, name="devd-proxy", daemon=True)
 
@@ -76,6 +79,15 @@ class CaddyProxy:
     def nudge(self) -> None:
         """Routes may have changed: push them now rather than at the next poll."""
         self._wake.set()
+
+    def settle(self, timeout: float = 2.0) -> None:
+        """Return once routes as they are now have been pushed (or tried): a pass that was
+        under way may have read them before the change, so two passes from now."""
+        with self._passed:
+            until = self._passes + 2
+            self._wake.set()
+            self._passed.wait_for(lambda: self._passes >= until or self._stop.is_set(),
+                                  timeout)
 
     def table(self) -> Table:
         return build(sites(self._registry), base_url(self.port, self.tls))
@@ -107,6 +119,9 @@ class CaddyProxy:
                     self._step()
                 except Exception:  # the proxy must never take the daemon's threads down
                     log.exception("proxy: unexpected failure")
+                with self._passed:
+                    self._passes += 1
+                    self._passed.notify_all()
                 self._wake.wait(self._wait())
                 self._wake.clear()
         finally:
@@ -147,7 +162,8 @@ class CaddyProxy:
             self._set("starting")
         with _log_file(self.log_path) as out:
             self._proc = subprocess.Popen(
-                [str(self._binary), "run", "--config", str(self._config_file)],
+                [*dies_with_daemon(), str(self._binary), "run", "--config",
+                 str(self._config_file)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self._env(),
                 start_new_session=True,  # a ^C in the daemon's terminal is the daemon's
                 umask=0o077)  # its sockets, keys and certificates: the owner's only
@@ -205,7 +221,7 @@ class CaddyProxy:
         return caddy_config(self.table(), port=self.port, tls=self.tls,
                             admin=self.admin_socket, storage=self._data / "storage",
                             dashboard=self.dashboard, sleeping=self._sleeping(),
-                            token=self._token)
+                            dials=self._dials(), token=self._token)
 
     def _env(self) -> dict[str, str]:
         """Caddy's own dirs under devd's: never the user's ~/.local/share/caddy."""
@@ -271,6 +287,18 @@ class CaddyProxy:
         except subprocess.TimeoutExpired:
             _signal_group(proc, signal.SIGKILL)
             proc.wait()
+
+
+def dies_with_daemon() -> list[str]:
+    """A prefix that makes Caddy get SIGTERM when the daemon dies, kill -9 included (an
+    orphan would serve the old routes to ports others may take by now): util-linux's
+    setpriv sets PR_SET_PDEATHSIG, then execs it. The signal comes when the *thread* that
+    forked it ends; that is the proxy's own thread, which lives as long as the daemon's
+    proxy does (and stops Caddy on its way out anyway). No setpriv (macOS): nothing, and
+    the next daemon stops the orphan (_stop_leftover). A preexec_fn calling prctl would
+    do the same without setpriv but is unsafe in a process with threads."""
+    found = shutil.which("setpriv") if os.uname().sysname == "Linux" else None
+    return [found, "--pdeathsig", "TERM", "--"] if found else []
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:

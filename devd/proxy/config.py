@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import html
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from devd.proxy.names import DASHBOARD, host
-from devd.proxy.routes import Table
+from devd.proxy.routes import Route, Table
 
 SERVER = "devd"
 WAKE_HEADER = "X-Devd-Wake"  # Caddy sets it (the daemon's secret) on a wake request
 # A service of a worktree, by its [ports] name: (worktree id, port name).
 Sleeping = frozenset[tuple[str, str]]
+# (worktree id, port name) → the address its verified listener uses ("127.0.0.1", "[::1]").
+Dials = Mapping[tuple[str, str], str]
 # Seconds Caddy gives open connections (an HMR socket stays open for ever) when stopping.
 GRACE = "1s"
 
 
 def caddy_config(table: Table, *, port: int, tls: bool, admin: Path, storage: Path,
-                 dashboard: Path, sleeping: Sleeping = frozenset(), token: str = ""
-                 ) -> dict[str, Any]:
+                 dashboard: Path, sleeping: Sleeping = frozenset(), token: str = "",
+                 dials: Dials | None = None) -> dict[str, Any]:
     """Admin on a unix socket only, storage under devd's data dir, one server on loopback.
     The routes of `sleeping` services go to the daemon's wake handler (see _wake)."""
     config: dict[str, Any] = {
@@ -28,7 +31,7 @@ def caddy_config(table: Table, *, port: int, tls: bool, admin: Path, storage: Pa
         "storage": {"module": "file_system", "root": str(storage)},
         "logging": {"logs": {"default": {"level": "WARN"}}},
         "apps": {"http": {"grace_period": GRACE, "servers": {
-            SERVER: _server(table, port, tls, dashboard, sleeping, token)}}},
+            SERVER: _server(table, port, tls, dashboard, sleeping, token, dials or {})}}},
     }
     if tls:
         config["apps"]["tls"] = {"automation": {"policies": [
@@ -39,12 +42,12 @@ def caddy_config(table: Table, *, port: int, tls: bool, admin: Path, storage: Pa
 
 
 def _server(table: Table, port: int, tls: bool, dashboard: Path, sleeping: Sleeping,
-            token: str) -> dict[str, Any]:
+            token: str, dials: Dials) -> dict[str, Any]:
     server: dict[str, Any] = {
         "listen": [f"{address}:{port}" for address in loopback_addresses()],
         "protocols": ["h1", "h2"] if tls else ["h1", "h2c"],
         "routes": [*(_wake(r.host, r.wt_id, r.name, dashboard, token)
-                     if (r.wt_id, r.name) in sleeping else _route([r.host], f"localhost:{r.port}")
+                     if (r.wt_id, r.name) in sleeping else _route([r.host], dial(r, dials))
                      for r in table.routes),
                    _route([host(DASHBOARD)], f"unix/{dashboard}"),
                    *not_found(table)],
@@ -65,6 +68,12 @@ def _server(table: Table, port: int, tls: bool, dashboard: Path, sleeping: Sleep
 # reload whenever any worktree's route changed (one appeared, a service went idle). They
 # are kept instead; one whose upstream stopped ends when that server closes it.
 STREAM_CLOSE_DELAY = "24h"
+
+
+def dial(route: Route, dials: Dials) -> str:
+    """A `devd up` service's verified listen address; for a server devd did not start
+    (`devd run`, the user's own) `localhost`, which Caddy tries as 127.0.0.1, then ::1."""
+    return f"{dials.get((route.wt_id, route.name), 'localhost')}:{route.port}"
 
 
 def _route(hosts: list[str], dial: str) -> dict[str, Any]:

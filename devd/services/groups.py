@@ -78,30 +78,54 @@ def spawn(command: str, cwd: Path, env: dict[str, str], log_fd: int) -> Group:
 class Listeners:
     """Who listens where, taken once per watch tick for every starting service.
 
-    On Linux from /proc/net/tcp{,6}, then the process groups, then only the fds of the
-    groups asked about, in that order (a socket in the table was made before its owner
-    was listed); psutil's socket table reads every process's fds, ten times the cost."""
+    On Linux from /proc/net/tcp{,6}, then (only when a group is asked about) the process
+    groups, then only the fds of the groups asked about, in that order (a socket in the
+    table was made before its owner was listed); psutil's socket table reads every
+    process's fds, ten times the cost. The table alone is a few files: what each fast
+    tick reads while a service starts."""
 
     def __init__(self) -> None:
-        self.table = processes.listen_table()
+        self.sockets = processes.listen_sockets()
+        self.table = None if self.sockets is None else {
+            inode: port for inode, (_, port) in self.sockets.items()}
         self.every: set[int] = set(self.table.values()) if self.table is not None else set()
         self.pids: dict[int, int | None] = {}
-        self.by_group: dict[int, list[int]] = {}
+        self._by_group: dict[int, list[int]] | None = None
+        self._inodes_of: dict[int, set[str]] = {}
         if self.table is None:  # no /proc (macOS): psutil's table, pids included
             self.pids = processes.listener_pids()
             self.every = set(self.pids)
-            return
-        for pid in psutil.pids():
-            with contextlib.suppress(OSError):
-                self.by_group.setdefault(os.getpgid(pid), []).append(pid)
+
+    @property
+    def by_group(self) -> dict[int, list[int]]:
+        """Every process group's pids, listed once (the first time it is needed)."""
+        if self._by_group is None:
+            self._by_group = {}
+            for pid in psutil.pids():
+                with contextlib.suppress(OSError):
+                    self._by_group.setdefault(os.getpgid(pid), []).append(pid)
+        return self._by_group
 
     def of_group(self, pgid: int) -> set[int]:
         """The TCP ports processes of group `pgid` listen on."""
         if self.table is None:
             return {port for port, pid in self.pids.items()
                     if pid is not None and _in_group(pid, pgid)}
-        inodes = {i for pid in self.by_group.get(pgid, []) for i in processes.socket_inodes(pid)}
-        return {port for inode, port in self.table.items() if inode in inodes}
+        return {port for inode, port in self.table.items() if inode in self._inodes(pgid)}
+
+    def addresses_of(self, pgid: int, port: int) -> set[str]:
+        """The addresses processes of group `pgid` listen on at `port` (none known without
+        /proc: macOS)."""
+        if self.sockets is None:
+            return set()
+        return {address for inode, (address, at) in self.sockets.items()
+                if at == port and inode in self._inodes(pgid)}
+
+    def _inodes(self, pgid: int) -> set[str]:
+        if pgid not in self._inodes_of:
+            self._inodes_of[pgid] = {i for pid in self.by_group.get(pgid, [])
+                                     for i in processes.socket_inodes(pid)}
+        return self._inodes_of[pgid]
 
 
 def _in_group(pid: int, pgid: int) -> bool:
@@ -147,3 +171,21 @@ def _carries(pid: int, token: str) -> bool:
         return psutil.Process(pid).environ().get(TOKEN) == token
     except psutil.Error:
         return False
+
+
+def dial_host(addresses: set[str]) -> str | None:
+    """Where the proxy reaches a listener bound to `addresses`: its own loopback for a
+    wildcard (0.0.0.0 → 127.0.0.1, :: → [::1]), else the address itself, IPv4 first. Never
+    `localhost`: that name has both families, and the one the owner does not listen on
+    may be held by another local user."""
+    def rank(address: str) -> tuple[int, str]:
+        return (":" in address, address)
+    for address in sorted(addresses, key=rank):
+        if address.startswith("::ffff:") and "." in address:
+            address = address[7:]  # an IPv4-mapped address: the IPv4 one
+        if address == "0.0.0.0":
+            return "127.0.0.1"
+        if address == "::":
+            return "[::1]"
+        return f"[{address}]" if ":" in address else address
+    return None

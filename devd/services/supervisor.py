@@ -34,7 +34,11 @@ MAX_FAILURES = 5
 STABLE = 10.0  # a run this long resets the failure count
 BACKOFF = (0.25, 30.0)  # first delay, doubled per failure up to the cap
 SETTLE = 2.0  # listening elsewhere this long (and not on its port) fails it
-FAST_TICK, SLOW_TICK, IDLE_EVERY = 0.05, 0.5, 2.0
+# While a service starts, each tick reads the listen table alone (sock_diag: under a
+# millisecond); its group's sockets (every process's group id: tens of ms on a loaded
+# machine) are looked at once its port shows up, and every LOOK_EVERY regardless, to see
+# it listen elsewhere. FAST_TICK is how late `up` may notice it is ready.
+FAST_TICK, SLOW_TICK, IDLE_EVERY, LOOK_EVERY = 0.02, 0.5, 2.0, 1.0
 UP = ("starting", "running", "backoff")
 
 
@@ -71,7 +75,9 @@ class Unit:
     failures: int = 0
     next_start: float = 0.0
     elsewhere_since: float | None = None
+    looked: float = 0.0  # monotonic time its group's sockets were last read (_probe)
     error: str | None = None
+    dial: str | None = None  # where its listener is (groups.dial_host): verified once ready
     last_used: float = field(default_factory=time.monotonic)
     changed: threading.Condition = field(default_factory=threading.Condition)
     scanned: int = 0  # how far into its log this run's output was scanned for breaks
@@ -145,6 +151,13 @@ class Supervisor:
         return frozenset((u.spec.wt_id, u.spec.port_name) for u in list(self._units.values())
                          if u.spec.idle and u.spec.port_name and u.state in ("idle", "starting"))
 
+    def dials(self) -> dict[tuple[str, str], str]:
+        """(worktree id, port name) → the address its service's listener uses, as verified
+        at readiness (while it starts: where devd's flags bind it): what the proxy dials,
+        never a squatter on the other family."""
+        return {(u.spec.wt_id, u.spec.port_name): u.dial for u in list(self._units.values())
+                if u.state in ("starting", "running") and u.spec.port_name and u.dial}
+
     def start(self, spec: Spec) -> Unit:
         """Spawn the service unless it is already up (idempotent); the watch thread takes it
         from there. The clean entry point for whoever wakes a service (the proxy)."""
@@ -210,8 +223,13 @@ class Supervisor:
         unit.started = unit.last_used = time.monotonic()
         unit.elsewhere_since = None
         unit.scanned, unit.scanner = logs.size(spec.log), LineScanner()
+        # The flags devd added bind it to 127.0.0.1: the proxy is told now, while it boots,
+        # so readiness (which verifies it) rarely changes the route and reloads Caddy just
+        # as the first request comes.
+        unit.dial = "127.0.0.1" if spec.tool else None
         unit.set("starting")
         self._tell(self.on_spawn, unit)
+        self.on_change()
 
     def _record(self, unit: Unit) -> Path:
         return unit.spec.log.with_suffix(".pid")
@@ -325,9 +343,15 @@ class Supervisor:
         assert group is not None
         if spec.port is None:
             return self._ready(unit)
-        mine, every = seen.of_group(group.pgid), seen.every
+        every = seen.every
+        if spec.port not in every and now - unit.looked < LOOK_EVERY and \
+                now - unit.started <= spec.timeout:
+            return None  # nothing new to see: its port is not in the table yet
+        unit.looked = now
+        mine = seen.of_group(group.pgid)
         if spec.port in mine:
-            if spec.ready == "port" or _answers(spec.port, spec.ready):
+            unit.dial = groups.dial_host(seen.addresses_of(group.pgid, spec.port))
+            if spec.ready == "port" or _answers(spec.port, spec.ready, unit.dial):
                 return self._ready(unit)
         elif spec.port in every:
             unit.elsewhere_since = unit.elsewhere_since or now
@@ -397,13 +421,14 @@ def _ports(ports: set[int]) -> str:
     return ", ".join(map(str, sorted(ports)))
 
 
-def _answers(port: int, path: str) -> bool:
-    """Does http://127.0.0.1:port/path answer below 500?"""
+def _answers(port: int, path: str, host: str | None) -> bool:
+    """Does http://HOST:port/path (the address it listens on) answer below 500?"""
     import urllib.error  # only services with a ready path need it, not the daemon's start
     import urllib.request
 
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=0.5) as reply:
+        with urllib.request.urlopen(f"http://{host or '127.0.0.1'}:{port}{path}",
+                                    timeout=0.5) as reply:
             return int(reply.status) < 500
     except urllib.error.HTTPError as exc:
         return exc.code < 500
