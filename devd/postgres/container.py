@@ -88,10 +88,10 @@ def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
             container.start()
     except docker.errors.APIError as exc:
         raise _api_error(exc, name, port) from exc
-    _wait_ready(container, port, password, progress,
-                ctx.recorded("postgres").get("snapshot_password"))
-    # "initialized": the server came up on this volume once, so it may hold data to dump.
     recorded = ctx.recorded("postgres")
+    _wait_ready(container, port, password, progress, recorded.get("snapshot_password"),
+                fresh=bool(recorded.get(clones.FRESH)))
+    # "initialized": the server came up on this volume once, so it may hold data to dump.
     return {"mode": "container", "name": name, "host": "127.0.0.1", "port": port,
             "user": SUPERUSER, "database": DBNAME, "password": password,
             "image": ctx.config.postgres.image, "container": name, "initialized": True} | {
@@ -209,14 +209,25 @@ def _api_error(exc: Any, name: str, port: int) -> DevdError:
 
 
 def _wait_ready(container: Container, port: int, password: str, progress: Progress,
-                first: str | None = None) -> None:
+                first: str | None = None, fresh: bool = False) -> None:
     """Ready means a real query answers over the published port, not just an open port.
     `first`: the password a clone's data comes with (its snapshot's), swapped for this
-    worktree's own on the first connection."""
+    worktree's own on the first connection; `fresh`: the data was cloned since, so that
+    connection is tried first (one login where a refused one would come before it)."""
     synced = False
 
     def answers() -> bool:
-        nonlocal synced
+        nonlocal synced, fresh
+        if fresh and first:
+            try:
+                with _connect(port, first) as conn:
+                    conn.execute(_password_statement(password))
+                synced = True
+                return True
+            except psycopg.OperationalError as exc:
+                if "password authentication failed" not in str(exc):
+                    return False  # not up yet
+                fresh = False  # it has another password after all: the usual way below
         try:
             with _connect(port, password) as conn:
                 conn.execute("SELECT 1")
@@ -238,12 +249,16 @@ def _connect(port: int, password: str) -> psycopg.Connection[Any]:
                            dbname=DBNAME, connect_timeout=3, autocommit=True)
 
 
+def _password_statement(password: str) -> sql.Composed:
+    # scram whatever the data's password_encryption says: the snapshot's hba asks for it.
+    return sql.SQL("SET password_encryption = 'scram-sha-256'; ALTER ROLE {} PASSWORD {}"
+                   ).format(sql.Identifier(SUPERUSER), sql.Literal(password))
+
+
 def _set_password(container: Container, port: int, password: str, first: str | None) -> None:
     """Give the superuser `password`: over a connection with `first` if that opens one (one
     round trip), else through psql inside the container (local trust; ~0.4 s)."""
-    # scram whatever the data's password_encryption says: the snapshot's hba asks for it.
-    statement = sql.SQL("SET password_encryption = 'scram-sha-256'; ALTER ROLE {} PASSWORD {}"
-                        ).format(sql.Identifier(SUPERUSER), sql.Literal(password))
+    statement = _password_statement(password)
     if first:
         try:
             with _connect(port, first) as conn:
@@ -445,8 +460,16 @@ def reset(ctx: Context, detail: dict[str, Any], progress: Progress) -> dict[str,
     container = _owned(dk.containers, detail["container"], ctx.worktree.id)
     major = image_major(dk, ctx.config.postgres.image)
     clones.usable(ctx.paths, ctx.config.postgres.snapshot, major)  # refuse before stopping
-    if container is not None and container.status == "running":
-        progress("postgres", f"stopping {container.name} (fast shutdown)")
-        container.kill(signal="SIGINT")
-        container.wait(timeout=READY_TIMEOUT)
-    return clones.replace(ctx, major, progress)
+    stopping = container if container is not None and container.status == "running" else None
+    if stopping is not None:
+        progress("postgres", f"stopping {stopping.name} (fast shutdown) while its data is "
+                 "cloned")
+        stopping.kill(signal="SIGINT")  # only sent: the server shuts down meanwhile
+
+    def stopped() -> None:
+        if stopping is not None:
+            stopping.wait(timeout=READY_TIMEOUT)
+
+    fields = clones.replace(ctx, major, progress, stopped)
+    record_intent(ctx, **{clones.FRESH: True})
+    return fields

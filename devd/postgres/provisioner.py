@@ -122,9 +122,10 @@ def orphans(ctx_paths: Any, known_ids: set[str]) -> list[dict[str, str]]:
     return found
 
 
-def status_entry(paths: Any, details: dict[str, dict[str, Any]], checked: dict[str, Health]
-                 ) -> dict[str, Any]:
-    """{"postgres": {...}} for `devd status --json` when the worktree has one, else {}."""
+def status_entry(paths: Any, details: dict[str, dict[str, Any]], checked: dict[str, Health],
+                 disk: bool = True) -> dict[str, Any]:
+    """{"postgres": {...}} for `devd status --json` when the worktree has one, else {};
+    `disk`: with a clone's disk use (status has it; a provision's reply leaves it out)."""
     detail = details.get("postgres", {})
     if detail.get("mode", "none") == "none":
         return {}
@@ -132,8 +133,8 @@ def status_entry(paths: Any, details: dict[str, dict[str, Any]], checked: dict[s
     state = health.detail.get("state", "ready") if health else "unchecked"
     view = public_view(detail, state)
     if detail.get("snapshot") and detail.get("data_dir"):
-        view |= {"snapshot": detail["snapshot"], "strategy": detail.get("strategy"),
-                 "disk": clones.disk(paths, detail)}
+        view |= {"snapshot": detail["snapshot"], "strategy": detail.get("strategy")}
+        view |= {"disk": clones.disk(paths, detail)} if disk else {}
     elif detail.get("strategy"):
         view["strategy"] = detail["strategy"]
     return {"postgres": view}
