@@ -265,3 +265,62 @@ def test_hostile_snapshot_names_are_refused_and_reset_needs_a_snapshot(
     devd.run("provision", str(repo.main))
     done = devd.run("db", "reset", str(repo.main), check=False)
     assert done.returncode == 1 and 'snapshot = "NAME"' in done.stderr, done.stderr
+
+
+def test_a_daemon_killed_mid_snapshot_leaves_what_the_next_one_and_gc_remove(
+        devd: Devd, repo: Repo, dk: Any) -> None:
+    _main_with_data(devd, repo)
+    snapshots = devd.paths.data_dir / "postgres" / "snapshots"
+    instance_id = (devd.paths.state_dir / "instance-id").read_text().strip()
+    mine = {"label": ["devd.kind=snapshot", f"devd.instance={instance_id}"]}
+
+    def helpers() -> list[str]:  # the raw listing: no inspect of a container going meanwhile
+        return [c["Names"][0].lstrip("/") for c in dk.api.containers(all=True, filters=mine)]
+
+    def helper(kind: str, instance: str) -> Any:
+        name = f"devd-test-{kind}-{uuid.uuid4().hex[:8]}"
+        return dk.containers.create(IMAGE, ["true"], name=name, labels={
+            "devd.kind": "snapshot", "devd.instance": instance, "devd.run": "0badc0de"})
+
+    # Not this devd's: a helper-looking container of another instance stays, unlisted.
+    foreign = helper("foreign", "0" * 16)
+    try:
+        # The slowest copy pg_basebackup allows: the daemon dies while it runs.
+        proc = subprocess.Popen([*_devd_argv(), "db", "snapshot", "--max-rate", "32k", "slow"],
+                                cwd=repo.main, env=devd.env, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: helpers() and list(snapshots.glob(".slow.partial-*")), timeout=60,
+                     what="the helper container and the partial copy")
+            assert devd.proc is not None
+            devd.proc.kill()  # SIGKILL: no cleanup of any kind runs
+            devd.proc.wait(timeout=15)
+            devd.proc = None
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        assert proc.returncode != 0 and "Traceback" not in stderr, stderr
+        assert helpers() and list(snapshots.glob(".slow.partial-*"))  # what the kill left
+        # The next daemon removes both, and only those.
+        devd.start()
+        wait_for(lambda: not helpers() and not list(snapshots.glob(".slow.*")), timeout=60,
+                 what="the next daemon to remove the killed one's leftovers")
+        dk.containers.get(foreign.id)
+        assert devd.json("db", "snapshots")["snapshots"] == []
+        # Left while this daemon runs (as a daemon killed meanwhile would, had another served
+        # this data dir): status lists them as orphans, `devd gc` removes them.
+        stale = helper("stale", instance_id)
+        (snapshots / ".shop.partial-0badc0de" / "pgdata").mkdir(parents=True)
+        listed = devd.json("gc", "--dry-run")["orphans"]
+        assert {"kind": "snapshot helper", "name": stale.name, "worktree_id": "",
+                "where": "docker"} in listed, listed
+        assert any(o["kind"] == "partial snapshot" and
+                   o["name"].endswith(".shop.partial-0badc0de") for o in listed), listed
+        assert not any(foreign.name in o["name"] for o in listed), listed
+        assert any(o["kind"] == "snapshot helper" for o in devd.status()["orphans"])
+        done = devd.json("gc")
+        assert stale.name in done["snapshot_leftovers_removed"], done
+        assert not any("snapshot" in o["kind"] for o in done["orphans"]), done
+        assert not (snapshots / ".shop.partial-0badc0de").exists()
+        dk.containers.get(foreign.id)
+    finally:
+        foreign.remove(force=True)

@@ -168,9 +168,18 @@ class WorktreeRequests(ServiceCore):
                     entry["skipped" if exc.code == "not_gone" else "error"] = exc.to_dict()
             results.append(entry)
         processes.prune_runs(self.registry)
+        swept = [] if dry_run else self.sweep_snapshot_leftovers()
         return {"dry_run": dry_run, "grace_seconds": seconds, "worktrees": results,
                 "not_due": [not_due(wt, now, seconds) for wt in gone if wt not in due],
-                "orphans": self.orphans()}
+                "snapshot_leftovers_removed": swept, "orphans": self.orphans()}
+
+    def sweep_snapshot_leftovers(self) -> list[str]:
+        """Remove what a daemon killed mid-snapshot left (at start, and by gc); status lists
+        it as orphans until then."""
+        swept = postgres.remove_snapshot_leftovers(self.paths)
+        if swept:
+            self._orphans = None  # the next status scans again
+        return swept
 
     def do_env(self, progress: Progress, path: str) -> dict[str, Any]:
         wt = self.find(path)

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 
 from devd.errors import DevdError, OwnershipConflict
-from devd.postgres import clones, container, dump, names, server, sqlmodes
+from devd.postgres import clones, container, dump, names, server, snapshots, sqlmodes
 from devd.postgres.records import SQL_MODES, public_view
 from devd.postgres.restore import restore_sql
 from devd.provisioners.base import Context, Health, Progress, Provisioner
@@ -105,8 +105,9 @@ def restore(ctx: Context, detail: dict[str, Any], source: str | None) -> dict[st
 
 
 def orphans(ctx_paths: Any, known_ids: set[str]) -> list[dict[str, str]]:
-    """Objects with devd's marker, on every server devd has used, that no worktree owns."""
-    found = clones.orphans(ctx_paths, known_ids)
+    """Objects with devd's marker, on every server devd has used, that no worktree owns, and
+    what a daemon killed mid-snapshot left."""
+    found = clones.orphans(ctx_paths, known_ids) + snapshots.leftovers(ctx_paths)
     for url in server.servers(ctx_paths):
         if url == server.DOCKER:
             found += container.orphans(known_ids)
@@ -120,6 +121,10 @@ def orphans(ctx_paths: Any, known_ids: set[str]) -> list[dict[str, str]]:
         found += [{"kind": kind, "name": name, "worktree_id": owner, "where": where}
                   for kind, name, owner in marked if owner not in known_ids]
     return found
+
+
+def remove_snapshot_leftovers(paths: Any) -> list[str]:
+    return snapshots.remove_leftovers(paths)
 
 
 def status_entry(paths: Any, details: dict[str, dict[str, Any]], checked: dict[str, Health],
