@@ -324,3 +324,33 @@ def test_a_daemon_killed_mid_snapshot_leaves_what_the_next_one_and_gc_remove(
         dk.containers.get(foreign.id)
     finally:
         foreign.remove(force=True)
+
+
+def test_a_reset_that_fills_the_disk_keeps_the_data_it_had(devd: Devd, repo: Repo,
+                                                          dk: Any) -> None:
+    """The reset's new clone is made beside the data while the server stops: a full disk
+    leaves the data as it was, the server started again on it, and no half copy."""
+    _main_with_data(devd, repo)
+    devd.run("db", "snapshot", cwd=repo.main, timeout=180)
+    _clone_config(repo)
+    snap = devd.paths.data_dir / "postgres" / "snapshots" / "shop" / datadirs.PGDATA
+    clones_dir = devd.paths.data_dir / "postgres" / "clones"
+    clones_dir.mkdir(exist_ok=True)
+    # Room for one plain copy of the snapshot (tmpfs cannot share blocks), not for two.
+    _mount(["-t", "tmpfs", "-o", f"size={datadirs.allocated(snap) * 3 // 2}", "tmpfs"],
+           clones_dir)
+    tree = repo.worktree("shop-full", "full")
+    try:
+        devd.run("provision", str(tree), timeout=180)
+        url = env_of(devd, tree)["DATABASE_URL"]
+        query(url, "INSERT INTO t VALUES ('kept')")
+        full = devd.run("db", "reset", str(tree), timeout=180, check=False)
+        assert full.returncode == 1 and "No space left on device" in full.stderr, full.stderr
+        assert "nothing was kept" in full.stderr and "Traceback" not in full.stderr
+        assert query(url, "SELECT v FROM t ORDER BY v") == [("from-main",), ("kept",)]
+        root = clones_dir / devd.worktree(tree)["id"]
+        assert sorted(p.name for p in root.iterdir()) == [datadirs.CLONE_MARKER, "pgdata"]
+        assert _pg(devd, tree)["state"] == "running"
+        devd.json("release", str(tree), "--yes", "--no-backup")
+    finally:
+        subprocess.run(["umount", str(clones_dir)], check=True)
