@@ -151,6 +151,9 @@ def test_full_disk_then_another_filesystem_then_another_major(
         failed = [r for r in devd.worktree(tree)["resources"] if r["kind"] == "postgres"]
         assert failed[0]["state"] == "failed" and "nothing was kept" in failed[0]["detail"]
         assert not (clones_dir / devd.worktree(tree)["id"] / "pgdata").exists()
+        # The container created while the clone ran went with it.
+        name = devd.worktree(tree)["postgres"]["name"]
+        assert not dk.api.containers(all=True, filters={"name": f"^/{name}$"}), name
     finally:
         subprocess.run(["umount", str(clones_dir)], check=True)
     elsewhere = tmp_path / "clones-on-root-fs"
