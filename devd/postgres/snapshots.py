@@ -209,7 +209,7 @@ def leftovers(paths: Paths) -> list[dict[str, str]]:
     instance and another run; another instance's, or an unlabelled one, is never listed)
     and its partial copies in the snapshots dir. Listed by status as orphans."""
     found = [{"kind": "snapshot helper", "name": name, "worktree_id": "", "where": "docker"}
-             for name in _dead_helpers(paths)]
+             for name in _dead_helpers(paths).values()]
     return found + [{"kind": "partial snapshot", "name": str(where), "worktree_id": "",
                      "where": "data dir"} for where in _partial_copies(paths)]
 
@@ -218,17 +218,18 @@ def remove_leftovers(paths: Paths) -> list[str]:
     """Remove what leftovers() lists (the next daemon does at start, and `devd gc`); returns
     what went. A Docker that does not answer leaves its helpers for the next time."""
     import docker
+    import requests
 
     gone = []
     if helpers := _dead_helpers(paths):
         try:
-            dk = docker.from_env(timeout=10)
-            for name in helpers:
+            api = docker.from_env(timeout=10).api
+            for ident, name in helpers.items():  # by id, as listed: never a name reused since
                 with contextlib.suppress(docker.errors.NotFound):
-                    dk.containers.get(name).remove(force=True)
+                    api.remove_container(ident, force=True)
                 gone.append(name)
-        except docker.errors.DockerException as exc:
-            log.warning("snapshot helpers %s not removed: %s", helpers, exc)
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            log.warning("snapshot helpers %s not removed: %s", list(helpers.values()), exc)
     for where in _partial_copies(paths):
         datadirs.remove_tree(where)
         gone.append(str(where))
@@ -243,20 +244,21 @@ def _snapshots_root(paths: Paths) -> Path | None:
     return root if root.is_dir() and not root.is_symlink() else None
 
 
-def _dead_helpers(paths: Paths) -> list[str]:
+def _dead_helpers(paths: Paths) -> dict[str, str]:
+    """{container id: name} of this instance's helpers that another daemon run started."""
     import docker
     import requests
 
     if _snapshots_root(paths) is None:
-        return []
+        return {}
     mine = {"label": [f"{names.LABEL_KIND}={HELPER}",
                       f"{names.LABEL_INSTANCE}={instance.current()}"]}
     try:  # the raw listing: no inspect each, which fails on a helper removed meanwhile
         listed = docker.from_env(timeout=5).api.containers(all=True, filters=mine)
     except (docker.errors.DockerException, requests.RequestException):
-        return []  # an engine that does not answer: nothing we could remove now
-    return sorted(c["Names"][0].lstrip("/") for c in listed
-                  if (c.get("Labels") or {}).get(LABEL_RUN, RUN) != RUN)
+        return {}  # an engine that does not answer: nothing we could remove now
+    return {c["Id"]: c["Names"][0].lstrip("/") for c in listed
+            if (c.get("Labels") or {}).get(LABEL_RUN, RUN) != RUN}
 
 
 def _partial_copies(paths: Paths) -> list[Path]:
