@@ -115,7 +115,7 @@ def _on_clone(dk: DockerClient, ctx: Context, container: Container | None, passw
     if container is not None:
         record_intent(ctx, **clones.ensure(ctx, major, progress))
         return container
-    ensure_image(dk, image, progress)  # here: a pull says its progress from this thread
+    ensure_image(dk, image, progress)  # first: a pull's progress is the request thread's
     detail = ctx.recorded("postgres") | {
         "data_dir": str(clones.clone_root(ctx.paths, ctx.worktree.id) / datadirs.PGDATA)}
     with ThreadPoolExecutor(1, thread_name_prefix="devd-pg-create") as pool:
@@ -129,11 +129,16 @@ def _on_clone(dk: DockerClient, ctx: Context, container: Container | None, passw
 
 
 def _discard(made: Future[Container]) -> None:
-    """Remove the container `made` created, once it has (a failed create made nothing)."""
+    """Remove the container `made` created, once it has."""
     try:
-        made.result().remove(force=True)
+        created = made.result()
+    except Exception:  # noqa: BLE001 - the create failed too: nothing was made
+        return
+    try:
+        created.remove(force=True)
     except Exception:  # logged: it is labelled ours, and the next provision reuses it
-        log.exception("a container created beside a failed clone was not removed")
+        log.exception("container %s, created beside a failed clone, was not removed",
+                      created.name)
 
 
 def _data_source_changed(recorded: dict[str, Any], snapshot: str) -> DevdError:
