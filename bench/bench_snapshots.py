@@ -262,7 +262,7 @@ def append(text: str) -> None:
     """The run's table at the end of docs/benchmarks.md, under a heading of its own."""
     target = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
     with open(target, "a") as out:
-        out.write(f"\n### bench/bench_snapshots.py run\n\n{text}")
+        out.write(f"\n## Snapshot clones (issue 15): a `bench/bench_snapshots.py` run\n\n{text}")
     print(f"appended to {target}", file=sys.stderr)
 
 
