@@ -1,8 +1,9 @@
 """Copy-on-write Postgres clones (issue 15): clone and reset time at 0.5 GB and 5 GB against
 CREATE DATABASE ... STRATEGY FILE_COPY of the same data, in one run.
 
-    pip install .   # a plain install into its own venv: the bench runs the installed devd
-    python bench/bench_snapshots.py --xfs /mnt/xfs [--scales 35,350] [--keep-sources]
+    python3 -m venv /tmp/venv-bench && /tmp/venv-bench/bin/pip install .  # plain install
+    cd /tmp && DEVD_TEST_POSTGRES_IMAGE=local/postgres:15 /tmp/venv-bench/bin/python \
+        ~/devd/bench/bench_snapshots.py --xfs /mnt/xfs [--scales 35,350] [--keep-sources]
 
 Needs root (loop mounts), Docker and an image (DEVD_TEST_POSTGRES_IMAGE, default
 postgres:16-alpine). `--xfs DIR`: a reflink XFS to put everything on (made on a 40 GB sparse
@@ -12,7 +13,8 @@ daemon and CLI: `devd db snapshot --from URL` while a session holds a transactio
 `devd provision` of three new worktrees with [postgres] snapshot, each ready to query;
 `devd db reset` of one after writes; and, as the baseline on the source server (same
 filesystem), CREATE DATABASE ... TEMPLATE bench STRATEGY FILE_COPY after a CHECKPOINT.
-Prints a markdown table.
+Prints a markdown table (load average with each row: the machine may be shared) and
+appends it to docs/benchmarks.md (--no-append: only print).
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ def devd(env: dict[str, str], *args: str, cwd: Path | None = None) -> tuple[floa
 
 def bench_scale(env: dict[str, str], work: Path, url: str, scale: int) -> dict[str, Any]:
     name = f"bench{scale}"
+    load_before = os.getloadavg()[0]
     size = int(query(in_bench(url),
                      "SELECT pg_database_size('bench')")[0][0])
     repo = work / f"shop{scale}"
@@ -173,15 +176,15 @@ def bench_scale(env: dict[str, str], work: Path, url: str, scale: int) -> dict[s
     tree, pg = trees[0]
     own_url = f"postgresql://postgres:{pg_password(env, tree)}@127.0.0.1:{pg['port']}/bench"
     query(own_url, "UPDATE pgbench_accounts SET abalance = 1 WHERE aid < 100000")
-    reset_s, _ = devd(env, "db", "reset", str(tree))
-    status = devd(env, "status", str(tree))[1]["worktrees"][0]["postgres"]["disk"]
+    resets = [devd(env, "db", "reset", str(tree))[0] for tree, _ in trees]
+    status = devd(env, "status", str(trees[0][0]))[1]["worktrees"][0]["postgres"]["disk"]
     baseline = [file_copy(url) for _ in range(3)]
     for tree, _ in trees:
         devd(env, "release", str(tree), "--yes", "--no-backup")
     devd(env, "db", "drop-snapshot", name)
     return {"scale": scale, "size": size, "snapshot": snap_s, "snap_bytes": snap["bytes"],
-            "clones": clones, "phases": phases, "reset": reset_s, "file_copy": baseline,
-            "disk": status}
+            "clones": clones, "phases": phases, "resets": resets, "file_copy": baseline,
+            "disk": status, "load": load_before, "load_after": os.getloadavg()[0]}
 
 
 # Progress messages that start each step of a clone's provision, in order.
@@ -220,33 +223,47 @@ def pg_password(env: dict[str, str], tree: Path) -> str:
     return str(json.loads(done.stdout)["PGPASSWORD"])
 
 
-def report(results: list[dict[str, Any]], load: tuple[float, float]) -> None:
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()} "
-          f"({os.cpu_count()} cores), load average {load[0]:.1f} before / {load[1]:.1f} after, "
-          f"image {IMAGE}\n")
-    print("| data (pgbench -s) | snapshot (sessions open) | provision 1 · 2 · 3 (request, "
-          "ready to query) | of which Postgres: clone + container start + ready | reset (CLI) "
-          "| FILE_COPY (median of 3) | FILE_COPY / provision |")
-    print("|---|---|---|---|---|---|---|")
+def report(results: list[dict[str, Any]]) -> str:
+    lines = [f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()} "
+             f"({os.cpu_count()} cores, {platform.system()} {platform.release()}), image "
+             f"{IMAGE}\n",
+             "| data (pgbench -s) | load avg (1 min) before / after | snapshot (sessions open) "
+             "| provision 1 · 2 · 3 (request, ready to query) | of which Postgres: clone + "
+             "container start + ready | reset 1 · 2 · 3 (CLI) | FILE_COPY (median of 3) | "
+             "FILE_COPY / provision |",
+             "|---|---|---|---|---|---|---|---|"]
     for found in results:
         clone = statistics.median(found["clones"])
         raw = statistics.median(found["file_copy"])
         parts = " · ".join(f"{p['postgres']:.2f} ({p.get('clone', 0):.2f} + "
                            f"{p.get('container', 0):.2f} + {p.get('ready', 0):.2f})"
                            for p in found["phases"])
-        print(f"| {found['size'] / 1e9:.2f} GB (-s {found['scale']}) | {found['snapshot']:.1f} s"
-              f" | {' · '.join(f'{s:.2f}' for s in found['clones'])} s | {parts} s"
-              f" | {found['reset']:.2f} s | {raw:.2f} s | {raw / clone:.1f} |")
+        lines.append(
+            f"| {found['size'] / 1e9:.2f} GB (-s {found['scale']}) | {found['load']:.1f} / "
+            f"{found['load_after']:.1f} | {found['snapshot']:.1f} s"
+            f" | {' · '.join(f'{s:.2f}' for s in found['clones'])} s | {parts} s"
+            f" | {' · '.join(f'{s:.2f}' for s in found['resets'])} s | {raw:.2f} s"
+            f" | {raw / clone:.1f} |")
     if len(results) == 2:
         small, big = results
+
         def ratio(key: str) -> float:
             return statistics.median(big[key]) / statistics.median(small[key])
 
-        print(f"\nfrom {small['size'] / 1e9:.1f} to {big['size'] / 1e9:.1f} GB: provision "
-              f"{ratio('clones'):.2f}x, reset {big['reset'] / small['reset']:.2f}x, "
-              f"FILE_COPY {ratio('file_copy'):.1f}x")
+        lines.append(f"\nfrom {small['size'] / 1e9:.1f} to {big['size'] / 1e9:.1f} GB: provision "
+                     f"{ratio('clones'):.2f}x, reset {ratio('resets'):.2f}x, FILE_COPY "
+                     f"{ratio('file_copy'):.1f}x")
     for found in results:
-        print(f"disk after reset, -s {found['scale']}: {json.dumps(found['disk'])}")
+        lines.append(f"disk after reset, -s {found['scale']}: {json.dumps(found['disk'])}")
+    return "\n".join(lines) + "\n"
+
+
+def append(text: str) -> None:
+    """The run's table at the end of docs/benchmarks.md, under a heading of its own."""
+    target = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+    with open(target, "a") as out:
+        out.write(f"\n## Snapshot clones (issue 15): a `bench/bench_snapshots.py` run\n\n{text}")
+    print(f"appended to {target}", file=sys.stderr)
 
 
 def main() -> int:
@@ -255,6 +272,8 @@ def main() -> int:
     parser.add_argument("--scales", default="35,350")
     parser.add_argument("--keep-sources", action="store_true",
                         help="reuse (and keep) this bench's source servers: 5 GB takes minutes")
+    parser.add_argument("--no-append", action="store_true",
+                        help="print the table only, without appending it to docs/benchmarks.md")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="devd-bench-snap-"))
     xfs = args.xfs or make_xfs(work)
@@ -267,7 +286,6 @@ def main() -> int:
     env.update(DEVD_HOME=str(home), DEVD_NO_AUTOSTART="1")
     trees = work / "trees"
     trees.mkdir()
-    load_before = os.getloadavg()[0]
     daemon = start_daemon(env, home)
     try:
         results = [bench_scale(env, trees, urls[scale], scale) for scale in scales]
@@ -278,7 +296,10 @@ def main() -> int:
             for scale in scales:
                 dk.containers.get(f"snapbench-src{scale}").remove(force=True)
         shutil.rmtree(home, ignore_errors=True)
-    report(results, (load_before, os.getloadavg()[0]))
+    text = report(results)
+    print(text)
+    if not args.no_append:
+        append(text)
     return 0
 
 

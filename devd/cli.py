@@ -331,7 +331,7 @@ def cmd_compose(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_gc(client: Client, args: argparse.Namespace) -> int:
-    from devd.render_status import span
+    from devd.render_status import orphan_line, span
 
     params = {"grace": args.grace, "dry_run": args.dry_run}
     result = client.call("gc", params | ({"no_backup": True} if args.no_backup else {}),
@@ -348,9 +348,10 @@ def cmd_gc(client: Client, args: argparse.Namespace) -> int:
         if problem and problem.get("hint"):
             print(safe(f"  hint: {problem['hint']}"))
         _print_outputs(entry)
+    for removed in result.get("snapshot_leftovers_removed", []):
+        print(safe(f"removed {removed}: left by a daemon killed mid-snapshot"))
     for orphan in result.get("orphans", []):
-        print(safe(f"orphan {orphan['kind']} {orphan['name']} (worktree {orphan['worktree_id']}, "
-                   f"{orphan['where']}): not in the registry; remove it by hand if unwanted"))
+        print(safe(orphan_line(orphan)))
     for entry in result.get("not_due", []):
         print(safe(f"{entry['path']}: gone {span(entry['gone_seconds'])}, due in "
                    f"{span(entry['due_in_seconds'])}; `devd gc --grace 0` releases it now"))

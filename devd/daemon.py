@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from devd import protocol, sdnotify
@@ -106,6 +106,9 @@ class Daemon:
             running.callback(budget.stop)
             service.snapshot.start()
             running.callback(service.snapshot.stop)
+            # In the background: Docker may be slow to answer, and requests need not wait.
+            threading.Thread(target=_logged(service.sweep_snapshot_leftovers), daemon=True,
+                             name="devd-snapshot-sweep").start()
             proxy.start(service, running)  # named URLs and the dashboard (devd/proxy)
             running.callback(self._notifier.notify, "STOPPING=1", "STATUS=stopping")
             running.callback(log.info, "devd daemon stopping")
@@ -445,6 +448,16 @@ def _manager(systemd: bool) -> str | None:
     if systemd:
         return "systemd"
     return "launchd" if os.environ.get("XPC_SERVICE_NAME") == LABEL else None
+
+
+def _logged(task: Callable[[], object]) -> Callable[[], None]:
+    """`task` for a thread of its own: a failure is logged, never a traceback on stderr."""
+    def run() -> None:
+        try:
+            task()
+        except Exception:
+            log.exception("%s failed", getattr(task, "__name__", "a background task"))
+    return run
 
 
 def main(paths: Paths | None = None) -> int:

@@ -276,13 +276,22 @@ def stale(result: dict[str, Any], now: float) -> str:
     return f" · checked {ago(now - checked)} ago"
 
 
+def orphan_line(orphan: dict[str, Any]) -> str:
+    """One orphan, and what becomes of it: a dead daemon's snapshot leftovers (no worktree)
+    go with the next daemon or `devd gc`; the rest are left to you."""
+    if not orphan["worktree_id"]:
+        return (f"orphan {orphan['kind']} {orphan['name']} ({orphan['where']}): left by a "
+                "daemon killed mid-snapshot; `devd gc` removes it")
+    return (f"orphan {orphan['kind']} {orphan['name']} ({orphan['where']}, worktree "
+            f"{orphan['worktree_id']}): no registered worktree owns it; remove it by hand if "
+            "unwanted")
+
+
 def warnings(result: dict[str, Any]) -> list[str]:
     """What needs a look, gathered at the bottom: one line each."""
     ordered = sorted(result["worktrees"], key=lambda w: (w.get("repo") or "", w["path"]))
     found = [w for wt in ordered for w in _worktree_warnings(wt)]
-    found += [f"orphan {o['kind']} {o['name']} ({o['where']}, worktree {o['worktree_id']}): "
-              "no registered worktree owns it; remove it by hand if unwanted"
-              for o in result.get("orphans", [])]
+    found += [orphan_line(o) for o in result.get("orphans", [])]
     if result.get("check_error"):
         when = epoch(result.get("checked_at"))
         last = f"from {ago(time.time() - when)} ago" if when is not None else "not checked yet"

@@ -140,5 +140,5 @@ def test_a_clone_of_a_snapshot_dropped_and_retaken_meanwhile_is_discarded(
     root = clones.clone_root(paths, "wt1")
     root.mkdir(parents=True)
     with pytest.raises(DevdError, match="taken again while it was being cloned"):
-        clones._clone(root, found, "wt1", lambda *a, **k: None)
+        clones._copy(found, root / datadirs.PGDATA, lambda *a, **k: None)
     assert not (root / datadirs.PGDATA).exists() and not (root / datadirs.CLONE_MARKER).exists()

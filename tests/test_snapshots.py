@@ -151,6 +151,9 @@ def test_full_disk_then_another_filesystem_then_another_major(
         failed = [r for r in devd.worktree(tree)["resources"] if r["kind"] == "postgres"]
         assert failed[0]["state"] == "failed" and "nothing was kept" in failed[0]["detail"]
         assert not (clones_dir / devd.worktree(tree)["id"] / "pgdata").exists()
+        # The container created while the clone ran went with it.
+        name = devd.worktree(tree)["postgres"]["name"]
+        assert not dk.api.containers(all=True, filters={"name": f"^/{name}$"}), name
     finally:
         subprocess.run(["umount", str(clones_dir)], check=True)
     elsewhere = tmp_path / "clones-on-root-fs"
@@ -265,3 +268,92 @@ def test_hostile_snapshot_names_are_refused_and_reset_needs_a_snapshot(
     devd.run("provision", str(repo.main))
     done = devd.run("db", "reset", str(repo.main), check=False)
     assert done.returncode == 1 and 'snapshot = "NAME"' in done.stderr, done.stderr
+
+
+def test_a_daemon_killed_mid_snapshot_leaves_what_the_next_one_and_gc_remove(
+        devd: Devd, repo: Repo, dk: Any) -> None:
+    _main_with_data(devd, repo)
+    snapshots = devd.paths.data_dir / "postgres" / "snapshots"
+    instance_id = (devd.paths.state_dir / "instance-id").read_text().strip()
+    mine = {"label": ["devd.kind=snapshot", f"devd.instance={instance_id}"]}
+
+    def helpers() -> list[str]:  # the raw listing: no inspect of a container going meanwhile
+        return [c["Names"][0].lstrip("/") for c in dk.api.containers(all=True, filters=mine)]
+
+    def helper(kind: str, instance: str) -> Any:
+        name = f"devd-test-{kind}-{uuid.uuid4().hex[:8]}"
+        return dk.containers.create(IMAGE, ["true"], name=name, labels={
+            "devd.kind": "snapshot", "devd.instance": instance, "devd.run": "0badc0de"})
+
+    # Not this devd's: a helper-looking container of another instance stays, unlisted.
+    foreign = helper("foreign", "0" * 16)
+    try:
+        # The slowest copy pg_basebackup allows: the daemon dies while it runs.
+        proc = subprocess.Popen([*_devd_argv(), "db", "snapshot", "--max-rate", "32k", "slow"],
+                                cwd=repo.main, env=devd.env, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: helpers() and list(snapshots.glob(".slow.partial-*")), timeout=60,
+                     what="the helper container and the partial copy")
+            assert devd.proc is not None
+            devd.proc.kill()  # SIGKILL: no cleanup of any kind runs
+            devd.proc.wait(timeout=15)
+            devd.proc = None
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        assert proc.returncode != 0 and "Traceback" not in stderr, stderr
+        assert helpers() and list(snapshots.glob(".slow.partial-*"))  # what the kill left
+        # The next daemon removes both, and only those.
+        devd.start()
+        wait_for(lambda: not helpers() and not list(snapshots.glob(".slow.*")), timeout=60,
+                 what="the next daemon to remove the killed one's leftovers")
+        dk.containers.get(foreign.id)
+        assert devd.json("db", "snapshots")["snapshots"] == []
+        # Left while this daemon runs (as a daemon killed meanwhile would, had another served
+        # this data dir): status lists them as orphans, `devd gc` removes them.
+        stale = helper("stale", instance_id)
+        (snapshots / ".shop.partial-0badc0de" / "pgdata").mkdir(parents=True)
+        listed = devd.json("gc", "--dry-run")["orphans"]
+        assert {"kind": "snapshot helper", "name": stale.name, "worktree_id": "",
+                "where": "docker"} in listed, listed
+        assert any(o["kind"] == "partial snapshot" and
+                   o["name"].endswith(".shop.partial-0badc0de") for o in listed), listed
+        assert not any(foreign.name in o["name"] for o in listed), listed
+        assert any(o["kind"] == "snapshot helper" for o in devd.status()["orphans"])
+        done = devd.json("gc")
+        assert stale.name in done["snapshot_leftovers_removed"], done
+        assert not any("snapshot" in o["kind"] for o in done["orphans"]), done
+        assert not (snapshots / ".shop.partial-0badc0de").exists()
+        dk.containers.get(foreign.id)
+    finally:
+        foreign.remove(force=True)
+
+
+def test_a_reset_that_fills_the_disk_keeps_the_data_it_had(devd: Devd, repo: Repo,
+                                                          dk: Any) -> None:
+    """The reset's new clone is made beside the data while the server stops: a full disk
+    leaves the data as it was, the server started again on it, and no half copy."""
+    _main_with_data(devd, repo)
+    devd.run("db", "snapshot", cwd=repo.main, timeout=180)
+    _clone_config(repo)
+    snap = devd.paths.data_dir / "postgres" / "snapshots" / "shop" / datadirs.PGDATA
+    clones_dir = devd.paths.data_dir / "postgres" / "clones"
+    clones_dir.mkdir(exist_ok=True)
+    # Room for one plain copy of the snapshot (tmpfs cannot share blocks), not for two.
+    _mount(["-t", "tmpfs", "-o", f"size={datadirs.allocated(snap) * 3 // 2}", "tmpfs"],
+           clones_dir)
+    tree = repo.worktree("shop-full", "full")
+    try:
+        devd.run("provision", str(tree), timeout=180)
+        url = env_of(devd, tree)["DATABASE_URL"]
+        query(url, "INSERT INTO t VALUES ('kept')")
+        full = devd.run("db", "reset", str(tree), timeout=180, check=False)
+        assert full.returncode == 1 and "No space left on device" in full.stderr, full.stderr
+        assert "nothing was kept" in full.stderr and "Traceback" not in full.stderr
+        assert query(url, "SELECT v FROM t ORDER BY v") == [("from-main",), ("kept",)]
+        root = clones_dir / devd.worktree(tree)["id"]
+        assert sorted(p.name for p in root.iterdir()) == [datadirs.CLONE_MARKER, "pgdata"]
+        assert _pg(devd, tree)["state"] == "running"
+        devd.json("release", str(tree), "--yes", "--no-backup")
+    finally:
+        subprocess.run(["umount", str(clones_dir)], check=True)

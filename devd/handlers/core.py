@@ -254,10 +254,12 @@ class ServiceCore:
         raise NotRegistered(f"worktree {info.path} is not registered with devd",
                             f"run `devd provision {info.path}` first")
 
-    def describe(self, wt: Worktree, resources: list[Resource], check: bool = True
-                 ) -> dict[str, Any]:
+    def describe(self, wt: Worktree, resources: list[Resource], check: bool = True,
+                 disk: bool = True) -> dict[str, Any]:
         """A worktree as status shows it; `check=False` runs no resource check (the
-        recorded states, as the registry knows them: `"checked": false`)."""
+        recorded states, as the registry knows them: `"checked": false`); `disk=False` leaves
+        out a clone's disk use (it reads every file's extents: ~0.3 s at 5 GB, which a
+        provision's reply need not pay)."""
         ctx: Context | None = None
         details = {r.kind: r.detail for r in resources}
         shown, checked = [], {}
@@ -280,12 +282,12 @@ class ServiceCore:
             "env_file": envfile.get("file"), "resources": shown,
             "deps": deps.status(self.paths.state_dir, wt.id, wt.path),
             "containers": container_rows(checked), "checked": check,
-        } | postgres.status_entry(self.paths, details, checked)
+        } | postgres.status_entry(self.paths, details, checked, disk)
 
     def _describe_id(self, wt_id: str) -> dict[str, Any]:
         wt = self.registry.worktree(wt_id)
         assert wt is not None
-        return self.describe(wt, self.registry.resources(wt_id))
+        return self.describe(wt, self.registry.resources(wt_id), disk=False)
 
     @contextmanager
     def _lock(self, wt_id: str) -> Iterator[None]:

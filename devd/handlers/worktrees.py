@@ -172,10 +172,19 @@ class WorktreeRequests(ServiceCore):
             results.append(entry)
         processes.prune_runs(self.registry)
         retired = {} if dry_run else shared.retire(self.paths, self.registry, not no_backup)
+        swept = [] if dry_run else self.sweep_snapshot_leftovers()
         return {"dry_run": dry_run, "grace_seconds": seconds, "worktrees": results,
                 **({"shared_redis": retired} if retired else {}),
                 "not_due": [not_due(wt, now, seconds) for wt in gone if wt not in due],
-                "orphans": self.orphans()}
+                "snapshot_leftovers_removed": swept, "orphans": self.orphans()}
+
+    def sweep_snapshot_leftovers(self) -> list[str]:
+        """Remove what a daemon killed mid-snapshot left (at start, and by gc); status lists
+        it as orphans until then."""
+        swept = postgres.remove_snapshot_leftovers(self.paths)
+        if swept:
+            self._orphans = None  # the next status scans again
+        return swept
 
     def do_env(self, progress: Progress, path: str) -> dict[str, Any]:
         wt = self.find(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ from devd.provisioners.base import Context, Progress
 
 CLONES = "clones"
 FIELDS = ("snapshot", "data_dir", "strategy", "snapshot_password")  # what a clone records
+# Recorded while a clone's data still has its snapshot's password: the first connection
+# tries that one first (the worktree's own would fail). Ready drops it from the record.
+FRESH = "fresh_clone"
+INCOMING = ".incoming-"  # a reset's new clone, until the old data is moved aside
 
 
 def clone_root(paths: Paths, wt_id: str) -> Path:
@@ -48,7 +53,8 @@ def ensure(ctx: Context, image_major: str | None, progress: Progress) -> dict[st
     snap = usable(ctx.paths, name, image_major)
     if marker is None:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return _fields(_clone(root, snap, wt_id, progress), pgdata)
+    strategy, took = _copy(snap, pgdata, progress)
+    return _fields(_mark(root, snap, wt_id, strategy, took), pgdata) | {FRESH: True}
 
 
 def usable(paths: Paths, name: str, image_major: str | None) -> dict[str, Any]:
@@ -62,17 +68,23 @@ def usable(paths: Paths, name: str, image_major: str | None) -> dict[str, Any]:
     return snap
 
 
-def _clone(root: Path, snap: dict[str, Any], wt_id: str, progress: Progress) -> dict[str, Any]:
+def _copy(snap: dict[str, Any], target: Path, progress: Progress) -> tuple[str, float]:
+    """The snapshot's data copied to `target`: the strategy, and the seconds it took."""
     started = time.monotonic()
-    progress("postgres", f"cloning snapshot {snap['name']} into {root}")
-    strategy = datadirs.clone_tree(Path(snap["pgdata"]), root / datadirs.PGDATA)
+    progress("postgres", f"cloning snapshot {snap['name']} into {target.parent}")
+    strategy = datadirs.clone_tree(Path(snap["pgdata"]), target)
     took = time.monotonic() - started
-    _still_there(snap, root / datadirs.PGDATA)
+    _still_there(snap, target)
     if strategy == "copy":
-        progress("postgres", f"{root}'s filesystem cannot share blocks with the snapshot "
-                 f"(no reflink): copied it in full in {took:.1f} s; for clones that cost "
-                 "nothing, keep devd's data dir on XFS (reflink=1), btrfs or APFS",
+        progress("postgres", f"{target.parent}'s filesystem cannot share blocks with the "
+                 f"snapshot (no reflink): copied it in full in {took:.1f} s; for clones that "
+                 "cost nothing, keep devd's data dir on XFS (reflink=1), btrfs or APFS",
                  level="warning")
+    return strategy, took
+
+
+def _mark(root: Path, snap: dict[str, Any], wt_id: str, strategy: str, took: float
+          ) -> dict[str, Any]:
     datadirs.write_marker(root, datadirs.CLONE_MARKER, worktree=wt_id, snapshot=snap["name"],
                           strategy=strategy, cloned=time.time(),
                           clone_seconds=round(took, 3), snapshot_password=snap.get("password"))
@@ -96,25 +108,31 @@ def _fields(marker: dict[str, Any], pgdata: Path) -> dict[str, Any]:
                              marker.get("snapshot_password")), strict=True))
 
 
-def replace(ctx: Context, image_major: str | None, progress: Progress) -> dict[str, Any]:
-    """Put the configured snapshot in place of the worktree's (stopped) data dir; the old
-    one is kept aside. Returns the new clone's fields and `before`, the kept path."""
+def replace(ctx: Context, image_major: str | None, progress: Progress,
+            stopped: Callable[[], None]) -> dict[str, Any]:
+    """Put the configured snapshot in place of the worktree's data dir, the old one kept
+    aside. The clone is made beside it while the server shuts down (`stopped` waits for
+    that, and is called whatever happens): a reset costs the longer of the two, not both.
+    Returns the new clone's fields and `before`, the kept path."""
     name, wt_id = ctx.config.postgres.snapshot, ctx.worktree.id
-    snap = usable(ctx.paths, name, image_major)
-    root = clone_root(ctx.paths, wt_id)
-    if datadirs.read_marker(root, datadirs.CLONE_MARKER) is None:
-        root.mkdir(mode=0o700, parents=True)
+    try:
+        snap = usable(ctx.paths, name, image_major)
+        root = clone_root(ctx.paths, wt_id)
+        if datadirs.read_marker(root, datadirs.CLONE_MARKER) is None:
+            root.mkdir(mode=0o700, parents=True)
+        for stale in root.glob(INCOMING + "*"):  # a crashed reset's
+            datadirs.remove_tree(stale)
+        incoming = root / f"{INCOMING}{os.getpid()}"
+        strategy, took = _copy(snap, incoming, progress)
+    finally:
+        stopped()
     before = root / datadirs.before_reset_name()
     pgdata = root / datadirs.PGDATA
     if pgdata.is_dir():
         datadirs.remove_tree(before)  # a second reset within the same second
         os.rename(pgdata, before)
-    try:
-        fields = _fields(_clone(root, snap, wt_id, progress), pgdata)
-    except DevdError:
-        if before.is_dir():
-            os.rename(before, pgdata)  # the clone failed: the data is back as it was
-        raise
+    os.rename(incoming, pgdata)
+    fields = _fields(_mark(root, snap, wt_id, strategy, took), pgdata)
     datadirs.prune_before_reset(root)
     return fields | {"before": str(before) if before.is_dir() else None}
 

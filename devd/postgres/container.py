@@ -8,10 +8,12 @@ daemon whose repos never use container mode does not pay for it.
 from __future__ import annotations
 
 import io
+import logging
 import sys
 import tarfile
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -29,6 +31,8 @@ from devd.provisioners.ports import lease_internal
 if TYPE_CHECKING:
     from docker import DockerClient
     from docker.models.containers import Container
+
+log = logging.getLogger(__name__)
 
 PORT_LEASE = "_postgres"
 DATA_DIR = "/var/lib/postgresql/data"
@@ -65,14 +69,6 @@ def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
     try:
         # Every name claimed before anything is made: a conflict leaves nothing behind.
         container = _owned(dk.containers, name, wt_id)
-        if snapshot:
-            record_intent(ctx, **clones.ensure(ctx, image_major(dk, ctx.config.postgres.image),
-                                               progress))
-        elif _owned(dk.volumes, name, wt_id) is None:
-            if had_data:
-                progress("postgres", f"volume {name} was deleted: starting with an empty one",
-                         level="warning")
-            dk.volumes.create(name, labels=engine.labels(wt_id, "postgres"))
         if container is not None and _published_port(container) != port:
             progress("postgres", f"container {name} publishes another port: recreating it "
                      "(the data stays in its volume)")
@@ -81,21 +77,68 @@ def ensure(ctx: Context, progress: Progress) -> dict[str, Any]:
         password = _password(container) or ctx.recorded("postgres").get("password") \
             or names.new_password()
         record_intent(ctx, password=password)
+        if snapshot:
+            container = _on_clone(dk, ctx, container, password, progress)
+        elif _owned(dk.volumes, name, wt_id) is None:
+            if had_data:
+                progress("postgres", f"volume {name} was deleted: starting with an empty one",
+                         level="warning")
+            dk.volumes.create(name, labels=engine.labels(wt_id, "postgres"))
         if container is None:
             container = _create(dk, ctx, ctx.recorded("postgres"), password, progress)
+        elif container.status == "created":  # made beside the clone, not started yet
+            progress("postgres", f"starting container {name} from {ctx.config.postgres.image} "
+                     f"on 127.0.0.1:{port}")
+            container.start()
         elif container.status != "running":
             progress("postgres", f"starting stopped container {name}")
             container.start()
     except docker.errors.APIError as exc:
         raise _api_error(exc, name, port) from exc
-    _wait_ready(container, port, password, progress,
-                ctx.recorded("postgres").get("snapshot_password"))
-    # "initialized": the server came up on this volume once, so it may hold data to dump.
     recorded = ctx.recorded("postgres")
+    _wait_ready(container, port, password, progress, recorded.get("snapshot_password"),
+                fresh=bool(recorded.get(clones.FRESH)))
+    # "initialized": the server came up on this volume once, so it may hold data to dump.
     return {"mode": "container", "name": name, "host": "127.0.0.1", "port": port,
             "user": SUPERUSER, "database": DBNAME, "password": password,
             "image": ctx.config.postgres.image, "container": name, "initialized": True} | {
         key: recorded[key] for key in ("volume", *clones.FIELDS) if key in recorded}
+
+
+def _on_clone(dk: DockerClient, ctx: Context, container: Container | None, password: str,
+              progress: Progress) -> Container | None:
+    """The worktree's clone of its snapshot (made if it has none), and its container: one
+    that is missing is created (not started) meanwhile, `docker create` and the clone each
+    taking ~0.2-0.7 s on a loaded machine. If the clone fails, that container goes too."""
+    image = ctx.config.postgres.image
+    major = image_major(dk, image)
+    if container is not None:
+        record_intent(ctx, **clones.ensure(ctx, major, progress))
+        return container
+    ensure_image(dk, image, progress)  # first: a pull's progress is the request thread's
+    detail = ctx.recorded("postgres") | {
+        "data_dir": str(clones.clone_root(ctx.paths, ctx.worktree.id) / datadirs.PGDATA)}
+    with ThreadPoolExecutor(1, thread_name_prefix="devd-pg-create") as pool:
+        made = pool.submit(_new, dk, ctx, detail, password)
+        try:
+            record_intent(ctx, **clones.ensure(ctx, major, progress))
+        except BaseException:
+            _discard(made)
+            raise
+        return made.result()
+
+
+def _discard(made: Future[Container]) -> None:
+    """Remove the container `made` created, once it has."""
+    try:
+        created = made.result()
+    except Exception:  # noqa: BLE001 - the create failed too: nothing was made
+        return
+    try:
+        created.remove(force=True)
+    except Exception:  # logged: it is labelled ours, and the next provision reuses it
+        log.exception("container %s, created beside a failed clone, was not removed",
+                      created.name)
 
 
 def _data_source_changed(recorded: dict[str, Any], snapshot: str) -> DevdError:
@@ -159,9 +202,17 @@ def _create(dk: DockerClient, ctx: Context, detail: dict[str, Any], password: st
     image, name, port = ctx.config.postgres.image, detail["container"], int(detail["port"])
     ensure_image(dk, image, progress)
     progress("postgres", f"starting container {name} from {image} on 127.0.0.1:{port}")
-    return dk.containers.run(
-        image, name=name, detach=True, labels=engine.labels(ctx.worktree.id, "postgres"),
-        volumes=_mount(detail), user=snapshots.run_as() if detail.get("snapshot") else None,
+    container = _new(dk, ctx, detail, password)
+    container.start()
+    return container
+
+
+def _new(dk: DockerClient, ctx: Context, detail: dict[str, Any], password: str) -> Container:
+    """The worktree's container, created (not started) on its data."""
+    return dk.containers.create(
+        ctx.config.postgres.image, name=detail["container"],
+        labels=engine.labels(ctx.worktree.id, "postgres"), volumes=_mount(detail),
+        user=snapshots.run_as() if detail.get("snapshot") else None,
         **_network(dk, detail, {"POSTGRES_PASSWORD": password, "POSTGRES_USER": SUPERUSER,
                                 "POSTGRES_DB": DBNAME}))
 
@@ -209,14 +260,25 @@ def _api_error(exc: Any, name: str, port: int) -> DevdError:
 
 
 def _wait_ready(container: Container, port: int, password: str, progress: Progress,
-                first: str | None = None) -> None:
+                first: str | None = None, fresh: bool = False) -> None:
     """Ready means a real query answers over the published port, not just an open port.
     `first`: the password a clone's data comes with (its snapshot's), swapped for this
-    worktree's own on the first connection."""
+    worktree's own on the first connection; `fresh`: the data was cloned since, so that
+    connection is tried first (one login where a refused one would come before it)."""
     synced = False
 
     def answers() -> bool:
-        nonlocal synced
+        nonlocal synced, fresh
+        if fresh and first:
+            try:
+                with _connect(port, first) as conn:
+                    conn.execute(_password_statement(password))
+                synced = True
+                return True
+            except psycopg.OperationalError as exc:
+                if "password authentication failed" not in str(exc):
+                    return False  # not up yet
+                fresh = False  # it has another password after all: the usual way below
         try:
             with _connect(port, password) as conn:
                 conn.execute("SELECT 1")
@@ -238,12 +300,16 @@ def _connect(port: int, password: str) -> psycopg.Connection[Any]:
                            dbname=DBNAME, connect_timeout=3, autocommit=True)
 
 
+def _password_statement(password: str) -> sql.Composed:
+    # scram whatever the data's password_encryption says: the snapshot's hba asks for it.
+    return sql.SQL("SET password_encryption = 'scram-sha-256'; ALTER ROLE {} PASSWORD {}"
+                   ).format(sql.Identifier(SUPERUSER), sql.Literal(password))
+
+
 def _set_password(container: Container, port: int, password: str, first: str | None) -> None:
     """Give the superuser `password`: over a connection with `first` if that opens one (one
     round trip), else through psql inside the container (local trust; ~0.4 s)."""
-    # scram whatever the data's password_encryption says: the snapshot's hba asks for it.
-    statement = sql.SQL("SET password_encryption = 'scram-sha-256'; ALTER ROLE {} PASSWORD {}"
-                        ).format(sql.Identifier(SUPERUSER), sql.Literal(password))
+    statement = _password_statement(password)
     if first:
         try:
             with _connect(port, first) as conn:
@@ -482,8 +548,16 @@ def reset(ctx: Context, detail: dict[str, Any], progress: Progress) -> dict[str,
     container = _owned(dk.containers, detail["container"], ctx.worktree.id)
     major = image_major(dk, ctx.config.postgres.image)
     clones.usable(ctx.paths, ctx.config.postgres.snapshot, major)  # refuse before stopping
-    if container is not None and container.status == "running":
-        progress("postgres", f"stopping {container.name} (fast shutdown)")
-        container.kill(signal="SIGINT")
-        container.wait(timeout=READY_TIMEOUT)
-    return clones.replace(ctx, major, progress)
+    stopping = container if container is not None and container.status == "running" else None
+    if stopping is not None:
+        progress("postgres", f"stopping {stopping.name} (fast shutdown) while its data is "
+                 "cloned")
+        stopping.kill(signal="SIGINT")  # only sent: the server shuts down meanwhile
+
+    def stopped() -> None:
+        if stopping is not None:
+            stopping.wait(timeout=READY_TIMEOUT)
+
+    fields = clones.replace(ctx, major, progress, stopped)
+    record_intent(ctx, **{clones.FRESH: True})
+    return fields

@@ -173,7 +173,7 @@ def unshared(tree: Path) -> int | None:
     return total
 
 
-def _own_bytes(path: Path) -> int:
+def _own_bytes(path: str) -> int:
     total, start = 0, 0
     with open(path, "rb") as handle:
         while True:
@@ -192,10 +192,18 @@ def _own_bytes(path: Path) -> int:
             start = logical + length
 
 
-def _files(tree: Path) -> list[Path]:
-    found: list[Path] = []
-    with contextlib.suppress(FileNotFoundError):
-        for root, _, names in os.walk(tree):
-            found += [Path(root, name) for name in names
-                      if os.path.isfile(Path(root, name)) and not os.path.islink(Path(root, name))]
+def _files(tree: Path) -> list[str]:
+    """The regular files under `tree`, links not followed (scandir's types: no stat each)."""
+    found: list[str] = []
+    pending = [str(tree)]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as entries:
+                for entry in entries:
+                    if entry.is_file(follow_symlinks=False):
+                        found.append(entry.path)
+                    elif entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+        except FileNotFoundError:
+            continue  # gone meanwhile (a backup in progress renames its own)
     return found

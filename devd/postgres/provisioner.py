@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from devd.errors import DevdError, OwnershipConflict
-from devd.postgres import clones, container, dump, names, server, sqlmodes
+from devd.postgres import clones, container, dump, names, server, snapshots, sqlmodes
 from devd.postgres.records import SQL_MODES, public_view
 from devd.postgres.restore import restore_sql
 from devd.provisioners.base import Context, Health, Progress, Provisioner
@@ -114,8 +114,9 @@ def restore(ctx: Context, detail: dict[str, Any], source: str | None) -> dict[st
 
 
 def orphans(ctx_paths: Any, known_ids: set[str]) -> list[dict[str, str]]:
-    """Objects with devd's marker, on every server devd has used, that no worktree owns."""
-    found = clones.orphans(ctx_paths, known_ids)
+    """Objects with devd's marker, on every server devd has used, that no worktree owns, and
+    what a daemon killed mid-snapshot left."""
+    found = clones.orphans(ctx_paths, known_ids) + snapshots.leftovers(ctx_paths)
     for url in server.servers(ctx_paths):
         if url == server.DOCKER:
             found += container.orphans(known_ids)
@@ -131,9 +132,14 @@ def orphans(ctx_paths: Any, known_ids: set[str]) -> list[dict[str, str]]:
     return found
 
 
-def status_entry(paths: Any, details: dict[str, dict[str, Any]], checked: dict[str, Health]
-                 ) -> dict[str, Any]:
-    """{"postgres": {...}} for `devd status --json` when the worktree has one, else {}."""
+def remove_snapshot_leftovers(paths: Any) -> list[str]:
+    return snapshots.remove_leftovers(paths)
+
+
+def status_entry(paths: Any, details: dict[str, dict[str, Any]], checked: dict[str, Health],
+                 disk: bool = True) -> dict[str, Any]:
+    """{"postgres": {...}} for `devd status --json` when the worktree has one, else {};
+    `disk`: with a clone's disk use (status has it; a provision's reply leaves it out)."""
     detail = details.get("postgres", {})
     if detail.get("mode", "none") == "none":
         return {}
@@ -141,8 +147,8 @@ def status_entry(paths: Any, details: dict[str, dict[str, Any]], checked: dict[s
     state = health.detail.get("state", "ready") if health else "unchecked"
     view = public_view(detail, state)
     if detail.get("snapshot") and detail.get("data_dir"):
-        view |= {"snapshot": detail["snapshot"], "strategy": detail.get("strategy"),
-                 "disk": clones.disk(paths, detail)}
+        view |= {"snapshot": detail["snapshot"], "strategy": detail.get("strategy")}
+        view |= {"disk": clones.disk(paths, detail)} if disk else {}
     elif detail.get("strategy"):
         view["strategy"] = detail["strategy"]
     return {"postgres": view}

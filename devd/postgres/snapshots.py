@@ -11,14 +11,18 @@ clone of it starts at once, without replaying WAL.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
+import secrets
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from devd import instance
 from devd.errors import DevdError, OwnershipConflict, UsageError
 from devd.naming import SNAPSHOT_NAME
 from devd.paths import Paths
@@ -29,7 +33,16 @@ from devd.render_status import size_text
 if TYPE_CHECKING:
     from docker import DockerClient
 
+log = logging.getLogger(__name__)
+
 IN_CONTAINER = "/var/lib/postgresql/data"
+# This daemon process's own mark on its helper containers and partial copies. One daemon
+# serves a data dir at a time (its lock), so one with another run's mark was left by a
+# daemon that died mid-snapshot (kill -9, a crash): nothing is still working on it.
+RUN = secrets.token_hex(8)
+LABEL_RUN = "devd.run"
+HELPER = "snapshot"  # devd.kind of the helper containers
+_LEFTOVER = re.compile(r"\.(.+)\.(partial|dropping)-([0-9a-f]+)")
 BACKUP_TIMEOUT = 6 * 3600
 READY_LINE = "database system is ready to accept connections"
 # A cluster whose configuration lives elsewhere (Debian keeps it in /etc) comes without
@@ -95,11 +108,10 @@ def take(dk: DockerClient, paths: Paths, name: str, source: Source, image: str,
                         code="snapshot_exists")
     # One daemon per data dir and one request per name at a time: any partial copy of this
     # name is a crashed run's.
-    leftover = re.compile(re.escape(f".{name}.") + r"(partial|dropping)-\d+")
     for stale in target.parent.iterdir():
-        if leftover.fullmatch(stale.name):
+        if (found := _LEFTOVER.fullmatch(stale.name)) and found[1] == name:
             datadirs.remove_tree(stale)
-    partial = target.with_name(f".{name}.partial-{os.getpid()}")
+    partial = target.with_name(f".{name}.partial-{RUN}")
     partial.mkdir(mode=0o700)
     started = time.monotonic()
     try:
@@ -159,7 +171,7 @@ class Source:
                 "-U", "postgres", *self._argv(f"/backup/{datadirs.PGDATA}")]
         helper = dk.containers.run(
             self.image, argv, detach=True, user=run_as(), entrypoint=[],
-            network_mode=f"container:{source.id}", labels={names.LABEL_KIND: "snapshot"},
+            network_mode=f"container:{source.id}", labels=_helper_labels(),
             environment={"PGPASSWORD": self.password},
             volumes={str(partial): {"bind": "/backup", "mode": "rw"}})
         try:
@@ -186,6 +198,75 @@ class Source:
             logs = proc.stderr.read().strip() if proc.stderr else ""
         if code != 0:
             raise _source_failed(self.label, logs)
+
+
+def _helper_labels() -> dict[str, str]:
+    return {names.LABEL_KIND: HELPER, names.LABEL_INSTANCE: instance.current(), LABEL_RUN: RUN}
+
+
+def leftovers(paths: Paths) -> list[dict[str, str]]:
+    """What a daemon killed mid-snapshot left: its helper containers (labelled with this
+    instance and another run; another instance's, or an unlabelled one, is never listed)
+    and its partial copies in the snapshots dir. Listed by status as orphans."""
+    found = [{"kind": "snapshot helper", "name": name, "worktree_id": "", "where": "docker"}
+             for name in _dead_helpers(paths).values()]
+    return found + [{"kind": "partial snapshot", "name": str(where), "worktree_id": "",
+                     "where": "data dir"} for where in _partial_copies(paths)]
+
+
+def remove_leftovers(paths: Paths) -> list[str]:
+    """Remove what leftovers() lists (the next daemon does at start, and `devd gc`); returns
+    what went. A Docker that does not answer leaves its helpers for the next time."""
+    import docker
+    import requests
+
+    gone = []
+    if helpers := _dead_helpers(paths):
+        try:
+            api = docker.from_env(timeout=10).api
+            for ident, name in helpers.items():  # by id, as listed: never a name reused since
+                with contextlib.suppress(docker.errors.NotFound):
+                    api.remove_container(ident, force=True)
+                gone.append(name)
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            log.warning("snapshot helpers %s not removed: %s", list(helpers.values()), exc)
+    for where in _partial_copies(paths):
+        datadirs.remove_tree(where)
+        gone.append(str(where))
+    if gone:
+        log.info("removed what a daemon killed mid-snapshot left: %s", ", ".join(gone))
+    return gone
+
+
+def _snapshots_root(paths: Paths) -> Path | None:
+    """The snapshots dir if this devd ever took one (no helper can exist otherwise)."""
+    root = paths.data_dir / "postgres" / "snapshots"
+    return root if root.is_dir() and not root.is_symlink() else None
+
+
+def _dead_helpers(paths: Paths) -> dict[str, str]:
+    """{container id: name} of this instance's helpers that another daemon run started."""
+    import docker
+    import requests
+
+    if _snapshots_root(paths) is None:
+        return {}
+    mine = {"label": [f"{names.LABEL_KIND}={HELPER}",
+                      f"{names.LABEL_INSTANCE}={instance.current()}"]}
+    try:  # the raw listing: no inspect each, which fails on a helper removed meanwhile
+        listed = docker.from_env(timeout=5).api.containers(all=True, filters=mine)
+    except (docker.errors.DockerException, requests.RequestException):
+        return {}  # an engine that does not answer: nothing we could remove now
+    return {c["Id"]: c["Names"][0].lstrip("/") for c in listed
+            if (c.get("Labels") or {}).get(LABEL_RUN, RUN) != RUN}
+
+
+def _partial_copies(paths: Paths) -> list[Path]:
+    root = _snapshots_root(paths)
+    if root is None:
+        return []
+    return sorted(where for where in root.iterdir()
+                  if (found := _LEFTOVER.fullmatch(where.name)) and found[3] != RUN)
 
 
 def _exited(helper: Any) -> int | None:
@@ -237,7 +318,7 @@ def _finalize(dk: DockerClient, pgdata: Path, image: str, password: str) -> None
     password to set the worktree's (one round trip, where a `docker exec` costs ~0.4 s)."""
     helper = dk.containers.run(
         image, ["postgres", "-c", "listen_addresses="], detach=True, user=run_as(),
-        labels={names.LABEL_KIND: "snapshot"},
+        labels=_helper_labels(),
         volumes={str(pgdata): {"bind": IN_CONTAINER, "mode": "rw"}})
     try:
         deadline = time.monotonic() + 600
@@ -284,7 +365,7 @@ def drop(paths: Paths, name: str, users: list[str]) -> dict[str, Any]:
                         code="snapshot_in_use")
     where = Path(found["path"])
     # Renamed aside first: a failure half-way leaves no half snapshot under the real name.
-    doomed = where.with_name(f".{name}.dropping-{os.getpid()}")
+    doomed = where.with_name(f".{name}.dropping-{RUN}")
     os.rename(where, doomed)
     if doomed.is_symlink():  # swapped for a link since find(): rmtree would refuse it anyway
         os.rename(doomed, where)
