@@ -6,14 +6,17 @@ release had removed the Compose volume and the Redis container by then."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Devd
+from conftest import Devd, wait_for
 from containersupport import REDIS_IMAGE, compose_available, redis, redis_client, remove_instance
 from pgsupport import IMAGE, env_of, query
 
@@ -160,3 +163,50 @@ def test_a_container_dump_cut_short_leaves_no_dump_and_the_project_running(
         assert not files_under(state / "backups" / "volumes")
     finally:
         remove_instance(dk, (devd.paths.state_dir / "instance-id").read_text().strip())
+
+
+def test_a_daemon_killed_between_the_backups_and_the_removal_says_so_and_provision_resumes(
+        pgdevd: Devd, make_repo: Any, pg_url: str, tmp_path: Path) -> None:
+    # kill -9 during the last backup (Postgres' dump: a pg_dump on the daemon's PATH that
+    # never ends): the Redis container is stopped and the role's logins are closed. The
+    # next daemon says the release was interrupted; `devd provision` undoes the backups.
+    devd, dk = pgdevd, redis_client()
+    repo = make_repo(devd_toml='[postgres]\nmode = "database"\n\n[containers.sessions]\n'
+                     f'preset = "redis"\nimage = "{REDIS_IMAGE}"\n')
+    tree = repo.worktree("killed", "killed")
+    devd.run("provision", str(tree), timeout=180)
+    env, wt_id = env_of(devd, tree), devd.worktree(tree)["id"]
+    query(env["DATABASE_URL"], "CREATE TABLE t AS SELECT 1 AS x")
+    role = env["DATABASE_URL"].rsplit("/", 1)[1]
+    stuck, mark = tmp_path / "bin", tmp_path / "pg_dump.pid"
+    stuck.mkdir()
+    (stuck / "pg_dump").write_text(f"#!/bin/sh\necho $$ > {mark}.part && mv {mark}.part "
+                                   f"{mark}\nexec sleep 600\n")
+    (stuck / "pg_dump").chmod(0o755)
+    assert devd.stop() == 0
+    path = devd.env["PATH"]
+    devd.env["PATH"] = f"{stuck}:{path}"
+    devd.start()
+    devd.env["PATH"] = path
+    release = subprocess.Popen([sys.executable, "-m", "devd", "release", str(tree), "--yes"],
+                               env=devd.env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_for(mark.exists, timeout=60, what="the release's pg_dump")
+    assert devd.proc is not None
+    devd.proc.kill()
+    devd.proc.wait()
+    os.kill(int(mark.read_text()), signal.SIGKILL)
+    release.wait(timeout=30)
+    assert query(pg_url, "SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", role) \
+        == [(False,)]
+    sessions = dk.containers.get(f"devd-sessions-{wt_id}")
+    assert sessions.status == "exited"
+
+    devd.start()
+    shown = devd.worktree(tree)
+    assert "interrupted: a release stopped mid-way" in (shown["error"] or ""), shown
+    devd.run("provision", str(tree), timeout=180)
+    assert query(env["DATABASE_URL"], "SELECT x FROM t") == [(1,)]
+    sessions.reload()
+    assert sessions.status == "running"
+    assert devd.worktree(tree)["error"] is None
