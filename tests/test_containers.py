@@ -157,6 +157,16 @@ def test_gc_retires_the_shared_redis_once_no_worktree_leases_an_index(
     finally:
         impostor.remove(force=True)
         server.rename(name)
+    # Its volume mounted by another container: refused before anything stops or goes.
+    borrower = dk.containers.create(REDIS_IMAGE, volumes={name: {"bind": "/data"}})
+    try:
+        left = devd.json("gc", "--grace", "0")["shared_redis"]
+        assert not left["removed"] and "in use by" in left["reason"], left
+        server.reload()
+        assert server.status == "running"
+        assert not list((devd.paths.state_dir / "backups" / "redis-shared").glob("*"))
+    finally:
+        borrower.remove(force=True)
     retired = devd.json("gc", "--grace", "0")["shared_redis"]
     assert retired["removed"] and retired["name"] == name
     with tarfile.open(retired["backup"]) as tar:

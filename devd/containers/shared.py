@@ -225,6 +225,9 @@ def _remove(paths: Paths, dk: DockerClient, container: Container | None, volume:
             backup: bool) -> Path | None:
     import docker
 
+    if volume is not None:  # else the server would go and the volume's removal fail
+        volumes.refuse_in_use(dk, volume.name, {container.id} if container else set(),
+                              "of the shared Redis")
     try:
         kept = _keep_rdb(paths, dk, container, volume) if backup and volume else None
         engine.remove(container, volume)
