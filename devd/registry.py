@@ -16,6 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# A worktree's error while its release runs (set before the backups), and what the next
+# daemon makes of it if that release never ended.
+RELEASING = "releasing: backups under way (containers stopped, Postgres logins closed)"
+RELEASE_INTERRUPTED = (
+    "interrupted: a release stopped mid-way, its backups may have stopped containers and "
+    "closed Postgres logins; run `devd release --yes` again to finish it, or `devd "
+    "provision` to start them again")
+
 # Each entry migrates the schema from version i to i + 1; never edit a released one.
 MIGRATIONS = [
     """
@@ -194,12 +202,15 @@ class Registry:
 
     def mark_interrupted(self) -> int:
         """At daemon start: work that was in flight when the last daemon died is failed, so
-        status tells the truth; the next provision finishes it (ensure adopts what exists)."""
+        status tells the truth; the next provision finishes it (ensure adopts what exists).
+        A release in flight had its backups stop containers and close logins: said too."""
         with self.transaction() as db:
             db.execute("UPDATE resources SET state = 'failed', detail = json_set(detail, "
                        "'$.error', 'interrupted: the daemon stopped mid-way') "
                        "WHERE state = 'pending'")
-            return db.execute(
+            released = db.execute("UPDATE worktrees SET error = ? WHERE error = ?",
+                                  (RELEASE_INTERRUPTED, RELEASING)).rowcount
+            return released + db.execute(
                 "UPDATE worktrees SET state = 'failed', error = 'interrupted: the daemon "
                 "stopped mid-way; run `devd provision` again' WHERE state = 'provisioning'"
             ).rowcount

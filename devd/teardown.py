@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 from pathlib import Path
 
+from devd.containers import volumes
 from devd.errors import DevdError
 from devd.provisioners import Context, Progress, Provisioner
-from devd.registry import Resource
+from devd.registry import RELEASE_INTERRUPTED, Resource
 
 log = logging.getLogger("devd")
 
@@ -44,6 +46,10 @@ def back_up_all(by_kind: dict[str, Provisioner], ctx: Context, order: list[Resou
     deleted (the data they hold is still in place), and the release is refused."""
     if not ctx.backup:
         return
+    # A release the last daemon died in may have removed some volumes (their tarballs in its
+    # folder) and not others: this one's folder, the newest, must hold them all for restore.
+    interrupted = ctx.worktree.error == RELEASE_INTERRUPTED
+    previous = volumes.latest_backup(ctx.paths, ctx.worktree.id) if interrupted else None
     for resource in order:
         provisioner = by_kind.get(resource.kind)
         if provisioner is None or not provisioner.holds_data:
@@ -56,6 +62,20 @@ def back_up_all(by_kind: dict[str, Provisioner], ctx: Context, order: list[Resou
             unresumed = _resume_all(by_kind, ctx, order)
             _discard_backups(ctx)
             raise _not_backed_up(ctx, resource, exc, unresumed) from exc
+    if previous is not None and ctx.outputs.get("volume_backups"):
+        _carry_over(previous, Path(ctx.outputs["volume_backups"][-1]))
+
+
+def _carry_over(previous: Path, folder: Path) -> None:
+    """The tarballs of `previous` that `folder` lacks, linked in (the older folder keeps
+    them too)."""
+    for source in previous.glob("*.tar"):
+        target = folder / source.name
+        if not target.exists():
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
 
 
 def _resume_all(by_kind: dict[str, Provisioner], ctx: Context, order: list[Resource]

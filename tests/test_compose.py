@@ -208,19 +208,27 @@ def test_a_same_named_volume_not_devds_is_refused_and_never_removed(
             volume.remove(force=True)
 
 
+def cache_project(devd: Devd, make_repo: Any, dk: Any, branch: str, toml: str = ""
+                  ) -> tuple[Path, str, Any]:
+    """A worktree provisioned with a one-service project (Redis on a named volume): its
+    path, project name and the service's container."""
+    repo = make_repo(devd_toml='[compose]\nfiles = ["compose.yaml"]\n' + toml)
+    repo.commit({"compose.yaml": f"services:\n  cache:\n    image: {REDIS_IMAGE}\n"
+                 "    volumes: [\"data:/data\"]\nvolumes:\n  data:\n"})
+    tree = repo.worktree(branch, branch)
+    devd.run("provision", str(tree), timeout=120)
+    name = env_of(devd, tree)["COMPOSE_PROJECT_NAME"]
+    found = dk.containers.list(filters={"label": f"com.docker.compose.project={name}"})
+    return tree, name, found[0]
+
+
 def test_a_release_whose_backup_hits_a_full_disk_removes_nothing_and_restarts(
         devd: Devd, make_repo: Any, dk: Any) -> None:
     # The daemon's file size limit stands in for a full disk: the volume's tarball cannot
     # be written, so `down -v` must never run, and the project runs again as it did.
-    repo = make_repo(devd_toml='[compose]\nfiles = ["compose.yaml"]\n\n'
-                     f'[containers.sessions]\npreset = "redis"\nimage = "{REDIS_IMAGE}"\n')
-    repo.commit({"compose.yaml": f"services:\n  cache:\n    image: {REDIS_IMAGE}\n"
-                 "    volumes: [\"data:/data\"]\nvolumes:\n  data:\n"})
-    tree = repo.worktree("full", "full")
-    devd.run("provision", str(tree), timeout=120)
-    name = env_of(devd, tree)["COMPOSE_PROJECT_NAME"]
+    tree, name, cache = cache_project(devd, make_repo, dk, "full", '\n[containers.sessions]\n'
+                                      f'preset = "redis"\nimage = "{REDIS_IMAGE}"\n')
     label = {"label": f"com.docker.compose.project={name}"}
-    cache = dk.containers.list(filters=label)[0]
     assert cache.exec_run(["sh", "-c", "head -c 3000000 /dev/urandom > /data/blob"])[0] == 0
     assert devd.proc is not None
     limit = ["prlimit", f"--pid={devd.proc.pid}"]
@@ -235,3 +243,27 @@ def test_a_release_whose_backup_hits_a_full_disk_removes_nothing_and_restarts(
     assert redis(port_of(env_of(devd, tree)["REDIS_URL"]), "PING") == "+PONG"
     backups = devd.paths.state_dir / "backups" / "volumes"
     assert not [p for p in backups.rglob("*") if p.is_file()]
+
+
+def test_a_foreign_container_on_the_projects_network_refuses_the_release_up_front(
+        devd: Devd, make_repo: Any, dk: Any) -> None:
+    # `down` would remove the project's containers and volumes, then fail on the network
+    # ("has active endpoints"): check_teardown refuses first, so nothing is released.
+    tree, name, cache = cache_project(devd, make_repo, dk, "joined")
+    label = {"label": f"com.docker.compose.project={name}"}
+    # A running guest fails `down` half-way; one only created loses its network under it.
+    guest = dk.containers.run(REDIS_IMAGE, network=f"{name}_default", detach=True)
+    created = dk.containers.create(REDIS_IMAGE, network=f"{name}_default")
+    try:
+        failed = devd.run("release", str(tree), "--yes", check=False, timeout=120)
+        assert failed.returncode == 1 and guest.name in failed.stderr, failed.stderr
+        assert created.name in failed.stderr
+        assert "nothing was released" in failed.stderr, failed.stderr
+        cache.reload()
+        assert cache.status == "running"
+        assert dk.volumes.list(filters={"name": f"{name}_data"})
+    finally:
+        guest.remove(force=True)
+        created.remove(force=True)
+    devd.run("release", str(tree), "--yes", timeout=120)
+    assert not dk.containers.list(all=True, filters=label)

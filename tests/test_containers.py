@@ -114,6 +114,9 @@ def test_shared_redis_leases_an_index_flushes_on_release_and_says_when_full(
     assert backups and backups[0].stat().st_size > 0
     server = [c for c in dk.containers.list() if c.name.startswith("devd-redis-shared-")]
     assert dk.volumes.get(server[0].name).attrs["Labels"]["devd.kind"] == "redis-shared"
+    # The backup's file inside the server is its own, and gone once copied out.
+    left = server[0].exec_run(["sh", "-c", "ls /tmp | grep devd-backup"])
+    assert left.exit_code == 1, left.output
     # A Redis that merely has the server's name (not devd's labels) is never flushed.
     server[0].remove(force=True)
     impostor = dk.containers.run(REDIS_IMAGE, name=server[0].name, detach=True,
@@ -157,6 +160,16 @@ def test_gc_retires_the_shared_redis_once_no_worktree_leases_an_index(
     finally:
         impostor.remove(force=True)
         server.rename(name)
+    # Its volume mounted by another container: refused before anything stops or goes.
+    borrower = dk.containers.create(REDIS_IMAGE, volumes={name: {"bind": "/data"}})
+    try:
+        left = devd.json("gc", "--grace", "0")["shared_redis"]
+        assert not left["removed"] and "in use by" in left["reason"], left
+        server.reload()
+        assert server.status == "running"
+        assert not list((devd.paths.state_dir / "backups" / "redis-shared").glob("*"))
+    finally:
+        borrower.remove(force=True)
     retired = devd.json("gc", "--grace", "0")["shared_redis"]
     assert retired["removed"] and retired["name"] == name
     with tarfile.open(retired["backup"]) as tar:

@@ -72,6 +72,15 @@ def test_container_mode_isolates_survives_stop_and_removal_and_gc_dumps(
     devd.run("provision", str(a), timeout=180)
     devd.run("restore", str(a), "--dump", str(dump), timeout=120)
     assert query(env_of(devd, a)["DATABASE_URL"], "SELECT v FROM t") == [("from-a",)]
+    # Its volume mounted by another container: refused before the dump, nothing stopped.
+    borrower = dk.containers.create(IMAGE, volumes={docker_name(repo, b): {"bind": "/x"}})
+    try:
+        refused = devd.run("release", str(b), "--yes", check=False)
+        assert refused.returncode == 1 and borrower.name in refused.stderr, refused.stderr
+        assert "nothing was released" in refused.stderr
+        assert query(env_b["DATABASE_URL"], "SELECT 1") == [(1,)]
+    finally:
+        borrower.remove(force=True)
 
 
 def test_unlabelled_container_is_a_conflict_and_missing_image_is_clear(

@@ -294,3 +294,17 @@ def test_container_gc_after_the_container_was_removed_dumps_and_drops_everything
             found.remove(force=True, v=True)
         for volume in dk.volumes.list(filters={"name": name}):
             volume.remove(force=True)
+
+
+def test_a_second_dump_in_the_same_second_never_takes_the_first_ones_name(
+        devd_home: Devd) -> None:
+    # Taken over, the first would be overwritten, then deleted by a refused release as its
+    # own partial dump: the older backup lost.
+    from devd.postgres import dump
+
+    first = dump.new_dump_path(devd_home.paths, "wt-1")
+    first.write_bytes(b"older backup")
+    second = dump.new_dump_path(devd_home.paths, "wt-1")
+    second.write_bytes(b"newer")
+    assert second != first and first.read_bytes() == b"older backup"
+    assert dump.latest(devd_home.paths, "wt-1") == second

@@ -6,14 +6,18 @@ release had removed the Compose volume and the Redis container by then."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Devd
+from conftest import Devd, wait_for
 from containersupport import REDIS_IMAGE, compose_available, redis, redis_client, remove_instance
 from pgsupport import IMAGE, env_of, query
 
@@ -77,6 +81,37 @@ def release_on_a_full_disk(devd: Devd, tree: Path) -> subprocess.CompletedProces
 
 def files_under(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+
+
+def killed_mid_release(devd: Devd, tmp_path: Path, tree: Path,
+                       blocked: dict[str, str | None]) -> None:
+    """`devd release --yes` until it runs one of `blocked` (commands put first on the
+    daemon's PATH: each blocks on the argument given, on any if None, and runs the real one
+    otherwise), then the daemon killed -9 there; no daemon runs after."""
+    stuck, mark = tmp_path / "bin", tmp_path / "blocked.pid"
+    stuck.mkdir()
+    block = f"echo $$ > {mark}.part && mv {mark}.part {mark} && exec sleep 600"
+    for name, arg in blocked.items():
+        body = block if arg is None else \
+            f'for a in "$@"; do [ "$a" = {arg} ] && {{ {block}; }}; done\n' \
+            f'exec {shutil.which(name)} "$@"'
+        (stuck / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stuck / name).chmod(0o755)
+    assert devd.stop() == 0
+    path = devd.env["PATH"]
+    devd.env["PATH"] = f"{stuck}:{path}"
+    devd.start()
+    devd.env["PATH"] = path
+    release = subprocess.Popen([sys.executable, "-m", "devd", "release", str(tree), "--yes"],
+                               env=devd.env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_for(mark.exists, timeout=60, what=f"the release to run one of {list(blocked)}")
+    assert devd.proc is not None
+    devd.proc.kill()
+    devd.proc.wait()
+    devd.proc = None
+    os.kill(int(mark.read_text()), signal.SIGKILL)
+    release.wait(timeout=30)
 
 
 def test_the_last_backup_failing_releases_nothing_and_a_retry_restores_everything(
@@ -158,5 +193,60 @@ def test_a_container_dump_cut_short_leaves_no_dump_and_the_project_running(
         state = devd.paths.state_dir
         assert not [p for p in files_under(state / "dumps") if p.name.startswith(wt_id)]
         assert not files_under(state / "backups" / "volumes")
+    finally:
+        remove_instance(dk, (devd.paths.state_dir / "instance-id").read_text().strip())
+
+
+def test_a_daemon_killed_between_the_backups_and_the_removal_says_so_and_provision_resumes(
+        pgdevd: Devd, make_repo: Any, pg_url: str, tmp_path: Path) -> None:
+    # kill -9 during the last backup (Postgres' dump: a pg_dump on the daemon's PATH that
+    # never ends): the Redis container is stopped and the role's logins are closed. The
+    # next daemon says the release was interrupted; `devd provision` undoes the backups.
+    devd, dk = pgdevd, redis_client()
+    repo = make_repo(devd_toml='[postgres]\nmode = "database"\n\n[containers.sessions]\n'
+                     f'preset = "redis"\nimage = "{REDIS_IMAGE}"\n')
+    tree = repo.worktree("killed", "killed")
+    devd.run("provision", str(tree), timeout=180)
+    env, wt_id = env_of(devd, tree), devd.worktree(tree)["id"]
+    query(env["DATABASE_URL"], "CREATE TABLE t AS SELECT 1 AS x")
+    role = env["DATABASE_URL"].rsplit("/", 1)[1]
+    killed_mid_release(devd, tmp_path, tree, {"pg_dump": None})
+    assert query(pg_url, "SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", role) \
+        == [(False,)]
+    sessions = dk.containers.get(f"devd-sessions-{wt_id}")
+    assert sessions.status == "exited"
+
+    devd.start()
+    shown = devd.worktree(tree)
+    assert "interrupted: a release stopped mid-way" in (shown["error"] or ""), shown
+    devd.run("provision", str(tree), timeout=180)
+    assert query(env["DATABASE_URL"], "SELECT x FROM t") == [(1,)]
+    sessions.reload()
+    assert sessions.status == "running"
+    assert devd.worktree(tree)["error"] is None
+
+
+def test_a_release_killed_between_two_removals_and_retried_keeps_every_volume_in_its_folder(
+        devd: Devd, make_repo: Any, tmp_path: Path) -> None:
+    # [containers] added after [compose]: the container goes first, then `down` (blocked
+    # here) when the daemon is killed. The retry backs up only what is left, so its folder
+    # (the newest: `devd restore` takes it) must get the container's tarball as well.
+    compose_available()
+    dk = redis_client()
+    try:
+        repo = make_repo(devd_toml='[compose]\nfiles = ["compose.yaml"]\n')
+        repo.commit({"compose.yaml": COMPOSE})
+        tree = repo.worktree("split", "split")
+        devd.run("provision", str(tree), timeout=180)
+        with open(tree / "devd.toml", "a") as toml:
+            toml.write(f'\n[containers.sessions]\npreset = "redis"\nimage = "{REDIS_IMAGE}"\n')
+        devd.run("provision", str(tree), timeout=180)
+        wt_id = devd.worktree(tree)["id"]
+        killed_mid_release(devd, tmp_path, tree, {"docker": "down", "docker-compose": "down"})
+        assert not dk.containers.list(all=True, filters={"name": f"devd-sessions-{wt_id}"})
+        devd.start()
+        released = devd.json("release", str(tree), "--yes")
+        kept = sorted(p.name for p in Path(released["volume_backups"][0]).iterdir())
+        assert kept == ["compose-data.tar", "container-sessions.tar"]
     finally:
         remove_instance(dk, (devd.paths.state_dir / "instance-id").read_text().strip())

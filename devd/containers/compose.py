@@ -92,6 +92,8 @@ class ComposeProvisioner(Provisioner):
         members = {c.id for c in _listed(dk.containers, name, all=True)}
         for volume in _listed(dk.volumes, name):
             volumes.refuse_in_use(dk, volume.name, members, f"of project {name}")
+        for network in _listed(dk.networks, name):
+            _refuse_joined(dk, network.name, members)
 
     def teardown(self, ctx: Context, detail: dict[str, Any]) -> None:
         dk = engine.client()
@@ -209,6 +211,19 @@ def refuse_foreign(dk: Any, name: str, wt_id: str, model: dict[str, Any] | None 
                     f"Compose project {name} has {found.name!r}, which is not labelled as "
                     f"this devd's for worktree {wt_id}; nothing was changed",
                     "devd never touches what it did not make: remove it yourself")
+
+
+def _refuse_joined(dk: Any, network: str, members: set[str]) -> None:
+    """A container outside the project on its network: `down` would remove the project's
+    containers, then fail on the network (a running guest), or remove it from under a
+    guest that was only created; either way not devd's to decide."""
+    others = [c.name for c in dk.containers.list(all=True, filters={"network": network})
+              if c.id not in members]
+    if others:
+        raise DevdError(f"network {network} has containers that are not the project's: "
+                        f"{', '.join(others)}; nothing was removed",
+                        f"disconnect them (docker network disconnect {network} "
+                        f"{others[0]}), then try again", code="network_in_use")
 
 
 def _sweep(dk: Any, name: str, wt_id: str) -> None:

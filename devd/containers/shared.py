@@ -160,10 +160,14 @@ def back_up(dk: DockerClient, entry: dict[str, Any], folder: Path) -> None:
     container = server_of(dk, entry)
     if container is None:
         return  # the server is gone, and its data with it: nothing left to keep
-    _run(container, ["redis-cli", "--rdb", "/tmp/devd-backup.rdb"])
-    stream, _ = container.get_archive("/tmp/devd-backup.rdb")
+    # A file of this backup's own: two worktrees' releases (each under its own lock) may
+    # back the server up at once, and one shared name would have them write over each
+    # other's; removed after, or each release would leave a whole RDB in the server.
+    inside = f"/tmp/devd-backup-{folder.parent.name}-{folder.name}.rdb"
     target = folder / f"redis-shared-db{int(entry['db'])}.rdb.tar"
     try:
+        _run(container, ["redis-cli", "--rdb", inside])
+        stream, _ = container.get_archive(inside)
         with open(target, "wb") as out:
             for chunk in stream:
                 out.write(chunk)
@@ -172,6 +176,8 @@ def back_up(dk: DockerClient, entry: dict[str, Any], folder: Path) -> None:
         raise DevdError(f"backup of the shared Redis {container.name} into {folder} failed: "
                         f"{exc}; nothing was flushed", "free disk space there, then release "
                         "again", code="backup_failed") from exc
+    finally:
+        container.exec_run(["rm", "-f", inside])
 
 
 def flush(dk: DockerClient, entry: dict[str, Any]) -> None:
@@ -225,6 +231,9 @@ def _remove(paths: Paths, dk: DockerClient, container: Container | None, volume:
             backup: bool) -> Path | None:
     import docker
 
+    if volume is not None:  # else the server would go and the volume's removal fail
+        volumes.refuse_in_use(dk, volume.name, {container.id} if container else set(),
+                              "of the shared Redis")
     try:
         kept = _keep_rdb(paths, dk, container, volume) if backup and volume else None
         engine.remove(container, volume)

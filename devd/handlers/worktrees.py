@@ -16,7 +16,7 @@ from devd.handlers.core import ServiceCore, absolute
 from devd.postgres import provisioner as postgres
 from devd.protocol import Encoded
 from devd.provisioners import Context, Progress, Provisioner
-from devd.registry import Worktree
+from devd.registry import RELEASING, Worktree
 from devd.settings import parse_duration
 
 log = logging.getLogger("devd")
@@ -261,17 +261,22 @@ class WorktreeRequests(ServiceCore):
             order = sorted(reversed(recorded), key=lambda r: not self._holds_data(r.kind))
             try:
                 teardown.check_all(self._by_kind, ctx, order)
+                # Until the release ends either way: a daemon killed meanwhile leaves the
+                # next one this to say (Registry.mark_interrupted).
+                self.registry.set_state(wt.id, self._state_of(wt), RELEASING)
                 teardown.back_up_all(self._by_kind, ctx, order, progress)
                 teardown.run_all(self._by_kind, ctx, order, progress)
             except DevdError as exc:  # status says why the worktree is still here
-                found = self.registry.worktree(wt.id)
-                self.registry.set_state(wt.id, found.state if found else wt.state,
-                                        exc.message)
+                self.registry.set_state(wt.id, self._state_of(wt), exc.message)
                 raise
             self.registry.forget(wt.id)
             self.services.forget(wt.id)  # stopped above; now their logs go too
         self.on_change()
         return ctx.outputs
+
+    def _state_of(self, wt: Worktree) -> str:
+        found = self.registry.worktree(wt.id)
+        return found.state if found else wt.state
 
     def _check_still_gone(self, wt: Worktree) -> None:
         """gc listed `wt` as gone before it got the lock: if it came back meanwhile, it is

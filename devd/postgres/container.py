@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 
 from devd import instance
-from devd.containers import engine
+from devd.containers import engine, volumes
 from devd.errors import DevdError
 from devd.postgres import clones, datadirs, dump, names, server, snapshots
 from devd.postgres.records import mark_dropping, record_intent
@@ -365,8 +365,11 @@ def container_state(name: str) -> str:
 def check_teardown(ctx: Context, detail: dict[str, Any]) -> None:
     """Read-only: the engine answers and both names are still ours."""
     dk, name = client(), detail["container"]
-    _owned(dk.containers, name, ctx.worktree.id)
-    _owned(dk.volumes, name, ctx.worktree.id)
+    container = _owned(dk.containers, name, ctx.worktree.id)
+    if _owned(dk.volumes, name, ctx.worktree.id) is not None:
+        # Else the server would go and its volume's removal fail: half a release.
+        volumes.refuse_in_use(dk, name, {container.id} if container else set(),
+                              f"of Postgres container {name}")
     if detail.get("snapshot"):
         datadirs.read_marker(clones.clone_root(ctx.paths, ctx.worktree.id), datadirs.CLONE_MARKER)
 

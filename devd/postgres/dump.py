@@ -41,9 +41,16 @@ def dumps_dir(paths: Paths) -> Path:
 
 
 def new_dump_path(paths: Paths, wt_id: str, note: str = "") -> Path:
-    """A noted dump (e.g. "before-restore") is kept and pruned, but never the `latest`."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    return dumps_dir(paths) / f"{wt_id}-{stamp}{'-' + note if note else ''}{SUFFIX}"
+    """A noted dump (e.g. "before-restore") is kept and pruned, but never the `latest`.
+    Never a path that exists: a second dump in the same second (a restore, then a release)
+    would overwrite the first, which a refused release then deletes as its own partial
+    one (teardown._discard_backups); the next second's name is waited for instead."""
+    while True:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = dumps_dir(paths) / f"{wt_id}-{stamp}{'-' + note if note else ''}{SUFFIX}"
+        if not target.exists():
+            return target
+        time.sleep(1.001 - time.time() % 1)
 
 
 def latest(paths: Paths, wt_id: str) -> Path | None:
