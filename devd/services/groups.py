@@ -121,6 +121,14 @@ class Listeners:
         return {address for inode, (address, at) in self.sockets.items()
                 if at == port and inode in self._inodes(pgid)}
 
+    def others_at(self, pgid: int, port: int) -> set[str]:
+        """The addresses other processes (not of group `pgid`) listen on at `port`: one
+        sharing it with SO_REUSEPORT takes part of what is meant for the group."""
+        if self.sockets is None:
+            return set()
+        return {address for inode, (address, at) in self.sockets.items()
+                if at == port and inode not in self._inodes(pgid)}
+
     def _inodes(self, pgid: int) -> set[str]:
         if pgid not in self._inodes_of:
             self._inodes_of[pgid] = {i for pid in self.by_group.get(pgid, [])

