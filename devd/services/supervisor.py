@@ -351,8 +351,8 @@ class Supervisor:
         mine = seen.of_group(group.pgid)
         if spec.port in mine:
             unit.dial = groups.dial_host(seen.addresses_of(group.pgid, spec.port))
-            if unit.dial in {groups.dial_host({a}) for a in seen.others_at(group.pgid,
-                                                                           spec.port)}:
+            others = {groups.dial_host({a}) for a in seen.others_at(group.pgid, spec.port)}
+            if unit.dial is not None and unit.dial in others:
                 # SO_REUSEPORT: the kernel would hand the other process part of its
                 # requests (all of them, bound more narrowly): never called ready.
                 unit.elsewhere_since = unit.elsewhere_since or now
