@@ -4,6 +4,7 @@ parent-death signal does not keep Caddy from starting. Real processes and socket
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from devd.proxy.child import dies_with_daemon
 from devd.services.supervisor import Spec, Supervisor, Unit
 
 
@@ -69,3 +71,18 @@ def test_other_family_on_the_port_is_no_conflict(supervisor: Supervisor,
         unit = serve(supervisor, tmp_path, other.getsockname()[1], "127.0.0.1")
         assert unit.state == "running", unit.error
         assert supervisor.dials() == {("w", "web"): "127.0.0.1"}
+
+
+def test_a_setpriv_without_pdeathsig_is_not_used(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """util-linux < 2.33 (CentOS 7, Amazon Linux 2) ships setpriv without --pdeathsig:
+    prefixing Caddy with it made every start exit 1, so the proxy never came up."""
+    old = tmp_path / "setpriv"
+    old.write_text("#!/bin/sh\necho \"setpriv: unrecognized option '--pdeathsig'\" >&2\n"
+                   "exit 1\n")
+    old.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert dies_with_daemon() == []
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    real = shutil.which("setpriv")
+    assert dies_with_daemon() == ([real, "--pdeathsig", "TERM", "--"] if real else [])

@@ -5,6 +5,7 @@ Whatever happens to it, ports and the rest of devd go on; `status()` says what b
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -298,7 +299,23 @@ def dies_with_daemon() -> list[str]:
     the next daemon stops the orphan (_stop_leftover). A preexec_fn calling prctl would
     do the same without setpriv but is unsafe in a process with threads."""
     found = shutil.which("setpriv") if os.uname().sysname == "Linux" else None
-    return [found, "--pdeathsig", "TERM", "--"] if found else []
+    return [found, "--pdeathsig", "TERM", "--"] if found and _sets_pdeathsig(found) else []
+
+
+@functools.cache
+def _sets_pdeathsig(setpriv: str) -> bool:
+    """util-linux's setpriv before 2.33 (CentOS 7, Amazon Linux 2) and busybox's have no
+    --pdeathsig: Caddy would never start through them. Tried once per binary."""
+    try:
+        tried = subprocess.run([setpriv, "--pdeathsig", "TERM", "--", "true"],
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if tried.returncode != 0:
+        log.warning("proxy: %s cannot set the parent-death signal (%s): a daemon killed -9 "
+                    "leaves Caddy to the next daemon", setpriv,
+                    tried.stderr.decode(errors="replace").strip()[:200])
+    return tried.returncode == 0
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
