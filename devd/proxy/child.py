@@ -307,7 +307,8 @@ def _sets_pdeathsig(setpriv: str) -> bool:
     """util-linux's setpriv before 2.33 (CentOS 7, Amazon Linux 2) and busybox's have no
     --pdeathsig: Caddy would never start through them. Tried once per binary."""
     try:
-        tried = subprocess.run([setpriv, "--pdeathsig", "TERM", "--", "true"],
+        # It execs itself: the one program surely there whatever the PATH.
+        tried = subprocess.run([setpriv, "--pdeathsig", "TERM", "--", setpriv, "--version"],
                                stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return False
