@@ -4,8 +4,10 @@ parent-death signal does not keep Caddy from starting. Real processes and socket
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from devd.proxy.child import dies_with_daemon
+from devd.proxy.child import dies_with_daemon, keeps_pdeathsig
 from devd.services.supervisor import Spec, Supervisor, Unit
 
 
@@ -86,3 +88,20 @@ def test_a_setpriv_without_pdeathsig_is_not_used(tmp_path: Path,
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     real = shutil.which("setpriv")
     assert dies_with_daemon() == ([real, "--pdeathsig", "TERM", "--"] if real else [])
+
+
+def test_a_caddy_with_file_capabilities_is_known_to_outlive_a_killed_daemon(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`setcap cap_net_bind_service=+ep caddy` (Caddy's docs, for port 80): run by a user,
+    exec clears the parent-death signal, so Caddy outlived a daemon killed -9 silently
+    (seen with a real setcap'd caddy run as uid 65534); the daemon now says so."""
+    setcap = shutil.which("setcap") or "/usr/sbin/setcap"
+    plain, capable = tmp_path / "plain", tmp_path / "capable"
+    for copy in (plain, capable):
+        shutil.copy(sys.executable, copy)
+    if os.geteuid() != 0 or not Path(setcap).exists() or subprocess.run(
+            [setcap, "cap_net_bind_service=+ep", str(capable)]).returncode != 0:
+        pytest.skip("setcap as root is needed to give a binary file capabilities")
+    assert keeps_pdeathsig(capable)  # root: exec keeps it
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # as a user would start it
+    assert not keeps_pdeathsig(capable) and keeps_pdeathsig(plain)

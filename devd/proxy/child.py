@@ -161,6 +161,10 @@ class CaddyProxy:
         write_atomic(self._config_file, json.dumps(config).encode())
         if not self._failures:  # a retry keeps saying what went wrong until it is up
             self._set("starting")
+        if dies_with_daemon() and not keeps_pdeathsig(self._binary):
+            log.warning("proxy: %s has file capabilities (setcap): the kernel drops the "
+                        "parent-death signal as it starts, so a daemon killed -9 leaves it "
+                        "running until the next daemon stops it", self._binary)
         with _log_file(self.log_path) as out:
             self._proc = subprocess.Popen(
                 [*dies_with_daemon(), str(self._binary), "run", "--config",
@@ -300,6 +304,19 @@ def dies_with_daemon() -> list[str]:
     do the same without setpriv but is unsafe in a process with threads."""
     found = shutil.which("setpriv") if os.uname().sysname == "Linux" else None
     return [found, "--pdeathsig", "TERM", "--"] if found and _sets_pdeathsig(found) else []
+
+
+def keeps_pdeathsig(binary: Path) -> bool:
+    """False for a binary with file capabilities (`setcap cap_net_bind_service`, which
+    Caddy's docs suggest for ports below 1024) started by anyone but root: exec clears
+    PR_SET_PDEATHSIG for it (prctl(2))."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        os.getxattr(binary, "security.capability")
+    except OSError:  # none (ENODATA), or no xattrs here at all
+        return True
+    return False
 
 
 @functools.cache
