@@ -1,6 +1,8 @@
 """Attacks on issue 11's fast readiness and proxy dialling: a port shared with a process
-outside the service (SO_REUSEPORT) is never called ready; a setpriv that cannot set the
-parent-death signal does not keep Caddy from starting. Real processes and sockets."""
+outside the service (SO_REUSEPORT) is never called ready; an unverified service is dialled
+on 127.0.0.1, never `localhost`; a setpriv that cannot set the parent-death signal does not
+keep Caddy from starting, and a setcap'd Caddy (which exec strips of it) is known. Real
+processes, sockets and binaries."""
 
 from __future__ import annotations
 
@@ -105,3 +107,20 @@ def test_a_caddy_with_file_capabilities_is_known_to_outlive_a_killed_daemon(
     assert keeps_pdeathsig(capable)  # root: exec keeps it
     monkeypatch.setattr(os, "geteuid", lambda: 1000)  # as a user would start it
     assert not keeps_pdeathsig(capable) and keeps_pdeathsig(plain)
+
+
+def test_an_unverified_service_is_dialled_on_127_not_localhost(supervisor: Supervisor,
+                                                               tmp_path: Path) -> None:
+    """A command without devd's flags (`node server.js`, `next dev`) while it boots: its
+    route said `localhost`, which Caddy tries as 127.0.0.1, then ::1, where another user
+    may listen on the leased port: the request landed there until readiness."""
+    from devd.proxy.config import dial
+    from devd.proxy.routes import Route
+
+    with listener(socket.AF_INET, "127.0.0.1") as free:  # closed again: a free port
+        port = free.getsockname()[1]
+    unit = supervisor.start(Spec("w", "web", "sleep 30", tmp_path, {"PATH": "/usr/bin:/bin"},
+                                 tmp_path / "logs" / "web.log", port=port, port_name="web"))
+    assert unit.state == "starting"
+    assert dial(Route("web.localhost", port, "w", "web"), supervisor.dials()) == \
+        f"127.0.0.1:{port}"

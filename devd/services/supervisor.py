@@ -155,8 +155,11 @@ class Supervisor:
         """(worktree id, port name) → the address its service's listener uses, as verified
         at readiness (while it starts: where devd's flags bind it): what the proxy dials,
         never a squatter on the other family."""
-        return {(u.spec.wt_id, u.spec.port_name): u.dial for u in list(self._units.values())
-                if u.state in ("starting", "running") and u.spec.port_name and u.dial}
+        # Not verified yet (a command without devd's flags, booting or backing off): its
+        # last verified address, else 127.0.0.1, never `localhost`, whose ::1 half may be
+        # another user's listener while this one is not up (a 502 is said instead).
+        return {(u.spec.wt_id, u.spec.port_name): u.dial or "127.0.0.1"
+                for u in list(self._units.values()) if u.state in UP and u.spec.port_name}
 
     def start(self, spec: Spec) -> Unit:
         """Spawn the service unless it is already up (idempotent); the watch thread takes it
@@ -226,7 +229,7 @@ class Supervisor:
         # The flags devd added bind it to 127.0.0.1: the proxy is told now, while it boots,
         # so readiness (which verifies it) rarely changes the route and reloads Caddy just
         # as the first request comes.
-        unit.dial = "127.0.0.1" if spec.tool else None
+        unit.dial = "127.0.0.1" if spec.tool else unit.dial
         unit.set("starting")
         self._tell(self.on_spawn, unit)
         self.on_change()
