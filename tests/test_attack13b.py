@@ -59,3 +59,24 @@ def test_a_break_followed_by_megabytes_survives_the_rotation(supervised, tmp_pat
     log = logs.log_path(tmp_path / "state", "wt1", "chatty")
     assert hit.wait(20), f"rotated: {log.with_name('chatty.log.1').exists()}"
     assert seen == [LINE]
+
+
+def test_a_log_swapped_for_a_fifo_or_a_symlink_hangs_and_touches_nothing(
+        supervised, tmp_path: Path) -> None:
+    """The log path replaced under a running service: a FIFO blocked the watch thread in
+    open() for good (every service of every worktree unwatched), a symlink to a big file
+    had that file copy-truncated to nothing by the rotation."""
+    sup, seen, hit = supervised
+    state = tmp_path / "state"
+    big = tmp_path / "precious.db"
+    big.write_bytes(b"p" * (logs.MAX_BYTES + 1))
+    _start(sup, tmp_path, "a", "exec sleep 30")
+    _start(sup, tmp_path, "b", "exec sleep 30")
+    log_a, log_b = logs.log_path(state, "wt1", "a"), logs.log_path(state, "wt1", "b")
+    log_a.unlink()
+    os.mkfifo(log_a)
+    log_b.unlink()
+    log_b.symlink_to(big)
+    _start(sup, tmp_path, "c", f"sleep 0.2; echo \"{LINE}\"; exec sleep 30")
+    assert hit.wait(20), "the watch thread is stuck"
+    assert big.stat().st_size == logs.MAX_BYTES + 1
