@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# `wdevd`: a daemon judging coverage at once (no settle time)
+from test_watchers import wdevd  # noqa: F401
+
 from devd.services import logs
 from devd.services.supervisor import Spec, Supervisor
 
@@ -80,3 +83,51 @@ def test_a_log_swapped_for_a_fifo_or_a_symlink_hangs_and_touches_nothing(
     _start(sup, tmp_path, "c", f"sleep 0.2; echo \"{LINE}\"; exec sleep 30")
     assert hit.wait(20), "the watch thread is stuck"
     assert big.stat().st_size == logs.MAX_BYTES + 1
+
+
+# Watches every directory and file under argv[1] (argv[2] == "all") or argv[1] alone, then
+# says so in argv[3]: a dev server's tree watcher, or a helper watching its config file.
+COVER = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[4])
+from devd.watchers.linux import Inotify
+ino = Inotify()
+for top, dirs, files in os.walk(sys.argv[1]):
+    dirs[:] = [d for d in dirs if d not in (".git", "node_modules")]
+    for name in [top] + [os.path.join(top, f) for f in files]:
+        ino.add_watch(name)
+    if sys.argv[2] != "all":
+        break
+open(sys.argv[3], "w").write("watching")
+time.sleep(600)
+"""
+
+
+def test_a_run_of_two_watchers_is_judged_as_one(wdevd, repo, tmp_path: Path  # noqa: F811
+                                                 ) -> None:
+    """`next dev`'s parent watches its config while a child watches the tree; a run of
+    `vite & tail -F x`: each process was judged alone, the small one `partial` (and
+    `watchers --restart` restarted a healthy run). The run's watches are what it covers."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, wait_for
+    from test_watchers import fill
+
+    tree = repo.worktree("shop-two", "two")
+    fill(tree, 4, 2)
+    wdevd.run("provision", str(tree))
+    big, small = tmp_path / "big", tmp_path / "small"
+    py = f"{sys.executable} -c '{COVER}'"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "devd", "run", "--path", str(tree), "--", "sh", "-c",
+         f"{py} {tree} all {big} {ROOT} & exec {py} {tree} one {small} {ROOT}"],
+        cwd=tree, env=wdevd.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        wait_for(lambda: big.exists() and small.exists(), timeout=30, what="both watching")
+        state = wdevd.worktree(tree)["watchers"]
+        assert state["state"] == "ok", state
+    finally:
+        os.killpg(run.pid, 9)
+        run.wait()
