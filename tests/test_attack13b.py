@@ -131,3 +131,17 @@ def test_a_run_of_two_watchers_is_judged_as_one(wdevd, repo, tmp_path: Path  # n
     finally:
         os.killpg(run.pid, 9)
         run.wait()
+
+
+def test_a_cache_that_is_a_file_says_which_level(tmp_path: Path) -> None:
+    """A fresh account whose ~/.cache is a file (or a symlink into a dir it cannot write):
+    the error named only the worktree's dir and hinted at free space."""
+    from devd.errors import DevdError
+    from devd.provisioners.dirs import make_owned_dir
+
+    (tmp_path / ".cache").write_text("not a dir\n")
+    root = tmp_path / ".cache" / "devd"
+    with pytest.raises(DevdError) as caught:
+        make_owned_dir(root / "wt1", "wt1", root)
+    assert f"Not a directory ({root})" in str(caught.value)
+    assert "stands in the way" in caught.value.hint
