@@ -158,3 +158,36 @@ def test_every_signature_holds_a_hint_word() -> None:
     assert scanner.feed(b"GET / 200\n" * 1000 + b"\x1b[31mError: ENOSPC\x1b[39m: System lim") == []
     assert [s.name for s, _ in scanner.feed(b"it for number of file watchers reached\n")] == \
         ["node-enospc"]
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed: a watcher of a few files by design "
+                   "(`node --watch server.js` watches the modules it loaded) reads partial, "
+                   "and `devd watchers --restart` restarts it each time")
+def test_node_watch_mode_is_no_starved_watcher(wdevd, repo, tmp_path: Path  # noqa: F811
+                                               ) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import wait_for
+    from test_watchers import fill
+
+    if not shutil.which("node"):
+        pytest.skip("node is not installed")
+    tree = repo.worktree("shop-nw", "nw")
+    fill(tree, 4, 2)
+    (tree / "server.js").write_text("require('fs').writeFileSync(process.argv[2], 'up');"
+                                    " setInterval(() => {}, 1 << 30);\n")
+    wdevd.run("provision", str(tree))
+    up = tmp_path / "up"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "devd", "run", "--path", str(tree), "--", "node", "--watch",
+         "server.js", str(up)], cwd=tree, env=wdevd.env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(up.exists, timeout=30, what="node --watch up")
+        state = wdevd.worktree(tree)["watchers"]
+        assert state["state"] == "ok", state
+    finally:
+        os.killpg(run.pid, 9)
+        run.wait()
