@@ -191,3 +191,24 @@ def test_node_watch_mode_is_no_starved_watcher(wdevd, repo, tmp_path: Path  # no
     finally:
         os.killpg(run.pid, 9)
         run.wait()
+
+
+def test_a_broken_service_taken_down_is_not_started_by_restart(wdevd, make_repo  # noqa: F811
+                                                               ) -> None:
+    """`devd down web` after it broke, then `devd watchers --restart`: the break record
+    outlived the stop, so the restart started a service the user had taken down."""
+    import json
+
+    from conftest import wait_for
+
+    repo = make_repo("downed", f'[services.web]\ncommand = "echo \\"{LINE}\\"; exec sleep 60"\n')
+    wdevd.run("provision", str(repo.main))
+    wdevd.run("up", "--path", str(repo.main), timeout=120)
+    wait_for(lambda: wdevd.worktree(repo.main)["watchers"]["state"] == "broken", timeout=30,
+             what="the service broken")
+    wdevd.run("down", "--path", str(repo.main))
+    plan = json.loads(wdevd.run("watchers", "--restart", "--json").stdout)
+    assert plan["services"] == [] and [s["service"] for s in plan["left_down"]] == ["web"]
+    assert "left down" in wdevd.run("watchers", "--restart").stdout
+    states = {s["name"]: s["state"] for s in wdevd.worktree(repo.main).get("services", [])}
+    assert states == {"web": "stopped"}, states
