@@ -212,3 +212,18 @@ def test_a_broken_service_taken_down_is_not_started_by_restart(wdevd, make_repo 
     assert "left down" in wdevd.run("watchers", "--restart").stdout
     states = {s["name"]: s["state"] for s in wdevd.worktree(repo.main).get("services", [])}
     assert states == {"web": "stopped"}, states
+
+
+def test_a_flooded_log_rotates_to_its_last_megabytes(tmp_path: Path) -> None:
+    """`yes` as a service writes GB/s: each rotation copied the whole file (a 1 GB copy a
+    tick, KEEP of them kept), now only its last MAX_BYTES."""
+    path = tmp_path / "web.log"
+    fd = logs.open_for_service(path)
+    try:
+        os.write(fd, b"y\n" * (3 * logs.MAX_BYTES // 2) + b"last\n")
+        assert logs.rotate_if_big(path)
+    finally:
+        os.close(fd)
+    rotated = path.with_name("web.log.1")
+    assert rotated.stat().st_size == logs.MAX_BYTES and path.stat().st_size == 0
+    assert rotated.read_bytes().endswith(b"y\nlast\n") and rotated.stat().st_mode & 0o077 == 0

@@ -82,9 +82,18 @@ def rotate_if_big(path: Path, limit: int = MAX_BYTES) -> bool:
         older = path.with_name(f"{path.name}.{n}")
         if older.exists():
             older.replace(path.with_name(f"{path.name}.{n + 1}"))
-    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    # Only the last `limit` bytes are kept: a service printing a flood (`yes`: GB/s) grows
+    # its log by far more than `limit` a tick, and a whole copy of each would fill the disk.
+    with open(path, "rb") as src, open(path.with_name(f"{path.name}.1"), "wb",
+                                       opener=_private) as dst:
+        src.seek(max(0, found.st_size - limit))
+        shutil.copyfileobj(src, dst, 1 << 20)
     os.truncate(path, 0)
     return True
+
+
+def _private(name: str, flags: int) -> int:
+    return os.open(name, flags, 0o600)
 
 
 def size(path: Path) -> int:
