@@ -95,7 +95,7 @@ def test_log_rotation_keeps_an_appending_writer_going(tmp_path: Path) -> None:
     assert path.read_text() == "after\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == \
         ["web.log", "web.log.1", "web.log.2", "web.log.3"]
-    assert (tmp_path / "web.log.1").read_text().startswith(f"run {logs.KEEP + 1}")
+    assert (tmp_path / "web.log.1").read_text().endswith(f"run {logs.KEEP + 1}\n")
     logs.note(path, "start `vite` in /x")
     with open(path, "a") as handle:
         handle.write("VITE ready\n")

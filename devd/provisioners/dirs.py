@@ -91,9 +91,11 @@ def make_owned_dir(path: Path, owner: str, root: Path) -> None:
         if claim == "empty":
             _write_marker(path, owner)
     except OSError as exc:
-        raise DevdError(f"cannot make {path}: {exc.strerror}",
-                        "free some space (or fix the permissions), then provision again: "
-                        "devd adopts its empty dir", code="io_error") from exc
+        where = f" ({exc.filename})" if exc.filename and exc.filename != str(path) else ""
+        raise DevdError(f"cannot make {path}: {exc.strerror}{where}",
+                        "free some space (or fix the permissions, or move aside what stands "
+                        "in the way), then provision again: devd adopts its empty dir",
+                        code="io_error") from exc
     if claim == "foreign":
         raise _conflict(path, owner)
 

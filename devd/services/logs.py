@@ -9,11 +9,14 @@ files directly (`devd logs`), so this module imports nothing heavy.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 MAX_BYTES = 5 << 20
 KEEP = 3  # rotated files kept besides the live one
@@ -29,9 +32,33 @@ def log_path(state_dir: Path, wt_id: str, name: str) -> Path:
 
 
 def open_for_service(path: Path) -> int:
-    """An O_APPEND descriptor for the service's stdout and stderr (0600)."""
+    """An O_APPEND descriptor for the service's stdout and stderr (0600). Whatever else
+    stands at the log's path (a symlink, a FIFO: devd's path, not what it leads to) is
+    replaced by a new file."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(path.lstat().st_mode):
+            path.unlink()
+    return _open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+
+class NotRegular(OSError):
+    """The log's path is no regular file."""
+
+
+def _open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
+    """open(2) that never follows a symlink nor blocks on a FIFO (a log swapped under a
+    running service must not hang the daemon's watch thread, or be followed)."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegular(f"{path} is no regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _read_handle(path: Path) -> BinaryIO:
+    return os.fdopen(_open_regular(path, os.O_RDONLY), "rb")
 
 
 def note(path: Path, text: str) -> None:
@@ -46,17 +73,27 @@ def note(path: Path, text: str) -> None:
 def rotate_if_big(path: Path, limit: int = MAX_BYTES) -> bool:
     """Copy-truncate `path` once it passes `limit` bytes; True if it rotated."""
     try:
-        if path.stat().st_size <= limit:
-            return False
+        found = path.lstat()  # a symlink is not followed: its target is not devd's
     except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(found.st_mode) or found.st_size <= limit:
         return False
     for n in range(KEEP - 1, 0, -1):
         older = path.with_name(f"{path.name}.{n}")
         if older.exists():
             older.replace(path.with_name(f"{path.name}.{n + 1}"))
-    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    # Only the last `limit` bytes are kept: a service printing a flood (`yes`: GB/s) grows
+    # its log by far more than `limit` a tick, and a whole copy of each would fill the disk.
+    with open(path, "rb") as src, open(path.with_name(f"{path.name}.1"), "wb",
+                                       opener=_private) as dst:
+        src.seek(max(0, found.st_size - limit))
+        shutil.copyfileobj(src, dst, 1 << 20)
     os.truncate(path, 0)
     return True
+
+
+def _private(name: str, flags: int) -> int:
+    return os.open(name, flags, 0o600)
 
 
 def size(path: Path) -> int:
@@ -70,7 +107,7 @@ def read_from(path: Path, offset: int, limit: int = 1 << 20) -> tuple[bytes, int
     """What was appended to a log since byte `offset` (at most `limit` bytes) and the new
     offset; a log rotated (truncated) meanwhile is read from its start."""
     try:
-        with open(path, "rb") as handle:
+        with _read_handle(path) as handle:
             end = handle.seek(0, os.SEEK_END)
             offset = 0 if end < offset else offset
             handle.seek(offset)
@@ -83,7 +120,7 @@ def read_from(path: Path, offset: int, limit: int = 1 << 20) -> tuple[bytes, int
 def tail(path: Path, lines: int = TAIL_LINES, end: int | None = None) -> list[str]:
     """The last `lines` lines of a log (up to byte `end`; only its end is read: logs grow)."""
     try:
-        with open(path, "rb") as handle:
+        with _read_handle(path) as handle:
             stop = handle.seek(0, os.SEEK_END) if end is None else end
             handle.seek(max(0, stop - 64 * 1024))
             text = handle.read(stop - handle.tell()).decode("utf-8", "replace")
@@ -114,10 +151,13 @@ def follow(path: Path, offset: int, stop: Callable[[], bool] = lambda: False,
         now = size(path)
         if now < offset:
             offset = 0
-        if now > offset:
-            with open(path, "rb") as handle:
+        try:
+            with _read_handle(path) as handle:
                 handle.seek(offset)
-                chunk = handle.read(now - offset)
+                chunk = handle.read(max(0, now - offset))
+        except OSError:  # gone, or no regular file: as if nothing came
+            chunk = b""
+        if chunk:
             offset += len(chunk)
             *done, rest = (rest + chunk).split(b"\n")
             yield from (line.decode("utf-8", "replace") for line in done)

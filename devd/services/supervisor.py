@@ -214,6 +214,7 @@ class Supervisor:
         logs.rotate_if_big(spec.log)
         logs.note(spec.log, f"start `{spec.command}` in {spec.cwd}"
                   + (f" on port {spec.port}" if spec.port else ""))
+        scan_from = logs.size(spec.log)  # before it runs: its first line may come at once
         fd = logs.open_for_service(spec.log)
         try:
             unit.group = groups.spawn(spec.command, spec.cwd, spec.env, fd)
@@ -225,7 +226,7 @@ class Supervisor:
         groups.record(self._record(unit), unit.group)
         unit.started = unit.last_used = time.monotonic()
         unit.elsewhere_since = None
-        unit.scanned, unit.scanner = logs.size(spec.log), LineScanner()
+        unit.scanned, unit.scanner = scan_from, LineScanner()
         # The flags devd added bind it to 127.0.0.1: the proxy is told now, while it boots,
         # so readiness (which verifies it) rarely changes the route and reloads Caddy just
         # as the first request comes.
@@ -300,8 +301,10 @@ class Supervisor:
         elif unit.state == "backoff" and now >= unit.next_start:
             unit.restarts += 1
             self._spawn(unit)
-        if unit.state in UP:
-            logs.rotate_if_big(unit.spec.log)
+        if unit.state in UP and logs.size(unit.spec.log) > logs.MAX_BYTES:
+            self._scan(unit, limit=logs.MAX_BYTES)  # what the copy-truncate takes unread
+            if logs.rotate_if_big(unit.spec.log):
+                unit.scanned = 0
 
     def _check_exit(self, unit: Unit, now: float) -> None:
         assert unit.group is not None
@@ -324,9 +327,10 @@ class Supervisor:
         unit.next_start = now + min(BACKOFF[0] * 2 ** (unit.failures - 1), BACKOFF[1])
         unit.set("backoff", how)
 
-    def _scan(self, unit: Unit, last: bool = False) -> None:
-        """Feed what the run added to its log since the last tick to its break scanner."""
-        chunk, unit.scanned = logs.read_from(unit.spec.log, unit.scanned)
+    def _scan(self, unit: Unit, last: bool = False, limit: int = 1 << 20) -> None:
+        """Feed what the run added to its log since the last tick to its break scanner
+        (`limit` bytes at most: a service printing a flood costs the daemon little)."""
+        chunk, unit.scanned = logs.read_from(unit.spec.log, unit.scanned, limit)
         hits = unit.scanner.feed(chunk) + (unit.scanner.close() if last else [])
         for signature, line in hits:
             self._tell(self.on_break, unit, signature, line)

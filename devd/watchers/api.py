@@ -102,9 +102,14 @@ def restart(service: Service, path: str | None, max_watches: int | None, userns:
     limit = int(max_watches) if isinstance(max_watches, int) else None
     plan = restart_plan(_monitor(service), only, limit, str(userns) if userns else None,
                         bool(force))
+    plan["left_down"] = []  # broken services the user took down since: left down
     for entry in plan["services"]:
         wt = service.registry.worktree(entry["worktree_id"])
         if wt is None:
+            continue
+        unit = service.services.unit(wt.id, entry["service"])
+        if unit is not None and unit.state == "stopped":  # taken down: left down
+            plan["left_down"].append(entry)  # (no refusal: nothing to fix)
             continue
         service.services.stop(wt.id, [entry["service"]])
         try:
@@ -114,7 +119,8 @@ def restart(service: Service, path: str | None, max_watches: int | None, userns:
             plan["skipped"].append(entry)
             continue
         entry |= {"new_pid": unit.pid, "state": unit.state, "log": str(unit.spec.log)}
-    plan["services"] = [e for e in plan["services"] if e not in plan["skipped"]]
+    plan["services"] = [e for e in plan["services"]
+                        if e not in plan["skipped"] and e not in plan["left_down"]]
     return plan
 
 

@@ -222,15 +222,20 @@ class WatcherMonitor:
         """A devd-started watcher holding clearly fewer watches than the worktree needs
         (the estimate: one per file and directory, as chokidar takes them, or per directory
         with `[watchers] estimate = "dirs"`) missed some: ENOSPC mid-walk in a tool that
-        logs nothing, or skips silently. Each watcher is judged alone, one holding no watch
-        at all included (it got its inotify instance, then not one watch). Its run is
+        logs nothing, or skips silently. Each run is judged alone, by its processes' watches
+        together (`next dev`: a parent watching its config, a child the tree), one holding
+        no watch at all included (it got its inotify instance, then not one watch). Its run is
         marked `partial` in the registry, so `devd watchers --restart` can restart it."""
         settle = self.settings.watchers_settle
         started = [c for c in own if view.owners[c.pid].run_pid is not None and c.instances
                    and c.watches is not None and _age(c, self._boot) >= settle]
         need, mode = self.need(wt) if started else (0, "files")
-        short = [c for c in started
-                 if (c.watches or 0) < self.settings.watchers_partial_ratio * need]
+        by_run: dict[int | None, list[Consumer]] = {}
+        for c in started:
+            by_run.setdefault(view.owners[c.pid].run_pid, []).append(c)
+        short = [c for run in by_run.values()
+                 if sum(c.watches or 0 for c in run) < self.settings.watchers_partial_ratio
+                 * need for c in run]
         marked = {b.pid for b in records if b.kind == "partial"}
         if not short:
             if marked:

@@ -97,4 +97,6 @@ def restarted(plan: dict[str, Any]) -> str:
                      f"{unit['state']} (`devd logs {one_line(unit['service'])}`)")
     lines += [f"not restarted {one_line(s['worktree'])}: {one_line(s['why'], 200)}"
               for s in plan["skipped"]]
+    lines += [f"left down {one_line(s['worktree'])}: service {one_line(s['service'])} was "
+              "taken down (`devd up` starts it)" for s in plan.get("left_down", [])]
     return "\n".join(lines) or "nothing to restart: no devd-started watcher has failed."

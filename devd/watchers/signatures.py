@@ -37,6 +37,9 @@ SIGNATURES = (
     Signature("os-error-24", "fds", re.compile(rb"Too many open files \(os error 24\)")),
 )
 
+# A word each signature holds (tests check it does): a chunk without any has no break line.
+HINT = re.compile(rb"ENOSPC|Watchpack|inotify|watch limit|EMFILE|os error 24")
+
 
 def match(line: bytes) -> Signature | None:
     """The first known signature in one output line, colours removed."""
@@ -56,7 +59,11 @@ class LineScanner:
 
     def feed(self, chunk: bytes) -> list[tuple[Signature, str]]:
         """Matches completed by this chunk, with the line (decoded, shortened) that matched."""
-        lines = (self._partial + chunk).split(b"\n")
+        buffer = self._partial + chunk
+        if not HINT.search(buffer):  # the usual chunk: one pass in C, no line split
+            self._partial = buffer[buffer.rfind(b"\n") + 1:][-MAX_LINE:]
+            return []
+        lines = buffer.split(b"\n")
         self._partial = lines.pop()[-MAX_LINE:]
         return [hit for line in lines if (hit := self._check(line))]
 
