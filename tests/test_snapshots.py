@@ -313,6 +313,8 @@ def test_a_daemon_killed_mid_snapshot_leaves_what_the_next_one_and_gc_remove(
         # this data dir): status lists them as orphans, `devd gc` removes them.
         stale = helper("stale", instance_id)
         (snapshots / ".shop.partial-0badc0de" / "pgdata").mkdir(parents=True)
+        (snapshots / ".shop.partial-0badc0de" / "devd-snapshot.json").write_text(
+            json.dumps({"instance": instance_id, "name": "shop", "partial": "0badc0de"}))
         listed = devd.json("gc", "--dry-run")["orphans"]
         assert {"kind": "snapshot helper", "name": stale.name, "worktree_id": "",
                 "where": "docker"} in listed, listed

@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 IN_CONTAINER = "/var/lib/postgresql/data"
 # This daemon process's own mark on its helper containers and partial copies. One daemon
-# serves a data dir at a time (its lock), so one with another run's mark was left by a
-# daemon that died mid-snapshot (kill -9, a crash): nothing is still working on it.
+# serves an instance at a time (its lock), so one of this instance with another run's mark
+# was left by a daemon that died mid-snapshot (kill -9, a crash): nothing still works on it.
+# Partial copies carry the instance's marker too: a data dir may be shared by two instances.
 RUN = secrets.token_hex(8)
 LABEL_RUN = "devd.run"
 HELPER = "snapshot"  # devd.kind of the helper containers
@@ -106,15 +107,19 @@ def take(dk: DockerClient, paths: Paths, name: str, source: Source, image: str,
         raise DevdError(f"snapshot {name!r} already exists ({target})",
                         f"drop it first (devd db drop-snapshot {name}) or pick another name",
                         code="snapshot_exists")
-    # One daemon per data dir and one request per name at a time: any partial copy of this
-    # name is a crashed run's.
+    # One daemon per instance and one request per name at a time: any partial copy of this
+    # name and instance is a crashed run's.
     for stale in target.parent.iterdir():
-        if (found := _LEFTOVER.fullmatch(stale.name)) and found[1] == name:
+        if (found := _LEFTOVER.fullmatch(stale.name)) and found[1] == name and _ours(stale):
             datadirs.remove_tree(stale)
     partial = target.with_name(f".{name}.partial-{RUN}")
     partial.mkdir(mode=0o700)
     started = time.monotonic()
     try:
+        # Marked at once: the sweep removes only a partial copy with this instance's marker,
+        # never a user's directory of a look-alike name, nor another instance's copy under
+        # way (two state dirs may share one data dir: XDG_STATE_HOME and XDG_DATA_HOME differ).
+        datadirs.write_marker(partial, datadirs.SNAPSHOT_MARKER, name=name, partial=RUN)
         source.backup(dk, partial, progress)
         pgdata = partial / datadirs.PGDATA
         _complete_config(pgdata)
@@ -266,7 +271,17 @@ def _partial_copies(paths: Paths) -> list[Path]:
     if root is None:
         return []
     return sorted(where for where in root.iterdir()
-                  if (found := _LEFTOVER.fullmatch(where.name)) and found[3] != RUN)
+                  if (found := _LEFTOVER.fullmatch(where.name)) and found[3] != RUN
+                  and _ours(where))
+
+
+def _ours(where: Path) -> bool:
+    """A partial or dropped copy this instance made: a directory (not a link) with its
+    snapshot marker. Anything else of a look-alike name is not devd's to remove."""
+    try:
+        return where.is_dir() and datadirs.read_marker(where, datadirs.SNAPSHOT_MARKER) is not None
+    except OwnershipConflict:
+        return False
 
 
 def _exited(helper: Any) -> int | None:
