@@ -177,3 +177,24 @@ def test_the_sweep_removes_only_this_instances_crashed_copies(tmp_path: Path,
         snapshots.take(docker.from_env(), paths, "shop", source, IMAGE, lambda *a, **k: None)
     assert not crashed.exists() and (kept[1] / datadirs.PGDATA / "precious").exists()
     assert not list(root.glob(f".shop.partial-{snapshots.RUN}"))
+
+
+def test_a_reset_killed_mid_copy_leaves_a_partial_clone_the_sweep_removes(
+        paths: Paths) -> None:
+    from devd.postgres.provisioner import remove_snapshot_leftovers
+
+    def clone(wt_id: str, owner: str, *incoming: str) -> list[Path]:
+        root = datadirs.postgres_dir(paths, "clones") / wt_id
+        (root / datadirs.PGDATA).mkdir(parents=True)
+        (root / datadirs.CLONE_MARKER).write_text(json.dumps({"instance": owner}))
+        for name in incoming:
+            (root / name / "base").mkdir(parents=True)
+        return [root / name for name in incoming]
+
+    crashed, running = clone("wt1", instance.current(), ".incoming-4242",
+                             clones.INCOMING + snapshots.RUN)
+    theirs, = clone("wt2", "f" * 16, ".incoming-4242")
+    assert clones.crashed_resets(paths) == [crashed]
+    assert remove_snapshot_leftovers(paths) == [str(crashed)]
+    assert not crashed.exists() and running.is_dir() and theirs.is_dir()
+    assert (crashed.parent / datadirs.PGDATA).is_dir(), "the worktree's data stays"
