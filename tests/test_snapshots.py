@@ -359,3 +359,32 @@ def test_a_reset_that_fills_the_disk_keeps_the_data_it_had(devd: Devd, repo: Rep
         devd.json("release", str(tree), "--yes", "--no-backup")
     finally:
         subprocess.run(["umount", str(clones_dir)], check=True)
+
+
+def test_a_foreign_server_on_a_clones_port_is_never_taken_for_it(devd: Devd, repo: Repo,
+                                                                 dk: Any) -> None:
+    """A clone shares the host's network: a server someone else started on its leased port
+    meanwhile (a trusting local one, say) answers the readiness probe. devd must not log in
+    to it, let alone set its superuser's password, nor say the worktree is ready."""
+    _main_with_data(devd, repo)
+    devd.run("db", "snapshot", cwd=repo.main, timeout=180)
+    _clone_config(repo)
+    tree = repo.worktree("shop-squat", "squat")
+    devd.run("provision", str(tree), timeout=180)
+    pg = _pg(devd, tree)
+    dk.containers.get(pg["name"]).stop(timeout=10)
+    foreign = dk.containers.run(IMAGE, detach=True, ports={"5432/tcp": ("127.0.0.1", pg["port"])},
+                                environment={"POSTGRES_HOST_AUTH_METHOD": "trust"},
+                                labels={"devd.test": "foreign"})
+    try:
+        wait_for(lambda: foreign.exec_run(["pg_isready", "-h", "127.0.0.1"]).exit_code == 0,
+                 timeout=60, what="the foreign server")
+        done = devd.run("db", "reset", str(tree), timeout=180, check=False)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stdout + done.stderr
+        assert "already in use" in done.stderr, done.stderr
+        code, out = foreign.exec_run(["psql", "-U", "postgres", "-Atc",
+                                      "SELECT rolpassword IS NULL FROM pg_authid "
+                                      "WHERE rolname = 'postgres'"])
+        assert out.decode().strip() == "t", "devd set a foreign server's password"
+    finally:
+        foreign.remove(force=True)
