@@ -168,6 +168,10 @@ def test_the_sweep_removes_only_this_instances_crashed_copies(tmp_path: Path,
     assert listed == {str(crashed), str(dropped)}, listed
     assert set(snapshots.remove_leftovers(paths)) == listed
     assert all((k / datadirs.PGDATA / "precious").exists() for k in kept) and link.is_symlink()
+    # A drop removes the data before the marker: one killed meanwhile is still swept.
+    copy("gone", instance.current())
+    assert snapshots.drop(paths, "gone", [])["dropped"] == "gone"
+    assert not list(root.glob("*gone*"))
     # A take clears a crashed copy of its name, and only this instance's.
     import docker
 

@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -111,7 +110,7 @@ def take(dk: DockerClient, paths: Paths, name: str, source: Source, image: str,
     # name and instance is a crashed run's.
     for stale in target.parent.iterdir():
         if (found := _LEFTOVER.fullmatch(stale.name)) and found[1] == name and _ours(stale):
-            datadirs.remove_tree(stale)
+            _remove_copy(stale)
     partial = target.with_name(f".{name}.partial-{RUN}")
     partial.mkdir(mode=0o700)
     started = time.monotonic()
@@ -132,7 +131,7 @@ def take(dk: DockerClient, paths: Paths, name: str, source: Source, image: str,
                               bytes=datadirs.allocated(pgdata), password=password)
         os.rename(partial, target)
     except BaseException as exc:
-        datadirs.remove_tree(partial)
+        _remove_copy(partial)
         if type(exc).__module__.startswith("docker"):
             raise DevdError(f"Docker refused while taking snapshot {name!r}: {exc}; nothing "
                             "was kept", "check the engine and the image", code="docker_error"
@@ -236,7 +235,7 @@ def remove_leftovers(paths: Paths) -> list[str]:
         except (docker.errors.DockerException, requests.RequestException) as exc:
             log.warning("snapshot helpers %s not removed: %s", list(helpers.values()), exc)
     for where in _partial_copies(paths):
-        datadirs.remove_tree(where)
+        _remove_copy(where)
         gone.append(str(where))
     if gone:
         log.info("removed what a daemon killed mid-snapshot left: %s", ", ".join(gone))
@@ -386,5 +385,12 @@ def drop(paths: Paths, name: str, users: list[str]) -> dict[str, Any]:
         os.rename(doomed, where)
         raise OwnershipConflict(f"{where} became a symlink while being dropped; nothing was "
                                 "removed", "devd never follows a link out of its data dir")
-    shutil.rmtree(doomed)
+    _remove_copy(doomed)
     return {"dropped": name, "path": str(where)}
+
+
+def _remove_copy(where: Path) -> None:
+    """A snapshot's directory removed data first: one killed meanwhile (a large one takes
+    seconds) keeps its marker, so the sweep still knows it as this instance's."""
+    datadirs.remove_tree(where / datadirs.PGDATA)
+    datadirs.remove_tree(where)
