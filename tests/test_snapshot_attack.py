@@ -198,7 +198,9 @@ def test_a_reset_killed_mid_copy_leaves_a_partial_clone_the_sweep_removes(
     crashed, running = clone("wt1", instance.current(), ".incoming-4242",
                              clones.INCOMING + snapshots.RUN)
     theirs, = clone("wt2", "f" * 16, ".incoming-4242")
+    (crashed.parent / ".incoming-link").symlink_to(theirs)  # never followed, never removed
     assert clones.crashed_resets(paths) == [crashed]
     assert remove_snapshot_leftovers(paths) == [str(crashed)]
-    assert not crashed.exists() and running.is_dir() and theirs.is_dir()
+    assert not crashed.exists() and running.is_dir() and (theirs / "base").is_dir()
+    assert (crashed.parent / ".incoming-link").is_symlink()
     assert (crashed.parent / datadirs.PGDATA).is_dir(), "the worktree's data stays"
