@@ -185,7 +185,7 @@ def test_the_sweep_removes_only_this_instances_crashed_copies(tmp_path: Path,
 
 def test_a_reset_killed_mid_copy_leaves_a_partial_clone_the_sweep_removes(
         paths: Paths) -> None:
-    from devd.postgres.provisioner import remove_snapshot_leftovers
+    from devd.postgres.provisioner import orphans, remove_snapshot_leftovers
 
     def clone(wt_id: str, owner: str, *incoming: str) -> list[Path]:
         root = datadirs.postgres_dir(paths, "clones") / wt_id
@@ -200,6 +200,8 @@ def test_a_reset_killed_mid_copy_leaves_a_partial_clone_the_sweep_removes(
     theirs, = clone("wt2", "f" * 16, ".incoming-4242")
     (crashed.parent / ".incoming-link").symlink_to(theirs)  # never followed, never removed
     assert clones.crashed_resets(paths) == [crashed]
+    assert orphans(paths, {"wt1", "wt2"}) == [{"kind": "partial clone", "name": str(crashed),
+                                               "worktree_id": "wt1", "where": "data dir"}]
     assert remove_snapshot_leftovers(paths) == [str(crashed)]
     assert not crashed.exists() and running.is_dir() and (theirs / "base").is_dir()
     assert (crashed.parent / ".incoming-link").is_symlink()
