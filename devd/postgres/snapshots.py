@@ -330,8 +330,11 @@ def _finalize(dk: DockerClient, pgdata: Path, image: str, password: str) -> None
     """Start a server on the copy (it replays the streamed WAL), give its superuser the
     snapshot's own password, then a clean shutdown. A clone's first connection uses that
     password to set the worktree's (one round trip, where a `docker exec` costs ~0.4 s)."""
+    # logging_collector off: its log on stderr, where the ready line is awaited (a source
+    # that collects its own log into files would leave nothing to wait for), not in the data.
     helper = dk.containers.run(
-        image, ["postgres", "-c", "listen_addresses="], detach=True, user=run_as(),
+        image, ["postgres", "-c", "listen_addresses=", "-c", "logging_collector=off"],
+        detach=True, user=run_as(),
         labels=_helper_labels(),
         volumes={str(pgdata): {"bind": IN_CONTAINER, "mode": "rw"}})
     try:
@@ -345,8 +348,8 @@ def _finalize(dk: DockerClient, pgdata: Path, image: str, password: str) -> None
             time.sleep(0.1)
         code, output = helper.exec_run(
             ["psql", "-X", "-U", "postgres", "-d", "postgres", "-c",
-             "SET password_encryption = 'scram-sha-256'", "-c",
-             f"ALTER ROLE postgres PASSWORD '{password}'"], user="postgres")
+             f"ALTER ROLE postgres PASSWORD '{names.scram_verifier(password)}'"],
+            user="postgres")
         if code != 0:
             raise DevdError("the snapshot has no superuser named postgres: "
                             f"{output.decode(errors='replace').strip()}; nothing was kept",
