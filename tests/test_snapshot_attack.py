@@ -142,3 +142,67 @@ def test_a_clone_of_a_snapshot_dropped_and_retaken_meanwhile_is_discarded(
     with pytest.raises(DevdError, match="taken again while it was being cloned"):
         clones._copy(found, root / datadirs.PGDATA, lambda *a, **k: None)
     assert not (root / datadirs.PGDATA).exists() and not (root / datadirs.CLONE_MARKER).exists()
+
+
+@pytest.mark.docker
+def test_the_sweep_removes_only_this_instances_crashed_copies(tmp_path: Path,
+                                                             paths: Paths) -> None:
+    root = datadirs.postgres_dir(paths, "snapshots")
+
+    def copy(name: str, owner: str | None) -> Path:
+        where = root / name
+        (where / datadirs.PGDATA).mkdir(parents=True)
+        (where / datadirs.PGDATA / "precious").write_text("keep me")
+        if owner:
+            (where / datadirs.SNAPSHOT_MARKER).write_text(json.dumps({"instance": owner}))
+        return where
+
+    crashed = copy(".cart.partial-0badc0de", instance.current())
+    dropped = copy(".old.dropping-0badc0de", instance.current())
+    kept = [copy(".backup.partial-1", None),  # the user's, of a look-alike name
+            copy(".shop.partial-0badc0de", "f" * 16),  # another instance's, under way
+            copy(f".cart.partial-{snapshots.RUN}", instance.current())]  # this run's
+    link = root / ".link.partial-2"
+    link.symlink_to(_outside(tmp_path, datadirs.SNAPSHOT_MARKER))
+    listed = {o["name"] for o in snapshots.leftovers(paths)}
+    assert listed == {str(crashed), str(dropped)}, listed
+    assert set(snapshots.remove_leftovers(paths)) == listed
+    assert all((k / datadirs.PGDATA / "precious").exists() for k in kept) and link.is_symlink()
+    # A drop removes the data before the marker: one killed meanwhile is still swept.
+    copy("gone", instance.current())
+    assert snapshots.drop(paths, "gone", [])["dropped"] == "gone"
+    assert not list(root.glob("*gone*"))
+    # A take clears a crashed copy of its name, and only this instance's.
+    import docker
+
+    crashed = copy(".shop.partial-0badc0de1", instance.current())
+    source = snapshots.Source("gone", container="devd-test-no-such-container", image=IMAGE)
+    with pytest.raises(DevdError, match="Docker refused"):
+        snapshots.take(docker.from_env(), paths, "shop", source, IMAGE, lambda *a, **k: None)
+    assert not crashed.exists() and (kept[1] / datadirs.PGDATA / "precious").exists()
+    assert not list(root.glob(f".shop.partial-{snapshots.RUN}"))
+
+
+def test_a_reset_killed_mid_copy_leaves_a_partial_clone_the_sweep_removes(
+        paths: Paths) -> None:
+    from devd.postgres.provisioner import orphans, remove_snapshot_leftovers
+
+    def clone(wt_id: str, owner: str, *incoming: str) -> list[Path]:
+        root = datadirs.postgres_dir(paths, "clones") / wt_id
+        (root / datadirs.PGDATA).mkdir(parents=True)
+        (root / datadirs.CLONE_MARKER).write_text(json.dumps({"instance": owner}))
+        for name in incoming:
+            (root / name / "base").mkdir(parents=True)
+        return [root / name for name in incoming]
+
+    crashed, running = clone("wt1", instance.current(), ".incoming-4242",
+                             clones.INCOMING + snapshots.RUN)
+    theirs, = clone("wt2", "f" * 16, ".incoming-4242")
+    (crashed.parent / ".incoming-link").symlink_to(theirs)  # never followed, never removed
+    assert clones.crashed_resets(paths) == [crashed]
+    assert orphans(paths, {"wt1", "wt2"}) == [{"kind": "partial clone", "name": str(crashed),
+                                               "worktree_id": "wt1", "where": "data dir"}]
+    assert remove_snapshot_leftovers(paths) == [str(crashed)]
+    assert not crashed.exists() and running.is_dir() and (theirs / "base").is_dir()
+    assert (crashed.parent / ".incoming-link").is_symlink()
+    assert (crashed.parent / datadirs.PGDATA).is_dir(), "the worktree's data stays"

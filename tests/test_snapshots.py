@@ -313,6 +313,8 @@ def test_a_daemon_killed_mid_snapshot_leaves_what_the_next_one_and_gc_remove(
         # this data dir): status lists them as orphans, `devd gc` removes them.
         stale = helper("stale", instance_id)
         (snapshots / ".shop.partial-0badc0de" / "pgdata").mkdir(parents=True)
+        (snapshots / ".shop.partial-0badc0de" / "devd-snapshot.json").write_text(
+            json.dumps({"instance": instance_id, "name": "shop", "partial": "0badc0de"}))
         listed = devd.json("gc", "--dry-run")["orphans"]
         assert {"kind": "snapshot helper", "name": stale.name, "worktree_id": "",
                 "where": "docker"} in listed, listed
@@ -357,3 +359,55 @@ def test_a_reset_that_fills_the_disk_keeps_the_data_it_had(devd: Devd, repo: Rep
         devd.json("release", str(tree), "--yes", "--no-backup")
     finally:
         subprocess.run(["umount", str(clones_dir)], check=True)
+
+
+def test_a_foreign_server_on_a_clones_port_is_never_taken_for_it(devd: Devd, repo: Repo,
+                                                                 dk: Any) -> None:
+    """A clone shares the host's network: a server someone else started on its leased port
+    meanwhile (a trusting local one, say) answers the readiness probe. devd must not log in
+    to it, let alone set its superuser's password, nor say the worktree is ready.
+    And a source that logs DDL into its data dir: no password devd sets lands in the log
+    every clone copies."""
+    main_url = _main_with_data(devd, repo)
+    query(main_url, "ALTER SYSTEM SET logging_collector = on")
+    query(main_url, "ALTER SYSTEM SET log_statement = 'ddl'")
+    dk.containers.get(_pg(devd, repo.main)["name"]).restart(timeout=10)
+    wait_for(lambda: _answers(main_url), timeout=60, what="the main server after a restart")
+    devd.run("db", "snapshot", cwd=repo.main, timeout=180)
+    _clone_config(repo)
+    tree = repo.worktree("shop-squat", "squat")
+    devd.run("provision", str(tree), timeout=180)
+    pg = _pg(devd, tree)
+    snap = devd.paths.data_dir / "postgres" / "snapshots" / "shop"
+    secrets = [json.loads((snap / datadirs.SNAPSHOT_MARKER).read_text())["password"],
+               pg_password := env_of(devd, tree)["DATABASE_URL"].split(":")[2].split("@")[0]]
+    logged = subprocess.run(["grep", "-rlF", "-e", secrets[0], "-e", pg_password,
+                             str(snap / datadirs.PGDATA), _pg(devd, tree)["disk"]["data_dir"]],
+                            capture_output=True, text=True)
+    assert logged.stdout == "", f"a password in the data: {logged.stdout}"
+    dk.containers.get(pg["name"]).stop(timeout=10)
+    foreign = dk.containers.run(IMAGE, detach=True, ports={"5432/tcp": ("127.0.0.1", pg["port"])},
+                                environment={"POSTGRES_HOST_AUTH_METHOD": "trust"},
+                                labels={"devd.test": "foreign"})
+    try:
+        wait_for(lambda: foreign.exec_run(["pg_isready", "-h", "127.0.0.1"]).exit_code == 0,
+                 timeout=60, what="the foreign server")
+        done = devd.run("db", "reset", str(tree), timeout=180, check=False)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stdout + done.stderr
+        # The clone cannot bind the port: it exits, and the reset says so (why is in its
+        # log, the source's collector's file here).
+        assert "exited" in done.stderr, done.stderr
+        code, out = foreign.exec_run(["psql", "-U", "postgres", "-Atc",
+                                      "SELECT rolpassword IS NULL FROM pg_authid "
+                                      "WHERE rolname = 'postgres'"])
+        assert out.decode().strip() == "t", "devd set a foreign server's password"
+    finally:
+        foreign.remove(force=True)
+
+
+def _answers(url: str) -> bool:
+    try:
+        query(url, "SELECT 1")
+        return True
+    except psycopg.OperationalError:
+        return False

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from devd.errors import DevdError
+from devd.errors import DevdError, OwnershipConflict
 from devd.paths import Paths
 from devd.postgres import datadirs, snapshots
 from devd.provisioners.base import Context, Progress
@@ -122,7 +122,7 @@ def replace(ctx: Context, image_major: str | None, progress: Progress,
             root.mkdir(mode=0o700, parents=True)
         for stale in root.glob(INCOMING + "*"):  # a crashed reset's
             datadirs.remove_tree(stale)
-        incoming = root / f"{INCOMING}{os.getpid()}"
+        incoming = root / f"{INCOMING}{snapshots.RUN}"
         strategy, took = _copy(snap, incoming, progress)
     finally:
         stopped()
@@ -183,3 +183,21 @@ def orphans(paths: Paths, known_ids: set[str]) -> list[dict[str, str]]:
             for found in sorted(root.iterdir())
             if found.name not in known_ids and (found / datadirs.PGDATA).is_dir()
             and (found / datadirs.CLONE_MARKER).is_file()]
+
+
+def crashed_resets(paths: Paths) -> list[Path]:
+    """New clones a reset was making when its daemon died (another run's name), in this
+    instance's clone dirs: with no data copy they hold nothing but space (all of the
+    snapshot's, where the filesystem cannot share blocks). Removed at start and by gc."""
+    root = paths.data_dir / "postgres" / CLONES
+    if not root.is_dir() or root.is_symlink():
+        return []
+    found = []
+    for clone in sorted(root.iterdir()):
+        try:
+            ours = clone.is_dir() and datadirs.read_marker(clone, datadirs.CLONE_MARKER)
+        except OwnershipConflict:
+            continue
+        found += [stale for stale in sorted(clone.glob(INCOMING + "*")) if ours
+                  and stale.name != INCOMING + snapshots.RUN and not stale.is_symlink()]
+    return found

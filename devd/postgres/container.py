@@ -236,7 +236,9 @@ def _network(dk: DockerClient, detail: dict[str, Any], environment: dict[str, st
 
 
 def _host_network_is_ours(dk: DockerClient) -> bool:
-    if not sys.platform.startswith("linux"):
+    # libpq 16's require_auth: the readiness probe's only way to tell the clone from
+    # whatever else may listen on its port meanwhile (_connect). Older: a published port.
+    if not sys.platform.startswith("linux") or psycopg.pq.version() < 160000:
         return False
     options = " ".join(dk.info().get("SecurityOptions") or [])
     return "rootless" not in options
@@ -266,12 +268,13 @@ def _wait_ready(container: Container, port: int, password: str, progress: Progre
     worktree's own on the first connection; `fresh`: the data was cloned since, so that
     connection is tried first (one login where a refused one would come before it)."""
     synced = False
+    mutual = _shares_host_network(container)
 
     def answers() -> bool:
         nonlocal synced, fresh
         if fresh and first:
             try:
-                with _connect(port, first) as conn:
+                with _connect(port, first, mutual) as conn:
                     conn.execute(_password_statement(password))
                 synced = True
                 return True
@@ -280,14 +283,14 @@ def _wait_ready(container: Container, port: int, password: str, progress: Progre
                     return False  # not up yet
                 fresh = False  # it has another password after all: the usual way below
         try:
-            with _connect(port, password) as conn:
+            with _connect(port, password, mutual) as conn:
                 conn.execute("SELECT 1")
             return True
         except psycopg.OperationalError as exc:
             if "password authentication failed" not in str(exc) or synced:
                 return False
         # A container recreated over an existing volume keeps the old password.
-        _set_password(container, port, password, first)
+        _set_password(container, port, password, first, mutual)
         synced = True
         return answers()
 
@@ -295,24 +298,35 @@ def _wait_ready(container: Container, port: int, password: str, progress: Progre
     engine.wait_ready(container, answers, READY_TIMEOUT, _explain(container))
 
 
-def _connect(port: int, password: str) -> psycopg.Connection[Any]:
+def _shares_host_network(container: Container) -> bool:
+    return bool(container.attrs.get("HostConfig", {}).get("NetworkMode") == "host")
+
+
+def _connect(port: int, password: str, mutual: bool = False) -> psycopg.Connection[Any]:
+    """`mutual`: the server must prove it knows the password (SCRAM's server signature).
+    A clone on the host's network listens on 127.0.0.1:port itself, so whatever else holds
+    that port (a local server that trusts every login, say) would answer the probe: it is
+    neither sent a password nor taken for the clone, whose pg_hba.conf asks for SCRAM."""
+    extra: dict[str, Any] = {"require_auth": "scram-sha-256"} if mutual else {}
     return psycopg.connect(host="127.0.0.1", port=port, user=SUPERUSER, password=password,
-                           dbname=DBNAME, connect_timeout=3, autocommit=True)
+                           dbname=DBNAME, connect_timeout=3, autocommit=True, **extra)
 
 
 def _password_statement(password: str) -> sql.Composed:
-    # scram whatever the data's password_encryption says: the snapshot's hba asks for it.
-    return sql.SQL("SET password_encryption = 'scram-sha-256'; ALTER ROLE {} PASSWORD {}"
-                   ).format(sql.Identifier(SUPERUSER), sql.Literal(password))
+    # A SCRAM verifier whatever the data's password_encryption says (the snapshot's hba asks
+    # for SCRAM), made here: the server, its log and its statistics never see the password.
+    return sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+        sql.Identifier(SUPERUSER), sql.Literal(names.scram_verifier(password)))
 
 
-def _set_password(container: Container, port: int, password: str, first: str | None) -> None:
+def _set_password(container: Container, port: int, password: str, first: str | None,
+                  mutual: bool = False) -> None:
     """Give the superuser `password`: over a connection with `first` if that opens one (one
     round trip), else through psql inside the container (local trust; ~0.4 s)."""
     statement = _password_statement(password)
     if first:
         try:
-            with _connect(port, first) as conn:
+            with _connect(port, first, mutual) as conn:
                 conn.execute(statement)
             return
         except psycopg.OperationalError:

@@ -86,6 +86,27 @@ def new_password() -> str:
     return secrets.token_hex(16)
 
 
+def scram_verifier(password: str, iterations: int = 4096) -> str:
+    """What Postgres stores for a SCRAM-SHA-256 password (RFC 5802/7677), made here: an
+    ALTER ROLE ... PASSWORD with it never shows the password itself to the server, whose
+    log (log_statement = 'ddl' in the source's config) or pg_stat_statements would keep it
+    in the data every clone copies. devd's passwords are ASCII: SASLprep leaves them as
+    they are."""
+    import base64
+    import hmac
+
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client = hmac.new(salted, b"Client Key", "sha256").digest()
+    server = hmac.new(salted, b"Server Key", "sha256").digest()
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    return (f"SCRAM-SHA-256${iterations}:{b64(salt)}$"
+            f"{b64(hashlib.sha256(client).digest())}:{b64(server)}")
+
+
 def database_url(host: str, port: int | str, user: str, password: str, dbname: str) -> str:
     """A libpq URL; a Unix socket directory goes in the host query parameter."""
     auth = f"{quote(user, safe='')}:{quote(password, safe='')}@"

@@ -5,6 +5,7 @@ The modes live in sqlmodes.py (schema, database) and container.py; this is their
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,10 +13,12 @@ from typing import Any, TypeVar
 import psycopg
 
 from devd.errors import DevdError, OwnershipConflict
-from devd.postgres import clones, container, dump, names, server, snapshots, sqlmodes
+from devd.postgres import clones, container, datadirs, dump, names, server, snapshots, sqlmodes
 from devd.postgres.records import SQL_MODES, public_view
 from devd.postgres.restore import restore_sql
 from devd.provisioners.base import Context, Health, Progress, Provisioner
+
+log = logging.getLogger(__name__)
 
 
 class PostgresProvisioner(Provisioner):
@@ -116,7 +119,9 @@ def restore(ctx: Context, detail: dict[str, Any], source: str | None) -> dict[st
 def orphans(ctx_paths: Any, known_ids: set[str]) -> list[dict[str, str]]:
     """Objects with devd's marker, on every server devd has used, that no worktree owns, and
     what a daemon killed mid-snapshot left."""
-    found = clones.orphans(ctx_paths, known_ids) + snapshots.leftovers(ctx_paths)
+    found = clones.orphans(ctx_paths, known_ids) + snapshots.leftovers(ctx_paths) + [
+        {"kind": "partial clone", "name": str(where), "worktree_id": where.parent.name,
+         "where": "data dir"} for where in clones.crashed_resets(ctx_paths)]
     for url in server.servers(ctx_paths):
         if url == server.DOCKER:
             found += container.orphans(known_ids)
@@ -133,7 +138,14 @@ def orphans(ctx_paths: Any, known_ids: set[str]) -> list[dict[str, str]]:
 
 
 def remove_snapshot_leftovers(paths: Any) -> list[str]:
-    return snapshots.remove_leftovers(paths)
+    """What a daemon killed mid-snapshot or mid-reset left."""
+    gone = [str(where) for where in clones.crashed_resets(paths)]
+    for where in map(Path, gone):
+        datadirs.remove_tree(where)
+    if gone:
+        log.info("removed the partial clones of resets a killed daemon left: %s",
+                 ", ".join(gone))
+    return snapshots.remove_leftovers(paths) + gone
 
 
 def status_entry(paths: Any, details: dict[str, dict[str, Any]], checked: dict[str, Health],

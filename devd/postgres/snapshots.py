@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,8 +36,9 @@ log = logging.getLogger(__name__)
 
 IN_CONTAINER = "/var/lib/postgresql/data"
 # This daemon process's own mark on its helper containers and partial copies. One daemon
-# serves a data dir at a time (its lock), so one with another run's mark was left by a
-# daemon that died mid-snapshot (kill -9, a crash): nothing is still working on it.
+# serves an instance at a time (its lock), so one of this instance with another run's mark
+# was left by a daemon that died mid-snapshot (kill -9, a crash): nothing still works on it.
+# Partial copies carry the instance's marker too: a data dir may be shared by two instances.
 RUN = secrets.token_hex(8)
 LABEL_RUN = "devd.run"
 HELPER = "snapshot"  # devd.kind of the helper containers
@@ -106,15 +106,19 @@ def take(dk: DockerClient, paths: Paths, name: str, source: Source, image: str,
         raise DevdError(f"snapshot {name!r} already exists ({target})",
                         f"drop it first (devd db drop-snapshot {name}) or pick another name",
                         code="snapshot_exists")
-    # One daemon per data dir and one request per name at a time: any partial copy of this
-    # name is a crashed run's.
+    # One daemon per instance and one request per name at a time: any partial copy of this
+    # name and instance is a crashed run's.
     for stale in target.parent.iterdir():
-        if (found := _LEFTOVER.fullmatch(stale.name)) and found[1] == name:
-            datadirs.remove_tree(stale)
+        if (found := _LEFTOVER.fullmatch(stale.name)) and found[1] == name and _ours(stale):
+            _remove_copy(stale)
     partial = target.with_name(f".{name}.partial-{RUN}")
     partial.mkdir(mode=0o700)
     started = time.monotonic()
     try:
+        # Marked at once: the sweep removes only a partial copy with this instance's marker,
+        # never a user's directory of a look-alike name, nor another instance's copy under
+        # way (two state dirs may share one data dir: XDG_STATE_HOME and XDG_DATA_HOME differ).
+        datadirs.write_marker(partial, datadirs.SNAPSHOT_MARKER, name=name, partial=RUN)
         source.backup(dk, partial, progress)
         pgdata = partial / datadirs.PGDATA
         _complete_config(pgdata)
@@ -127,7 +131,7 @@ def take(dk: DockerClient, paths: Paths, name: str, source: Source, image: str,
                               bytes=datadirs.allocated(pgdata), password=password)
         os.rename(partial, target)
     except BaseException as exc:
-        datadirs.remove_tree(partial)
+        _remove_copy(partial)
         if type(exc).__module__.startswith("docker"):
             raise DevdError(f"Docker refused while taking snapshot {name!r}: {exc}; nothing "
                             "was kept", "check the engine and the image", code="docker_error"
@@ -231,7 +235,7 @@ def remove_leftovers(paths: Paths) -> list[str]:
         except (docker.errors.DockerException, requests.RequestException) as exc:
             log.warning("snapshot helpers %s not removed: %s", list(helpers.values()), exc)
     for where in _partial_copies(paths):
-        datadirs.remove_tree(where)
+        _remove_copy(where)
         gone.append(str(where))
     if gone:
         log.info("removed what a daemon killed mid-snapshot left: %s", ", ".join(gone))
@@ -266,7 +270,17 @@ def _partial_copies(paths: Paths) -> list[Path]:
     if root is None:
         return []
     return sorted(where for where in root.iterdir()
-                  if (found := _LEFTOVER.fullmatch(where.name)) and found[3] != RUN)
+                  if (found := _LEFTOVER.fullmatch(where.name)) and found[3] != RUN
+                  and _ours(where))
+
+
+def _ours(where: Path) -> bool:
+    """A partial or dropped copy this instance made: a directory (not a link) with its
+    snapshot marker. Anything else of a look-alike name is not devd's to remove."""
+    try:
+        return where.is_dir() and datadirs.read_marker(where, datadirs.SNAPSHOT_MARKER) is not None
+    except OwnershipConflict:
+        return False
 
 
 def _exited(helper: Any) -> int | None:
@@ -316,8 +330,11 @@ def _finalize(dk: DockerClient, pgdata: Path, image: str, password: str) -> None
     """Start a server on the copy (it replays the streamed WAL), give its superuser the
     snapshot's own password, then a clean shutdown. A clone's first connection uses that
     password to set the worktree's (one round trip, where a `docker exec` costs ~0.4 s)."""
+    # logging_collector off: its log on stderr, where the ready line is awaited (a source
+    # that collects its own log into files would leave nothing to wait for), not in the data.
     helper = dk.containers.run(
-        image, ["postgres", "-c", "listen_addresses="], detach=True, user=run_as(),
+        image, ["postgres", "-c", "listen_addresses=", "-c", "logging_collector=off"],
+        detach=True, user=run_as(),
         labels=_helper_labels(),
         volumes={str(pgdata): {"bind": IN_CONTAINER, "mode": "rw"}})
     try:
@@ -331,8 +348,8 @@ def _finalize(dk: DockerClient, pgdata: Path, image: str, password: str) -> None
             time.sleep(0.1)
         code, output = helper.exec_run(
             ["psql", "-X", "-U", "postgres", "-d", "postgres", "-c",
-             "SET password_encryption = 'scram-sha-256'", "-c",
-             f"ALTER ROLE postgres PASSWORD '{password}'"], user="postgres")
+             f"ALTER ROLE postgres PASSWORD '{names.scram_verifier(password)}'"],
+            user="postgres")
         if code != 0:
             raise DevdError("the snapshot has no superuser named postgres: "
                             f"{output.decode(errors='replace').strip()}; nothing was kept",
@@ -371,5 +388,12 @@ def drop(paths: Paths, name: str, users: list[str]) -> dict[str, Any]:
         os.rename(doomed, where)
         raise OwnershipConflict(f"{where} became a symlink while being dropped; nothing was "
                                 "removed", "devd never follows a link out of its data dir")
-    shutil.rmtree(doomed)
+    _remove_copy(doomed)
     return {"dropped": name, "path": str(where)}
+
+
+def _remove_copy(where: Path) -> None:
+    """A snapshot's directory removed data first: one killed meanwhile (a large one takes
+    seconds) keeps its marker, so the sweep still knows it as this instance's."""
+    datadirs.remove_tree(where / datadirs.PGDATA)
+    datadirs.remove_tree(where)
