@@ -46,7 +46,25 @@ class Client:
              on_progress: ProgressHandler | None = None, deadline: float | None = None) -> Any:
         """Send one request; raise the daemon's error as the matching DevdError. The daemon
         must say something (progress or a heartbeat) every `timeout` seconds; with
-        `deadline` (time.monotonic()), the whole call ends by then, whatever it says."""
+        `deadline` (time.monotonic()), the whole call ends by then, whatever it says.
+
+        A `busy` answer means the daemon ran nothing (every handler slot was taken, or the
+        socket was flooded): the request is sent again, with a growing jittered pause, for
+        up to `timeout` seconds, so a burst of hooks from twenty agents is served, not refused."""
+        give_up = time.monotonic() + self.timeout
+        pause = 0.02
+        while True:
+            try:
+                return self._call_once(method, params, on_progress, deadline)
+            except DevdError as exc:
+                now = time.monotonic()
+                if exc.code != "busy" or now + pause > min(give_up, deadline or give_up):
+                    raise
+            time.sleep(pause * _jitter())
+            pause = min(pause * 2, 0.5)
+
+    def _call_once(self, method: str, params: dict[str, Any] | None,
+                   on_progress: ProgressHandler | None, deadline: float | None) -> Any:
         sent, self._sent = self._sent, None
         sock = sent or self._connect()
         with sock:
@@ -123,6 +141,12 @@ class Client:
             "start one with `devd daemon` (or `devd service install`), "
             "or unset DEVD_NO_AUTOSTART to let the CLI start it",
         )
+
+
+def _jitter() -> float:
+    """A factor in [0.5, 1.5) that differs between clients retrying at once (not `random`:
+    importing it costs the fast status path 2 ms)."""
+    return 0.5 + (time.monotonic_ns() ^ os.getpid() * 2654435761) % 1000 / 1000
 
 
 def caller_overrides() -> dict[str, str]:
