@@ -1,6 +1,7 @@
 """Attacks on issue 11's fast readiness and proxy dialling: a port shared with a process
-outside the service (SO_REUSEPORT) is never called ready; an unverified service is dialled
-on 127.0.0.1, never `localhost`; a setpriv that cannot set the parent-death signal does not
+outside the service (SO_REUSEPORT) is never called ready nor dialled; a service is dialled
+only at an address its own group listens on, once ready (never `localhost`, never a
+squatter on the port while it boots); a setpriv that cannot set the parent-death signal does not
 keep Caddy from starting, and a setcap'd Caddy (which exec strips of it) is known. Real
 processes, sockets and binaries."""
 
@@ -18,7 +19,15 @@ from pathlib import Path
 import pytest
 
 from devd.proxy.child import dies_with_daemon, keeps_pdeathsig
+from devd.proxy.verify import Verifier, safe_dial
+from devd.registry import Registry
 from devd.services.supervisor import Spec, Supervisor, Unit
+
+
+def dials(sup: Supervisor, port: int, tmp_path: Path) -> dict[tuple[str, str], str]:
+    """What the proxy would dial for worktree w's port `web` (on `port`) now."""
+    verifier = Verifier(Registry(tmp_path / "registry.sqlite3"), sup.serving)
+    return verifier.dials([(("w", "web"), port)])
 
 
 @pytest.fixture
@@ -58,9 +67,10 @@ def test_a_port_shared_by_reuseport_is_never_ready(supervisor: Supervisor,
     # The other process holds 127.0.0.1:P first; the service joins it on the same address:
     # the kernel would spread the proxy's connections over both.
     with listener(socket.AF_INET, "127.0.0.1") as squatter:
-        unit = serve(supervisor, tmp_path, squatter.getsockname()[1], "127.0.0.1")
-    assert unit.state == "failed", (unit.state, supervisor.dials())
-    assert "SO_REUSEPORT" in (unit.error or "") and not supervisor.dials()
+        port = squatter.getsockname()[1]
+        unit = serve(supervisor, tmp_path, port, "127.0.0.1")
+        assert unit.state == "failed", unit.state
+        assert "SO_REUSEPORT" in (unit.error or "") and not dials(supervisor, port, tmp_path)
 
 
 def test_other_family_on_the_port_is_no_conflict(supervisor: Supervisor,
@@ -72,9 +82,10 @@ def test_other_family_on_the_port_is_no_conflict(supervisor: Supervisor,
     except OSError:
         pytest.skip("no IPv6 loopback here")
     with other:
-        unit = serve(supervisor, tmp_path, other.getsockname()[1], "127.0.0.1")
+        port = other.getsockname()[1]
+        unit = serve(supervisor, tmp_path, port, "127.0.0.1")
         assert unit.state == "running", unit.error
-        assert supervisor.dials() == {("w", "web"): "127.0.0.1"}
+        assert dials(supervisor, port, tmp_path) == {("w", "web"): "127.0.0.1"}
 
 
 def test_a_setpriv_without_pdeathsig_is_not_used(tmp_path: Path,
@@ -109,18 +120,26 @@ def test_a_caddy_with_file_capabilities_is_known_to_outlive_a_killed_daemon(
     assert not keeps_pdeathsig(capable) and keeps_pdeathsig(plain)
 
 
-def test_an_unverified_service_is_dialled_on_127_not_localhost(supervisor: Supervisor,
-                                                               tmp_path: Path) -> None:
+def test_a_booting_service_is_never_dialled_even_where_a_squatter_listens(
+        supervisor: Supervisor, tmp_path: Path) -> None:
     """A command without devd's flags (`node server.js`, `next dev`) while it boots: its
-    route said `localhost`, which Caddy tries as 127.0.0.1, then ::1, where another user
-    may listen on the leased port: the request landed there until readiness."""
-    from devd.proxy.config import dial
-    from devd.proxy.routes import Route
+    route said `localhost`, then 127.0.0.1, where a squatter on the leased port got the
+    requests until readiness. Now nothing is dialled (devd's page answers) until its own
+    group listens, and a squatter's socket is never the group's."""
+    with listener(socket.AF_INET, "127.0.0.1") as squatter:
+        port = squatter.getsockname()[1]
+        unit = supervisor.start(Spec("w", "web", "sleep 30", tmp_path,
+                                     {"PATH": "/usr/bin:/bin"}, tmp_path / "logs" / "web.log",
+                                     port=port, port_name="web"))
+        assert unit.state == "starting"
+        assert dials(supervisor, port, tmp_path) == {}
+        supervisor.stop("w")
+        assert dials(supervisor, port, tmp_path) == {}  # nobody's: not this worktree's
 
-    with listener(socket.AF_INET, "127.0.0.1") as free:  # closed again: a free port
-        port = free.getsockname()[1]
-    unit = supervisor.start(Spec("w", "web", "sleep 30", tmp_path, {"PATH": "/usr/bin:/bin"},
-                                 tmp_path / "logs" / "web.log", port=port, port_name="web"))
-    assert unit.state == "starting"
-    assert dial(Route("web.localhost", port, "w", "web"), supervisor.dials()) == \
-        f"127.0.0.1:{port}"
+
+def test_the_dial_leaves_out_what_another_process_shares() -> None:
+    assert safe_dial({"::1"}, {"127.0.0.1"}) == "[::1]"
+    assert safe_dial({"127.0.0.1", "::1"}, {"127.0.0.1"}) == "[::1]"
+    assert safe_dial({"0.0.0.0"}, {"127.0.0.1"}) is None
+    assert safe_dial({"127.0.0.1"}, {"::"}) is None  # a dual-stack wildcard takes IPv4 too
+    assert safe_dial({"::"}, set()) == "[::1]" and safe_dial(set(), {"::1"}) is None

@@ -86,25 +86,44 @@ class ServiceRequests(ServiceCore):
         return self._start(wt, spec, progress)
 
     def wake(self, wt_id: str, port_name: str) -> dict[str, Any] | None:
-        """A request reached a sleeping service's URL (the proxy's wake route): start it if
-        idle_stop stopped it (never one `devd down` stopped), and say how it is doing."""
+        """A request reached a name whose port nothing of the worktree's listens on (the
+        proxy's page route): start the service if idle_stop stopped it (never one `devd
+        down` stopped), and say how it is doing, or what is not running and how to start
+        it. None: no such worktree (the route is stale)."""
         wt = self.registry.worktree(wt_id)
-        unit = next((u for u in self.services.units(wt_id) if u.spec.port_name == port_name),
-                    None)
-        if wt is None or unit is None:
+        if wt is None:
             return None
         self.services.mark_used(wt_id)
+        what = f"{port_name} of {wt.repo_name}/{wt.branch or wt.path.name}"
+        unit = next((u for u in self.services.units(wt_id) if u.spec.port_name == port_name),
+                    None)
+        if unit is None:
+            return self._not_served(wt, port_name, what)
         if unit.state == "idle":
             try:
                 unit = self.start(wt, unit.spec.name)
             except DevdError as exc:
-                return {"name": unit.spec.name, "state": "failed", "error": exc.message}
+                return {"name": unit.spec.name, "what": what, "state": "failed",
+                        "error": exc.message, "hint": f"devd up {unit.spec.name}"}
         down = unit.state in DOWN  # e.g. `devd down` stopped it meanwhile: not woken
-        return {"name": unit.spec.name, "state": unit.state, "error": (
-            unit.error or f"it is {unit.state}") if down else None}
+        return {"name": unit.spec.name, "what": what, "state": unit.state,
+                "error": (unit.error or f"it is {unit.state}") if down else None,
+                "hint": f"devd up {unit.spec.name}"}
 
-    def sleeping(self) -> frozenset[tuple[str, str]]:
-        return self.services.sleeping()
+    def _not_served(self, wt: Worktree, port_name: str, what: str) -> dict[str, Any]:
+        """No unit serves the port: the declared service that would, else `devd run`."""
+        declared = self._config(wt, strict=False).services
+        name = next((n for n, cfg in declared.items() if cfg.port == port_name), None)
+        port = {n: p for p, n, _ in self.registry.leases(wt.id)}.get(port_name)
+        error = f"nothing of {wt.repo_name}/{wt.branch or wt.path.name} listens on its " \
+            f"port {port}"
+        if port in processes.all_listening_ports():
+            error += " (another process holds it: devd never sends the worktree's " \
+                "requests there)"
+        hint = f"devd up {name}" if name else \
+            f"devd run -- <your dev server on $PORT_{port_name.upper()}>"
+        return {"name": name or port_name, "what": what, "state": "stopped",
+                "error": error, "hint": hint}
 
     def _start(self, wt: Worktree, spec: Spec, progress: Progress) -> Unit:
         unit = self.services.unit(wt.id, spec.name)
@@ -192,9 +211,8 @@ class ServiceRequests(ServiceCore):
             if unit.state == "running":
                 progress("up", f"{unit.spec.name}: ready" + (f" at {unit.spec.url}"
                                                                  if unit.spec.url else ""))
-        if self.proxy is not None and any(u.dial not in (None, "127.0.0.1") for u in units
-                                          if u.state == "running"):
-            self.proxy.settle()  # its URL must reach it on its [::1] before `up` returns
+        if self.proxy is not None and any(u.state == "running" for u in units):
+            self.proxy.settle()  # its URL reaches it (not devd's page) once `up` returns
 
     def _stop_services_of(self, wt: Worktree) -> None:
         """A worktree went: its services go too (in the background: reconcile goes on)."""

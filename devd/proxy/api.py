@@ -31,6 +31,7 @@ def start(service: Any, running: contextlib.ExitStack) -> None:
         return
     from devd.proxy.child import CaddyProxy
     from devd.proxy.dashboard import Dashboard, dashboard_key
+    from devd.proxy.verify import Verifier
 
     paths = service.paths
     ensure_private_dir(paths.runtime_dir)
@@ -45,10 +46,10 @@ def start(service: Any, running: contextlib.ExitStack) -> None:
     dashboard.start()
     running.callback(dashboard.stop)
     proxy = CaddyProxy(service.settings, paths, service.registry, dashboard.socket_path,
-                       dashboard.key, sleeping=service.sleeping, token=token,
-                       dials=service.services.dials)
+                       dashboard.key, token=token,
+                       dials=Verifier(service.registry, service.services.serving).dials)
     service.proxy, service.on_change = proxy, proxy.nudge
-    service.services.on_change = proxy.nudge  # idle stops and readiness switch routes
+    service.services.on_change = proxy.nudge  # readiness, exits and stops switch routes
     proxy.start()
     running.callback(proxy.stop)
 

@@ -22,14 +22,16 @@ from devd.errors import DevdError
 from devd.paths import Paths, ensure_private_dir, write_atomic
 from devd.provisioners.ports import is_free
 from devd.proxy import caddy
-from devd.proxy.config import Dials, Sleeping, caddy_config
+from devd.proxy.config import Dials, caddy_config
 from devd.proxy.names import DASHBOARD, host
 from devd.proxy.routes import Table, base_url, build, sites
 from devd.registry import Registry
 from devd.settings import Settings
 
 log = logging.getLogger("devd")
-POLL = 2.0  # seconds between looks at the route table; a nudge comes sooner
+# Seconds between looks at the route table and the listen table (a listener that went or
+# came is verified again: devd/proxy/verify.py); a nudge comes sooner.
+POLL = 0.5
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0  # between attempts: never a loop that spins a CPU
 STABLE = 30.0  # up this long, a crash counts as the first again
 READY_TIMEOUT = 10.0
@@ -42,15 +44,16 @@ class CaddyProxy:
 
     def __init__(self, settings: Settings, paths: Paths, registry: Registry,
                  dashboard: Path, dashboard_key: str = "",
-                 sleeping: Callable[[], Sleeping] = frozenset, token: str = "",
-                 dials: Callable[[], Dials] = dict) -> None:
+                 token: str = "",
+                 dials: Callable[[list[tuple[tuple[str, str], int]]], Dials] = lambda _: {}
+                 ) -> None:
         self.port, self.tls, self._configured = settings.proxy_port, settings.proxy_tls, \
             settings.caddy
         self._registry = registry
         self.admin_socket = paths.runtime_dir / "caddy-admin.sock"
         self.dashboard, self._key = dashboard, dashboard_key
-        # Services stopped for idleness (or waking): their names go to the wake handler.
-        self._sleeping, self._token, self._dials = sleeping, token, dials
+        # Where each route's port is the worktree's own listener; the rest get a page.
+        self._token, self._dials = token, dials
         self._config_file = paths.runtime_dir / "caddy.json"
         self.log_path = paths.state_dir / "caddy.log"
         self._data = paths.data_dir / "caddy"
@@ -223,10 +226,11 @@ class CaddyProxy:
         self._set("running")
 
     def _config(self) -> dict[str, Any]:
-        return caddy_config(self.table(), port=self.port, tls=self.tls,
+        table = self.table()
+        dials = self._dials([((r.wt_id, r.name), r.port) for r in table.routes])
+        return caddy_config(table, port=self.port, tls=self.tls,
                             admin=self.admin_socket, storage=self._data / "storage",
-                            dashboard=self.dashboard, sleeping=self._sleeping(),
-                            dials=self._dials(), token=self._token)
+                            dashboard=self.dashboard, dials=dials, token=self._token)
 
     def _env(self) -> dict[str, str]:
         """Caddy's own dirs under devd's: never the user's ~/.local/share/caddy."""

@@ -9,29 +9,28 @@ from pathlib import Path
 from typing import Any
 
 from devd.proxy.names import DASHBOARD, host
-from devd.proxy.routes import Route, Table
+from devd.proxy.routes import Table
 
 SERVER = "devd"
 WAKE_HEADER = "X-Devd-Wake"  # Caddy sets it (the daemon's secret) on a wake request
-# A service of a worktree, by its [ports] name: (worktree id, port name).
-Sleeping = frozenset[tuple[str, str]]
-# (worktree id, port name) → the address its verified listener uses ("127.0.0.1", "[::1]").
+# (worktree id, port name) → the address the worktree's own listener on that port uses
+# ("127.0.0.1", "[::1]"), as devd/proxy/verify.py verified it; a route not in it gets a page.
 Dials = Mapping[tuple[str, str], str]
 # Seconds Caddy gives open connections (an HMR socket stays open for ever) when stopping.
 GRACE = "1s"
 
 
 def caddy_config(table: Table, *, port: int, tls: bool, admin: Path, storage: Path,
-                 dashboard: Path, sleeping: Sleeping = frozenset(), token: str = "",
-                 dials: Dials | None = None) -> dict[str, Any]:
+                 dashboard: Path, token: str = "", dials: Dials | None = None
+                 ) -> dict[str, Any]:
     """Admin on a unix socket only, storage under devd's data dir, one server on loopback.
-    The routes of `sleeping` services go to the daemon's wake handler (see _wake)."""
+    A route goes to its port at the address in `dials`, else to the daemon's page (_page)."""
     config: dict[str, Any] = {
         "admin": {"listen": f"unix/{admin}", "config": {"persist": False}},
         "storage": {"module": "file_system", "root": str(storage)},
         "logging": {"logs": {"default": {"level": "WARN"}}},
         "apps": {"http": {"grace_period": GRACE, "servers": {
-            SERVER: _server(table, port, tls, dashboard, sleeping, token, dials or {})}}},
+            SERVER: _server(table, port, tls, dashboard, token, dials or {})}}},
     }
     if tls:
         config["apps"]["tls"] = {"automation": {"policies": [
@@ -41,13 +40,14 @@ def caddy_config(table: Table, *, port: int, tls: bool, admin: Path, storage: Pa
     return config
 
 
-def _server(table: Table, port: int, tls: bool, dashboard: Path, sleeping: Sleeping,
-            token: str, dials: Dials) -> dict[str, Any]:
+def _server(table: Table, port: int, tls: bool, dashboard: Path, token: str, dials: Dials
+            ) -> dict[str, Any]:
     server: dict[str, Any] = {
         "listen": [f"{address}:{port}" for address in loopback_addresses()],
         "protocols": ["h1", "h2"] if tls else ["h1", "h2c"],
-        "routes": [*(_wake(r.host, r.wt_id, r.name, dashboard, token)
-                     if (r.wt_id, r.name) in sleeping else _route([r.host], dial(r, dials))
+        "routes": [*(_route([r.host], f"{dials[r.wt_id, r.name]}:{r.port}")
+                     if (r.wt_id, r.name) in dials else _page(r.host, r.wt_id, r.name,
+                                                               dashboard, token)
                      for r in table.routes),
                    _route([host(DASHBOARD)], f"unix/{dashboard}"),
                    *not_found(table)],
@@ -70,12 +70,6 @@ def _server(table: Table, port: int, tls: bool, dashboard: Path, sleeping: Sleep
 STREAM_CLOSE_DELAY = "24h"
 
 
-def dial(route: Route, dials: Dials) -> str:
-    """A `devd up` service's verified listen address; for a server devd did not start
-    (`devd run`, the user's own) `localhost`, which Caddy tries as 127.0.0.1, then ::1."""
-    return f"{dials.get((route.wt_id, route.name), 'localhost')}:{route.port}"
-
-
 def _route(hosts: list[str], dial: str) -> dict[str, Any]:
     # flush_interval -1: server-sent events and streamed responses pass unbuffered.
     return {"match": [{"host": hosts}], "terminal": True, "handle": [{
@@ -83,12 +77,14 @@ def _route(hosts: list[str], dial: str) -> dict[str, Any]:
         "stream_close_delay": STREAM_CLOSE_DELAY}]}
 
 
-def _wake(hostname: str, wt_id: str, name: str, dashboard: Path, token: str
+def _page(hostname: str, wt_id: str, name: str, dashboard: Path, token: str
           ) -> dict[str, Any]:
-    """A stopped (idle) service's name: the request goes to the daemon's wake handler, which
-    starts the service and answers a "starting…" page until the route points back at it.
-    The header carries the daemon's secret, so only Caddy's wake routes can wake anything
-    (devd.localhost/_devd/wake/... from a browser lacks it)."""
+    """A name whose port nothing of the worktree's listens on (verified: a stranger may
+    hold it): the request goes to the daemon's wake handler, which starts an idle_stop
+    service and answers "starting…", or says what is not running and how to start it,
+    until the route points at the worktree's own listener. The header carries the daemon's
+    secret, so only Caddy's routes can wake anything (devd.localhost/_devd/wake/... from a
+    browser lacks it)."""
     return {"match": [{"host": [hostname]}], "terminal": True, "handle": [
         {"handler": "rewrite", "uri": f"/_devd/wake/{wt_id}/{name}"},
         {"handler": "reverse_proxy", "upstreams": [{"dial": f"unix/{dashboard}"}],

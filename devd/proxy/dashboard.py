@@ -48,7 +48,8 @@ def dashboard_key(path: Path) -> str:
     key = secrets.token_urlsafe(32)
     write_atomic(path, key.encode())
     return key
-# (worktree id, port name) → the woken service's entry ("name", "state", "error"), or None.
+# (worktree id, port name) → what serves it ("name", "what", "state", "error", "hint"), or
+# None (no such worktree).
 Wake = Callable[[str, str], "dict[str, Any] | None"]
 
 
@@ -153,8 +154,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(503, starting_page(port_name, "unknown", None), "text/html",
                        {"Retry-After": "1"})
             return
-        self._send(503, starting_page(woken["name"], woken["state"], woken.get("error")),
-                   "text/html", {"Retry-After": "1"})
+        error = woken.get("error")
+        # 502 as for any server that does not answer; 503 while it starts (back soon).
+        self._send(502 if error else 503, starting_page(
+            woken["name"], woken["state"], error, woken.get("hint"), woken.get("what")),
+            "text/html", {"Retry-After": "5" if error else "1"})
 
     def _send(self, code: int, body: str, kind: str, extra: dict[str, str] | None = None,
               location: str = "") -> None:

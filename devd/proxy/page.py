@@ -105,17 +105,21 @@ def _service(wt_id: str, service: dict[str, Any]) -> str:
             f"restarts {e(service.get('restarts', 0))}){link} <a href=\"{e(logs)}\">log</a>")
 
 
-def starting_page(name: str, state: str, error: str | None) -> str:
-    """What a request to a stopped (idle) service's URL gets while devd starts it: a page
-    that reloads itself each second (no script: the policy runs none) until the service
-    answers in its place. A start that failed says why and reloads slower."""
+def starting_page(name: str, state: str, error: str | None, hint: str | None = None,
+                  what: str | None = None) -> str:
+    """What a request to a name gets while nothing of its worktree listens on the port
+    (devd never sends it to whoever else does): a page that reloads itself each second
+    (no script: the policy runs none) while devd starts the service, until the route
+    points at it; one that says what is not running, why and how to start it (reloading
+    slower, so it comes back by itself once the server listens) otherwise."""
     if error:
-        text = f"<h1>{e(name)} is not running</h1><p class=bad>{e(error)}</p>" \
-            f"<p>See <code>devd logs {e(name)}</code>; <code>devd up</code> starts it again.</p>"
+        text = f"<h1>{e(what or name)} is not running</h1><p class=bad>{e(error)}</p>" \
+            f"<p>Start it: <code>{e(hint or 'devd up ' + name)}</code>; see <code>devd " \
+            f"logs {e(name)}</code> for a service's output. This page reloads.</p>"
     else:
-        text = f"<h1>starting {e(name)}…</h1><p>devd stopped it while nobody used it " \
-            f"(idle_stop) and is starting it again ({e(state)}); this page reloads " \
-            "until it answers.</p>"
-    return (f'<!doctype html><html><head><meta charset=utf-8><title>starting {e(name)}…'
+        text = f"<h1>starting {e(name)}…</h1><p>devd is starting {e(what or name)} " \
+            f"({e(state)}; a service with idle_stop is started by a request); this page " \
+            "reloads until it answers.</p>"
+    return (f'<!doctype html><html><head><meta charset=utf-8><title>{e(what or name)}'
             f'</title><meta http-equiv="refresh" content="{5 if error else 1}">'
             f"<style>{STYLE}</style></head><body>{text}</body></html>\n")

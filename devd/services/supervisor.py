@@ -145,21 +145,13 @@ class Supervisor:
     def units(self, wt_id: str) -> list[Unit]:
         return [u for (w, _), u in list(self._units.items()) if w == wt_id]
 
-    def sleeping(self) -> frozenset[tuple[str, str]]:
-        """(worktree id, port name) of each idle_stop service that is stopped for idleness
-        or starting: a request to its URL wakes it, or waits for it."""
-        return frozenset((u.spec.wt_id, u.spec.port_name) for u in list(self._units.values())
-                         if u.spec.idle and u.spec.port_name and u.state in ("idle", "starting"))
-
-    def dials(self) -> dict[tuple[str, str], str]:
-        """(worktree id, port name) → the address its service's listener uses, as verified
-        at readiness (while it starts: where devd's flags bind it): what the proxy dials,
-        never a squatter on the other family."""
-        # Not verified yet (a command without devd's flags, booting or backing off): its
-        # last verified address, else 127.0.0.1, never `localhost`, whose ::1 half may be
-        # another user's listener while this one is not up (a 502 is said instead).
-        return {(u.spec.wt_id, u.spec.port_name): u.dial or "127.0.0.1"
-                for u in list(self._units.values()) if u.state in UP and u.spec.port_name}
+    def serving(self) -> dict[tuple[str, str], int | None]:
+        """(worktree id, port name) → the group id of the service serving it once it is
+        ready (running), None while it is up but not (booting, backing off, stopping):
+        the proxy dials only a listener of that group, and only once it is ready."""
+        return {(u.spec.wt_id, u.spec.port_name): u.group.pgid if u.state == "running" and
+                u.group else None for u in list(self._units.values())
+                if u.state in UP + ("stopping",) and u.spec.port_name}
 
     def start(self, spec: Spec) -> Unit:
         """Spawn the service unless it is already up (idempotent); the watch thread takes it
@@ -227,10 +219,7 @@ class Supervisor:
         unit.started = unit.last_used = time.monotonic()
         unit.elsewhere_since = None
         unit.scanned, unit.scanner = scan_from, LineScanner()
-        # The flags devd added bind it to 127.0.0.1: the proxy is told now, while it boots,
-        # so readiness (which verifies it) rarely changes the route and reloads Caddy just
-        # as the first request comes.
-        unit.dial = "127.0.0.1" if spec.tool else unit.dial
+        unit.dial = None  # verified again at readiness
         unit.set("starting")
         self._tell(self.on_spawn, unit)
         self.on_change()
@@ -261,6 +250,7 @@ class Supervisor:
             if group is None or unit.state not in ("starting", "running"):
                 return "not running"
             unit.set("stopping")
+            self.on_change()  # its route goes to devd's page before its listener goes
         outcome = group.stop(self.kill_timeout)
         groups.forget(self._record(unit))
         logs.note(unit.spec.log, f"stopped by devd ({outcome})" + (
@@ -311,6 +301,13 @@ class Supervisor:
         status = unit.group.exit_status()
         if status is None:
             return
+        try:
+            self._exited(unit, now, status)
+        finally:
+            self.on_change()  # its route goes to devd's page, whatever comes next
+
+    def _exited(self, unit: Unit, now: float, status: int) -> None:
+        assert unit.group is not None
         threading.Thread(target=unit.group.stop, args=(self.kill_timeout,), daemon=True,
                          name="devd-service-reap").start()  # its leftovers, then the zombie
         groups.forget(self._record(unit))
@@ -389,6 +386,7 @@ class Supervisor:
     def _fail(self, unit: Unit, why: str) -> None:
         """A start that went wrong: stop what it started, keep the reason."""
         unit.set("stopping")
+        self.on_change()
         threading.Thread(target=self._stop_then, args=(unit, why), daemon=True,
                          name="devd-service-fail").start()
 

@@ -1,0 +1,86 @@
+"""Where Caddy may send a route's requests: an address on which the worktree's own process
+listens on the route's port, verified from the kernel's socket table, else nowhere (the
+route answers devd's page instead, see config._page).
+
+"The worktree's own": for a port a `devd up` service serves, a process of that service's
+group once it is ready; for any other, a process of this user that devd counts as the
+worktree's (processes.owner_of: its cwd or executable in the worktree, or descent from a
+recorded `devd run`). Never the name `localhost`, never an address another process shares
+(SO_REUSEPORT), never a port held only by someone else (a squatter on 127.0.0.1 while the
+owner listens on [::1] only, or while it is down).
+
+Each pass reads the listen table (sock_diag, ~0.5 ms); a verdict is kept per set of
+sockets on the port, so holders are looked up (a pass over this user's fds) only when a
+listener came or went: one inode is one socket for good.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+
+from devd import processes
+from devd.registry import Registry
+from devd.services.groups import dial_host
+
+Key = tuple[str, str]  # (worktree id, port name)
+# (worktree id, port name) → the group id of the service serving it once it is ready, None
+# while it is up but not ready (booting, backing off, stopping).
+Services = Callable[[], Mapping[Key, "int | None"]]
+NO_SERVICE = -1
+Sockets = dict[str, tuple[str, int, int]]  # inode → (address, port, uid)
+
+
+class Verifier:
+    """Verified dial addresses for the routes the proxy pushes; `dials` is its face."""
+
+    def __init__(self, registry: Registry, services: Services) -> None:
+        self._registry, self._services = registry, services
+        self._known: dict[tuple[Key, frozenset[str], int | None], str | None] = {}
+
+    def dials(self, routes: list[tuple[Key, int]]) -> dict[Key, str]:
+        """(worktree id, port name) → "127.0.0.1", "[::1]", ... for each route (key, port)
+        whose port the worktree's own process listens on; the others are left out."""
+        sockets = processes.listen_entries()
+        if sockets is None:  # no /proc (macOS): nothing can be verified
+            return {}
+        services = self._services()
+        known: dict[tuple[Key, frozenset[str], int | None], str | None] = {}
+        found: dict[Key, str] = {}
+        for key, port in routes:
+            at = {i: s for i, s in sockets.items() if s[1] == port}
+            memo = (key, frozenset(at), services.get(key, NO_SERVICE))
+            if memo not in known:
+                known[memo] = self._known[memo] if memo in self._known else \
+                    self._verify(key[0], memo[2], at)
+            if (dial := known[memo]) is not None:
+                found[key] = dial
+        self._known = known  # only what the routes of now need
+        return found
+
+    def _verify(self, wt_id: str, group: int | None, at: Sockets) -> str | None:
+        if group is None or not at:  # a service not ready yet, or nothing listens
+            return None
+        mine = {i for i, (_, _, uid) in at.items() if uid == os.getuid()}
+        pids = processes.socket_pids(mine) if mine else {}
+        own = {i for i, pid in pids.items() if self._owns(wt_id, group, pid)}
+        return safe_dial({at[i][0] for i in own}, {at[i][0] for i in at if i not in own})
+
+    def _owns(self, wt_id: str, group: int, pid: int) -> bool:
+        if group != NO_SERVICE:
+            try:
+                return os.getpgid(pid) == group
+            except OSError:
+                return False
+        holder = processes.describe(pid)
+        owner = processes.owner_of(holder, self._registry.worktrees(), self._registry)
+        return owner is not None and owner.id == wt_id and holder.uid == os.getuid()
+
+
+def safe_dial(own: set[str], foreign: set[str]) -> str | None:
+    """The address to dial among those the owner listens on, leaving out any that another
+    process listens on too (SO_REUSEPORT: the kernel would hand it some of the requests;
+    a foreign `::` may take IPv4 as well); IPv4 first."""
+    taken = {dial_host({a}) for a in foreign} | ({"127.0.0.1"} if "::" in foreign else set())
+    hosts = {dial_host({a}) for a in own} - taken
+    return dial_host({h.strip("[]") for h in hosts if h})
