@@ -81,7 +81,7 @@ def main() -> None:
             assert vite.stdout is not None
             while b"ready in" not in (line := vite.stdout.readline()):
                 assert line, "vite exited"
-            wait_proxy(env)
+            wait_proxy(env, wt_env["DEVD_URL_WEB"])
             reply = subprocess.run(
                 ["node", str(HERE / "hmr_browser.js"), str(repo), f"http://127.0.0.1:{web}/",
                  wt_env["DEVD_URL_WEB"] + "/", str(args.rounds), str(args.updates)],

@@ -105,9 +105,9 @@ def main() -> None:
             devd(env, "provision", str(repo))
             wt_env = json.loads(devd(env, "env", "--format", "json", str(repo)))
             backend = subprocess.Popen([sys.executable, str(BACKEND)], env=env | wt_env,
-                                       stdout=subprocess.PIPE)
+                                       stdout=subprocess.PIPE, cwd=repo)  # the worktree's
             assert backend.stdout is not None and backend.stdout.readline().strip() == b"ready"
-            wait_proxy(env)
+            wait_proxy(env, wt_env["DEVD_URL_WEB"])
             web, ws = int(wt_env["PORT_WEB"]), int(wt_env["PORT_WS"])
             host = urlsplit(wt_env["DEVD_URL_WEB"]).netloc
             ws_url = wt_env["DEVD_URL_WS"].replace("http", "ws", 1) + "/"
@@ -124,13 +124,27 @@ def main() -> None:
     report(http_p50, ws_p50, args.requests * args.rounds)
 
 
-def wait_proxy(env: dict[str, str]) -> None:
+def wait_proxy(env: dict[str, str], url: str = "") -> None:
+    """Caddy running and, given a URL, routing it to its server (not devd's page: the
+    route dials a server only once devd verified it is the worktree's)."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if json.loads(devd(env, "status", "--json"))["proxy"]["state"] == "running":
+        if json.loads(devd(env, "status", "--json"))["proxy"]["state"] == "running" and \
+                (not url or _served(url, int(env["DEVD_PROXY_PORT"]))):
             return
         time.sleep(0.1)
     raise SystemExit("the proxy did not come up")
+
+
+def _served(url: str, port: int) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/", headers={"Host": urlsplit(url).netloc})
+        return conn.getresponse().status not in (502, 503)
+    except OSError:
+        return False
+    finally:
+        conn.close()
 
 
 def machine(what: str) -> str:

@@ -208,10 +208,10 @@ def test_idle_stop_then_a_request_wakes_it(shop: tuple[Devd, Repo, dict[str, Pat
     assert curl(dashboard, "-H", "X-Devd-Wake: guess", "-o", "/dev/null", "-w",
                 "%{http_code}").stdout == "404"
 
-    # A service `devd down` stopped is not woken: its URL says nothing answers.
+    # A service `devd down` stopped is not woken: its URL says it is not running.
     devd.run("down", "--path", str(path))
-    wait_for(lambda: code_of(api["url"] + "/")[0] == "502", 30, "the route back to the port")
-    assert "nothing answers" in code_of(api["url"] + "/")[1]
+    wait_for(lambda: code_of(api["url"] + "/")[0] == "502", 30, "devd's not-running page")
+    assert "api of shop/idle is not running" in code_of(api["url"] + "/")[1]
     assert services(devd, path)["api"]["state"] == "stopped"
 
 
@@ -226,7 +226,8 @@ def test_a_wake_that_cannot_start_says_why(shop: tuple[Devd, Repo, dict[str, Pat
         wait_for(lambda: api["port"] in {c.laddr.port for c in psutil.net_connections("tcp")
                                          if c.status == psutil.CONN_LISTEN}, 20, "squatter")
         code, page = code_of(api["url"] + "/")
-        assert code == "503" and "api is not running" in page and "is taken by pid" in page
+        assert code == "502" and "api of shop/held is not running" in page and \
+            "is taken by pid" in page
         assert services(devd, path)["api"]["state"] == "idle"
     finally:
         squatter.kill()
@@ -259,9 +260,11 @@ def test_a_route_change_keeps_open_websockets(shop: tuple[Devd, Repo, dict[str, 
     devd.run("provision", str(one))
     env = json.loads(devd.run("env", "--format", "json", str(one)).stdout)
     server = subprocess.Popen([sys.executable, "-c", ECHO], env={**os.environ, **env},
-                              stdout=subprocess.PIPE)
+                              stdout=subprocess.PIPE, cwd=one)  # the worktree's: dialled
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+        wait_for(lambda: code_of(env["DEVD_URL_API"] + "/")[0] not in ("502", "503"), 30,
+                 "the route to the echo server")
         port = int(devd.env["DEVD_PROXY_PORT"])
         url = env["DEVD_URL_API"].replace("http", "ws", 1) + "/"
         sock = socket.create_connection(("127.0.0.1", port), timeout=20)

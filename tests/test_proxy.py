@@ -103,11 +103,14 @@ class Site_:
 
 
 def start_backend(devd: Devd, path: Path) -> subprocess.Popen[bytes]:
-    """The stand-in dev server, given the worktree's own env contract."""
+    """The stand-in dev server, given the worktree's own env contract, run in the worktree
+    (the proxy dials only a listener it verified is the worktree's), and routed to."""
     env = json.loads(devd.run("env", "--format", "json", str(path)).stdout)
-    proc = subprocess.Popen([sys.executable, str(FIXTURES / "proxy_backend.py")],
+    proc = subprocess.Popen([sys.executable, str(FIXTURES / "proxy_backend.py")], cwd=path,
                             env={**os.environ, **env}, stdout=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    url = devd.worktree(path)["urls"]["web"] + "/"
+    wait_for(lambda: curl(url).stdout.startswith("host="), what="the route to the backend")
     return proc
 
 
@@ -268,9 +271,53 @@ def test_each_worktree_has_its_own_names(site: Site_) -> None:
     for entry in map(site.entry, site.trees):
         for url in entry["urls"].values():
             assert all(DNS.match(part) for part in urlsplit(url).hostname.split("."))
-    # Nothing listens for fix/a: Caddy's 502, not somebody else's server.
-    assert curl(site.entry("fix/a")["url"] + "/", "-o", "/dev/null", "-w", "%{http_code}"
-                ).stdout == "502"
+    # Nothing listens for fix/a: devd's 502 page, not somebody else's server.
+    page = curl(site.entry("fix/a")["url"] + "/", "-w", "%{http_code}").stdout
+    assert page.endswith("502") and "web of shop/fix/a is not running" in page, page
+    assert "devd run -- " in page and "$PORT_WEB" in page
+
+
+def test_a_devd_run_server_on_ipv6_only_is_reached_and_a_squatter_never(
+        site: Site_, tmp_path: Path) -> None:
+    """A `devd run` server on [::1] only (cwd and binary outside the worktree: its run
+    record alone makes it the worktree's) while another process of the same user holds
+    127.0.0.1 on its port: the URL shows devd's page before it listens and after it exits,
+    the server while it listens, the squatter never."""
+    if not loopback_addresses()[1:]:
+        unavailable("no IPv6 loopback on this host")
+    path, script = site.trees["feat-a"], tmp_path / "v6.py"
+    script.write_text(V6_ONLY)
+    entry = site.entry("feat-a")
+    url = entry["urls"]["web"] + "/"
+    squatter = http.server.HTTPServer(("127.0.0.1", entry["ports"]["web"]), _Squatter)
+    threading.Thread(target=squatter.serve_forever, daemon=True).start()
+
+    def devd_page() -> bool:
+        body = curl(url).stdout
+        assert "squatter" not in body
+        return "web of shop/feat-a is not running" in body
+
+    def owner() -> bool:
+        body = curl(url).stdout
+        assert "squatter" not in body
+        return body == "owner"
+
+    try:
+        assert devd_page()
+        for _ in range(2):  # it listens again after an exit: the route comes back to it
+            server = subprocess.Popen([sys.executable, "-m", "devd", "run", "--path",
+                                       str(path), "--", sys.executable, str(script)],
+                                      cwd=tmp_path, env=site.devd.env)
+            try:
+                wait_for(owner, 30, "the devd run server through its URL")
+                assert all(curl(url).stdout == "owner" for _ in range(3))  # new connections
+            finally:
+                server.kill()
+                server.wait()
+            wait_for(devd_page, 30, "devd's page once it exited")
+    finally:
+        squatter.shutdown()
+        squatter.server_close()
 
 
 def test_http2_cleartext(site: Site_) -> None:
@@ -607,8 +654,11 @@ def test_proxy_false_means_no_caddy_and_no_urls(devd: Devd, repo: Repo) -> None:
 
 
 # The owner's server listens on [::1] only; `localhost` would let Caddy reach a squatter.
+# A file `crash` in its directory makes it exit at once (a service that crashes).
 V6_ONLY = textwrap.dedent("""\
     import http.server, os, socket
+    if os.path.exists("crash"):
+        raise SystemExit(3)
     class Six(http.server.HTTPServer):
         address_family = socket.AF_INET6
     class H(http.server.BaseHTTPRequestHandler):
@@ -636,16 +686,35 @@ def test_a_squatter_on_the_other_family_never_gets_the_owners_traffic(
     # could not before: `up` refuses a taken port).
     squatter = http.server.HTTPServer(("127.0.0.1", port), _Squatter)
     threading.Thread(target=squatter.serve_forever, daemon=True).start()
+
+    def body() -> str:
+        found = curl(url + "/").stdout
+        assert "squatter" not in found
+        return found
+
     try:
         for _ in range(5):  # fresh connections each: the proxy dials [::1], not localhost
-            assert curl(url + "/").stdout == "owner"
+            assert body() == "owner"
+        # It crashes, and crashes again as devd restarts it: devd's page, never the
+        # squatter; back to the service once it starts right again.
+        (repo.main / "crash").write_text("")
+        os.killpg(services_of(devd, repo.main)["web"]["pid"], signal.SIGKILL)
+        wait_for(lambda: "starting web" in (b := body()) or "is not running" in b, 30,
+                 "devd's page")
+        (repo.main / "crash").unlink()
+        devd.run("up", "--path", str(repo.main), timeout=60)
+        assert body() == "owner"  # `up` returns once its route is pushed
         devd.run("down", "--path", str(repo.main))
-        # Nothing verified now: the route falls back to localhost (the squatter answers
-        # on 127.0.0.1 then, as it would on any direct connection to localhost:PORT).
+        page = body()
+        assert "web of shop/main is not running" in page and "devd up web" in page, page
     finally:
         squatter.shutdown()
         squatter.server_close()
     assert devd.stop() == 0
+
+
+def services_of(devd: Devd, path: Path) -> dict[str, Any]:
+    return {s["name"]: s for s in devd.worktree(path.resolve())["services"]}
 
 
 class _Squatter(http.server.BaseHTTPRequestHandler):
