@@ -137,9 +137,32 @@ def test_a_booting_service_is_never_dialled_even_where_a_squatter_listens(
         assert dials(supervisor, port, tmp_path) == {}  # nobody's: not this worktree's
 
 
+def test_without_the_kernels_table_psutils_is_verified_the_same(
+        supervisor: Supervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No /proc (macOS): the listen table comes from psutil, holders by pid; a service on
+    [::1] next to a squatter on 127.0.0.1 is dialled at [::1] all the same."""
+    from devd import processes
+
+    monkeypatch.setattr(processes, "listen_entries", lambda: None)
+    try:
+        squatter = listener(socket.AF_INET, "127.0.0.1")
+    except OSError:
+        pytest.skip("no loopback")
+    with squatter:
+        port = squatter.getsockname()[1]
+        try:
+            listener(socket.AF_INET6, "::1", port).close()
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+        assert dials(supervisor, port, tmp_path) == {}
+        unit = serve(supervisor, tmp_path, port, "::1")
+        assert unit.state == "running", unit.error
+        assert dials(supervisor, port, tmp_path) == {("w", "web"): "[::1]"}
+
+
 def test_the_dial_leaves_out_what_another_process_shares() -> None:
     assert safe_dial({"::1"}, {"127.0.0.1"}) == "[::1]"
     assert safe_dial({"127.0.0.1", "::1"}, {"127.0.0.1"}) == "[::1]"
     assert safe_dial({"0.0.0.0"}, {"127.0.0.1"}) is None
-    assert safe_dial({"127.0.0.1"}, {"::"}) is None  # a dual-stack wildcard takes IPv4 too
+    assert safe_dial({"127.0.0.1"}, {"::"}) == "127.0.0.1"  # the other family's wildcard
     assert safe_dial({"::"}, set()) == "[::1]" and safe_dial(set(), {"::1"}) is None

@@ -16,8 +16,11 @@ listener came or went: one inode is one socket for good.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
+
+import psutil
 
 from devd import processes
 from devd.registry import Registry
@@ -28,7 +31,9 @@ Key = tuple[str, str]  # (worktree id, port name)
 # while it is up but not ready (booting, backing off, stopping).
 Services = Callable[[], Mapping[Key, "int | None"]]
 NO_SERVICE = -1
-Sockets = dict[str, tuple[str, int, int]]  # inode → (address, port, uid)
+UNKNOWN = -1  # a socket's uid, where the table does not say (psutil's)
+Sockets = dict[str, tuple[str, int, int]]  # inode (or "pid:N:…") → (address, port, uid)
+log = logging.getLogger("devd")
 
 
 class Verifier:
@@ -41,10 +46,7 @@ class Verifier:
     def dials(self, routes: list[tuple[Key, int]]) -> dict[Key, str]:
         """(worktree id, port name) → "127.0.0.1", "[::1]", ... for each route (key, port)
         whose port the worktree's own process listens on; the others are left out."""
-        sockets = processes.listen_entries()
-        if sockets is None:  # no /proc (macOS): nothing can be verified
-            return {}
-        services = self._services()
+        sockets, services = listening(), self._services()
         known: dict[tuple[Key, frozenset[str], int | None], str | None] = {}
         found: dict[Key, str] = {}
         for key, port in routes:
@@ -61,8 +63,9 @@ class Verifier:
     def _verify(self, wt_id: str, group: int | None, at: Sockets) -> str | None:
         if group is None or not at:  # a service not ready yet, or nothing listens
             return None
-        mine = {i for i, (_, _, uid) in at.items() if uid == os.getuid()}
-        pids = processes.socket_pids(mine) if mine else {}
+        mine = {i for i, (_, _, uid) in at.items() if uid in (os.getuid(), UNKNOWN)}
+        named = {i: int(i.split(":")[1]) for i in mine if i.startswith("pid:")}
+        pids = named | (processes.socket_pids(mine - set(named)) if mine - set(named) else {})
         own = {i for i, pid in pids.items() if self._owns(wt_id, group, pid)}
         return safe_dial({at[i][0] for i in own}, {at[i][0] for i in at if i not in own})
 
@@ -77,10 +80,30 @@ class Verifier:
         return owner is not None and owner.id == wt_id and holder.uid == os.getuid()
 
 
+def listening() -> Sockets:
+    """The listen table: the kernel's (Linux: sock_diag), else psutil's (macOS, as the
+    supervisor's readiness reads it there), whose entries name their holder ("pid:N:...")
+    and leave its uid to be asked."""
+    found = processes.listen_entries()
+    if found is not None:
+        return found
+    table: Sockets = {}
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.pid:
+                address, port = conn.laddr.ip, conn.laddr.port
+                table[f"pid:{conn.pid}:{address}:{port}"] = (address, port, UNKNOWN)
+    except (psutil.Error, OSError) as exc:  # macOS wants root for it: every name a page
+        log.warning("proxy: cannot read the listen table (%s): no route can be verified, "
+                    "each answers devd's page", exc)
+    return table
+
+
 def safe_dial(own: set[str], foreign: set[str]) -> str | None:
     """The address to dial among those the owner listens on, leaving out any that another
-    process listens on too (SO_REUSEPORT: the kernel would hand it some of the requests;
-    a foreign `::` may take IPv4 as well); IPv4 first."""
-    taken = {dial_host({a}) for a in foreign} | ({"127.0.0.1"} if "::" in foreign else set())
+    process listens on too (SO_REUSEPORT: the kernel would hand it some of the requests),
+    as the supervisor's readiness does; IPv4 first. (A foreign `::` next to an own
+    127.0.0.1 is IPv6-only, or loses to the exact address in the kernel's lookup.)"""
+    taken = {dial_host({a}) for a in foreign}
     hosts = {dial_host({a}) for a in own} - taken
     return dial_host({h.strip("[]") for h in hosts if h})
