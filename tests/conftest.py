@@ -117,7 +117,7 @@ class Devd:
     def stop(self) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=15)
+        code = self.proc.wait(timeout=60)  # the shutdown stops services: slow under load
         self.proc = None
         return code
 
@@ -150,8 +150,10 @@ def devd_shim(bin_dir: Path) -> Path:
     return bin_dir
 
 
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    """Poll until true; a deadline keeps a broken daemon from hanging the suite."""
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll until true; a deadline keeps a broken daemon from hanging the suite. Generous:
+    it costs only when the condition never comes, and on a loaded 2-core CI machine a
+    daemon's start or pass can take many seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -169,9 +169,9 @@ def test_three_worktrees_named_urls_hmr_wiring_and_removal(
     pids = [s["pid"] for s in shown["feat/a"].values()]
     children = [c.pid for pid in pids for c in psutil.Process(pid).children(recursive=True)]
     run_git(repo.main, "worktree", "remove", "--force", str(feat))
-    wait_for(lambda: all(gone(p) for p in pids + children), 30, "feat/a's servers to stop")
-    wait_for(lambda: code_of(urls["feat/a"]["web"] + "/")[0] == "404", 30,
-             "feat/a's route to go")
+    wait_for(lambda: all(gone(p) for p in pids + children), what="feat/a's servers to stop")
+    wait_for(lambda: code_of(urls["feat/a"]["web"] + "/")[0] == "404",
+             what="feat/a's route to go")
     assert "No such name" in code_of(urls["feat/a"]["web"] + "/")[1]
     assert code_of(urls["fix/a"]["web"] + "/")[0] == "200"  # the others go on
     board = devd.json("status")["proxy"]["dashboard"]  # under its secret key path
@@ -210,7 +210,7 @@ def test_idle_stop_then_a_request_wakes_it(shop: tuple[Devd, Repo, dict[str, Pat
 
     # A service `devd down` stopped is not woken: its URL says nothing answers.
     devd.run("down", "--path", str(path))
-    wait_for(lambda: code_of(api["url"] + "/")[0] == "502", 30, "the route back to the port")
+    wait_for(lambda: code_of(api["url"] + "/")[0] == "502", what="the route back to the port")
     assert "nothing answers" in code_of(api["url"] + "/")[1]
     assert services(devd, path)["api"]["state"] == "stopped"
 
@@ -224,7 +224,7 @@ def test_a_wake_that_cannot_start_says_why(shop: tuple[Devd, Repo, dict[str, Pat
                                 stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: api["port"] in {c.laddr.port for c in psutil.net_connections("tcp")
-                                         if c.status == psutil.CONN_LISTEN}, 20, "squatter")
+                                         if c.status == psutil.CONN_LISTEN}, what="squatter")
         code, page = code_of(api["url"] + "/")
         assert code == "503" and "api is not running" in page and "is taken by pid" in page
         assert services(devd, path)["api"]["state"] == "idle"
@@ -270,7 +270,7 @@ def test_a_route_change_keeps_open_websockets(shop: tuple[Devd, Repo, dict[str, 
             assert ws.recv(timeout=20) == "before"
             devd.run("provision", str(two))  # a new route: a new config pushed
             two_url = devd.worktree(two)["urls"]["api"]
-            wait_for(lambda: code_of(two_url + "/")[0] == "502", 30, "ws2's route")
+            wait_for(lambda: code_of(two_url + "/")[0] == "502", what="ws2's route")
             ws.send("after")
             assert ws.recv(timeout=20) == "after"
     finally:

@@ -181,7 +181,7 @@ def test_no_checkout_worktrees_are_found_when_the_repo_opts_in(devd: Devd, make_
     found = eager.main.parent / "eager-nc"
     run_git(eager.main, "worktree", "add", "-q", "--no-checkout", "-b", "e", str(found))
     wait_for(lambda: str(found) in {w["path"] for w in devd.status()["worktrees"]},
-             timeout=30, what="reconcile to find the --no-checkout worktree")
+             what="reconcile to find the --no-checkout worktree")
     assert devd.json("wait", str(found), "--timeout", "60")["state"] == "ready"
     # The reconcile that found it ran after the quiet repo's worktree was made, too.
     paths = {w["path"] for w in devd.status()["worktrees"]}

@@ -296,7 +296,7 @@ def test_git_worktree_remove_is_noticed_and_gc_frees_ports(devd: Devd, repo: Rep
         with sqlite3.connect(registry) as db:
             return db.execute("SELECT state FROM worktrees WHERE path = ?",
                               (str(doomed),)).fetchone()[0]
-    wait_for(lambda: state_in_registry() == "gone", timeout=5, what="watcher to notice")
+    wait_for(lambda: state_in_registry() == "gone", what="watcher to notice")
     entry = devd.worktree(doomed)
     assert entry["state"] == "gone" and set(entry["ports"].values()) == doomed_ports
     assert cache.is_dir()  # nothing destroyed at that moment
