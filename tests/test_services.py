@@ -132,9 +132,17 @@ def _listening(proc: psutil.Process) -> list[Any]:
         return []
 
 
-LISTEN_THEN_EXIT = ("python3 -c 'import os, socket, time; s = socket.socket(); "
-                    "s.bind((\"127.0.0.1\", int(os.environ[\"PORT\"]))); s.listen(); "
-                    "print(\"up, about to fail\", flush=True); time.sleep(0.3); exit(3)'")
+# It exits once its log (its stdout) says devd saw it ready: a fixed short life could be missed
+# by a loaded daemon's readiness tick, and the first run would "fail before it was ready".
+# (Its note is `[devd 06:25:20] ready after 0.1 s`; the command, also in the log, must not
+# hold that text whole.)
+LISTEN_THEN_EXIT = ("python3 -c 'import os, socket, time\ns = socket.socket()\n"
+                    "s.bind((\"127.0.0.1\", int(os.environ[\"PORT\"]))); s.listen()\n"
+                    "print(\"up, about to fail\", flush=True)\n"
+                    "while b\"]\" + b\" ready after\" not in "
+                    "open(\"/proc/self/fd/1\", \"rb\").read():\n"
+                    "    time.sleep(0.05)\n"
+                    "exit(3)'")
 
 
 def test_crash_backoff_then_crashed(devd: Devd, make_repo) -> None:
