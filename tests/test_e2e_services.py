@@ -155,7 +155,7 @@ def test_three_worktrees_named_urls_hmr_wiring_and_removal(
 
     sites = [{"url": shown[b]["web"]["url"] + "/", "dir": str(p)} for b, p in trees.items()]
     reply = subprocess.run(["node", str(FIXTURES / "e2e_browser.js"), json.dumps(sites)],
-                           capture_output=True, text=True, timeout=180,
+                           capture_output=True, text=True, timeout=600,  # its own waits: 60 s
                            env={**os.environ, "PLAYWRIGHT_DIR": str(playwright_dir)})
     assert reply.returncode == 0, reply.stderr
     for seen, branch in zip(json.loads(reply.stdout), trees, strict=True):
