@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -162,6 +164,16 @@ def devd_shim(bin_dir: Path) -> Path:
     script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m devd "$@"\n')
     script.chmod(0o755)
     return bin_dir
+
+
+@contextlib.contextmanager
+def machine_lock(cache: Path) -> Iterator[None]:
+    """Held while a cache kept once per machine under the temp dir (an npm install) is
+    checked and filled: the test runs of other sessions on this machine share it, and two
+    installs into one directory, or one run using the other's half-done install, fail."""
+    with open(cache.parent / f".{cache.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:

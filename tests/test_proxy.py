@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import ROOT, Devd, Repo, run_git, wait_for
+from conftest import ROOT, Devd, Repo, machine_lock, run_git, wait_for
 from pgsupport import unavailable
 
 from devd.proxy import caddy
@@ -347,10 +347,12 @@ def playwright_dir() -> Path:
                                              ).exists():
         unavailable("no node or no /usr/bin/chromium (apt-get install chromium)")
     where = Path(tempfile.gettempdir()) / "devd-test-playwright"
-    if not (where / "node_modules" / "playwright-core").is_dir():
-        where.mkdir(exist_ok=True)
-        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund",
-                        "playwright-core@1"], cwd=where, check=True, timeout=300)
+    with machine_lock(where):  # "done": npm completes a tree a killed run left partial
+        if not (where / "done").exists():
+            where.mkdir(exist_ok=True)
+            subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund",
+                            "playwright-core@1"], cwd=where, check=True, timeout=300)
+            (where / "done").touch()
     return where
 
 
