@@ -78,7 +78,7 @@ def test_a_daemon_killed_mid_request_is_one_line_in_every_hook(devd: Devd, repo:
     wait_for(lambda: all(_connected(proc.pid) for proc in procs.values()),
              what="every client to be waiting on the daemon")
     daemon.kill()
-    devd.proc.wait(timeout=15)
+    devd.proc.wait(timeout=60)
     devd.proc = None
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=30)
