@@ -394,7 +394,9 @@ def test_browser_opens_with_the_profile(devd: Devd, repo: Repo, tmp_path: Path) 
     fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
     fake.chmod(0o755)
     devd.run("browser", "--path", str(tree), env={"DEVD_BROWSER": str(fake)})
-    wait_for(record.exists, what="browser to start")
+    # Its output, not the file: `> record` creates the file before printf writes.
+    wait_for(lambda: record.exists() and record.read_text().endswith("\n"),
+             what="browser to start")
     args = record.read_text().split("\n")
     entry = devd.worktree(tree)
     assert f"--user-data-dir={entry['browser_profile']}" in args
