@@ -388,7 +388,9 @@ def test_crossing_a_level_runs_the_repo_hook(devd_home: Devd, make_repo, tmp_pat
             (tree / "many" / str(n)).mkdir()
         proc, _ = start_watcher(tree, tree)
         assert devd_home.json("watchers")["level"] == "warn"  # a fresh pass
-        wait_for(marker.exists, what="on_pressure hook")
+        # Its line, not the file: `echo >> marker` creates the file before it writes.
+        wait_for(lambda: marker.exists() and marker.read_text().endswith("\n"),
+                 what="on_pressure hook")
         assert marker.read_text().split()[:2] == ["warn", "ok"]
         assert "watcher budget ok → warn" in devd_home.log()
     finally:
