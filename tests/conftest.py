@@ -87,8 +87,10 @@ class Devd:
         return Paths.resolve(self.env)
 
     def run(self, *args: str, cwd: Path | None = None, check: bool = True,
-            env: dict[str, str] | None = None, timeout: float = 60,
+            env: dict[str, str] | None = None, timeout: float = 180,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
+        # The timeout only keeps a hung CLI from hanging the suite: a release or gc that
+        # dumps a database or backs up volumes takes a while on a loaded CI machine.
         result = subprocess.run([sys.executable, "-m", "devd", *args], cwd=cwd,
                                 env={**self.env, **(env or {})}, capture_output=True, text=True,
                                 timeout=timeout, input=input)
