@@ -217,7 +217,7 @@ def test_a_write_during_the_release_dump_is_never_dropped_unseen(
             written = True
         except psycopg.OperationalError:
             written = False  # refused loudly while the release runs: nothing to lose
-    out, err = release.communicate(timeout=60)
+    out, err = release.communicate(timeout=180)
     if release.returncode == 0 and written:
         devd_home.run("provision", str(tree))
         devd_home.run("restore", str(tree))
