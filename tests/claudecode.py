@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import machine_lock
 
 # Pinned: the native behaviour the tests compare against is this version's.
 VERSION = "2.1.197"
@@ -42,16 +43,17 @@ def install_cli() -> Path:
         unavailable("npm is not installed")
     where = Path(tempfile.gettempdir()) / f"devd-test-claude-code-{VERSION}"
     binary = where / "node_modules" / ".bin" / "claude"
-    if (where / "done").exists() and binary.exists():
-        return binary
-    shutil.rmtree(where, ignore_errors=True)
-    where.mkdir(parents=True)
-    done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent",
-                           f"@anthropic-ai/claude-code@{VERSION}"], cwd=where,
-                          capture_output=True, text=True, timeout=600)
-    if done.returncode or not binary.exists():
-        unavailable(f"npm install @anthropic-ai/claude-code failed: {done.stderr[-300:]}")
-    (where / "done").write_text(VERSION)
+    with machine_lock(where):
+        if (where / "done").exists() and binary.exists():
+            return binary
+        shutil.rmtree(where, ignore_errors=True)
+        where.mkdir(parents=True)
+        done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent",
+                               f"@anthropic-ai/claude-code@{VERSION}"], cwd=where,
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode or not binary.exists():
+            unavailable(f"npm install @anthropic-ai/claude-code failed: {done.stderr[-300:]}")
+        (where / "done").write_text(VERSION)
     return binary
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -85,8 +87,10 @@ class Devd:
         return Paths.resolve(self.env)
 
     def run(self, *args: str, cwd: Path | None = None, check: bool = True,
-            env: dict[str, str] | None = None, timeout: float = 60,
+            env: dict[str, str] | None = None, timeout: float = 180,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
+        # The timeout only keeps a hung CLI from hanging the suite: a release or gc that
+        # dumps a database or backs up volumes takes a while on a loaded CI machine.
         result = subprocess.run([sys.executable, "-m", "devd", *args], cwd=cwd,
                                 env={**self.env, **(env or {})}, capture_output=True, text=True,
                                 timeout=timeout, input=input)
@@ -100,8 +104,22 @@ class Devd:
 
     def status(self, fresh: bool = True) -> dict[str, Any]:
         """Fresh by default: a test that changed something behind devd's back wants it
-        checked now, not at the daemon's next pass (tests/test_status_fast.py tests that)."""
-        return self.json("status", *(["--fresh"] if fresh else []))
+        checked now, not at the daemon's next pass (tests/test_status_fast.py tests that).
+
+        `--fresh` waits 5 s at most for the pass under way, then answers from the last one
+        (docs/protocol.md): on a loaded machine a background pass can take longer, and the
+        answer predates the change. A pass run for the request ends after it was sent, so
+        an answer checked before then is asked for again."""
+        if not fresh:
+            return self.json("status")
+        deadline = time.monotonic() + 120
+        while True:
+            sent = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # the answer's format
+            answer = self.json("status", "--fresh")
+            if (answer["checked_at"] or "") >= sent or answer["check_error"]:
+                return answer
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no status pass ran for --fresh in 120 s: {answer}")
 
     def worktree(self, path: Path) -> dict[str, Any]:
         matches = [w for w in self.status()["worktrees"] if w["path"] == str(path)]
@@ -117,7 +135,7 @@ class Devd:
     def stop(self) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=15)
+        code = self.proc.wait(timeout=60)  # the shutdown stops services: slow under load
         self.proc = None
         return code
 
@@ -150,8 +168,20 @@ def devd_shim(bin_dir: Path) -> Path:
     return bin_dir
 
 
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    """Poll until true; a deadline keeps a broken daemon from hanging the suite."""
+@contextlib.contextmanager
+def machine_lock(cache: Path) -> Iterator[None]:
+    """Held while a cache kept once per machine under the temp dir (an npm install) is
+    checked and filled: the test runs of other sessions on this machine share it, and two
+    installs into one directory, or one run using the other's half-done install, fail."""
+    with open(cache.parent / f".{cache.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll until true; a deadline keeps a broken daemon from hanging the suite. Generous:
+    it costs only when the condition never comes, and on a loaded 2-core CI machine a
+    daemon's start or pass can take many seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -28,12 +28,14 @@ import json, os, socket, subprocess, sys, time
 sock_path, tree, main, elsewhere, log_path = sys.argv[1:6]
 log = open(log_path, "ab")
 daemon = subprocess.Popen([sys.executable, "-m", "devd", "daemon"], stdout=log, stderr=log)
-deadline = time.monotonic() + 20
-while not os.path.exists(sock_path) and time.monotonic() < deadline:
-    time.sleep(0.05)
 def devd(*args):
     return subprocess.run([sys.executable, "-m", "devd", *args], capture_output=True, text=True,
                           timeout=60)
+# Until it answers, not until the socket exists: the socket takes connections before the
+# daemon's startup ends, and a loaded machine can take longer than a client's timeout.
+deadline = time.monotonic() + 120
+while devd("status").returncode != 0 and time.monotonic() < deadline:
+    time.sleep(0.1)
 assert devd("provision", tree).returncode == 0
 go_r, go_w = os.pipe()
 out_r, out_w = os.pipe()
@@ -54,9 +56,13 @@ if a == 0:  # A: connect, hand the connection to B, exit
     os._exit(0)
 os.waitpid(a, 0)
 time.sleep(0.3)  # the daemon has accepted A's connection by now
-with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-    f.write(str(a - 1))
-victim = subprocess.Popen(["sleep", "300"], cwd=elsewhere)
+for _ in range(100):  # the daemon (its reconcile runs git) may fork between write and fork
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(a - 1))
+    victim = subprocess.Popen(["sleep", "300"], cwd=elsewhere)
+    if victim.pid == a:
+        break
+    victim.kill(); victim.wait(); time.sleep(0.05)
 result = {"steered": victim.pid == a}
 os.write(go_w, b"x")
 reply = json.loads(os.read(out_r, 65536).decode().splitlines()[-1])

@@ -80,6 +80,7 @@ def test_a_leased_port_held_by_another_worktree_or_none_is_warned(
     assert "a process of shop-b" in text and f"pid {own}" not in text
     # One of no worktree, on b's port.
     stray = listener(_entry(devd, b)["ports"]["web"], tmp_path)  # type: ignore[index]
+    devd.status()  # a pass after it listens (a text --fresh may reuse an older one)
     assert f"pid {stray} python" in devd.run("status", "--fresh").stdout
     assert "outside any worktree" in devd.run("status", "--fresh").stdout
 

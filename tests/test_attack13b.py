@@ -125,7 +125,7 @@ def test_a_run_of_two_watchers_is_judged_as_one(wdevd, repo, tmp_path: Path  # n
         cwd=tree, env=wdevd.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     try:
-        wait_for(lambda: big.exists() and small.exists(), timeout=30, what="both watching")
+        wait_for(lambda: big.exists() and small.exists(), what="both watching")
         state = wdevd.worktree(tree)["watchers"]
         assert state["state"] == "ok", state
     finally:
@@ -185,7 +185,7 @@ def test_node_watch_mode_is_no_starved_watcher(wdevd, repo, tmp_path: Path  # no
          "server.js", str(up)], cwd=tree, env=wdevd.env, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_for(up.exists, timeout=30, what="node --watch up")
+        wait_for(up.exists, what="node --watch up")
         state = wdevd.worktree(tree)["watchers"]
         assert state["state"] == "ok", state
     finally:
@@ -204,7 +204,7 @@ def test_a_broken_service_taken_down_is_not_started_by_restart(wdevd, make_repo 
     repo = make_repo("downed", f'[services.web]\ncommand = "echo \\"{LINE}\\"; exec sleep 60"\n')
     wdevd.run("provision", str(repo.main))
     wdevd.run("up", "--path", str(repo.main), timeout=120)
-    wait_for(lambda: wdevd.worktree(repo.main)["watchers"]["state"] == "broken", timeout=30,
+    wait_for(lambda: wdevd.worktree(repo.main)["watchers"]["state"] == "broken",
              what="the service broken")
     wdevd.run("down", "--path", str(repo.main))
     plan = json.loads(wdevd.run("watchers", "--restart", "--json").stdout)

@@ -211,13 +211,13 @@ def test_a_write_during_the_release_dump_is_never_dropped_unseen(
         release = subprocess.Popen([sys.executable, "-m", "devd", "release", str(tree), "--yes"],
                                    env=devd_home.env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
-        wait_for(lambda: dump_waiting(app), timeout=30, what="pg_dump to wait on the lock")
+        wait_for(lambda: dump_waiting(app), what="pg_dump to wait on the lock")
         try:  # a worker of the app writes a row and disconnects, as apps do
             query(env["DATABASE_URL"], "INSERT INTO jobs VALUES (42)")
             written = True
         except psycopg.OperationalError:
             written = False  # refused loudly while the release runs: nothing to lose
-    out, err = release.communicate(timeout=60)
+    out, err = release.communicate(timeout=180)
     if release.returncode == 0 and written:
         devd_home.run("provision", str(tree))
         devd_home.run("restore", str(tree))

@@ -49,8 +49,10 @@ def test_only_unchanged_idle_agent_worktrees_are_removed(devd: Devd, repo: Repo)
         devd.stop()
         devd.env["DEVD_CLAUDE_AGENT_GRACE"] = "0"
         devd.start()
-        wait_for(lambda: "worktree-agent-afb2" not in run_git(repo.main, "branch"), timeout=60,
-                 what="the daemon to remove the unchanged agent worktree and its branch")
+        # Its branch goes before devd releases it: wait for the release, the last step.
+        wait_for(lambda: "worktree-agent-afb2" not in run_git(repo.main, "branch") and
+                 str(unchanged) not in {w["path"] for w in devd.status()["worktrees"]},
+                 what="the daemon to remove and release the unchanged agent worktree")
         assert not unchanged.exists()
         assert all(p.is_dir() for p in (edited, committed, busy, session, held, nested,
                                          untracked))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,12 +172,13 @@ def test_a_same_named_volume_not_devds_is_refused_and_never_removed(
     # Compose adopts an unlabelled volume called <project>_<key> (a warning only) and its
     # `down -v` removes it by name: devd must refuse before either.
     repo = make_repo(devd_toml='[compose]\nfiles = ["compose.yaml"]\nstart = false\n')
+    shared = f"devd-test-user-shared-{uuid.uuid4().hex[:8]}"  # the machine's engine: unique
     repo.commit({"compose.yaml": f"services:\n  cache:\n    image: {REDIS_IMAGE}\n"
                  "    volumes: [\"data:/data\", \"shared:/shared\", \"./host:/host\"]\n"
                  "volumes:\n  data:\n  shared:\n    external: true\n"
-                 "    name: devd-test-user-shared\n"})
+                 f"    name: {shared}\n"})
     tree = repo.worktree("squat", "squat")
-    user_shared = dk.volumes.create("devd-test-user-shared")
+    user_shared = dk.volumes.create(shared)
     devd.run("provision", str(tree), timeout=120)
     name = env_of(devd, tree)["COMPOSE_PROJECT_NAME"]
     # The user's own project name after devd's block wins for a plain `docker compose`

@@ -31,6 +31,12 @@ def env_of(devd: Devd, tree: Path) -> dict[str, str]:
     return dict(json.loads(devd.run("env", str(tree), "--format", "json").stdout))
 
 
+def shared_server(devd: Devd) -> str:
+    """This daemon's shared Redis (devd/containers/shared.py names it by instance): the
+    engine is the machine's, and other test runs' servers are on it too."""
+    return f"devd-redis-shared-{(devd.paths.state_dir / 'instance-id').read_text().strip()}"
+
+
 def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1].split("/")[0])
 
@@ -55,10 +61,11 @@ def test_redis_per_worktree_isolated_labelled_backed_up_and_restored(
     assert devd.worktree(a)["containers"][0]["state"] == "running"
     # Labelled by this devd for a worktree the registry does not know: listed, not removed.
     instance_id = container.labels["devd.instance"]
-    stray = dk.volumes.create("devd-test-stray", labels={
+    stray_name = f"devd-test-stray-{instance_id}"  # the engine is the machine's: unique
+    stray = dk.volumes.create(stray_name, labels={
         "devd.owner": "gone-tree-1", "devd.instance": instance_id, "devd.kind": "compose"})
     orphans = devd.json("gc", "--dry-run")["orphans"]  # a fresh scan (status caches 30 s)
-    assert {"kind": "volume", "name": "devd-test-stray", "worktree_id": "gone-tree-1",
+    assert {"kind": "volume", "name": stray_name, "worktree_id": "gone-tree-1",
             "where": "docker"} in orphans
     stray.remove()
     container.stop(timeout=5)
@@ -112,7 +119,7 @@ def test_shared_redis_leases_an_index_flushes_on_release_and_says_when_full(
     assert redis(port, "GET", "k", db=db_b) == "b"  # the other worktree's untouched
     backups = list((devd.paths.state_dir / "backups" / "volumes").rglob("*.rdb.tar"))
     assert backups and backups[0].stat().st_size > 0
-    server = [c for c in dk.containers.list() if c.name.startswith("devd-redis-shared-")]
+    server = [dk.containers.get(shared_server(devd))]
     assert dk.volumes.get(server[0].name).attrs["Labels"]["devd.kind"] == "redis-shared"
     # The backup's file inside the server is its own, and gone once copied out.
     left = server[0].exec_run(["sh", "-c", "ls /tmp | grep devd-backup"])
@@ -143,7 +150,7 @@ def test_gc_retires_the_shared_redis_once_no_worktree_leases_an_index(
     for tree in (a, b):
         devd.run("provision", str(tree), timeout=120)
     url_b = env_of(devd, b)["REDIS_URL"]
-    server = next(c for c in dk.containers.list() if c.name.startswith("devd-redis-shared-"))
+    server = dk.containers.get(shared_server(devd))
     devd.run("release", str(a), "--yes", timeout=120)
     assert "shared_redis" not in devd.json("gc", "--grace", "0")  # b still leases one
     assert redis(port_of(url_b), "PING") == "+PONG"

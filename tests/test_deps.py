@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -329,8 +330,14 @@ def test_bad_deps_config_names_the_key(ddevd: Devd, make_repo) -> None:
     assert result.returncode == 1 and "deps.node" in result.stderr
 
 
+@dataclass
+class SilentRegistry:
+    url: str
+    held: list[socket.socket]  # the connections it took: a package manager is fetching
+
+
 @pytest.fixture
-def silent_registry() -> Iterator[str]:
+def silent_registry() -> Iterator[SilentRegistry]:
     """A registry that accepts connections and never answers: a package manager hangs."""
     server = socket.create_server(("127.0.0.1", 0))
     held: list[socket.socket] = []
@@ -346,7 +353,7 @@ def silent_registry() -> Iterator[str]:
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}/"
+    yield SilentRegistry(f"http://127.0.0.1:{server.getsockname()[1]}/", held)
     stop.set()
     thread.join(5)
     for conn in held:
@@ -361,9 +368,10 @@ def hanging_project(locks: dict[str, dict], registry: str, timeout: str) -> dict
 
 
 def test_hung_package_manager_is_stopped_at_the_timeout(ddevd: Devd, make_repo, locks,
-                                                        silent_registry: str) -> None:
+                                                        silent_registry: SilentRegistry
+                                                        ) -> None:
     repo: Repo = make_repo(devd_toml=None)
-    repo.commit(hanging_project(locks, silent_registry, "3s"))
+    repo.commit(hanging_project(locks, silent_registry.url, "3s"))
     result = provision(ddevd, repo.main, check=False)
     assert result.returncode == 1 and "timed out after 3 s" in result.stderr
     assert deps_of(ddevd, repo.main)["node"]["state"] == "failed"
@@ -371,14 +379,18 @@ def test_hung_package_manager_is_stopped_at_the_timeout(ddevd: Devd, make_repo, 
 
 
 def test_worktree_deleted_during_install_stops_the_job(ddevd: Devd, make_repo, locks,
-                                                        silent_registry: str) -> None:
+                                                        silent_registry: SilentRegistry
+                                                        ) -> None:
     repo: Repo = make_repo(devd_toml=None)
-    repo.commit(hanging_project(locks, silent_registry, "10m"))
+    repo.commit(hanging_project(locks, silent_registry.url, "10m"))
     wt = repo.worktree("shop-doomed", "feat/doomed")
     provision(ddevd, wt, "--background")
     wait_for(lambda: deps_of(ddevd, wt).get("node", {}).get("state") == "installing",
              timeout=60, what="the install to start")
     log = Path(deps_of(ddevd, wt)["node"]["log"])
+    # Deleted once npm hangs on the registry: before, it is making node_modules' sparse tree
+    # (its mkdirs raced rmtree, or made the tree anew before devd could stop it).
+    wait_for(lambda: silent_registry.held, what="npm to fetch from the registry")
     shutil.rmtree(wt)
     wait_for(lambda: "the worktree was deleted" in log.read_text(), timeout=60,
              what="the job to notice the deletion")

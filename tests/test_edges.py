@@ -150,7 +150,7 @@ def test_stop_ends_the_daemon_gracefully(devd: Devd) -> None:
     assert devd.proc is not None
     result = devd.run("stop")
     assert f"stopped the daemon (pid {devd.proc.pid})" in result.stdout
-    assert devd.proc.wait(timeout=15) == 0 and not devd.paths.socket.exists()
+    assert devd.proc.wait(timeout=60) == 0 and not devd.paths.socket.exists()
     assert "devd daemon stopping" in devd.log()
     devd.proc = None
 

@@ -231,11 +231,14 @@ def test_a_pending_postgres_step_already_has_failing_placeholders(
         write_main_env(repo)
         tree = repo.worktree("shop-p", "p")
         devd.run("provision", "--background", str(tree))
-        wait_for(lambda: "devd-postgres-pending" in _text(tree / ".env"), what="early .env")
-        # The step times out by itself after a few seconds: read a snapshot of this moment.
+        # The step times out by itself after a few seconds: keep the very text that was
+        # seen pending (a second read may already find it failed).
         snapshot = tmp_path / "pending.env"
-        snapshot.write_text(_text(tree / ".env"))
-        assert "devd-postgres-pending" in snapshot.read_text()
+
+        def pending() -> bool:
+            snapshot.write_text(text := _text(tree / ".env"))
+            return "devd-postgres-pending" in text
+        wait_for(pending, what="early .env")
         read = read_all([snapshot], node_modules, tmp_path / "scratch")[snapshot]
         assert_agree(read, {"PGHOST": "devd-postgres-pending-see-devd-status.invalid"})
         assert "shop_dev" not in (tree / ".env").read_text() + (tree / ".env.local").read_text()

@@ -156,7 +156,9 @@ def test_a_stopped_daemon_never_hangs_the_cli_or_the_hooks(devd: Devd, repo: Rep
         assert "not provisioned yet" in create.stderr
     finally:
         os.kill(devd.proc.pid, signal.SIGCONT)
-    assert devd.run("status", env=quick).returncode == 0
+    # Resumed, it answers again (with the default timeout: after SIGCONT it first works
+    # through the connections queued while it was stopped).
+    assert devd.run("status").returncode == 0
 
 
 def test_heartbeats_keep_a_long_request_within_a_short_timeout(devd_home: Devd,
@@ -239,12 +241,15 @@ def test_cli_timeout_must_be_a_positive_number(devd: Devd) -> None:
 def test_beyond_the_handler_slots_a_request_is_told_busy(devd_home: Devd, repo: Repo) -> None:
     from devd.daemon import MAX_WORKERS
 
-    devd_home.env["DEVD_KILL_TIMEOUT"] = "5"
+    # The slots are held until the test kills the stubborn listener itself: with a short
+    # kill timeout the daemon's own SIGKILL freed them while a loaded machine was still
+    # filling the other slots, and the extra ping was answered.
+    devd_home.env["DEVD_KILL_TIMEOUT"] = "120"
     devd_home.start()
     tree = repo.worktree("shop-a", "a")
     devd_home.run("provision", str(tree))
     port = devd_home.worktree(tree)["ports"]["web"]
-    stubborn = listen(port, tree, "--stubborn")  # each kill_port waits 5 s on it
+    stubborn = listen(port, tree, "--stubborn")  # each kill_port waits on it till it dies
     request = protocol.request("kill_port", {"port": port, "path": str(tree)})
     held = []
     try:
@@ -258,7 +263,7 @@ def test_beyond_the_handler_slots_a_request_is_told_busy(devd_home: Devd, repo: 
             retried = pool.submit(Client(devd_home.paths, autostart=False, timeout=60).call,
                                   "ping")
             time.sleep(1)
-            assert not retried.done(), retried.result()  # each slot is held for 5 s
+            assert not retried.done(), retried.result()  # every slot is still held
             stubborn.kill()
             assert retried.result()["pid"] == devd_home.proc.pid
     finally:

@@ -55,7 +55,9 @@ def test_only_a_new_linked_worktree_counts(devd_home: Devd, repo: Repo, tmp_path
         git(cwd, "checkout", "-q", branch, env=env)
     new = repo.main.parent / "new"
     git(repo.main, "worktree", "add", "-q", "-b", "new", str(new), env=env)
-    wait_for(calls.exists, what="the hook to call devd for the new worktree")
+    # The line, not the file: `echo >> calls` creates the file before it writes.
+    wait_for(lambda: calls.exists() and calls.read_text().endswith("\n"),
+             what="the hook to call devd for the new worktree")
     assert calls.read_text().splitlines() == [f"{new} provision --background ."]
     # The same rules for hook managers' `devd hook post-checkout`.
     assert [hooks.is_new_worktree(ZEROS, p) for p in (repo.main, linked, new)] \
@@ -181,7 +183,7 @@ def test_no_checkout_worktrees_are_found_when_the_repo_opts_in(devd: Devd, make_
     found = eager.main.parent / "eager-nc"
     run_git(eager.main, "worktree", "add", "-q", "--no-checkout", "-b", "e", str(found))
     wait_for(lambda: str(found) in {w["path"] for w in devd.status()["worktrees"]},
-             timeout=30, what="reconcile to find the --no-checkout worktree")
+             what="reconcile to find the --no-checkout worktree")
     assert devd.json("wait", str(found), "--timeout", "60")["state"] == "ready"
     # The reconcile that found it ran after the quiet repo's worktree was made, too.
     paths = {w["path"] for w in devd.status()["worktrees"]}

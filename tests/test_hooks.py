@@ -44,7 +44,7 @@ def test_git_worktree_add_is_provisioned_and_removal_noticed(devd: Devd, repo: R
     assert set(waited["ports"]) == {"web", "api"}
     assert "PORT_WEB=" in (path / ".env").read_text()
     git(repo.main, "worktree", "remove", str(path), env=shim)
-    wait_for(lambda: devd.worktree(path.resolve())["state"] == "gone", timeout=30,
+    wait_for(lambda: devd.worktree(path.resolve())["state"] == "gone",
              what="the daemon to notice the removal")
 
 

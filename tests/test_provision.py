@@ -296,7 +296,7 @@ def test_git_worktree_remove_is_noticed_and_gc_frees_ports(devd: Devd, repo: Rep
         with sqlite3.connect(registry) as db:
             return db.execute("SELECT state FROM worktrees WHERE path = ?",
                               (str(doomed),)).fetchone()[0]
-    wait_for(lambda: state_in_registry() == "gone", timeout=5, what="watcher to notice")
+    wait_for(lambda: state_in_registry() == "gone", what="watcher to notice")
     entry = devd.worktree(doomed)
     assert entry["state"] == "gone" and set(entry["ports"].values()) == doomed_ports
     assert cache.is_dir()  # nothing destroyed at that moment
@@ -394,7 +394,9 @@ def test_browser_opens_with_the_profile(devd: Devd, repo: Repo, tmp_path: Path) 
     fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
     fake.chmod(0o755)
     devd.run("browser", "--path", str(tree), env={"DEVD_BROWSER": str(fake)})
-    wait_for(record.exists, what="browser to start")
+    # Its output, not the file: `> record` creates the file before printf writes.
+    wait_for(lambda: record.exists() and record.read_text().endswith("\n"),
+             what="browser to start")
     args = record.read_text().split("\n")
     entry = devd.worktree(tree)
     assert f"--user-data-dir={entry['browser_profile']}" in args

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import ROOT, Devd, Repo, run_git, wait_for
+from conftest import ROOT, Devd, Repo, machine_lock, run_git, wait_for
 from pgsupport import unavailable
 
 from devd.proxy import caddy
@@ -86,7 +86,7 @@ def proxy_of(devd: Devd) -> dict[str, Any]:
 
 
 def wait_running(devd: Devd) -> dict[str, Any]:
-    wait_for(lambda: proxy_of(devd)["state"] == "running", timeout=20, what="proxy running")
+    wait_for(lambda: proxy_of(devd)["state"] == "running", what="proxy running")
     return proxy_of(devd)
 
 
@@ -394,10 +394,12 @@ def playwright_dir() -> Path:
                                              ).exists():
         unavailable("no node or no /usr/bin/chromium (apt-get install chromium)")
     where = Path(tempfile.gettempdir()) / "devd-test-playwright"
-    if not (where / "node_modules" / "playwright-core").is_dir():
-        where.mkdir(exist_ok=True)
-        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund",
-                        "playwright-core@1"], cwd=where, check=True, timeout=300)
+    with machine_lock(where):  # "done": npm completes a tree a killed run left partial
+        if not (where / "done").exists():
+            where.mkdir(exist_ok=True)
+            subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund",
+                            "playwright-core@1"], cwd=where, check=True, timeout=300)
+            (where / "done").touch()
     return where
 
 
@@ -522,7 +524,7 @@ def test_a_caddy_that_never_answers_is_stopped_with_its_group_and_said(
     deaf.chmod(0o755)
     devd.env["DEVD_CADDY"] = str(deaf)
     devd.start()
-    wait_for(lambda: proxy_of(devd)["state"] == "not_answering", timeout=30,
+    wait_for(lambda: proxy_of(devd)["state"] == "not_answering",
              what="not_answering")
     assert "did not answer on its admin socket" in proxy_of(devd)["error"]
     assert "! proxy not_answering" in devd.run("status").stdout
@@ -562,7 +564,7 @@ def test_killed_caddy_is_restarted_and_a_killed_daemon_leaves_nothing_behind(
     url = devd.worktree(repo.main.resolve())["url"]
     os.kill(first["pid"], signal.SIGKILL)
     wait_for(lambda: (p := proxy_of(devd))["state"] == "running" and p["pid"] != first["pid"],
-             timeout=20, what="caddy restarted")
+             what="caddy restarted")
     assert proxy_of(devd)["restarts"] == 1
     assert curl(url + "/", "-o", "/dev/null", "-w", "%{http_code}").stdout == "502"
     # The daemon killed -9: its Caddy gets SIGTERM from the kernel (parent death) and
@@ -573,11 +575,11 @@ def test_killed_caddy_is_restarted_and_a_killed_daemon_leaves_nothing_behind(
     devd.proc.wait()
     devd.proc = None
     if dies_with_daemon():
-        wait_for(lambda: not _alive(orphan), timeout=10, what="caddy gone with its daemon")
+        wait_for(lambda: not _alive(orphan), what="caddy gone with its daemon")
         assert curl(url + "/", "-o", "/dev/null", "-w", "%{http_code}").stdout == "000"
     devd.start()
     wait_for(lambda: (p := proxy_of(devd))["state"] == "running" and p["pid"] != orphan,
-             timeout=20, what="a new caddy")
+             what="a new caddy")
     wait_for(lambda: not _alive(orphan), what="the orphaned caddy stopped")
     assert devd.worktree(repo.main.resolve())["url"] == url  # stable across restarts
     assert devd.stop() == 0
@@ -617,7 +619,7 @@ def test_twenty_worktrees_and_a_removed_one_loses_its_route(lone: tuple[Devd, Re
         what="all 20 routed")
     run_git(repo.main, "worktree", "remove", str(trees[0]))
     wait_for(lambda: curl(urls[0] + "/", "-o", "/dev/null", "-w", "%{http_code}").stdout
-             == "404", timeout=20, what="the removed worktree's route gone")
+             == "404", what="the removed worktree's route gone")
     assert devd.worktree(trees[0])["urls"] == {}
     assert curl(urls[1] + "/", "-o", "/dev/null", "-w", "%{http_code}").stdout == "502"
     assert devd.stop() == 0
@@ -638,7 +640,7 @@ def test_tls_serves_h2_with_caddys_local_ca(lone: tuple[Devd, Repo]) -> None:
     def answered() -> bool:
         return curl(url + "/", "--cacert", str(root), "-o", "/dev/null", "-w",
                     "%{http_code} %{http_version}").stdout == "502 2"
-    wait_for(answered, timeout=30, what="https with h2")
+    wait_for(answered, what="https with h2")
     assert devd.stop() == 0
 
 

@@ -76,9 +76,9 @@ def test_a_daemon_killed_mid_request_is_one_line_in_every_hook(devd: Devd, repo:
                                         stderr=subprocess.PIPE, text=True, cwd=repo.main)
                  for name, argv in calls.items()}
     wait_for(lambda: all(_connected(proc.pid) for proc in procs.values()),
-             timeout=30, what="every client to be waiting on the daemon")
+             what="every client to be waiting on the daemon")
     daemon.kill()
-    devd.proc.wait(timeout=15)
+    devd.proc.wait(timeout=60)
     devd.proc = None
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=30)
@@ -101,7 +101,7 @@ def test_service_status_says_when_the_state_dir_is_held_but_nothing_answers(
         devd: Devd, tmp_path: Path) -> None:
     moved = tmp_path / "moved.sock"
     devd.paths.socket.rename(moved)  # the path is no longer its socket: it stops at once
-    wait_for(lambda: devd.proc is not None and devd.proc.poll() is not None, timeout=30,
+    wait_for(lambda: devd.proc is not None and devd.proc.poll() is not None,
              what="the unreachable daemon to stop")
     assert devd.proc is not None and devd.proc.returncode == 0
     devd.proc = None

@@ -118,7 +118,7 @@ def test_vite_and_api_in_two_worktrees(devd: Devd, make_repo, vite_modules: Path
     pids = [s["pid"] for s in shown[feat].values()]
     children = [c.pid for pid in pids for c in psutil.Process(pid).children(recursive=True)]
     run_git(repo.main, "worktree", "remove", "--force", str(feat))
-    wait_for(lambda: all(gone(p) for p in pids + children), 30, "feat's servers to stop")
+    wait_for(lambda: all(gone(p) for p in pids + children), what="feat's servers to stop")
     down = json.loads(devd.run("down", "--json", "--path", str(repo.main)).stdout)
     assert {s["name"]: s["outcome"] for s in down["services"]} == \
         {"web": "terminated", "api": "terminated"}
@@ -132,9 +132,17 @@ def _listening(proc: psutil.Process) -> list[Any]:
         return []
 
 
-LISTEN_THEN_EXIT = ("python3 -c 'import os, socket, time; s = socket.socket(); "
-                    "s.bind((\"127.0.0.1\", int(os.environ[\"PORT\"]))); s.listen(); "
-                    "print(\"up, about to fail\", flush=True); time.sleep(0.3); exit(3)'")
+# It exits once its log (its stdout) says devd saw it ready: a fixed short life could be missed
+# by a loaded daemon's readiness tick, and the first run would "fail before it was ready".
+# (Its note is `[devd 06:25:20] ready after 0.1 s`; the command, also in the log, must not
+# hold that text whole.)
+LISTEN_THEN_EXIT = ("python3 -c 'import os, socket, time\ns = socket.socket()\n"
+                    "s.bind((\"127.0.0.1\", int(os.environ[\"PORT\"]))); s.listen()\n"
+                    "print(\"up, about to fail\", flush=True)\n"
+                    "while b\"]\" + b\" ready after\" not in "
+                    "open(\"/proc/self/fd/1\", \"rb\").read():\n"
+                    "    time.sleep(0.05)\n"
+                    "exit(3)'")
 
 
 def test_crash_backoff_then_crashed(devd: Devd, make_repo) -> None:
@@ -239,11 +247,14 @@ def test_daemon_stop_and_kill(devd: Devd, make_repo) -> None:
     devd.run("provision", str(repo.main))
     pid = up(devd, repo.main)["services"][0]["pid"]
     # idle_stop: nobody connects, so it is stopped (checked every few seconds).
-    wait_for(lambda: services(devd, repo.main)["web"]["state"] == "idle", 30, "idle stop")
+    wait_for(lambda: services(devd, repo.main)["web"]["state"] == "idle", what="idle stop")
     assert gone(pid)
     pid = up(devd, repo.main)["services"][0]["pid"]
     devd.stop()
     assert gone(pid)
+    # No idle_stop from here: started slowly (a loaded machine), it is due for one at once,
+    # and an idle stop before the kill -9 below would leave nothing for the next daemon.
+    (repo.main / "devd.toml").write_text(PORTS + service("web", "python3 -m http.server"))
     devd.start()
     pid = up(devd, repo.main)["services"][0]["pid"]
     assert devd.proc is not None
@@ -251,7 +262,7 @@ def test_daemon_stop_and_kill(devd: Devd, make_repo) -> None:
     devd.proc.wait()
     assert not gone(pid)  # a dead daemon's service runs on, nobody supervising it
     devd.start()
-    wait_for(lambda: gone(pid), 30, "the leftover service to be stopped")
+    wait_for(lambda: gone(pid), what="the leftover service to be stopped")
     assert services(devd, repo.main)["web"]["state"] == "stopped"
 
 
@@ -266,8 +277,8 @@ def test_restart_follow_and_release(devd: Devd, make_repo) -> None:
     try:
         again = devd.run("restart", "--path", str(repo.main))
         assert "web  running" in again.stdout and gone(first["pid"])
-        wait_for(lambda: any("stopped by devd (terminated)" in line for line in seen), 30,
-                 "`devd logs -f` to show the restart")
+        wait_for(lambda: any("stopped by devd (terminated)" in line for line in seen),
+                 what="`devd logs -f` to show the restart")
     finally:
         follow.terminate()
         follow.wait()

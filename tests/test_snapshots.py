@@ -296,7 +296,7 @@ def test_a_daemon_killed_mid_snapshot_leaves_what_the_next_one_and_gc_remove(
                      what="the helper container and the partial copy")
             assert devd.proc is not None
             devd.proc.kill()  # SIGKILL: no cleanup of any kind runs
-            devd.proc.wait(timeout=15)
+            devd.proc.wait(timeout=60)
             devd.proc = None
             _, stderr = proc.communicate(timeout=30)
         finally:

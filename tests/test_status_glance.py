@@ -176,6 +176,7 @@ def test_postgres_in_a_word_and_its_loss_warned(devd_home: Devd, repo: Repo,
         # Someone drops the schema behind devd's back: the row and a warning say so.
         schema = pgnames.identifier(naming.worktree_id(repo.main, tree))
         query(pg_url, f'DROP SCHEMA "{schema}" CASCADE')
+        devd_home.status()  # a pass after the drop (a text --fresh may reuse an older one)
         text = devd_home.run("status", "--fresh").stdout
         row = _row(text, "shop-pg")
         assert "degraded" in row and "pg-schema:ready" not in row, text

@@ -151,7 +151,7 @@ def test_idle_devd_started_watchers_are_stopped_and_nothing_else(devd_home: Devd
         assert ours.wait(timeout=60) == -9  # SIGTERM ignored, so SIGKILL
         assert stranger.poll() is None and quiet.poll() is None
         wait_for(lambda: devd_home.worktree(tree)["watchers"]["state"] == "stopped",
-                 timeout=30, what="stopped state")  # status may reuse a pass up to 2 s old
+                 what="stopped state")  # status may reuse a pass up to 2 s old
         assert "without use" in devd_home.worktree(tree)["watchers"]["reason"]
         assert f"stopped idle watcher pid {ours.pid}" in devd_home.log()
     finally:
