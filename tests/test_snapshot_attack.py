@@ -206,3 +206,59 @@ def test_a_reset_killed_mid_copy_leaves_a_partial_clone_the_sweep_removes(
     assert not crashed.exists() and running.is_dir() and (theirs / "base").is_dir()
     assert (crashed.parent / ".incoming-link").is_symlink()
     assert (crashed.parent / datadirs.PGDATA).is_dir(), "the worktree's data stays"
+
+
+def _interrupted(paths: Paths, wt_id: str, step: int, journal: bool = True) -> Path:
+    """A clone dir as a reset killed at `step` left it: 0 before its first rename, 1 between
+    its two, 2 after both (its marker not yet rewritten). Old data says "old", new "new"."""
+    root = datadirs.postgres_dir(paths, "clones") / wt_id
+    root.mkdir()
+    datadirs.write_marker(root, datadirs.CLONE_MARKER, worktree=wt_id, snapshot="old-snap")
+    incoming, before = root / ".incoming-0badc0de", root / datadirs.before_reset_name()
+    for where, what in ((root / datadirs.PGDATA, "old"), (incoming, "new")):
+        where.mkdir()
+        (where / "PG_VERSION").write_text(what)
+    if journal:
+        clones._write_journal(root, incoming, before, {"worktree": wt_id, "snapshot": "shop"})
+        (root / clones.JOURNAL).write_text((root / clones.JOURNAL).read_text().replace(
+            snapshots.RUN, "0badc0de"))  # another run's: a daemon killed since
+    if step >= 1:
+        os.rename(root / datadirs.PGDATA, before)
+    if step >= 2:
+        os.rename(incoming, root / datadirs.PGDATA)
+    return root
+
+
+@pytest.mark.parametrize("step", [0, 1, 2])
+def test_a_reset_killed_at_any_rename_is_finished_by_the_next_daemon(paths: Paths,
+                                                                     step: int) -> None:
+    from devd.postgres.provisioner import remove_snapshot_leftovers
+
+    root = _interrupted(paths, "wt1", step)
+    assert clones.crashed_resets(paths) == [], "the complete new clone is not swept"
+    remove_snapshot_leftovers(paths)  # what the next daemon runs at start
+    pgdata = root / datadirs.PGDATA
+    assert (pgdata / "PG_VERSION").read_text() == "new"
+    before, = root.glob(datadirs.BEFORE_RESET + "*")
+    assert (before / "PG_VERSION").read_text() == "old", "the user's data is kept"
+    marker = datadirs.read_marker(root, datadirs.CLONE_MARKER) or {}
+    assert marker["snapshot"] == "shop" and not (root / clones.JOURNAL).exists()
+    assert clones.recovered(pgdata) == marker[clones.RECOVERED]
+    assert "finished a reset" in marker[clones.RECOVERED] and str(before) in marker[
+        clones.RECOVERED]
+    assert not list(root.glob(clones.INCOMING + "*"))
+
+
+def test_an_older_devds_reset_killed_between_renames_is_rolled_back(paths: Paths) -> None:
+    from devd.postgres.provisioner import remove_snapshot_leftovers
+
+    root = _interrupted(paths, "wt1", 1, journal=False)  # its new clone may be partial
+    mine = _interrupted(paths, "wt2", 1)
+    (mine / clones.JOURNAL).write_text((mine / clones.JOURNAL).read_text().replace(
+        "0badc0de", snapshots.RUN))  # a reset under way in this daemon: left alone
+    remove_snapshot_leftovers(paths)
+    assert (root / datadirs.PGDATA / "PG_VERSION").read_text() == "old"
+    assert not list(root.glob(clones.INCOMING + "*")), "the possibly partial clone goes"
+    assert "rolled back" in (clones.recovered(root / datadirs.PGDATA) or "")
+    assert not (mine / datadirs.PGDATA).exists() and (mine / ".incoming-0badc0de").is_dir()
+    assert (mine / clones.JOURNAL).is_file()
