@@ -460,21 +460,27 @@ def test_a_reset_killed_mid_copy_or_between_its_renames_loses_nothing(
     assert not list(root.glob(datadirs.BEFORE_RESET + "*"))
     devd.run("db", "reset", str(tree), timeout=180)  # a retry works
     assert query(url, "SELECT v FROM t") == [("from-main",)]
-    kept, = root.glob(datadirs.BEFORE_RESET + "*")
+    query(url, "INSERT INTO t VALUES ('mine again')")
     # kill -9 between the two renames (no command runs there: the state it leaves is made
-    # from the reset's own, with the server stopped as the reset stops it).
+    # as the reset makes it: server stopped, data renamed aside, a new clone beside it).
     dk.containers.get(_pg(devd, tree)["name"]).stop()
     _kill(devd)
-    os.rename(root / datadirs.PGDATA, root / ".incoming-0badc0de")
+    kept = root / datadirs.before_reset_name()
+    os.rename(root / datadirs.PGDATA, kept)
+    snap = devd.paths.data_dir / "postgres" / "snapshots" / "shop"
+    subprocess.run(["cp", "-a", "--reflink=always", str(snap / datadirs.PGDATA),
+                    str(root / ".incoming-0badc0de")], check=True)
+    marker = json.loads((root / datadirs.CLONE_MARKER).read_text())
+    marker["snapshot_password"] = json.loads(
+        (snap / datadirs.SNAPSHOT_MARKER).read_text())["password"]
     (root / "devd-reset.json").write_text(json.dumps({
-        "instance": (devd.paths.state_dir / "instance-id").read_text().strip(),
-        "run": "0badc0de", "incoming": ".incoming-0badc0de", "before": kept.name,
-        "marker": json.loads((root / datadirs.CLONE_MARKER).read_text())}))
+        "instance": marker.pop("instance"), "run": "0badc0de",
+        "incoming": ".incoming-0badc0de", "before": kept.name, "marker": marker}))
     devd.start()
     note = _pg(devd, tree)["recovered_reset"]
     assert "finished a reset a killed daemon left" in note and str(kept) in note, note
     assert "finished a reset" in devd.log()
-    devd.run("provision", str(tree), timeout=180)
+    devd.run("provision", str(tree), timeout=180)  # the new clone has the snapshot's password
     assert query(url, "SELECT v FROM t") == [("from-main",)]
     assert (kept / "PG_VERSION").is_file(), "the data the reset replaced is kept"
     assert "finished a reset" in devd.run("status", str(tree)).stdout

@@ -49,7 +49,8 @@ def ensure(ctx: Context, image_major: str | None, progress: Progress) -> dict[st
     root = clone_root(ctx.paths, wt_id)
     pgdata = root / datadirs.PGDATA
     marker = datadirs.read_marker(root, datadirs.CLONE_MARKER)
-    if marker is not None and recover(root, RUN_ANY):
+    done = recover(root, RUN_ANY) if marker is not None else None
+    if done:
         marker = datadirs.read_marker(root, datadirs.CLONE_MARKER) or {}
         progress("postgres", str(marker.get(RECOVERED)), level="warning")
     if marker is not None and pgdata.is_dir():
@@ -58,9 +59,12 @@ def ensure(ctx: Context, image_major: str | None, progress: Progress) -> dict[st
                             f"{marker.get('snapshot')!r}, and devd.toml now says {name!r}",
                             "run `devd db reset` to switch (the current data is kept aside)",
                             code="config")
-        return _fields(marker, pgdata)
+        # A finished reset's data still has its snapshot's password.
+        return _fields(marker, pgdata) | ({FRESH: True} if done == FINISHED else {})
     if marker is not None and ctx.recorded("postgres").get("initialized"):
-        progress("postgres", f"{pgdata} was deleted: cloning snapshot {name} again",
+        kept = sorted(str(p) for p in root.glob(datadirs.BEFORE_RESET + "*"))
+        progress("postgres", f"{pgdata} was deleted: cloning snapshot {name} again"
+                 + (f" (what resets replaced is kept in {', '.join(kept)})" if kept else ""),
                  level="warning")
     snap = usable(ctx.paths, name, image_major)
     if marker is None:
@@ -176,9 +180,10 @@ def _swap(root: Path, incoming: Path, before: Path) -> None:
 
 
 RUN_ANY = ""  # recover(): whichever run left the journal (the caller holds the worktree)
+FINISHED, ROLLED_BACK = "finished", "rolled back"
 
 
-def recover(root: Path, skip_run: str | None = snapshots.RUN) -> bool:
+def recover(root: Path, skip_run: str | None = snapshots.RUN) -> str | None:
     """Finish or roll back a reset a killed daemon left in `root` (ours: the caller read its
     marker); True if it did, with a note in the clone's marker (status shows it) and the log.
     With a journal, the new clone was complete: the reset is finished. Without one (an older
@@ -189,8 +194,8 @@ def recover(root: Path, skip_run: str | None = snapshots.RUN) -> bool:
     if journal.is_file():
         fields = json.loads(journal.read_text())
         if fields.get("run") == skip_run or fields.get("instance") != instance.current():
-            return False
-        before = root / fields["before"]
+            return None
+        before, done = root / fields["before"], FINISHED
         _swap(root, root / fields["incoming"], before)
         note = (f"finished a reset a killed daemon left: {pgdata} is a new clone of snapshot "
                 f"{fields['marker']['snapshot']}; the data it replaced is in {before}")
@@ -199,15 +204,16 @@ def recover(root: Path, skip_run: str | None = snapshots.RUN) -> bool:
         kept = sorted(p for p in root.glob(datadirs.BEFORE_RESET + "*")
                       if p.is_dir() and not p.is_symlink())
         if pgdata.exists() or not kept or not any(root.glob(INCOMING + "*")):
-            return False
+            return None
         os.rename(kept[-1], pgdata)
+        done = ROLLED_BACK
         note = (f"rolled back a reset a killed daemon left (its new clone may be partial, "
                 f"and is removed): {pgdata} is the data from before it again (was {kept[-1]})")
     marker = datadirs.read_marker(root, datadirs.CLONE_MARKER) or {}
     datadirs.write_marker(root, datadirs.CLONE_MARKER, **{
         k: v for k, v in marker.items() if k != "instance"} | {RECOVERED: note})
     log.warning("%s", note)
-    return True
+    return done
 
 
 def recovered(data_dir: Path) -> str | None:
