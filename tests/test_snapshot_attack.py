@@ -4,6 +4,7 @@ data is not a clone."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -262,3 +263,31 @@ def test_an_older_devds_reset_killed_between_renames_is_rolled_back(paths: Paths
     assert "rolled back" in (clones.recovered(root / datadirs.PGDATA) or "")
     assert not (mine / datadirs.PGDATA).exists() and (mine / ".incoming-0badc0de").is_dir()
     assert (mine / clones.JOURNAL).is_file()
+
+
+@pytest.mark.docker
+def test_an_older_devds_helper_without_a_run_label_goes_once_stopped_and_old(
+        paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
+    dk = image_client()
+    datadirs.postgres_dir(paths, "snapshots")
+    labels = {"devd.kind": "snapshot", "devd.instance": instance.current()}
+    stopped, running = (dk.containers.create(IMAGE, argv, labels=labels,
+                                             name=f"devd-test-runless-{os.getpid()}-{i}")
+                        for i, argv in enumerate((["true"], ["sleep", "120"])))
+    try:
+        running.start()
+        listed = {o["name"] for o in snapshots.leftovers(paths)}
+        assert stopped.name not in listed, "younger than UNLABELLED_AGE: it may be in use"
+        monkeypatch.setattr(snapshots, "UNLABELLED_AGE", 0)
+        assert {o["name"] for o in snapshots.leftovers(paths)} == {stopped.name}
+        assert snapshots.remove_leftovers(paths) == [stopped.name]
+        # Listed while stopped, started before its removal: the engine refuses (no force).
+        monkeypatch.setattr(snapshots, "_dead_helpers",
+                            lambda _: {running.id: (running.name, False)})
+        assert snapshots.remove_leftovers(paths) == []
+        running.reload()
+        assert running.status == "running", "a run-less helper that runs is never removed"
+    finally:
+        for c in (stopped, running):
+            with contextlib.suppress(Exception):
+                c.remove(force=True)
