@@ -263,6 +263,21 @@ def test_an_older_devds_reset_killed_between_renames_is_rolled_back(paths: Paths
     assert "rolled back" in (clones.recovered(root / datadirs.PGDATA) or "")
     assert not (mine / datadirs.PGDATA).exists() and (mine / ".incoming-0badc0de").is_dir()
     assert (mine / clones.JOURNAL).is_file()
+    # A journal whose new clone was removed by hand: the data goes back.
+    gone = _interrupted(paths, "wt3", 1)
+    datadirs.remove_tree(gone / ".incoming-0badc0de")
+    assert clones.recover(gone) == clones.ROLLED_BACK
+    assert (gone / datadirs.PGDATA / "PG_VERSION").read_text() == "old"
+    # One devd cannot read, or naming a path outside: refused, nothing touched.
+    for text in ("{", json.dumps({"instance": instance.current(), "incoming": "../../x",
+                                  "before": "b", "marker": {"snapshot": "s"}})):
+        bad = _interrupted(paths, f"wt-bad-{len(text)}", 1)
+        (bad / clones.JOURNAL).write_text(text)
+        with pytest.raises(DevdError, match="interrupted reset|outside") as raised:
+            clones.recover(bad)
+        assert raised.value.code == "reset_interrupted"
+        assert {p.name for p in bad.iterdir()} >= {".incoming-0badc0de", clones.JOURNAL}
+    assert len(clones.recover_all(paths)) == 0, "logged and left, never raised"
 
 
 @pytest.mark.docker

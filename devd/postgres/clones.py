@@ -175,8 +175,7 @@ def _swap(root: Path, incoming: Path, before: Path) -> None:
         if pgdata.is_dir():
             os.rename(pgdata, before)
         os.rename(incoming, pgdata)
-    journal = json.loads((root / JOURNAL).read_text())
-    datadirs.write_marker(root, datadirs.CLONE_MARKER, **journal["marker"])
+    datadirs.write_marker(root, datadirs.CLONE_MARKER, **_journal(root / JOURNAL)["marker"])
 
 
 RUN_ANY = ""  # recover(): whichever run left the journal (the caller holds the worktree)
@@ -185,20 +184,29 @@ FINISHED, ROLLED_BACK = "finished", "rolled back"
 
 def recover(root: Path, skip_run: str | None = snapshots.RUN) -> str | None:
     """Finish or roll back a reset a killed daemon left in `root` (ours: the caller read its
-    marker); True if it did, with a note in the clone's marker (status shows it) and the log.
-    With a journal, the new clone was complete: the reset is finished. Without one (an older
-    devd) but with a new clone beside kept-aside data and no data dir, the new clone may be
-    partial: the newest kept-aside data is put back. What was kept aside is never removed.
-    A journal of run `skip_run` is a reset under way in this daemon: left alone."""
+    marker): FINISHED or ROLLED_BACK, with a note in the clone's marker (status shows it) and
+    the log; None if there was none. With a journal, the new clone was complete: the reset is
+    finished. Without one (an older devd) but with a new clone beside kept-aside data and no
+    data dir, the new clone may be partial: the newest kept-aside data is put back. What was
+    kept aside is never removed. A journal of run `skip_run` is a reset under way in this
+    daemon: left alone."""
     pgdata, journal = root / datadirs.PGDATA, root / JOURNAL
-    if journal.is_file():
-        fields = json.loads(journal.read_text())
+    fields = _journal(journal) if journal.is_file() else None
+    if fields is not None:
         if fields.get("run") == skip_run or fields.get("instance") != instance.current():
             return None
-        before, done = root / fields["before"], FINISHED
-        _swap(root, root / fields["incoming"], before)
-        note = (f"finished a reset a killed daemon left: {pgdata} is a new clone of snapshot "
+        before, incoming = root / fields["before"], root / fields["incoming"]
+        if incoming.is_dir() or pgdata.is_dir():
+            _swap(root, incoming, before)
+            done, note = FINISHED, (
+                f"finished a reset a killed daemon left: {pgdata} is a new clone of snapshot "
                 f"{fields['marker']['snapshot']}; the data it replaced is in {before}")
+        elif before.is_dir():  # its new clone is gone (removed by hand): the data goes back
+            os.rename(before, pgdata)
+            done, note = ROLLED_BACK, (f"rolled back a reset a killed daemon left (its new "
+                                       f"clone is gone): {pgdata} is the data from before it")
+        else:
+            return None
         journal.unlink()
     else:
         kept = sorted(p for p in root.glob(datadirs.BEFORE_RESET + "*")
@@ -206,14 +214,31 @@ def recover(root: Path, skip_run: str | None = snapshots.RUN) -> str | None:
         if pgdata.exists() or not kept or not any(root.glob(INCOMING + "*")):
             return None
         os.rename(kept[-1], pgdata)
-        done = ROLLED_BACK
-        note = (f"rolled back a reset a killed daemon left (its new clone may be partial, "
-                f"and is removed): {pgdata} is the data from before it again (was {kept[-1]})")
+        done, note = ROLLED_BACK, (
+            f"rolled back a reset a killed daemon left (its new clone may be partial, and is "
+            f"removed): {pgdata} is the data from before it again (was {kept[-1]})")
     marker = datadirs.read_marker(root, datadirs.CLONE_MARKER) or {}
     datadirs.write_marker(root, datadirs.CLONE_MARKER, **{
         k: v for k, v in marker.items() if k != "instance"} | {RECOVERED: note})
     log.warning("%s", note)
     return done
+
+
+def _journal(journal: Path) -> dict[str, Any]:
+    try:
+        fields = json.loads(journal.read_text())
+        if not all(isinstance(fields.get(k), str) for k in ("incoming", "before")) or \
+                "snapshot" not in fields.get("marker", {}):
+            raise ValueError("fields missing")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DevdError(f"{journal} (an interrupted reset's) is unreadable: {exc}; nothing "
+                        "was changed", f"look at {journal.parent} yourself: the data is in "
+                        "pgdata or before-reset-*, the new clone in .incoming-*; remove the "
+                        "journal then", code="reset_interrupted") from exc
+    if any("/" in fields[k] or fields[k] in ("", ".", "..") for k in ("incoming", "before")):
+        raise DevdError(f"{journal} names a path outside its clone dir; nothing was changed",
+                        f"remove {journal} yourself", code="reset_interrupted")
+    return dict(fields)
 
 
 def recovered(data_dir: Path) -> str | None:
@@ -232,7 +257,7 @@ def recover_all(paths: Paths) -> list[str]:
         try:
             if recover(clone):
                 done.append(str(clone / datadirs.PGDATA))
-        except (OwnershipConflict, OSError, ValueError, KeyError) as exc:
+        except (DevdError, OSError) as exc:
             log.warning("the interrupted reset in %s was not recovered: %s", clone, exc)
     return done
 
