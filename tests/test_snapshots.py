@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -465,7 +466,7 @@ def test_a_reset_killed_mid_copy_or_between_its_renames_loses_nothing(
     # as the reset makes it: server stopped, data renamed aside, a new clone beside it).
     dk.containers.get(_pg(devd, tree)["name"]).stop()
     _kill(devd)
-    kept = root / datadirs.before_reset_name()
+    kept = root / datadirs.before_reset_name(time.time() + 60)  # not the retry's (1 s apart)
     os.rename(root / datadirs.PGDATA, kept)
     snap = devd.paths.data_dir / "postgres" / "snapshots" / "shop"
     subprocess.run(["cp", "-a", "--reflink=always", str(snap / datadirs.PGDATA),

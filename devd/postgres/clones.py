@@ -149,10 +149,11 @@ def replace(ctx: Context, image_major: str | None, progress: Progress,
         strategy, took = _copy(snap, incoming, progress)
     finally:
         stopped()
-    before = root / datadirs.before_reset_name()
     pgdata = root / datadirs.PGDATA
-    if pgdata.is_dir():
-        datadirs.remove_tree(before)  # a second reset within the same second
+    # A second reset within the same second takes the next free second: never the first's.
+    now = time.time()
+    while (before := root / datadirs.before_reset_name(now)).exists() or before.is_symlink():
+        now += 1
     _write_journal(root, incoming, before, _marker_fields(snap, wt_id, strategy, took))
     _swap(root, incoming, before)
     (root / JOURNAL).unlink()
