@@ -94,5 +94,7 @@ def data_line(pg: dict[str, Any]) -> str:
         else size_text(disk["own_bytes"])
     kept = f", kept by resets {size_text(disk['kept_aside_bytes'])}" \
         if disk.get("kept_aside_bytes") else ""
+    recovered = f"\n           {pg['recovered_reset']}" if pg.get("recovered_reset") else ""
     return (f"{disk['data_dir']}: {pg.get('strategy')} of snapshot {pg.get('snapshot')} "
-            f"({size_text(disk.get('snapshot_bytes'))}), its own changes {own}{kept}")
+            f"({size_text(disk.get('snapshot_bytes'))}), its own changes {own}{kept}"
+            f"{safe(recovered)}")

@@ -4,6 +4,7 @@ data is not a clone."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -206,3 +207,102 @@ def test_a_reset_killed_mid_copy_leaves_a_partial_clone_the_sweep_removes(
     assert not crashed.exists() and running.is_dir() and (theirs / "base").is_dir()
     assert (crashed.parent / ".incoming-link").is_symlink()
     assert (crashed.parent / datadirs.PGDATA).is_dir(), "the worktree's data stays"
+
+
+def _interrupted(paths: Paths, wt_id: str, step: int, journal: bool = True) -> Path:
+    """A clone dir as a reset killed at `step` left it: 0 before its first rename, 1 between
+    its two, 2 after both (its marker not yet rewritten). Old data says "old", new "new"."""
+    root = datadirs.postgres_dir(paths, "clones") / wt_id
+    root.mkdir()
+    datadirs.write_marker(root, datadirs.CLONE_MARKER, worktree=wt_id, snapshot="old-snap")
+    incoming, before = root / ".incoming-0badc0de", root / datadirs.before_reset_name()
+    for where, what in ((root / datadirs.PGDATA, "old"), (incoming, "new")):
+        where.mkdir()
+        (where / "PG_VERSION").write_text(what)
+    if journal:
+        clones._write_journal(root, incoming, before, {"worktree": wt_id, "snapshot": "shop"})
+        (root / clones.JOURNAL).write_text((root / clones.JOURNAL).read_text().replace(
+            snapshots.RUN, "0badc0de"))  # another run's: a daemon killed since
+    if step >= 1:
+        os.rename(root / datadirs.PGDATA, before)
+    if step >= 2:
+        os.rename(incoming, root / datadirs.PGDATA)
+    return root
+
+
+@pytest.mark.parametrize("step", [0, 1, 2])
+def test_a_reset_killed_at_any_rename_is_finished_by_the_next_daemon(paths: Paths,
+                                                                     step: int) -> None:
+    from devd.postgres.provisioner import remove_snapshot_leftovers
+
+    root = _interrupted(paths, "wt1", step)
+    assert clones.crashed_resets(paths) == [], "the complete new clone is not swept"
+    remove_snapshot_leftovers(paths)  # what the next daemon runs at start
+    pgdata = root / datadirs.PGDATA
+    assert (pgdata / "PG_VERSION").read_text() == "new"
+    before, = root.glob(datadirs.BEFORE_RESET + "*")
+    assert (before / "PG_VERSION").read_text() == "old", "the user's data is kept"
+    marker = datadirs.read_marker(root, datadirs.CLONE_MARKER) or {}
+    assert marker["snapshot"] == "shop" and not (root / clones.JOURNAL).exists()
+    assert clones.recovered(pgdata) == marker[clones.RECOVERED]
+    assert "finished a reset" in marker[clones.RECOVERED] and str(before) in marker[
+        clones.RECOVERED]
+    assert not list(root.glob(clones.INCOMING + "*"))
+
+
+def test_an_older_devds_reset_killed_between_renames_is_rolled_back(paths: Paths) -> None:
+    from devd.postgres.provisioner import remove_snapshot_leftovers
+
+    root = _interrupted(paths, "wt1", 1, journal=False)  # its new clone may be partial
+    mine = _interrupted(paths, "wt2", 1)
+    (mine / clones.JOURNAL).write_text((mine / clones.JOURNAL).read_text().replace(
+        "0badc0de", snapshots.RUN))  # a reset under way in this daemon: left alone
+    remove_snapshot_leftovers(paths)
+    assert (root / datadirs.PGDATA / "PG_VERSION").read_text() == "old"
+    assert not list(root.glob(clones.INCOMING + "*")), "the possibly partial clone goes"
+    assert "rolled back" in (clones.recovered(root / datadirs.PGDATA) or "")
+    assert not (mine / datadirs.PGDATA).exists() and (mine / ".incoming-0badc0de").is_dir()
+    assert (mine / clones.JOURNAL).is_file()
+    # A journal whose new clone was removed by hand: the data goes back.
+    gone = _interrupted(paths, "wt3", 1)
+    datadirs.remove_tree(gone / ".incoming-0badc0de")
+    assert clones.recover(gone) == clones.ROLLED_BACK
+    assert (gone / datadirs.PGDATA / "PG_VERSION").read_text() == "old"
+    # One devd cannot read, or naming a path outside: refused, nothing touched.
+    for text in ("{", json.dumps({"instance": instance.current(), "incoming": "../../x",
+                                  "before": "b", "marker": {"snapshot": "s"}})):
+        bad = _interrupted(paths, f"wt-bad-{len(text)}", 1)
+        (bad / clones.JOURNAL).write_text(text)
+        with pytest.raises(DevdError, match="interrupted reset|outside") as raised:
+            clones.recover(bad)
+        assert raised.value.code == "reset_interrupted"
+        assert {p.name for p in bad.iterdir()} >= {".incoming-0badc0de", clones.JOURNAL}
+    assert len(clones.recover_all(paths)) == 0, "logged and left, never raised"
+
+
+@pytest.mark.docker
+def test_an_older_devds_helper_without_a_run_label_goes_once_stopped_and_old(
+        paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
+    dk = image_client()
+    datadirs.postgres_dir(paths, "snapshots")
+    labels = {"devd.kind": "snapshot", "devd.instance": instance.current()}
+    stopped, running = (dk.containers.create(IMAGE, argv, labels=labels,
+                                             name=f"devd-test-runless-{os.getpid()}-{i}")
+                        for i, argv in enumerate((["true"], ["sleep", "120"])))
+    try:
+        running.start()
+        listed = {o["name"] for o in snapshots.leftovers(paths)}
+        assert stopped.name not in listed, "younger than UNLABELLED_AGE: it may be in use"
+        monkeypatch.setattr(snapshots, "UNLABELLED_AGE", 0)
+        assert {o["name"] for o in snapshots.leftovers(paths)} == {stopped.name}
+        assert snapshots.remove_leftovers(paths) == [stopped.name]
+        # Listed while stopped, started before its removal: the engine refuses (no force).
+        monkeypatch.setattr(snapshots, "_dead_helpers",
+                            lambda _: {running.id: (running.name, False)})
+        assert snapshots.remove_leftovers(paths) == []
+        running.reload()
+        assert running.status == "running", "a run-less helper that runs is never removed"
+    finally:
+        for c in (stopped, running):
+            with contextlib.suppress(Exception):
+                c.remove(force=True)

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -411,3 +412,76 @@ def _answers(url: str) -> bool:
         return True
     except psycopg.OperationalError:
         return False
+
+
+def _kill(devd: Devd) -> None:
+    assert devd.proc is not None
+    devd.proc.kill()  # SIGKILL: no cleanup of any kind runs
+    devd.proc.wait(timeout=15)
+    devd.proc = None
+
+
+def test_a_reset_killed_mid_copy_or_between_its_renames_loses_nothing(
+        home_on_xfs: Devd, repo: Repo, dk: Any, tmp_path: Path) -> None:
+    devd = home_on_xfs
+    _main_with_data(devd, repo)
+    devd.run("db", "snapshot", cwd=repo.main, timeout=180)
+    _clone_config(repo)
+    tree = repo.worktree("shop-killed", "killed")
+    devd.run("provision", str(tree), timeout=180)
+    url = env_of(devd, tree)["DATABASE_URL"]
+    query(url, "INSERT INTO t VALUES ('mine')")
+    root = devd.paths.data_dir / "postgres" / "clones" / devd.worktree(tree)["id"]
+    # kill -9 once the new clone is copied, before a rename: a cp first on the daemon's PATH
+    # copies, then blocks.
+    stuck, mark = tmp_path / "bin", tmp_path / "blocked.pid"
+    stuck.mkdir()
+    (stuck / "cp").write_text(f'#!/bin/sh\n{shutil.which("cp")} "$@" || exit\n'
+                              f"echo $$ > {mark}.part && mv {mark}.part {mark} && "
+                              "exec sleep 600\n")
+    (stuck / "cp").chmod(0o755)
+    assert devd.stop() == 0
+    path = devd.env["PATH"]
+    devd.env["PATH"] = f"{stuck}:{path}"
+    devd.start()
+    devd.env["PATH"] = path
+    reset = subprocess.Popen([*_devd_argv(), "db", "reset", str(tree)], env=devd.env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(mark.exists, timeout=60, what="the reset's copy")
+    _kill(devd)
+    os.kill(int(mark.read_text()), 9)
+    reset.wait(timeout=30)
+    assert list(root.glob(".incoming-*")), "the kill left the new clone"
+    devd.start()  # the next daemon sweeps it; the data is as it was
+    wait_for(lambda: not list(root.glob(".incoming-*")), timeout=30, what="the sweep")
+    shown = _pg(devd, tree)
+    assert shown.get("recovered_reset") is None and shown["state"] != "ready", shown
+    devd.run("provision", str(tree), timeout=180)
+    assert query(url, "SELECT v FROM t ORDER BY v") == [("from-main",), ("mine",)]
+    assert not list(root.glob(datadirs.BEFORE_RESET + "*"))
+    devd.run("db", "reset", str(tree), timeout=180)  # a retry works
+    assert query(url, "SELECT v FROM t") == [("from-main",)]
+    query(url, "INSERT INTO t VALUES ('mine again')")
+    # kill -9 between the two renames (no command runs there: the state it leaves is made
+    # as the reset makes it: server stopped, data renamed aside, a new clone beside it).
+    dk.containers.get(_pg(devd, tree)["name"]).stop()
+    _kill(devd)
+    kept = root / datadirs.before_reset_name(time.time() + 60)  # not the retry's (1 s apart)
+    os.rename(root / datadirs.PGDATA, kept)
+    snap = devd.paths.data_dir / "postgres" / "snapshots" / "shop"
+    subprocess.run(["cp", "-a", "--reflink=always", str(snap / datadirs.PGDATA),
+                    str(root / ".incoming-0badc0de")], check=True)
+    marker = json.loads((root / datadirs.CLONE_MARKER).read_text())
+    marker["snapshot_password"] = json.loads(
+        (snap / datadirs.SNAPSHOT_MARKER).read_text())["password"]
+    (root / "devd-reset.json").write_text(json.dumps({
+        "instance": marker.pop("instance"), "run": "0badc0de",
+        "incoming": ".incoming-0badc0de", "before": kept.name, "marker": marker}))
+    devd.start()
+    note = _pg(devd, tree)["recovered_reset"]
+    assert "finished a reset a killed daemon left" in note and str(kept) in note, note
+    assert "finished a reset" in devd.log()
+    devd.run("provision", str(tree), timeout=180)  # the new clone has the snapshot's password
+    assert query(url, "SELECT v FROM t") == [("from-main",)]
+    assert (kept / "PG_VERSION").is_file(), "the data the reset replaced is kept"
+    assert "finished a reset" in devd.run("status", str(tree)).stdout

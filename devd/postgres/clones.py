@@ -10,16 +10,21 @@ worktree's release (which keeps a pg_dump of the data it has then).
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from devd import instance
 from devd.errors import DevdError, OwnershipConflict
-from devd.paths import Paths
+from devd.paths import Paths, write_atomic
 from devd.postgres import datadirs, snapshots
 from devd.provisioners.base import Context, Progress
+
+log = logging.getLogger(__name__)
 
 CLONES = "clones"
 FIELDS = ("snapshot", "data_dir", "strategy", "snapshot_password")  # what a clone records
@@ -27,6 +32,10 @@ FIELDS = ("snapshot", "data_dir", "strategy", "snapshot_password")  # what a clo
 # tries that one first (the worktree's own would fail). Ready drops it from the record.
 FRESH = "fresh_clone"
 INCOMING = ".incoming-"  # a reset's new clone, until the old data is moved aside
+# Written once a reset's new clone is complete, before its two renames; removed after. A
+# daemon killed meanwhile leaves it: the next one finishes the reset from it (recover()).
+JOURNAL = "devd-reset.json"
+RECOVERED = "recovered_reset"  # the clone marker's note of what recover() did, for status
 
 
 def clone_root(paths: Paths, wt_id: str) -> Path:
@@ -40,15 +49,22 @@ def ensure(ctx: Context, image_major: str | None, progress: Progress) -> dict[st
     root = clone_root(ctx.paths, wt_id)
     pgdata = root / datadirs.PGDATA
     marker = datadirs.read_marker(root, datadirs.CLONE_MARKER)
+    done = recover(root, RUN_ANY) if marker is not None else None
+    if done:
+        marker = datadirs.read_marker(root, datadirs.CLONE_MARKER) or {}
+        progress("postgres", str(marker.get(RECOVERED)), level="warning")
     if marker is not None and pgdata.is_dir():
         if marker.get("snapshot") != name:
             raise DevdError(f"this worktree's data is a clone of snapshot "
                             f"{marker.get('snapshot')!r}, and devd.toml now says {name!r}",
                             "run `devd db reset` to switch (the current data is kept aside)",
                             code="config")
-        return _fields(marker, pgdata)
+        # A finished reset's data still has its snapshot's password.
+        return _fields(marker, pgdata) | ({FRESH: True} if done == FINISHED else {})
     if marker is not None and ctx.recorded("postgres").get("initialized"):
-        progress("postgres", f"{pgdata} was deleted: cloning snapshot {name} again",
+        kept = sorted(str(p) for p in root.glob(datadirs.BEFORE_RESET + "*"))
+        progress("postgres", f"{pgdata} was deleted: cloning snapshot {name} again"
+                 + (f" (what resets replaced is kept in {', '.join(kept)})" if kept else ""),
                  level="warning")
     snap = usable(ctx.paths, name, image_major)
     if marker is None:
@@ -85,10 +101,16 @@ def _copy(snap: dict[str, Any], target: Path, progress: Progress) -> tuple[str, 
 
 def _mark(root: Path, snap: dict[str, Any], wt_id: str, strategy: str, took: float
           ) -> dict[str, Any]:
-    datadirs.write_marker(root, datadirs.CLONE_MARKER, worktree=wt_id, snapshot=snap["name"],
-                          strategy=strategy, cloned=time.time(),
-                          clone_seconds=round(took, 3), snapshot_password=snap.get("password"))
+    datadirs.write_marker(root, datadirs.CLONE_MARKER, **_marker_fields(snap, wt_id, strategy,
+                                                                        took))
     return datadirs.read_marker(root, datadirs.CLONE_MARKER) or {}
+
+
+def _marker_fields(snap: dict[str, Any], wt_id: str, strategy: str, took: float
+                   ) -> dict[str, Any]:
+    return {"worktree": wt_id, "snapshot": snap["name"], "strategy": strategy,
+            "cloned": time.time(), "clone_seconds": round(took, 3),
+            "snapshot_password": snap.get("password")}
 
 
 def _still_there(snap: dict[str, Any], pgdata: Path) -> None:
@@ -120,21 +142,140 @@ def replace(ctx: Context, image_major: str | None, progress: Progress,
         root = clone_root(ctx.paths, wt_id)
         if datadirs.read_marker(root, datadirs.CLONE_MARKER) is None:
             root.mkdir(mode=0o700, parents=True)
+        recover(root, RUN_ANY)  # an interrupted reset's complete clone is not stale
         for stale in root.glob(INCOMING + "*"):  # a crashed reset's
             datadirs.remove_tree(stale)
         incoming = root / f"{INCOMING}{snapshots.RUN}"
         strategy, took = _copy(snap, incoming, progress)
     finally:
         stopped()
-    before = root / datadirs.before_reset_name()
     pgdata = root / datadirs.PGDATA
-    if pgdata.is_dir():
-        datadirs.remove_tree(before)  # a second reset within the same second
-        os.rename(pgdata, before)
-    os.rename(incoming, pgdata)
-    fields = _fields(_mark(root, snap, wt_id, strategy, took), pgdata)
+    # A second reset within the same second takes the next free second: never the first's.
+    now = time.time()
+    while (before := root / datadirs.before_reset_name(now)).exists() or before.is_symlink():
+        now += 1
+    _write_journal(root, incoming, before, _marker_fields(snap, wt_id, strategy, took))
+    _swap(root, incoming, before)
+    (root / JOURNAL).unlink()
+    fields = _fields(datadirs.read_marker(root, datadirs.CLONE_MARKER) or {}, pgdata)
     datadirs.prune_before_reset(root)
     return fields | {"before": str(before) if before.is_dir() else None}
+
+
+def _write_journal(root: Path, incoming: Path, before: Path, marker: dict[str, Any]) -> None:
+    write_atomic(root / JOURNAL, (json.dumps({
+        "instance": instance.current(), "run": snapshots.RUN, "incoming": incoming.name,
+        "before": before.name, "marker": marker}, indent=1) + "\n").encode())
+
+
+def _swap(root: Path, incoming: Path, before: Path) -> None:
+    """The reset's two renames and its marker; each step is skipped once done, so a daemon
+    killed at any point between them is finished by the next one (recover())."""
+    pgdata = root / datadirs.PGDATA
+    if incoming.is_dir():
+        if pgdata.is_dir():
+            os.rename(pgdata, before)
+        os.rename(incoming, pgdata)
+    datadirs.write_marker(root, datadirs.CLONE_MARKER, **_journal(root / JOURNAL)["marker"])
+
+
+RUN_ANY = ""  # recover(): whichever run left the journal (the caller holds the worktree)
+FINISHED, ROLLED_BACK = "finished", "rolled back"
+
+
+def recover(root: Path, skip_run: str | None = snapshots.RUN) -> str | None:
+    """Finish or roll back a reset a killed daemon left in `root` (ours: the caller read its
+    marker): FINISHED or ROLLED_BACK, with a note in the clone's marker (status shows it) and
+    the log; None if there was none. With a journal, the new clone was complete: the reset is
+    finished. Without one (an older devd) but with a new clone beside kept-aside data and no
+    data dir, the new clone may be partial: the newest kept-aside data is put back. What was
+    kept aside is never removed. A journal of run `skip_run` is a reset under way in this
+    daemon: left alone."""
+    pgdata, journal = root / datadirs.PGDATA, root / JOURNAL
+    fields = _journal(journal) if journal.is_file() else None
+    if fields is not None:
+        if fields.get("run") == skip_run or fields.get("instance") != instance.current():
+            return None
+        before, incoming = root / fields["before"], root / fields["incoming"]
+        if incoming.is_dir() or pgdata.is_dir():
+            _swap(root, incoming, before)
+            done, note = FINISHED, (
+                f"finished a reset a killed daemon left: {pgdata} is a new clone of snapshot "
+                f"{fields['marker']['snapshot']}; the data it replaced is in {before}")
+        elif before.is_dir():  # its new clone is gone (removed by hand): the data goes back
+            os.rename(before, pgdata)
+            done, note = ROLLED_BACK, (f"rolled back a reset a killed daemon left (its new "
+                                       f"clone is gone): {pgdata} is the data from before it")
+        else:
+            return None
+        journal.unlink()
+    else:
+        kept = sorted(p for p in root.glob(datadirs.BEFORE_RESET + "*")
+                      if p.is_dir() and not p.is_symlink())
+        if pgdata.exists() or not kept or not any(root.glob(INCOMING + "*")):
+            return None
+        os.rename(kept[-1], pgdata)
+        done, note = ROLLED_BACK, (
+            f"rolled back a reset a killed daemon left (its new clone may be partial, and is "
+            f"removed): {pgdata} is the data from before it again (was {kept[-1]})")
+    marker = datadirs.read_marker(root, datadirs.CLONE_MARKER) or {}
+    datadirs.write_marker(root, datadirs.CLONE_MARKER, **{
+        k: v for k, v in marker.items() if k != "instance"} | {RECOVERED: note})
+    log.warning("%s", note)
+    return done
+
+
+def _journal(journal: Path) -> dict[str, Any]:
+    try:
+        fields = json.loads(journal.read_text())
+        if not all(isinstance(fields.get(k), str) for k in ("incoming", "before")) or \
+                "snapshot" not in fields.get("marker", {}):
+            raise ValueError("fields missing")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DevdError(f"{journal} (an interrupted reset's) is unreadable: {exc}; nothing "
+                        "was changed", f"look at {journal.parent} yourself: the data is in "
+                        "pgdata or before-reset-*, the new clone in .incoming-*; remove the "
+                        "journal then", code="reset_interrupted") from exc
+    if any("/" in fields[k] or fields[k] in ("", ".", "..") for k in ("incoming", "before")):
+        raise DevdError(f"{journal} names a path outside its clone dir; nothing was changed",
+                        f"remove {journal} yourself", code="reset_interrupted")
+    return dict(fields)
+
+
+def recovered(data_dir: Path) -> str | None:
+    """What recover() did to this clone, until its next reset; None if nothing."""
+    try:
+        return (datadirs.read_marker(data_dir.parent, datadirs.CLONE_MARKER) or {}).get(RECOVERED)
+    except OwnershipConflict:
+        return None
+
+
+def recover_all(paths: Paths) -> list[str]:
+    """recover() in every clone dir of this instance (at start, and by gc): a reset killed
+    between its renames left no data dir; this puts one back before anything sweeps."""
+    done = []
+    for clone in _ours(paths):
+        try:
+            if recover(clone):
+                done.append(str(clone / datadirs.PGDATA))
+        except (DevdError, OSError) as exc:
+            log.warning("the interrupted reset in %s was not recovered: %s", clone, exc)
+    return done
+
+
+def _ours(paths: Paths) -> list[Path]:
+    """This instance's clone dirs (with its marker; never a link)."""
+    root = paths.data_dir / "postgres" / CLONES
+    if not root.is_dir() or root.is_symlink():
+        return []
+    found = []
+    for clone in sorted(root.iterdir()):
+        try:
+            if clone.is_dir() and datadirs.read_marker(clone, datadirs.CLONE_MARKER):
+                found.append(clone)
+        except OwnershipConflict:
+            continue
+    return found
 
 
 def remove(paths: Paths, wt_id: str) -> None:
@@ -189,15 +330,11 @@ def crashed_resets(paths: Paths) -> list[Path]:
     """New clones a reset was making when its daemon died (another run's name), in this
     instance's clone dirs: with no data copy they hold nothing but space (all of the
     snapshot's, where the filesystem cannot share blocks). Removed at start and by gc."""
-    root = paths.data_dir / "postgres" / CLONES
-    if not root.is_dir() or root.is_symlink():
-        return []
     found = []
-    for clone in sorted(root.iterdir()):
-        try:
-            ours = clone.is_dir() and datadirs.read_marker(clone, datadirs.CLONE_MARKER)
-        except OwnershipConflict:
+    for clone in _ours(paths):
+        # An interrupted reset's clone waits for recover(): it may be the only data left.
+        if (clone / JOURNAL).exists() or not (clone / datadirs.PGDATA).is_dir():
             continue
-        found += [stale for stale in sorted(clone.glob(INCOMING + "*")) if ours
-                  and stale.name != INCOMING + snapshots.RUN and not stale.is_symlink()]
+        found += [stale for stale in sorted(clone.glob(INCOMING + "*"))
+                  if stale.name != INCOMING + snapshots.RUN and not stale.is_symlink()]
     return found

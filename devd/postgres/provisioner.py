@@ -138,7 +138,9 @@ def orphans(ctx_paths: Any, known_ids: set[str]) -> list[dict[str, str]]:
 
 
 def remove_snapshot_leftovers(paths: Any) -> list[str]:
-    """What a daemon killed mid-snapshot or mid-reset left."""
+    """What a daemon killed mid-snapshot or mid-reset left; a reset killed between its
+    renames is finished or rolled back first (its new clone may be the only data left)."""
+    clones.recover_all(paths)
     gone = [str(where) for where in clones.crashed_resets(paths)]
     for where in map(Path, gone):
         datadirs.remove_tree(where)
@@ -161,6 +163,8 @@ def status_entry(paths: Any, details: dict[str, dict[str, Any]], checked: dict[s
     if detail.get("snapshot") and detail.get("data_dir"):
         view |= {"snapshot": detail["snapshot"], "strategy": detail.get("strategy")}
         view |= {"disk": clones.disk(paths, detail)} if disk else {}
+        if note := clones.recovered(Path(detail["data_dir"])):
+            view["recovered_reset"] = note
     elif detail.get("strategy"):
         view["strategy"] = detail["strategy"]
     return {"postgres": view}

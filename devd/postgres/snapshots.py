@@ -11,7 +11,6 @@ clone of it starts at once, without replaying WAL.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -41,6 +40,8 @@ IN_CONTAINER = "/var/lib/postgresql/data"
 # Partial copies carry the instance's marker too: a data dir may be shared by two instances.
 RUN = secrets.token_hex(8)
 LABEL_RUN = "devd.run"
+STOPPED = ("created", "exited", "dead")  # a helper's states that run nothing
+UNLABELLED_AGE = 30 * 60  # seconds: a run-less helper younger than this may be in use
 HELPER = "snapshot"  # devd.kind of the helper containers
 _LEFTOVER = re.compile(r"\.(.+)\.(partial|dropping)-([0-9a-f]+)")
 BACKUP_TIMEOUT = 6 * 3600
@@ -213,7 +214,7 @@ def leftovers(paths: Paths) -> list[dict[str, str]]:
     instance and another run; another instance's, or an unlabelled one, is never listed)
     and its partial copies in the snapshots dir. Listed by status as orphans."""
     found = [{"kind": "snapshot helper", "name": name, "worktree_id": "", "where": "docker"}
-             for name in _dead_helpers(paths).values()]
+             for name, _ in _dead_helpers(paths).values()]
     return found + [{"kind": "partial snapshot", "name": str(where), "worktree_id": "",
                      "where": "data dir"} for where in _partial_copies(paths)]
 
@@ -228,9 +229,14 @@ def remove_leftovers(paths: Paths) -> list[str]:
     if helpers := _dead_helpers(paths):
         try:
             api = docker.from_env(timeout=10).api
-            for ident, name in helpers.items():  # by id, as listed: never a name reused since
-                with contextlib.suppress(docker.errors.NotFound):
-                    api.remove_container(ident, force=True)
+            for ident, (name, force) in helpers.items():  # by id: never a name reused since
+                try:
+                    api.remove_container(ident, force=force)
+                except docker.errors.NotFound:
+                    pass
+                except docker.errors.APIError as exc:  # an unlabelled one started meanwhile
+                    log.warning("snapshot helper %s not removed: %s", name, exc)
+                    continue
                 gone.append(name)
         except (docker.errors.DockerException, requests.RequestException) as exc:
             log.warning("snapshot helpers %s not removed: %s", list(helpers.values()), exc)
@@ -248,8 +254,11 @@ def _snapshots_root(paths: Paths) -> Path | None:
     return root if root.is_dir() and not root.is_symlink() else None
 
 
-def _dead_helpers(paths: Paths) -> dict[str, str]:
-    """{container id: name} of this instance's helpers that another daemon run started."""
+def _dead_helpers(paths: Paths) -> dict[str, tuple[str, bool]]:
+    """{container id: (name, force)} of this instance's helpers that another daemon run
+    started. One without a run label (an older devd's) is taken only once it has stopped
+    and is older than any snapshot's helper lives (UNLABELLED_AGE), and removed without
+    force: the engine refuses to remove it if it was started since (checked as it goes)."""
     import docker
     import requests
 
@@ -261,8 +270,15 @@ def _dead_helpers(paths: Paths) -> dict[str, str]:
         listed = docker.from_env(timeout=5).api.containers(all=True, filters=mine)
     except (docker.errors.DockerException, requests.RequestException):
         return {}  # an engine that does not answer: nothing we could remove now
-    return {c["Id"]: c["Names"][0].lstrip("/") for c in listed
-            if (c.get("Labels") or {}).get(LABEL_RUN, RUN) != RUN}
+    found = {}
+    for c in listed:
+        run = (c.get("Labels") or {}).get(LABEL_RUN)
+        if run is None and (c.get("State") not in STOPPED
+                            or c.get("Created", time.time()) > time.time() - UNLABELLED_AGE):
+            continue
+        if run != RUN:
+            found[c["Id"]] = (c["Names"][0].lstrip("/"), run is not None)
+    return found
 
 
 def _partial_copies(paths: Paths) -> list[Path]:
