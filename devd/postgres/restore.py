@@ -29,8 +29,9 @@ LOCK_TIMEOUT = "SET lock_timeout = '10s';"  # an app mid-transaction: fail, do n
 # Schema mode: the role may not create schemas, so its schema stays (devd's, marked) and
 # what is in it goes: each object that DROP SCHEMA ... CASCADE would take, dropped by the
 # schema's owner (extension members and internal parts, such as an identity column's
-# sequence, go with what they belong to). Tables first: most of the rest goes with them.
-# The role and its schema share a name, so nothing is spliced into the SQL.
+# sequence, go with what they belong to). One DROP per kind where DROP takes a list, tables
+# first: most of the rest goes with them. The role and its schema share a name, so nothing
+# is spliced into the SQL.
 CLEAR_SCHEMA = """SET client_min_messages = warning;
 DO $devd$
 DECLARE
@@ -39,15 +40,20 @@ DECLARE
   kept text;
 BEGIN
   FOR obj IN
-    SELECT o.type, o.identity FROM pg_depend d, pg_identify_object(d.classid, d.objid, 0) o
-    WHERE d.refclassid = 'pg_namespace'::regclass AND d.refobjid = own AND d.deptype = 'n'
-      AND NOT EXISTS (SELECT FROM pg_depend p WHERE p.classid = d.classid
-                      AND p.objid = d.objid AND p.deptype IN ('e', 'i')
-                      AND (p.refclassid, p.refobjid) <> (d.classid, d.objid))
-    ORDER BY o.type <> 'table'
+    SELECT kind, string_agg(identity, ', ') AS names FROM (
+      SELECT CASE o.type WHEN 'statistics object' THEN 'STATISTICS' ELSE upper(o.type) END
+             AS kind, o.identity
+      FROM pg_depend d, pg_identify_object(d.classid, d.objid, 0) o
+      WHERE d.refclassid = 'pg_namespace'::regclass AND d.refobjid = own AND d.deptype = 'n'
+        AND NOT EXISTS (SELECT FROM pg_depend p WHERE p.classid = d.classid
+                        AND p.objid = d.objid AND p.deptype IN ('e', 'i')
+                        AND (p.refclassid, p.refobjid) <> (d.classid, d.objid))) objects
+    GROUP BY kind, CASE WHEN kind IN ('TABLE', 'VIEW', 'MATERIALIZED VIEW', 'SEQUENCE',
+      'FOREIGN TABLE', 'TYPE', 'FUNCTION', 'PROCEDURE', 'AGGREGATE', 'OPERATOR',
+      'STATISTICS') THEN '' ELSE identity END
+    ORDER BY kind <> 'TABLE'
   LOOP
-    EXECUTE format('DROP %s IF EXISTS %s CASCADE', CASE obj.type
-      WHEN 'statistics object' THEN 'STATISTICS' ELSE upper(obj.type) END, obj.identity);
+    EXECUTE format('DROP %s IF EXISTS %s CASCADE', obj.kind, obj.names);
   END LOOP;
   SELECT string_agg(pg_describe_object(classid, objid, 0), ', ') INTO kept FROM pg_depend
   WHERE refclassid = 'pg_namespace'::regclass AND refobjid = own AND deptype = 'n';
