@@ -140,3 +140,10 @@ def test_crafted_dumps_in_schema_mode_fail_loudly_and_touch_nothing(
     assert query(url, "SELECT v FROM vw") == [("restored",)]
     assert query(url, "SELECT 'a'::en, 2 === 3, ag(x) FROM (VALUES (1), (2)) v(x)") \
         == [("a", 5, 3)]
+    # A schema handed to another owner behind devd's back: refused, nothing changed.
+    query(pg_url, f'ALTER SCHEMA "{name}" OWNER TO postgres')
+    refused = pgdevd.run("restore", str(mine), "--dump", str(good), check=False)
+    assert refused.returncode == 1 and f"schema {name} is owned by postgres, not by the " \
+        "worktree's role" in refused.stderr, refused.stderr
+    query(pg_url, f'ALTER SCHEMA "{name}" OWNER TO "{name}"')
+    assert schema_state(pg_url, name) == made
