@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import time
@@ -120,13 +121,36 @@ def restore_script(source: Path, target: Path, skip_schema: str | None = None) -
     listing = _list_without(source, skip_schema)
     # --single-transaction: else large objects come in their own BEGIN/COMMIT, whose COMMIT
     # would end psql's one transaction half-way (the drops committed, the rest not).
+    # --restrict-key: the script starts with psql's \restrict, so a backslash in a crafted
+    # entry (\! a shell command, \connect as someone else) is refused, not run; a
+    # pg_restore without it (before 13.22, 14.19, 15.14, 16.10, 17.6) fails here, loudly.
     argv = [binary("pg_restore"), "--single-transaction", "--no-owner", "--no-acl", "-L",
-            str(listing), "-f", str(target), str(source)]
+            str(listing), f"--restrict-key={secrets.token_hex(16)}", "-f", str(target),
+            str(source)]
     try:
         _run(argv, dict(os.environ), f"reading {source}", target, RESTORE_FAILURE)
+    except DevdError as exc:
+        if "restrict-key" not in exc.message:
+            raise
+        raise DevdError(exc.message, "this pg_restore cannot fence a dump's psql "
+                        "meta-commands (\\restrict): upgrade the PostgreSQL client to "
+                        "13.22, 14.19, 15.14, 16.10, 17.6 or later", code=exc.code) from None
     finally:
         listing.unlink(missing_ok=True)
     return target
+
+
+def refuse_other_schemas(source: Path, schema: str) -> None:
+    """Schema mode loads into the worktree's own schema only, and pg_restore cannot rename
+    one: a dump of another schema is refused before anything changes. (public may appear in
+    a whole-database dump; what is in it fails on the role's privileges, loudly.)"""
+    others = [name for name in _SCHEMA_ENTRY.findall(_listing(source))
+              if name not in (schema, "public")]
+    if others:
+        raise DevdError(f"{source} holds schema {', '.join(others)}, not this worktree's "
+                        f"{schema}; nothing was changed", "pg_restore cannot rename a "
+                        "schema: restore a dump of this worktree's schema (made by `devd "
+                        f"release`, or pg_dump -n {schema})", code=RESTORE_FAILURE.code)
 
 
 def run_psql(url: str, dbname: str, files: list[Path]) -> None:
@@ -141,9 +165,17 @@ def run_psql(url: str, dbname: str, files: list[Path]) -> None:
                  RESTORE_FAILURE.hint, RESTORE_FAILURE.code))
 
 
+# A schema's entry in `pg_restore -l`: "5; 2615 16385 SCHEMA - name owner".
+_SCHEMA_ENTRY = re.compile(r"^\d+; \d+ \d+ SCHEMA - (.+) \S+$", re.MULTILINE)
+
+
+def _listing(source: Path) -> str:
+    return subprocess.run([binary("pg_restore"), "-l", str(source)], capture_output=True,
+                          text=True, check=True, timeout=60).stdout
+
+
 def _list_without(source: Path, schema: str | None) -> Path:
-    listing = subprocess.run([binary("pg_restore"), "-l", str(source)], capture_output=True,
-                             text=True, check=True, timeout=60).stdout
+    listing = _listing(source)
     skip = [r"\bCOMMENT - EXTENSION\b"]
     if schema:
         skip.append(rf"\b(SCHEMA|COMMENT) - (SCHEMA )?{re.escape(schema)}\b")
