@@ -33,9 +33,10 @@ chmod -R a+rX "$WALK"
 # The Compose try-out runs on the host's engine (see docker-forward.py): remove what it
 # made there, by the Compose project of each user's worktree (exact names, nothing else).
 cleanup() {
-  for home in /home/newcomer /root; do
+  # Every worktree made after [compose] was added has a project: shop-c and shop-web.
+  for tree in /home/newcomer/shop-c /home/newcomer/shop-web /root/shop-c /root/shop-web; do
     id=$(cd "$ROOT" && python3 -c 'import sys; from pathlib import Path; from devd import naming
-print(naming.worktree_id(Path(sys.argv[1]), Path(sys.argv[2])))' "$home/shop" "$home/shop-c")
+print(naming.worktree_id(Path(sys.argv[1]), Path(sys.argv[2])))' "${tree%/*}/shop" "$tree")
     label=com.docker.compose.project=devd-$id
     docker ps -aq --filter "label=$label" | xargs -r docker rm -fv >/dev/null
     docker volume ls -q --filter "label=$label" | xargs -r docker volume rm >/dev/null
