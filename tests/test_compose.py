@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Devd, Repo, run_git
+from conftest import Devd, Repo, run_git, wait_for
 from containersupport import (
     REDIS_IMAGE,
     compose_available,
@@ -269,3 +270,27 @@ def test_a_foreign_container_on_the_projects_network_refuses_the_release_up_fron
         created.remove(force=True)
     devd.run("release", str(tree), "--yes", timeout=120)
     assert not dk.containers.list(all=True, filters=label)
+
+
+def test_the_hooks_provision_and_the_users_make_one_pass(dk: Any, devd: Devd,
+                                                          make_repo: Any) -> None:
+    """`git worktree add` with devd's hook asks for a background provision while the user's
+    `devd provision` runs (the README's try-out): one pass. A second one, after `provision`
+    returned, made every resource pending again: `devd env` then had no COMPOSE_* and no
+    PORT_CACHE_6379 for seconds. Witness: the resolved Compose file, written by each pass."""
+    repo = make_repo(devd_toml='[ports]\nnames = ["web"]\n\n[compose]\n'
+                     'files = ["compose.yaml"]\nstart = false\n')
+    repo.commit({"compose.yaml": f'services:\n  cache:\n    image: {REDIS_IMAGE}\n'
+                                 '    ports: ["6379:6379"]\n', "requirements.txt": "\n"})
+    tree = repo.worktree("shop-twice", "twice")
+    user = subprocess.Popen([sys.executable, "-m", "devd", "provision", str(tree)],
+                            env=devd.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: any(w["path"] == str(tree) and w["state"] == "provisioning"
+                         for w in devd.status()["worktrees"]), what="the user's provision")
+    devd.run("provision", str(tree), "--background")  # what the hook sends meanwhile
+    assert user.wait(timeout=180) == 0, user.communicate()
+    env = env_of(devd, tree)
+    assert {"COMPOSE_PROJECT_NAME", "COMPOSE_FILE", "PORT_CACHE_6379"} <= set(env), env
+    written = os.stat(env["COMPOSE_FILE"]).st_ino
+    assert devd.stop() == 0  # joins the background provision
+    assert os.stat(env["COMPOSE_FILE"]).st_ino == written  # no second pass rewrote it

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Devd, Repo
+from conftest import Devd, Repo, unavailable_here
 from containersupport import REDIS_IMAGE, compose_available, redis_client, remove_instance
 
 from devd import naming
@@ -238,3 +238,29 @@ def _as_file(folder: Any, data: bytes) -> Any:
     path = folder / "load.tar"
     path.write_bytes(data)
     return path
+
+
+def test_a_socket_the_user_may_not_use_says_how_to_join_the_docker_group(tmp_path: Any) -> None:
+    """Debian's docker.sock is root:docker 0660: a user outside the group (or a daemon
+    started before the user joined it) is told that, not to start an engine that runs."""
+    import shutil
+    import socket
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        unavailable_here("needs root and util-linux's setpriv to run as another user")
+    tmp_path.chmod(0o755)
+    path = tmp_path / "docker.sock"
+    with socket.socket(socket.AF_UNIX) as engine:
+        engine.bind(str(path))
+        path.chmod(0o600)
+        engine.listen()
+        code = ("from devd.containers import engine\ntry: engine.client()\n"
+                "except Exception as exc: print(exc.hint)")
+        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                              sys.executable, "-c", code], capture_output=True, text=True,
+                             env={"DOCKER_HOST": f"unix://{path}", "PATH": os.environ["PATH"],
+                                  "PYTHONPATH": os.pathsep.join(sys.path)}, cwd="/", check=True)
+    assert "may not use the Docker engine's socket" in out.stdout, out.stdout + out.stderr
+    assert "usermod -aG docker" in out.stdout and "devd stop" in out.stdout
+    assert "start the Docker engine" not in out.stdout

@@ -3,12 +3,14 @@ template clones, crash-safety, ownership, dumps before drops and restoring them.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+import psycopg.sql
 import pytest
 from conftest import Devd, Repo, run_git
 from pgsupport import env_of, query, with_postgres
@@ -58,7 +60,9 @@ def test_database_mode_isolates_clones_dumps_and_restores(pgdevd: Devd, repo: Re
     with_postgres(repo, f'mode = "database"\ntemplate = "{template}"\n')
     a, b = repo.worktree("shop-a", "feat/a"), repo.worktree("shop-b", "feat/b")
     for tree in (a, b):
-        pgdevd.run("provision", str(tree))
+        made = pgdevd.run("provision", str(tree))
+        # The placeholders written before the database is made are no failure to fix.
+        assert "hold placeholders until" in made.stderr and "fix the cause" not in made.stderr
     env_a, env_b = env_of(pgdevd, a), env_of(pgdevd, b)
     assert env_a["DATABASE_URL"] != env_b["DATABASE_URL"]
     assert {"PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE"} <= set(env_a)
@@ -284,3 +288,42 @@ def test_the_callers_postgres_url_wins_and_a_worktree_stays_on_its_server(
     moved = devd.run("provision", str(tree), check=False, env={"DEVD_POSTGRES_URL": elsewhere})
     assert moved.returncode == 1 and "lives on" in moved.stderr
     devd.run("release", str(tree), "--yes", "--no-backup")
+
+
+@contextlib.contextmanager
+def only_admin_may_log_in(pg_url: str) -> Iterator[None]:
+    """pg_hba.conf as Debian's socket has it for every role but the admin's: no password
+    login (here: no entry at all) for the worktree roles. Restored afterwards."""
+    (path,) = query(pg_url, "SELECT current_setting('hba_file')")[0]
+    (text,) = query(pg_url, "SELECT pg_read_file(current_setting('hba_file'))")[0]
+    admin = psycopg.conninfo.conninfo_to_dict(pg_url)["user"]
+
+    def write(lines: list[str]) -> None:  # COPY writes a row per line (tabs escaped: spaces)
+        copy = psycopg.sql.SQL("COPY (SELECT unnest({}::text[])) TO {}").format(
+            psycopg.sql.Literal(lines), psycopg.sql.Literal(path))
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(copy)
+            conn.execute("SELECT pg_reload_conf()")
+
+    write(["local all all trust", f"host all {admin} all scram-sha-256"])
+    try:
+        yield
+    finally:
+        write([line.replace("\t", " ") for line in text.splitlines()])
+
+
+def test_a_role_the_server_will_not_let_log_in_fails_provision(pgdevd: Devd, repo: Repo,
+                                                               pg_url: str) -> None:
+    with_postgres(repo, 'mode = "database"\n')
+    tree = repo.worktree("shop-peer", "peer")
+    with only_admin_may_log_in(pg_url):
+        failed = pgdevd.run("provision", str(tree), check=False)
+        (postgres,) = [r for r in pgdevd.worktree(tree)["resources"] if r["kind"] == "postgres"]
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert f"role {pg_name(repo, tree)} cannot log in with its password" in failed.stderr
+    assert "pg_hba.conf" in failed.stderr and "over TCP" in failed.stderr
+    assert postgres["state"] == "failed", postgres
+    assert "PGUSER=devd-postgres-failed" in (tree / ".env").read_text()  # not a dead login
+    pgdevd.run("provision", str(tree))  # logins allowed again: the same role, now ready
+    assert query(env_of(pgdevd, tree)["DATABASE_URL"], "SELECT 1") == [(1,)]
+    pgdevd.run("release", str(tree), "--yes", "--no-backup")

@@ -465,3 +465,4 @@ def test_release_after_a_half_failed_provision_removes_what_was_made(devd: Devd,
     devd.run("release", str(tree))
     assert not Path(entry["cache_dir"]).exists()
     assert (squatter / "precious").read_text() == "mine"
+

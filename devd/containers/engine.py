@@ -46,10 +46,32 @@ def client(timeout: int = 60, hint: str = "then provision again") -> DockerClien
         found = docker.from_env(timeout=timeout)
         found.ping()
     except docker.errors.DockerException as exc:
-        raise DevdError(f"Docker is not reachable: {exc}",
-                        f"start the Docker engine (or set DOCKER_HOST), {hint}",
+        first = _socket_hint() if "Permission denied" in str(exc) \
+            else "start the Docker engine (or set DOCKER_HOST)"
+        raise DevdError(f"Docker is not reachable: {exc}", f"{first}, {hint}",
                         code="docker_unavailable") from exc
     return found
+
+
+def _socket_hint() -> str:
+    """The engine runs but its socket refuses this process: Debian's is root:docker 0660.
+    A process keeps the groups it started with, so a daemon started before the user
+    joined the group is refused until it is started again."""
+    import grp
+    import os
+    import pwd
+
+    try:
+        group = grp.getgrnam("docker")
+    except KeyError:
+        group = None
+    user = pwd.getpwuid(os.getuid()).pw_name
+    if group is not None and user in group.gr_mem and group.gr_gid not in os.getgroups():
+        return ("you joined the docker group after this devd daemon started, and it keeps "
+                "the groups it started with: run `devd stop` (the next devd command starts "
+                "it again, in the group)")
+    return ("this user may not use the Docker engine's socket: `sudo usermod -aG docker "
+            "$USER`, log in again, then `devd stop` so that the daemon gets the group")
 
 
 def ask(question: Callable[[DockerClient], T]) -> T:

@@ -64,7 +64,11 @@ class ServiceCore:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._background: list[threading.Thread] = []
-        self._queued: dict[str, dict[str, Any]] = {}  # background provisions not yet started
+        # background provisions not yet started: their options, and when they were asked
+        self._queued: dict[str, tuple[dict[str, Any], int]] = {}
+        # per worktree: provisions finished so far, and the inputs of the last that succeeded
+        self._passes: dict[str, int] = {}
+        self._succeeded: dict[str, str] = {}
         self._configs: dict[tuple[Any, ...], RepoConfig] = {}
         self._orphans: tuple[float, list[dict[str, str]]] | None = None
         self._seen: dict[Path, set[Path]] = {}  # per repo, the worktrees git listed last

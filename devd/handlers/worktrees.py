@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -192,22 +193,39 @@ class WorktreeRequests(ServiceCore):
         return {"worktree": str(wt.path), "env": env, "warnings": warnings}
 
     def provision(self, wt_id: str, progress: Progress,
-                  options: dict[str, Any] | None = None) -> None:
-        """Ensure every resource of a worktree, one provision per worktree at a time."""
+                  options: dict[str, Any] | None = None, asked: int | None = None) -> None:
+        """Ensure every resource of a worktree, one provision per worktree at a time.
+        `asked`: how many had finished when this one was asked for (default: now)."""
+        asked = self._finished(wt_id) if asked is None else asked
         with self._lock(wt_id):
             wt = self.registry.worktree(wt_id)
             if wt is None:
                 raise NotRegistered(f"worktree {wt_id} was released while this provision "
                                     "waited", "provision it again if you still want it")
-            self.registry.set_state(wt_id, "provisioning")
             try:
                 ctx = self.context(wt)
             except DevdError as exc:
                 self.registry.set_state(wt_id, "failed", exc.message)
                 raise
             ctx.options.update(options or {})
-            failures = [f for p in self.provisioners
-                        if p.applies(ctx) and (f := self._ensure(p, ctx, progress))]
+            inputs = ctx.config.model_dump_json() + json.dumps(ctx.options, sort_keys=True,
+                                                                default=str)
+            if self._finished(wt_id) != asked and self._succeeded.get(wt_id) == inputs:
+                # The git hook's provision and the user's `devd provision` of a new worktree
+                # arrive together: a second pass would add nothing, and while it ran each
+                # resource would be pending again, its variables missing from `devd env`.
+                progress("provision", "done by the provision that ran meanwhile")
+                return
+            self.registry.set_state(wt_id, "provisioning")
+            try:
+                failures = [f for p in self.provisioners
+                            if p.applies(ctx) and (f := self._ensure(p, ctx, progress))]
+            finally:
+                with self._locks_guard:
+                    self._passes[wt_id] = self._passes.get(wt_id, 0) + 1
+                    self._succeeded.pop(wt_id, None)
+            if not failures:
+                self._succeeded[wt_id] = inputs
             self.registry.set_state(wt_id, "failed" if failures else "ready",
                                     "; ".join(f.message for f in failures) or None)
         self.snapshot.forget(wt_id)  # it may have fixed what no record says (.env, a server)
@@ -270,6 +288,7 @@ class WorktreeRequests(ServiceCore):
                 self.registry.set_state(wt.id, self._state_of(wt), exc.message)
                 raise
             self.registry.forget(wt.id)
+            self._succeeded.pop(wt.id, None)  # what a provision made is gone
             self.services.forget(wt.id)  # stopped above; now their logs go too
         self.on_change()
         return ctx.outputs
@@ -312,20 +331,24 @@ class WorktreeRequests(ServiceCore):
         queue a thread each); a later request only updates the options it will run with."""
         with self._locks_guard:
             waiting = wt_id in self._queued
-            self._queued[wt_id] = options or {}
+            self._queued[wt_id] = (options or {}, self._passes.get(wt_id, 0))
         if waiting:
             return
 
         def run() -> None:
             with self._lock(wt_id), self._locks_guard:  # from here on, a request queues anew
-                latest = self._queued.pop(wt_id)
+                latest, asked = self._queued.pop(wt_id)
             try:
-                self.provision(wt_id, _quiet, latest)
+                self.provision(wt_id, _quiet, latest, asked)
             except DevdError as exc:
                 log.warning("background provision of %s failed: %s", wt_id, exc.message)
         thread = threading.Thread(target=run, name=f"provision-{wt_id}", daemon=True)
         thread.start()
         self._background = [t for t in self._background if t.is_alive()] + [thread]
+
+    def _finished(self, wt_id: str) -> int:
+        with self._locks_guard:
+            return self._passes.get(wt_id, 0)
 
     def join_background(self, timeout: float) -> None:
         for thread in self._background:

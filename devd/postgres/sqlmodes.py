@@ -100,9 +100,30 @@ def ensure_sql(ctx: Context, progress: Progress, mode: str) -> dict[str, Any]:
         server.remember(ctx.paths, url)
         strategy = copy_strategy(conn) if mode == "database" and ctx.config.postgres.template \
             else {}
-        return {"mode": mode, "name": name, "host": conn.info.host, "port": conn.info.port,
-                "user": name, "database": dbname, "password": password, "admin_url": url,
-                "kept_owners": kept, "complete": True} | strategy
+        detail = {"mode": mode, "name": name, "host": conn.info.host, "port": conn.info.port,
+                  "user": name, "database": dbname, "password": password, "admin_url": url,
+                  "kept_owners": kept, "complete": True} | strategy
+    _check_login(detail)
+    return detail
+
+
+def _check_login(detail: dict[str, Any]) -> None:
+    """The worktree's own login, as its app will make it: a server whose pg_hba.conf
+    refuses it a password login there (Debian's `local all all peer` on the socket) would
+    otherwise leave a `ready` worktree whose every connection fails."""
+    env = names.env_for(detail)
+    try:
+        psycopg.connect(env["DATABASE_URL"], connect_timeout=server.CONNECT_TIMEOUT).close()
+    except psycopg.OperationalError as exc:
+        where = f"{detail['host']}:{detail['port']}"
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise DevdError(
+            f"the worktree's role {detail['user']} cannot log in with its password on "
+            f"{where}: {text}",
+            "the server's pg_hba.conf refuses password logins there: use an admin URL over "
+            "TCP (e.g. postgresql://127.0.0.1:5432/postgres, which Debian's PostgreSQL "
+            "allows with a password), or allow scram-sha-256 for these roles; then "
+            "`devd release --yes PATH` and provision again", code="postgres_login") from exc
 
 
 def copy_strategy(conn: psycopg.Connection[Any]) -> dict[str, str]:

@@ -50,7 +50,10 @@ class EnvFileProvisioner(Provisioner):
         refuse_tracked(wt, rel, "[env] file")
         placeholders, warning = envguard.postgres_guard(ctx, ctx.env, pending=self.early)
         env = ctx.env | placeholders
-        if warning:
+        if warning and self.early:  # the database comes next in this same provision
+            progress("envfile", "DATABASE_URL and PG* hold placeholders until this "
+                     "worktree's database is made")
+        elif warning:
             progress("envfile", warning)
         copies = self._copy(ctx, progress, envguard.managed_keys(ctx, env))
         created, refused, block = write_block(target, env)
