@@ -21,7 +21,8 @@ from test_proxy import curl, free_port, make_daemon, make_git_repo, need_caddy
 
 # One script, three roles: `own` listens on 127.0.0.1:PORT and answers its NAME; given a
 # unix socket path it hands its listening socket to whoever connects there (SCM_RIGHTS,
-# as a socket-activation manager or a zero-downtime restart does) and exits; `take`
+# as a socket-activation manager or a zero-downtime restart does) and exits (unless told
+# `keep`: then both hold the one socket and share its connections); `take`
 # receives such a socket and answers on it.
 HOLDER = textwrap.dedent("""\
     import http.server, os, socket, sys, threading
@@ -38,7 +39,9 @@ HOLDER = textwrap.dedent("""\
             door = socket.socket(socket.AF_UNIX); door.bind(unix[0]); door.listen()
             def hand_over():
                 conn, _ = door.accept()
-                socket.send_fds(conn, [b"x"], [sock.fileno()]); conn.close(); os._exit(0)
+                socket.send_fds(conn, [b"x"], [sock.fileno()]); conn.close()
+                if unix[1:] != ["keep"]:
+                    os._exit(0)
             threading.Thread(target=hand_over, daemon=True).start()
     else:
         conn = socket.socket(socket.AF_UNIX); conn.connect(unix[0])
@@ -124,6 +127,33 @@ def test_a_socket_handed_to_a_stranger_is_no_longer_the_worktrees(site: Site) ->
         _stop(owner)
         if stranger is not None:
             _stop(stranger)
+
+
+@pytest.mark.xfail(strict=True, reason="verify.py judges a socket by ONE of its holders "
+                   "(socket_pids keeps the first pid found): a listening socket the worktree's "
+                   "server shares with a process outside it is dialled, and the stranger "
+                   "accepts about half of the worktree's requests")
+def test_a_socket_shared_with_a_stranger_is_never_dialled(site: Site) -> None:
+    """The worktree's server keeps running after handing its socket to a process outside
+    the worktree (an fd passed, or leaked into a child that left): both accept on it, as
+    two processes on one SO_REUSEPORT address would, which verify.py refuses to dial."""
+    door = str(site.tmp / "door-keep.sock")
+    owner = site.start("own", "owner", site.tree, door, "keep")
+    stranger = None
+    try:
+        wait_for(lambda: site.body() == "owner", 30, "the owner through its URL")
+        stranger = site.start("take", "stranger", Path("/"), door)
+        from devd.proxy.verify import Verifier
+        from devd.registry import Registry
+        registry = Registry(site.devd.paths.state_dir / "registry.sqlite3")
+        wt_id = site.devd.worktree(site.tree)["id"]
+        # A verdict of its own (no cache): the socket's holders are the owner and a stranger.
+        assert Verifier(registry, dict).dials([((wt_id, "web"), site.port)]) == {}
+    finally:
+        _stop(owner)
+        if stranger is not None:
+            _stop(stranger)
+        wait_for(site.page, 30, "devd's page again")
 
 
 NOBODY_SQUATTER = ("import http.server,sys,time\n"
