@@ -157,15 +157,14 @@ def socket_inodes(pid: int) -> set[str]:
     return found
 
 
-def socket_pids(inodes: set[str]) -> dict[str, int]:
-    """{inode: a pid holding it} for the sockets asked about, from every process's fds this
-    user may read (a few ms per hundred processes: only when a listener changed)."""
-    found: dict[str, int] = {}
+def socket_holders(inodes: set[str]) -> dict[str, set[int]]:
+    """{inode: every pid holding it} for the sockets asked about, from every process's fds
+    this user may read (a few ms per hundred processes: only when a listener changed). All
+    of them: a socket handed over (SCM_RIGHTS, socket activation) has several holders."""
+    found: dict[str, set[int]] = {}
     for pid in psutil.pids():
-        if len(found) == len(inodes):
-            break
         for inode in socket_inodes(pid) & inodes:
-            found.setdefault(inode, pid)
+            found.setdefault(inode, set()).add(pid)
     return found
 
 

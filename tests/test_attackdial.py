@@ -1,6 +1,7 @@
 """Attacks on the proxy's verified dial (devd/proxy/verify.py) and on the coalesced
 provision (a provision that waited while an identical one ran is "done by it"). Real
-daemon, real Caddy, real processes and sockets. Each confirmed defect is a strict xfail."""
+daemon, real Caddy, real processes and sockets. The defects it found are fixed; the one
+left open is a strict xfail."""
 
 from __future__ import annotations
 
@@ -98,9 +99,6 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-@pytest.mark.xfail(strict=True, reason="verify.py keeps a verdict per set of socket inodes "
-                   "'for good': a listening socket handed (SCM_RIGHTS) to a process outside "
-                   "the worktree, whose owner then exits, is still dialled")
 def test_a_socket_handed_to_a_stranger_is_no_longer_the_worktrees(site: Site) -> None:
     """The worktree's server (cwd in it) hands its listening socket to a process started
     outside the worktree (cwd /, not a `devd run`, not a descendant) and exits. The socket
@@ -129,10 +127,6 @@ def test_a_socket_handed_to_a_stranger_is_no_longer_the_worktrees(site: Site) ->
             _stop(stranger)
 
 
-@pytest.mark.xfail(strict=True, reason="verify.py judges a socket by ONE of its holders "
-                   "(socket_pids keeps the first pid found): a listening socket the worktree's "
-                   "server shares with a process outside it is dialled, and the stranger "
-                   "accepts about half of the worktree's requests")
 def test_a_socket_shared_with_a_stranger_is_never_dialled(site: Site) -> None:
     """The worktree's server keeps running after handing its socket to a process outside
     the worktree (an fd passed, or leaked into a child that left): both accept on it, as
@@ -253,10 +247,6 @@ def _waiting(proc: subprocess.Popen[str]) -> bool:
     return any(f.startswith("socket:") for f in fds) and wchan.startswith("poll")
 
 
-@pytest.mark.xfail(strict=True, reason="the coalesced provision compares devd.toml and the "
-                   "options only: what the user changed or deleted in the worktree while the "
-                   "first pass ran (.env, the lockfile) is not redone by their own "
-                   "`devd provision`, which says 'done by the provision that ran meanwhile'")
 def test_a_provision_asked_after_the_user_changed_the_tree_runs(
         gated: tuple[Devd, Path, Path]) -> None:
     """The hook's provision of a new worktree runs (npm ci under way). Meanwhile the user
@@ -317,11 +307,6 @@ def test_a_devd_toml_edited_meanwhile_runs_the_second_pass(
 
 # -- the cost of a pass -----------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="verify.py looks up each changed route's holders "
-                   "with a pass of its own over every process's fds (socket_pids per route): "
-                   "N routes whose listeners came at once cost N scans of /proc in one "
-                   "proxy pass (500 routes: 4.5 s here with ~100 processes), while no route's "
-                   "dial is updated")
 def test_one_scan_of_the_processes_per_pass(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import psutil

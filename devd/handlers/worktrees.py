@@ -195,8 +195,9 @@ class WorktreeRequests(ServiceCore):
     def provision(self, wt_id: str, progress: Progress,
                   options: dict[str, Any] | None = None, asked: int | None = None) -> None:
         """Ensure every resource of a worktree, one provision per worktree at a time.
-        `asked`: how many had finished when this one was asked for (default: now)."""
-        asked = self._finished(wt_id) if asked is None else asked
+        `asked` (a background provision, the git hook's): how many had finished when it was
+        asked for; if one succeeded meanwhile with the same inputs, it did this one's work.
+        One the user asks for always runs (they may have changed files while another ran)."""
         with self._lock(wt_id):
             wt = self.registry.worktree(wt_id)
             if wt is None:
@@ -210,7 +211,8 @@ class WorktreeRequests(ServiceCore):
             ctx.options.update(options or {})
             inputs = ctx.config.model_dump_json() + json.dumps(ctx.options, sort_keys=True,
                                                                 default=str)
-            if self._finished(wt_id) != asked and self._succeeded.get(wt_id) == inputs:
+            if asked is not None and self._finished(wt_id) != asked \
+                    and self._succeeded.get(wt_id) == inputs:
                 # The git hook's provision and the user's `devd provision` of a new worktree
                 # arrive together: a second pass would add nothing, and while it ran each
                 # resource would be pending again, its variables missing from `devd env`.

@@ -10,8 +10,10 @@ recorded `devd run`). Never the name `localhost`, never an address another proce
 owner listens on [::1] only, or while it is down).
 
 Each pass reads the listen table (sock_diag, ~0.5 ms); a verdict is kept per set of
-sockets on the port, so holders are looked up (a pass over this user's fds) only when a
-listener came or went: one inode is one socket for good.
+sockets on the port while every process that held them lives, so holders are looked up
+(one pass over this user's fds for all the routes that changed) only when a listener came
+or went or a holder exited. Left open: the pass runs every 0.5 s, not when Caddy connects;
+between an owner's exit and the next pass, whoever binds the port first gets requests.
 """
 
 from __future__ import annotations
@@ -36,38 +38,60 @@ Sockets = dict[str, tuple[str, int, int]]  # inode (or "pid:N:…") → (address
 log = logging.getLogger("devd")
 
 
+Memo = tuple[Key, frozenset[str], "int | None"]  # route, its sockets, its service's group
+Verdict = tuple["str | None", frozenset[int]]  # the address to dial, and who held it then
+
+
 class Verifier:
     """Verified dial addresses for the routes the proxy pushes; `dials` is its face."""
 
     def __init__(self, registry: Registry, services: Services) -> None:
         self._registry, self._services = registry, services
-        self._known: dict[tuple[Key, frozenset[str], int | None], str | None] = {}
+        self._known: dict[Memo, Verdict] = {}
 
     def dials(self, routes: list[tuple[Key, int]]) -> dict[Key, str]:
         """(worktree id, port name) → "127.0.0.1", "[::1]", ... for each route (key, port)
         whose port the worktree's own process listens on; the others are left out."""
         sockets, services = listening(), self._services()
-        known: dict[tuple[Key, frozenset[str], int | None], str | None] = {}
-        found: dict[Key, str] = {}
-        for key, port in routes:
-            at = {i: s for i, s in sockets.items() if s[1] == port}
-            memo = (key, frozenset(at), services.get(key, NO_SERVICE))
-            if memo not in known:
-                known[memo] = self._known[memo] if memo in self._known else \
-                    self._verify(key[0], memo[2], at)
-            if (dial := known[memo]) is not None:
-                found[key] = dial
+        by_port: dict[int, Sockets] = {}
+        for inode, entry in sockets.items():
+            by_port.setdefault(entry[1], {})[inode] = entry
+        memos = {key: (key, frozenset(by_port.get(port, {})), services.get(key, NO_SERVICE))
+                 for key, port in routes}
+        # A verdict stands while the same sockets are there and everyone who held them
+        # lives: a holder gone (a parent that handed its socket on, or forked and exited)
+        # may leave it to a process that is not the worktree's.
+        known = {memo: self._known[memo] for memo in memos.values()
+                 if memo in self._known and all(_alive(p) for p in self._known[memo][1])}
+        fresh = [(key, port) for key, port in routes if memos[key] not in known]
+        holders = self._holders([by_port.get(port, {}) for _, port in fresh])
+        for key, port in fresh:
+            known[memos[key]] = self._verify(key[0], memos[key][2], by_port.get(port, {}),
+                                             holders)
         self._known = known  # only what the routes of now need
-        return found
+        return {key: dial for key, memo in memos.items()
+                if (dial := known[memo][0]) is not None}
 
-    def _verify(self, wt_id: str, group: int | None, at: Sockets) -> str | None:
+    @staticmethod
+    def _holders(tables: list[Sockets]) -> dict[str, set[int]]:
+        """Every holder of this user's sockets in `tables`: one pass over the processes'
+        fds for all routes that changed, not one per route."""
+        mine = {i for at in tables for i, (_, _, uid) in at.items()
+                if uid in (os.getuid(), UNKNOWN)}
+        named = {i: {int(i.split(":")[1])} for i in mine if i.startswith("pid:")}
+        rest = mine - set(named)
+        return named | (processes.socket_holders(rest) if rest else {})
+
+    def _verify(self, wt_id: str, group: int | None, at: Sockets,
+                holders: dict[str, set[int]]) -> Verdict:
         if group is None or not at:  # a service not ready yet, or nothing listens
-            return None
-        mine = {i for i, (_, _, uid) in at.items() if uid in (os.getuid(), UNKNOWN)}
-        named = {i: int(i.split(":")[1]) for i in mine if i.startswith("pid:")}
-        pids = named | (processes.socket_pids(mine - set(named)) if mine - set(named) else {})
-        own = {i for i, pid in pids.items() if self._owns(wt_id, group, pid)}
-        return safe_dial({at[i][0] for i in own}, {at[i][0] for i in at if i not in own})
+            return None, frozenset()
+        # Own: a socket of this user every holder of which is the worktree's (one shared
+        # with a stranger would hand the stranger some of the requests).
+        own = {i for i in at if holders.get(i)
+               and all(self._owns(wt_id, group, pid) for pid in holders[i])}
+        pids = frozenset(pid for i in own for pid in holders[i])
+        return safe_dial({at[i][0] for i in own}, {at[i][0] for i in at if i not in own}), pids
 
     def _owns(self, wt_id: str, group: int, pid: int) -> bool:
         if group != NO_SERVICE:
@@ -78,6 +102,16 @@ class Verifier:
         holder = processes.describe(pid)
         owner = processes.owner_of(holder, self._registry.worktrees(), self._registry)
         return owner is not None and owner.id == wt_id and holder.uid == os.getuid()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def listening() -> Sockets:
