@@ -94,11 +94,12 @@ class ServiceRequests(ServiceCore):
         if wt is None:
             return None
         self.services.mark_used(wt_id)
-        what = f"{port_name} of {wt.repo_name}/{wt.branch or wt.path.name}"
+        label = f"{wt.repo_name}/{wt.branch or wt.path.name}"
+        what = f"{port_name} of {label}"
         unit = next((u for u in self.services.units(wt_id) if u.spec.port_name == port_name),
                     None)
         if unit is None:
-            return self._not_served(wt, port_name, what)
+            return self._not_served(wt, port_name, label)
         if unit.state == "idle":
             try:
                 unit = self.start(wt, unit.spec.name)
@@ -110,19 +111,18 @@ class ServiceRequests(ServiceCore):
                 "error": (unit.error or f"it is {unit.state}") if down else None,
                 "hint": f"devd up {unit.spec.name}"}
 
-    def _not_served(self, wt: Worktree, port_name: str, what: str) -> dict[str, Any]:
+    def _not_served(self, wt: Worktree, port_name: str, label: str) -> dict[str, Any]:
         """No unit serves the port: the declared service that would, else `devd run`."""
         declared = self._config(wt, strict=False).services
         name = next((n for n, cfg in declared.items() if cfg.port == port_name), None)
         port = {n: p for p, n, _ in self.registry.leases(wt.id)}.get(port_name)
-        error = f"nothing of {wt.repo_name}/{wt.branch or wt.path.name} listens on its " \
-            f"port {port}"
+        error = f"nothing of {label} listens on its port {port}"
         if port in processes.all_listening_ports():
             error += " (another process holds it: devd never sends the worktree's " \
                 "requests there)"
         hint = f"devd up {name}" if name else \
             f"devd run -- <your dev server on $PORT_{port_name.upper()}>"
-        return {"name": name or port_name, "what": what, "state": "stopped",
+        return {"name": name or port_name, "what": f"{port_name} of {label}", "state": "stopped",
                 "error": error, "hint": hint}
 
     def _start(self, wt: Worktree, spec: Spec, progress: Progress) -> Unit:

@@ -62,7 +62,7 @@ class Verifier:
         # lives: a holder gone (a parent that handed its socket on, or forked and exited)
         # may leave it to a process that is not the worktree's.
         known = {memo: self._known[memo] for memo in memos.values()
-                 if memo in self._known and all(_alive(p) for p in self._known[memo][1])}
+                 if memo in self._known and all(map(psutil.pid_exists, self._known[memo][1]))}
         fresh = [(key, port) for key, port in routes if memos[key] not in known]
         holders = self._holders([by_port.get(port, {}) for _, port in fresh])
         for key, port in fresh:
@@ -102,16 +102,6 @@ class Verifier:
         holder = processes.describe(pid)
         owner = processes.owner_of(holder, self._registry.worktrees(), self._registry)
         return owner is not None and owner.id == wt_id and holder.uid == os.getuid()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def listening() -> Sockets:
